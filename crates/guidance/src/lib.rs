@@ -1,0 +1,31 @@
+//! The `Score` trait and its composition.
+//!
+//! Everything in scoreguide that can be sampled is a [`Score`]: ∇x log p_σ(x) for a batch
+//! `x: [B, ...]` at per-sample noise levels `sigma: [B]`, in σ-space (`x = x0 + σ z`).
+//! The denoiser view `D(x; σ) = x + σ² s(x; σ)` is a provided method, so models that
+//! predict the clean data natively (EDM preconditioning) override it and avoid the round
+//! trip through `s` at tiny σ.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Result};
+//! use scoreguide_guidance::{Score, per_sample};
+//!
+//! /// Standard normal data: p_σ = N(0, (1 + σ²) I).
+//! struct StdNormal;
+//! impl Score for StdNormal {
+//!     fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+//!         let var = (per_sample(sigma, x)?.sqr()? + 1.0)?;
+//!         x.neg()?.broadcast_div(&var)
+//!     }
+//! }
+//! let x = Tensor::new(&[[2f32, 0.0]], &Device::Cpu)?;
+//! let sigma = Tensor::new(&[1f32], &Device::Cpu)?;
+//! // D = x + σ² s = x − x/2.
+//! let d = StdNormal.denoise(&x, &sigma)?.to_vec2::<f32>()?;
+//! assert_eq!(d, vec![vec![1.0, 0.0]]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod score;
+
+pub use score::{check_batch, per_sample, Score};

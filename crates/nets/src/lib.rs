@@ -1,0 +1,39 @@
+//! Score networks, classifiers and their preconditioning.
+//!
+//! * [`ResMlp`]: the residual MLP of Gen-neG App. B.1 (sinusoidal noise embedding,
+//!   hidden 256, 2 residual blocks, SiLU); with `out_dim = 1` it is the time-dependent
+//!   classifier of the same paper.
+//! * [`Precond`]: how a raw network `F(x_in, c_noise)` becomes a denoiser: EDM
+//!   preconditioning, or ε / x0 / score prediction in any process's own form
+//!   (VP, sub-VP, DDPM networks enter σ-space here).
+//! * [`ScoreNet`]: a network plus its preconditioning, implementing
+//!   [`scoreguide_guidance::Score`].
+//! * [`ParamStore`]: named parameters with seeded, order-independent initialisation
+//!   (candle's CPU generator cannot be seeded).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use scoreguide_guidance::Score;
+//! use scoreguide_nets::{ParamStore, ScoreModelConfig};
+//!
+//! let cfg = ScoreModelConfig::checkerboard();
+//! let store = ParamStore::new(0);
+//! let model = cfg.build(&store.var_builder(DType::F32, &Device::Cpu))?;
+//! assert_eq!(store.num_params(), 297_474); // Gen-neG reports "around 330k"
+//! let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
+//! let sigma = Tensor::new(&[0.5f32, 1.0, 2.0, 80.0], &Device::Cpu)?;
+//! assert_eq!(model.score(&x, &sigma)?.dims(), &[4, 2]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod config;
+mod embedding;
+mod mlp;
+mod params;
+mod precond;
+
+pub use config::{NetConfig, ScoreModelConfig};
+pub use embedding::SinusoidalEmbedding;
+pub use mlp::{ResMlp, ResMlpConfig};
+pub use params::ParamStore;
+pub use precond::{AnyNet, NoiseNet, Precond, ScoreNet};

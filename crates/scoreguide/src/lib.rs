@@ -1,0 +1,9 @@
+pub use scoreguide_data as data;
+pub use scoreguide_guidance as guidance;
+pub use scoreguide_losses as losses;
+pub use scoreguide_metrics as metrics;
+pub use scoreguide_nets as nets;
+pub use scoreguide_oracles as oracles;
+pub use scoreguide_samplers as samplers;
+pub use scoreguide_sde as sde;
+pub use scoreguide_train as train;

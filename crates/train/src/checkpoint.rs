@@ -1,0 +1,166 @@
+//! Self-describing safetensors checkpoints, written atomically.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use scoreguide_nets::{AnyNet, ParamStore, ScoreModelConfig, ScoreNet};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Value of the `format` metadata key of every scoreguide checkpoint.
+pub const FORMAT: &str = "scoreguide-checkpoint-v1";
+
+/// Named tensors plus string metadata (JSON values for configurations), stored as one
+/// safetensors file that Python's `safetensors` reads too.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoint {
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    pub fn new() -> Self {
+        let mut c = Self::default();
+        c.metadata.insert("format".into(), FORMAT.into());
+        c
+    }
+
+    /// Stores `value` as JSON under `key`.
+    pub fn set_meta<T: Serialize>(&mut self, key: &str, value: &T) -> Result<()> {
+        let s = serde_json::to_string(value).map_err(|e| candle_core::Error::msg(format!("checkpoint metadata `{key}`: {e}")))?;
+        self.metadata.insert(key.into(), s);
+        Ok(())
+    }
+
+    /// Reads the JSON under `key`.
+    pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
+        let Some(s) = self.metadata.get(key) else {
+            bail!("checkpoint metadata has no `{key}` entry");
+        };
+        serde_json::from_str(s).map_err(|e| candle_core::Error::msg(format!("checkpoint metadata `{key}` is not valid: {e}")))
+    }
+
+    /// Adds every tensor of `section` under `prefix.` + name.
+    pub fn insert_section(&mut self, prefix: &str, section: &BTreeMap<String, Tensor>) {
+        for (k, v) in section {
+            self.tensors.insert(format!("{prefix}.{k}"), v.clone());
+        }
+    }
+
+    /// The tensors named `prefix.*`, with the prefix removed.
+    pub fn section(&self, prefix: &str) -> BTreeMap<String, Tensor> {
+        let p = format!("{prefix}.");
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone())))
+            .collect()
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let cpu: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        safetensors::serialize(cpu.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+            .map_err(|e| candle_core::Error::msg(format!("serialising checkpoint: {e}")))
+    }
+
+    /// Parses a checkpoint; every failure (truncation, bad header, foreign file) is an
+    /// error, never a panic.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| candle_core::Error::msg(format!("not a readable safetensors file ({e}); truncated or corrupt?")))?;
+        let metadata: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        match metadata.get("format") {
+            Some(f) if f == FORMAT => {}
+            Some(f) => bail!("checkpoint format `{f}` is not `{FORMAT}`"),
+            None => bail!("safetensors file without `format` metadata: not a scoreguide checkpoint"),
+        }
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| candle_core::Error::msg(format!("corrupt safetensors data: {e}")))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+                .map_err(|e| candle_core::Error::msg(format!("tensor `{name}`: {e}")))?;
+            tensors.insert(name, t);
+        }
+        Ok(Self { metadata, tensors })
+    }
+
+    /// Writes to `path` atomically: a temporary file in the same directory, flushed to
+    /// disk, then renamed over `path`. A crash or error mid-write leaves any previous
+    /// file at `path` intact.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        write_atomic(path, &bytes).map_err(|e| candle_core::Error::msg(format!("writing checkpoint {}: {e}", path.display())))
+    }
+
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| candle_core::Error::msg(format!("reading checkpoint {}: {e}", path.display())))?;
+        Self::from_bytes(&bytes).map_err(|e| candle_core::Error::msg(format!("checkpoint {}: {e}", path.display())))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary sibling file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("path has no file name"))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable; not every platform can open a directory.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Which weights of a training checkpoint to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// The exponential moving average (what one samples from).
+    Ema,
+    /// The raw optimised weights.
+    Model,
+}
+
+impl Weights {
+    pub fn prefix(&self) -> &'static str {
+        match self {
+            Self::Ema => "ema",
+            Self::Model => "model",
+        }
+    }
+}
+
+/// Rebuilds the score model a checkpoint describes (its `model` metadata) with frozen
+/// weights: no caller needs to repeat the architecture.
+pub fn load_score_model(ckpt: &Checkpoint, weights: Weights, dtype: DType, device: &Device) -> Result<(ScoreNet<AnyNet>, ScoreModelConfig)> {
+    let cfg: ScoreModelConfig = ckpt.meta("model")?;
+    let store = ParamStore::new(0);
+    cfg.build(&store.var_builder(dtype, device))?;
+    let section = ckpt.section(weights.prefix());
+    if section.is_empty() {
+        bail!("checkpoint holds no `{}.*` tensors", weights.prefix());
+    }
+    store.assign(&section, &format!("checkpoint `{}` weights", weights.prefix()))?;
+    let model = cfg.build(&store.frozen_var_builder(dtype, device))?;
+    Ok((model, cfg))
+}

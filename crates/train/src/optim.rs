@@ -1,0 +1,129 @@
+//! Adam with state that can be saved, EMA, and gradient-norm clipping.
+
+use candle_core::backprop::GradStore;
+use candle_core::{bail, DType, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Adam hyper-parameters. `weight_decay` is decoupled (AdamW) and 0 by default: candle's
+/// own `ParamsAdamW::default()` has 0.01, which is not Adam.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Adam over named variables; its moments are public so checkpoints can hold them.
+pub struct Adam {
+    pub config: AdamConfig,
+    vars: Vec<(String, Var)>,
+    /// First and second moments, by variable name.
+    pub m: BTreeMap<String, Tensor>,
+    pub v: BTreeMap<String, Tensor>,
+    /// Number of updates applied so far.
+    pub t: u64,
+}
+
+impl Adam {
+    pub fn new(vars: Vec<(String, Var)>, config: AdamConfig) -> Result<Self> {
+        let mut m = BTreeMap::new();
+        let mut v = BTreeMap::new();
+        for (name, var) in &vars {
+            m.insert(name.clone(), var.zeros_like()?);
+            v.insert(name.clone(), var.zeros_like()?);
+        }
+        Ok(Self { config, vars, m, v, t: 0 })
+    }
+
+    /// One update with learning rate `lr`. A variable without a gradient is left as is.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.t += 1;
+        let c = self.config;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        for (name, var) in &self.vars {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let m = self.m.get_mut(name).expect("moments created for every var");
+            *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = self.v.get_mut(name).expect("moments created for every var");
+            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
+            let mut theta = var.as_tensor().clone();
+            if c.weight_decay > 0.0 {
+                theta = (&theta * (1.0 - lr * c.weight_decay))?;
+            }
+            var.set(&(theta - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+}
+
+/// Exponential moving average of parameters: θ̄ ← d θ̄ + (1 − d) θ.
+pub struct Ema {
+    pub decay: f64,
+    pub shadow: BTreeMap<String, Tensor>,
+}
+
+impl Ema {
+    pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&decay) {
+            bail!("EMA decay must be in [0, 1), got {decay}");
+        }
+        Ok(Self {
+            decay,
+            shadow: vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
+        })
+    }
+
+    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        for (name, var) in vars {
+            let s = self.shadow.get_mut(name).expect("shadow created for every var");
+            *s = ((&*s * self.decay)? + (var.as_tensor().detach() * (1.0 - self.decay))?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`;
+/// returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for (_, var) in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let norm = total.sqrt();
+    if !norm.is_finite() {
+        bail!("gradient norm is {norm}: the loss produced NaN or infinite gradients");
+    }
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for (_, var) in vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let scaled = (g * scale)?;
+                grads.insert(var.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}

@@ -1,0 +1,216 @@
+//! The training loop.
+
+use crate::checkpoint::Checkpoint;
+use crate::optim::{clip_grad_norm, Adam, AdamConfig, Ema};
+use crate::progress::Progress;
+use candle_core::{bail, DType, Result, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use scoreguide_nets::ParamStore;
+use scoreguide_sde::derive_seed;
+use serde::{Deserialize, Serialize};
+
+/// Optimisation settings; all of it is recorded in checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub lr: f64,
+    pub adam: AdamConfig,
+    /// EMA decay per step (0 keeps the EMA equal to the weights).
+    pub ema_decay: f64,
+    /// Clip the global gradient norm to this value.
+    pub grad_clip: Option<f64>,
+    /// Linear learning-rate warm-up over this many steps.
+    pub warmup_steps: u64,
+    /// Seed of the per-step generators (noise levels, noise, batches).
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lr: 3e-4,
+            adam: AdamConfig::default(),
+            ema_decay: 0.999,
+            grad_clip: None,
+            warmup_steps: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("training: learning rate must be positive and finite, got {}", self.lr);
+        }
+        let a = &self.adam;
+        if !((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2) && a.eps > 0.0 && a.weight_decay >= 0.0) {
+            bail!("training: Adam needs β1, β2 in [0, 1), eps > 0, weight_decay ≥ 0, got {a:?}");
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c > 0.0) {
+                bail!("training: grad_clip must be positive, got {c}");
+            }
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!("training: ema_decay must be in [0, 1), got {}", self.ema_decay);
+        }
+        Ok(())
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub step: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+}
+
+/// Owns the optimisation state of a [`ParamStore`].
+pub struct Trainer {
+    config: TrainConfig,
+    store: ParamStore,
+    adam: Adam,
+    ema: Ema,
+    step: u64,
+}
+
+impl Trainer {
+    /// Call after the model is built on `store.var_builder(..)`, so its parameters exist.
+    pub fn new(store: ParamStore, config: TrainConfig) -> Result<Self> {
+        config.validate()?;
+        if store.is_empty() {
+            bail!("training: the parameter store is empty; build the model before the trainer");
+        }
+        let vars = store.vars();
+        let ema = Ema::new(&vars, config.ema_decay)?;
+        let adam = Adam::new(vars, config.adam)?;
+        Ok(Self { config, store, adam, ema, step: 0 })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+    pub fn ema(&self) -> &Ema {
+        &self.ema
+    }
+
+    /// Learning rate of the next step (after warm-up).
+    pub fn lr(&self) -> f64 {
+        let w = self.config.warmup_steps;
+        if w == 0 {
+            self.config.lr
+        } else {
+            self.config.lr * ((self.step + 1) as f64 / w as f64).min(1.0)
+        }
+    }
+
+    /// The generator of the next step: a function of (seed, step) only.
+    pub fn step_rng(&self) -> StdRng {
+        StdRng::seed_from_u64(derive_seed(self.config.seed, self.step))
+    }
+
+    /// Backward pass, optional clipping, Adam update, EMA update.
+    pub fn step(&mut self, loss: &Tensor) -> Result<StepStats> {
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            bail!("training step {}: loss is {value}", self.step);
+        }
+        let mut grads = loss.backward()?;
+        let grad_norm = match self.config.grad_clip {
+            Some(c) => Some(clip_grad_norm(&mut grads, self.adam.vars(), c)?),
+            None => None,
+        };
+        let lr = self.lr();
+        self.adam.step(&grads, lr)?;
+        self.ema.update(self.adam.vars())?;
+        self.step += 1;
+        Ok(StepStats { step: self.step, loss: value, lr, grad_norm })
+    }
+
+    /// Steps until `until` steps are done; `loss_fn(step, rng)` builds each loss from the
+    /// step's own generator. Returns the losses of the steps taken.
+    pub fn run<F>(&mut self, until: u64, progress: &mut Progress, mut loss_fn: F) -> Result<Vec<f32>>
+    where
+        F: FnMut(u64, &mut StdRng) -> Result<Tensor>,
+    {
+        let mut losses = Vec::new();
+        let mut smooth = None::<f64>;
+        while self.step < until {
+            let mut rng = self.step_rng();
+            let loss = loss_fn(self.step, &mut rng)?;
+            let s = self.step(&loss)?;
+            losses.push(s.loss);
+            let sm = smooth.map_or(s.loss as f64, |m| 0.98 * m + 0.02 * s.loss as f64);
+            smooth = Some(sm);
+            progress.update(self.step as usize, &format!("loss {sm:.4}"));
+        }
+        Ok(losses)
+    }
+
+    /// Weights, EMA, Adam moments and step, plus the training configuration, in one
+    /// checkpoint; callers add the model description (`model` metadata) and anything else.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let mut c = Checkpoint::new();
+        c.insert_section("model", &self.store.tensors());
+        c.insert_section("ema", &self.ema.shadow);
+        c.insert_section("adam.m", &self.adam.m);
+        c.insert_section("adam.v", &self.adam.v);
+        c.set_meta("train", &self.config)?;
+        c.set_meta("step", &self.step)?;
+        c.set_meta("adam_t", &self.adam.t)?;
+        Ok(c)
+    }
+
+    /// Restores the state of [`Trainer::checkpoint`]. Fails without changing anything if a
+    /// tensor is missing, extra or of another shape (a checkpoint of another architecture).
+    pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        let step: u64 = ckpt.meta("step")?;
+        let adam_t: u64 = ckpt.meta("adam_t")?;
+        let config: TrainConfig = ckpt.meta("train")?;
+        let check = |prefix: &str| -> Result<std::collections::BTreeMap<String, Tensor>> {
+            let sec = ckpt.section(prefix);
+            for (name, var) in self.adam.vars() {
+                match sec.get(name) {
+                    None => bail!("checkpoint `{prefix}` section lacks tensor `{name}`"),
+                    Some(t) if t.dims() != var.dims() => bail!(
+                        "checkpoint tensor `{prefix}.{name}` has shape {:?}, the model expects {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                    _ => {}
+                }
+            }
+            Ok(sec)
+        };
+        let (m, v, ema) = (check("adam.m")?, check("adam.v")?, check("ema")?);
+        let device = self.adam.vars()[0].1.device().clone();
+        let dtype = self.adam.vars()[0].1.dtype();
+        let prep = |s: std::collections::BTreeMap<String, Tensor>| -> Result<std::collections::BTreeMap<String, Tensor>> {
+            s.into_iter()
+                .filter(|(k, _)| self.adam.m.contains_key(k))
+                .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_device(&device)?)))
+                .collect()
+        };
+        let (m, v, ema) = (prep(m)?, prep(v)?, prep(ema)?);
+        self.store.assign(&ckpt.section("model"), "checkpoint `model` weights")?;
+        self.adam.m = m;
+        self.adam.v = v;
+        self.adam.t = adam_t;
+        self.ema.shadow = ema;
+        self.ema.decay = config.ema_decay;
+        self.adam.config = config.adam;
+        self.config = config;
+        self.step = step;
+        Ok(())
+    }
+}
