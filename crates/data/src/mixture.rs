@@ -34,7 +34,10 @@ impl GaussianMixture {
         Ok(Self {
             weights: weights.iter().map(|w| w / total).collect(),
             means,
-            vars: stds.iter().map(|s| s.iter().map(|v| v * v).collect()).collect(),
+            vars: stds
+                .iter()
+                .map(|s| s.iter().map(|v| v * v).collect())
+                .collect(),
         })
     }
 
@@ -45,7 +48,13 @@ impl GaussianMixture {
     /// Mean of the (noised or not) mixture.
     pub fn mean(&self) -> Vec<f64> {
         (0..self.dim())
-            .map(|j| self.weights.iter().zip(&self.means).map(|(w, m)| w * m[j]).sum())
+            .map(|j| {
+                self.weights
+                    .iter()
+                    .zip(&self.means)
+                    .map(|(w, m)| w * m[j])
+                    .sum()
+            })
             .collect()
     }
 
@@ -85,7 +94,10 @@ impl GaussianMixture {
                 let mut l = w.ln();
                 for j in 0..x.len() {
                     let var = v[j] + s2;
-                    l -= 0.5 * ((x[j] - m[j]).powi(2) / var + var.ln() + (2.0 * std::f64::consts::PI).ln());
+                    l -= 0.5
+                        * ((x[j] - m[j]).powi(2) / var
+                            + var.ln()
+                            + (2.0 * std::f64::consts::PI).ln());
                 }
                 l
             })
@@ -142,7 +154,10 @@ impl Score for GaussianMixture {
         check_batch(x, sigma)?;
         let (b, d) = x.dims2()?;
         if d != self.dim() {
-            bail!("Gaussian mixture score: x has dimension {d}, the mixture {}", self.dim());
+            bail!(
+                "Gaussian mixture score: x has dimension {d}, the mixture {}",
+                self.dim()
+            );
         }
         let xs = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         let ss = sigma.to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -186,7 +201,12 @@ mod tests {
 
     #[test]
     fn no_underflow_far_from_every_component_at_tiny_sigma() {
-        let gm = GaussianMixture::new(vec![1.0, 1.0], vec![vec![0.0], vec![10.0]], vec![vec![0.01], vec![0.01]]).unwrap();
+        let gm = GaussianMixture::new(
+            vec![1.0, 1.0],
+            vec![vec![0.0], vec![10.0]],
+            vec![vec![0.01], vec![0.01]],
+        )
+        .unwrap();
         let g = gm.score_at(&[5.001], 1e-3);
         assert!(g[0].is_finite() && g[0] > 0.0);
     }

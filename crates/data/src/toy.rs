@@ -52,7 +52,9 @@ pub fn two_moons(n: usize, noise: f64, seed: u64) -> Result<(Tensor, Vec<u32>)> 
             0.0
         }
     };
-    let mut pts: Vec<(f64, f64)> = (0..n_out).map(|k| (lin(k, n_out).cos(), lin(k, n_out).sin())).collect();
+    let mut pts: Vec<(f64, f64)> = (0..n_out)
+        .map(|k| (lin(k, n_out).cos(), lin(k, n_out).sin()))
+        .collect();
     pts.extend((0..n_in).map(|k| (1.0 - lin(k, n_in).cos(), 1.0 - lin(k, n_in).sin() - 0.5)));
     let mut rng = StdRng::seed_from_u64(seed);
     let normal = Normal::new(0.0, noise.max(f64::MIN_POSITIVE)).expect("std checked above");

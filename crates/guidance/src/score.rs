@@ -50,7 +50,10 @@ pub fn per_sample(sigma: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// Checks that `sigma` is `[B]` for `x: [B, ...]`, with an error naming both shapes.
 pub fn check_batch(x: &Tensor, sigma: &Tensor) -> Result<()> {
     if x.rank() < 2 {
-        bail!("score input x must be [batch, ...], got shape {:?}", x.dims());
+        bail!(
+            "score input x must be [batch, ...], got shape {:?}",
+            x.dims()
+        );
     }
     if sigma.rank() != 1 || sigma.dim(0)? != x.dim(0)? {
         bail!(

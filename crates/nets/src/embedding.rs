@@ -26,10 +26,16 @@ impl Default for SinusoidalEmbedding {
 impl SinusoidalEmbedding {
     pub fn validate(&self) -> Result<()> {
         if self.dim < 2 || self.dim % 2 != 0 {
-            bail!("sinusoidal embedding: dim must be even and >= 2, got {}", self.dim);
+            bail!(
+                "sinusoidal embedding: dim must be even and >= 2, got {}",
+                self.dim
+            );
         }
         if !(self.max_freq >= 1.0 && self.max_freq.is_finite()) {
-            bail!("sinusoidal embedding: max_freq must be >= 1, got {}", self.max_freq);
+            bail!(
+                "sinusoidal embedding: max_freq must be >= 1, got {}",
+                self.max_freq
+            );
         }
         Ok(())
     }
@@ -39,7 +45,11 @@ impl SinusoidalEmbedding {
         let half = self.dim / 2;
         let freqs: Vec<f32> = (0..half)
             .map(|k| {
-                let e = if half > 1 { k as f64 / (half - 1) as f64 } else { 0.0 };
+                let e = if half > 1 {
+                    k as f64 / (half - 1) as f64
+                } else {
+                    0.0
+                };
                 self.max_freq.powf(e) as f32
             })
             .collect();

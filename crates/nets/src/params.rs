@@ -104,7 +104,10 @@ impl ParamStore {
     }
 
     pub fn len(&self) -> usize {
-        self.vars.lock().expect("parameter store lock poisoned").len()
+        self.vars
+            .lock()
+            .expect("parameter store lock poisoned")
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -82,7 +82,12 @@ impl Precond {
         match self {
             Self::Edm { sigma_data: sd } => {
                 let r = (sigma * sigma + sd * sd).sqrt();
-                [sd * sd / (r * r), sigma * sd / r, 1.0 / r, 0.25 * sigma.ln()]
+                [
+                    sd * sd / (r * r),
+                    sigma * sd / r,
+                    1.0 / r,
+                    0.25 * sigma.ln(),
+                ]
             }
             Self::Eps { process } => {
                 let a = process.alpha_at_sigma(sigma);

@@ -199,7 +199,11 @@ mod tests {
     fn rows_are_validated() {
         let b = Checkerboard::default();
         assert!(b.check_rows(&[0.5, 0.5, 1.0], 2).is_err());
-        assert!(b.check_rows(&[0.5, f32::NAN], 2).unwrap_err().0.contains("non-finite"));
+        assert!(b
+            .check_rows(&[0.5, f32::NAN], 2)
+            .unwrap_err()
+            .0
+            .contains("non-finite"));
         assert!(b.check_rows(&[0.5, 0.5], 3).is_err());
     }
 

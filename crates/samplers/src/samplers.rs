@@ -85,8 +85,12 @@ impl Sampler {
         match self {
             Self::Heun(_) => 2,
             Self::PredictorCorrector(o) => 1 + o.corrector_steps,
-            Self::ProbabilityFlow { solver: OdeSolver::Heun } => 2,
-            Self::ProbabilityFlow { solver: OdeSolver::Rk4 } => 4,
+            Self::ProbabilityFlow {
+                solver: OdeSolver::Heun,
+            } => 2,
+            Self::ProbabilityFlow {
+                solver: OdeSolver::Rk4,
+            } => 4,
             _ => 1,
         }
     }
@@ -103,16 +107,26 @@ impl Sampler {
             Self::Heun(o) => heun(model, x, sigmas, noise, o, callback),
             Self::Euler => euler(model, x, sigmas, noise, callback),
             Self::EulerMaruyama => euler_maruyama(model, x, sigmas, noise, callback),
-            Self::PredictorCorrector(o) => predictor_corrector(model, x, sigmas, noise, o, callback),
+            Self::PredictorCorrector(o) => {
+                predictor_corrector(model, x, sigmas, noise, o, callback)
+            }
             Self::Ddim { eta } => ddim(model, x, sigmas, noise, eta, callback),
             Self::DdpmAncestral => ddpm_ancestral(model, x, sigmas, noise, callback),
-            Self::ProbabilityFlow { solver } => probability_flow(model, x, sigmas, solver, callback),
+            Self::ProbabilityFlow { solver } => {
+                probability_flow(model, x, sigmas, solver, callback)
+            }
         }
     }
 }
 
 /// Standard normal noise of `shape` times `sigma_max`: the prior a sampler starts from.
-pub fn initial_noise(noise: &mut SampleNoise, shape: &[usize], sigma_max: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn initial_noise(
+    noise: &mut SampleNoise,
+    shape: &[usize],
+    sigma_max: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     noise.randn(shape, dtype, device)? * sigma_max
 }
 
@@ -129,7 +143,10 @@ fn check_grid(sigmas: &[f64], descending_only: bool) -> Result<()> {
     let desc = sigmas.windows(2).all(|w| w[1] < w[0]);
     let asc = sigmas.windows(2).all(|w| w[1] > w[0]);
     if descending_only && !desc {
-        bail!("σ grid: levels must be strictly decreasing, got {:?}…", &sigmas[..sigmas.len().min(4)]);
+        bail!(
+            "σ grid: levels must be strictly decreasing, got {:?}…",
+            &sigmas[..sigmas.len().min(4)]
+        );
     }
     if !(desc || asc) {
         bail!("σ grid: levels must be strictly monotone");
@@ -142,7 +159,11 @@ fn check_state(x: &Tensor, noise: &SampleNoise) -> Result<()> {
         bail!("sampler: x must be [batch, ...], got {:?}", x.dims());
     }
     if x.dim(0)? != noise.len() {
-        bail!("sampler: batch of {} samples but {} noise generators", x.dim(0)?, noise.len());
+        bail!(
+            "sampler: batch of {} samples but {} noise generators",
+            x.dim(0)?,
+            noise.len()
+        );
     }
     Ok(())
 }
@@ -171,7 +192,14 @@ fn report(callback: &mut Option<Callback>, step: Step) -> bool {
 /// EDM's Heun sampler with churn: γ_i = min(churn/N, √2 − 1) for σ_i in [s_tmin, s_tmax];
 /// the step raises σ_i to σ̂ = σ_i (1 + γ) with fresh noise, then takes a Heun step to
 /// σ_{i+1} (an Euler step when σ_{i+1} = 0).
-pub fn heun(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut SampleNoise, opts: HeunOptions, mut callback: Option<Callback>) -> Result<Tensor> {
+pub fn heun(
+    model: &dyn Score,
+    mut x: Tensor,
+    sigmas: &[f64],
+    noise: &mut SampleNoise,
+    opts: HeunOptions,
+    mut callback: Option<Callback>,
+) -> Result<Tensor> {
     check_grid(sigmas, true)?;
     check_state(&x, noise)?;
     let n = sigmas.len() - 1;
@@ -196,7 +224,17 @@ pub fn heun(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut Sample
             x = (&x_hat + ((d + d2)? * (0.5 * (s_next - s_hat)))?)?;
             denoised = den2;
         }
-        if report(&mut callback, Step { index: i, steps: n, sigma: s_cur, sigma_next: s_next, x: &x, denoised: &denoised }) {
+        if report(
+            &mut callback,
+            Step {
+                index: i,
+                steps: n,
+                sigma: s_cur,
+                sigma_next: s_next,
+                x: &x,
+                denoised: &denoised,
+            },
+        ) {
             break;
         }
     }
@@ -204,7 +242,13 @@ pub fn heun(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut Sample
 }
 
 /// Euler's method on the probability-flow ODE (deterministic; `noise` is not drawn from).
-pub fn euler(model: &dyn Score, x: Tensor, sigmas: &[f64], noise: &mut SampleNoise, callback: Option<Callback>) -> Result<Tensor> {
+pub fn euler(
+    model: &dyn Score,
+    x: Tensor,
+    sigmas: &[f64],
+    noise: &mut SampleNoise,
+    callback: Option<Callback>,
+) -> Result<Tensor> {
     check_grid(sigmas, true)?;
     check_state(&x, noise)?;
     probability_flow(model, x, sigmas, OdeSolver::Euler, callback)
@@ -213,7 +257,13 @@ pub fn euler(model: &dyn Score, x: Tensor, sigmas: &[f64], noise: &mut SampleNoi
 /// Euler–Maruyama on the reverse-time SDE of σ(t) = t:
 /// dx = −2σ ∇log p dσ + sqrt(2σ) dw̄, i.e. x ← x + h s + sqrt(h) z with h = 2σ_i (σ_i − σ_{i+1}).
 /// The step to σ = 0 returns its mean (no noise), as score_sde does.
-pub fn euler_maruyama(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut SampleNoise, mut callback: Option<Callback>) -> Result<Tensor> {
+pub fn euler_maruyama(
+    model: &dyn Score,
+    mut x: Tensor,
+    sigmas: &[f64],
+    noise: &mut SampleNoise,
+    mut callback: Option<Callback>,
+) -> Result<Tensor> {
     check_grid(sigmas, true)?;
     check_state(&x, noise)?;
     let n = sigmas.len() - 1;
@@ -227,7 +277,17 @@ pub fn euler_maruyama(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &
         if s_next > 0.0 {
             x = (&x + (noise.randn_like(&x)? * h.sqrt())?)?;
         }
-        if report(&mut callback, Step { index: i, steps: n, sigma: s, sigma_next: s_next, x: &x, denoised: &denoised }) {
+        if report(
+            &mut callback,
+            Step {
+                index: i,
+                steps: n,
+                sigma: s,
+                sigma_next: s_next,
+                x: &x,
+                denoised: &denoised,
+            },
+        ) {
             break;
         }
     }
@@ -238,15 +298,31 @@ pub fn euler_maruyama(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &
 /// Langevin steps with ε = 2 (snr ‖z‖/‖s‖)² (batch means of per-sample norms), then the
 /// reverse-diffusion predictor x ← x + (σ_i² − σ_{i+1}²) s + sqrt(σ_i² − σ_{i+1}²) z.
 /// The last step returns the predictor's mean.
-pub fn predictor_corrector(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut SampleNoise, opts: PcOptions, mut callback: Option<Callback>) -> Result<Tensor> {
+pub fn predictor_corrector(
+    model: &dyn Score,
+    mut x: Tensor,
+    sigmas: &[f64],
+    noise: &mut SampleNoise,
+    opts: PcOptions,
+    mut callback: Option<Callback>,
+) -> Result<Tensor> {
     check_grid(sigmas, true)?;
     check_state(&x, noise)?;
     if !(opts.snr > 0.0 && opts.snr.is_finite()) {
-        bail!("predictor–corrector: snr must be positive, got {}", opts.snr);
+        bail!(
+            "predictor–corrector: snr must be positive, got {}",
+            opts.snr
+        );
     }
     let n = sigmas.len() - 1;
     let batch_norm = |t: &Tensor| -> Result<f64> {
-        Ok(t.sqr()?.flatten_from(1)?.sum(1)?.sqrt()?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        t.sqr()?
+            .flatten_from(1)?
+            .sum(1)?
+            .sqrt()?
+            .mean_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()
     };
     for i in 0..n {
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
@@ -255,7 +331,11 @@ pub fn predictor_corrector(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noi
             let g = model.score(&x, &sv)?;
             let z = noise.randn_like(&x)?;
             let (gn, zn) = (batch_norm(&g)?, batch_norm(&z)?);
-            let eps = if gn > 0.0 { 2.0 * (opts.snr * zn / gn).powi(2) } else { 0.0 };
+            let eps = if gn > 0.0 {
+                2.0 * (opts.snr * zn / gn).powi(2)
+            } else {
+                0.0
+            };
             x = ((&x + (g * eps)?)? + (z * (2.0 * eps).sqrt())?)?;
         }
         let score = model.score(&x, &sv)?;
@@ -267,7 +347,17 @@ pub fn predictor_corrector(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noi
         } else {
             mean
         };
-        if report(&mut callback, Step { index: i, steps: n, sigma: s, sigma_next: s_next, x: &x, denoised: &denoised }) {
+        if report(
+            &mut callback,
+            Step {
+                index: i,
+                steps: n,
+                sigma: s,
+                sigma_next: s_next,
+                x: &x,
+                denoised: &denoised,
+            },
+        ) {
             break;
         }
     }
@@ -277,7 +367,14 @@ pub fn predictor_corrector(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noi
 /// DDIM (Song, Meng & Ermon 2021) in σ-space: with D = D(x; σ) and ε̂ = (x − D)/σ,
 /// x ← D + σ_down ε̂ + σ_up z, σ_up = η σ' sqrt((σ² − σ'²)/σ²), σ_down = sqrt(σ'² − σ_up²).
 /// η = 0 is deterministic (and equals Euler on the ODE); η = 1 is DDPM's ancestral sampler.
-pub fn ddim(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut SampleNoise, eta: f64, mut callback: Option<Callback>) -> Result<Tensor> {
+pub fn ddim(
+    model: &dyn Score,
+    mut x: Tensor,
+    sigmas: &[f64],
+    noise: &mut SampleNoise,
+    eta: f64,
+    mut callback: Option<Callback>,
+) -> Result<Tensor> {
     check_grid(sigmas, true)?;
     check_state(&x, noise)?;
     if !(0.0..=1.0).contains(&eta) {
@@ -299,7 +396,17 @@ pub fn ddim(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut Sample
         } else {
             denoised.clone()
         };
-        if report(&mut callback, Step { index: i, steps: n, sigma: s, sigma_next: s_next, x: &x, denoised: &denoised }) {
+        if report(
+            &mut callback,
+            Step {
+                index: i,
+                steps: n,
+                sigma: s,
+                sigma_next: s_next,
+                x: &x,
+                denoised: &denoised,
+            },
+        ) {
             break;
         }
     }
@@ -308,17 +415,32 @@ pub fn ddim(model: &dyn Score, mut x: Tensor, sigmas: &[f64], noise: &mut Sample
 
 /// DDPM's ancestral sampler (Ho et al. 2020): its posterior variance β̃ is DDIM's at
 /// η = 1, so on a DDPM process's own σ grid this is exactly the ancestral chain.
-pub fn ddpm_ancestral(model: &dyn Score, x: Tensor, sigmas: &[f64], noise: &mut SampleNoise, callback: Option<Callback>) -> Result<Tensor> {
+pub fn ddpm_ancestral(
+    model: &dyn Score,
+    x: Tensor,
+    sigmas: &[f64],
+    noise: &mut SampleNoise,
+    callback: Option<Callback>,
+) -> Result<Tensor> {
     ddim(model, x, sigmas, noise, 1.0, callback)
 }
 
 /// The probability-flow ODE dx/dσ = (x − D(x; σ))/σ integrated along `sigmas`, which may
 /// descend (sampling) or ascend (encoding data to noise). A step ending at σ = 0 is an
 /// Euler step (x = D), since the derivative is undefined there.
-pub fn probability_flow(model: &dyn Score, mut x: Tensor, sigmas: &[f64], solver: OdeSolver, mut callback: Option<Callback>) -> Result<Tensor> {
+pub fn probability_flow(
+    model: &dyn Score,
+    mut x: Tensor,
+    sigmas: &[f64],
+    solver: OdeSolver,
+    mut callback: Option<Callback>,
+) -> Result<Tensor> {
     check_grid(sigmas, false)?;
     if x.rank() < 2 {
-        bail!("probability-flow ODE: x must be [batch, ...], got {:?}", x.dims());
+        bail!(
+            "probability-flow ODE: x must be [batch, ...], got {:?}",
+            x.dims()
+        );
     }
     let n = sigmas.len() - 1;
     for i in 0..n {
@@ -339,9 +461,58 @@ pub fn probability_flow(model: &dyn Score, mut x: Tensor, sigmas: &[f64], solver
             let sum = (((k1 + (k2 * 2.0)?)? + (k3 * 2.0)?)? + k4)?;
             (&x + (sum * (h / 6.0))?)?
         };
-        if report(&mut callback, Step { index: i, steps: n, sigma: s, sigma_next: s_next, x: &x, denoised: &denoised }) {
+        if report(
+            &mut callback,
+            Step {
+                index: i,
+                steps: n,
+                sigma: s,
+                sigma_next: s_next,
+                x: &x,
+                denoised: &denoised,
+            },
+        ) {
             break;
         }
     }
     Ok(x)
+}
+
+/// Draws `n` samples of shape `sample_shape` in batches of at most `batch_size`. Sample i
+/// always gets the noise stream `(seed, i)`, so the result does not depend on
+/// `batch_size`. `on_step` is told the number of (batch, step) pairs finished so far.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_many(
+    sampler: &Sampler,
+    model: &dyn Score,
+    n: usize,
+    sample_shape: &[usize],
+    sigmas: &[f64],
+    seed: u64,
+    batch_size: usize,
+    device: &Device,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    if n == 0 || batch_size == 0 {
+        bail!("sample_many: need n > 0 and batch_size > 0, got n = {n}, batch_size = {batch_size}");
+    }
+    check_grid(sigmas, true)?;
+    let mut parts = Vec::new();
+    let mut done_steps = 0;
+    let mut first = 0;
+    while first < n {
+        let b = batch_size.min(n - first);
+        let mut noise = SampleNoise::new(seed, first, b);
+        let mut shape = vec![b];
+        shape.extend_from_slice(sample_shape);
+        let x = initial_noise(&mut noise, &shape, sigmas[0], DType::F32, device)?;
+        let mut cb = |_: &Step<'_>| {
+            done_steps += 1;
+            on_step(done_steps);
+            ControlFlow::Continue(())
+        };
+        parts.push(sampler.sample(model, x, sigmas, &mut noise, Some(&mut cb))?);
+        first += b;
+    }
+    Tensor::cat(&parts, 0)
 }

@@ -1,3 +1,33 @@
+//! scoreguide: score-based generative modelling with guidance, on Candle.
+//!
+//! This umbrella crate re-exports the workspace's small crates under short names and
+//! adds what the examples and the `scoreguide` command share: PNG plots ([`plot`]) and
+//! run set-up ([`runtime`]). Depend on the individual `scoreguide-*` crates to pick and
+//! choose.
+//!
+//! | module | crate | what for |
+//! |---|---|---|
+//! | [`sde`] | scoreguide-sde | noise processes, σ grids, training σ, seeded noise |
+//! | [`guidance`] | scoreguide-guidance | the `Score` trait |
+//! | [`nets`] | scoreguide-nets | residual MLP, preconditioning, parameter stores |
+//! | [`losses`] | scoreguide-losses | denoising score matching |
+//! | [`samplers`] | scoreguide-samplers | Heun, Euler, EM, PC, DDPM, DDIM, PF-ODE |
+//! | [`oracles`] | scoreguide-oracles | the `Oracle` trait, checkerboard |
+//! | [`metrics`] | scoreguide-metrics | infraction rate |
+//! | [`data`] | scoreguide-data | toy data, Gaussian mixtures, batching |
+//! | [`train`] | scoreguide-train | Adam, EMA, checkpoints |
+//!
+//! ```
+//! use scoreguide::oracles::{Checkerboard, Oracle};
+//! let x = scoreguide::data::checkerboard(100, 7)?.to_vec2::<f32>()?;
+//! assert!(x.iter().all(|p| Checkerboard::default().check(p).valid));
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+pub mod checkerboard;
+pub mod plot;
+pub mod runtime;
+
 pub use scoreguide_data as data;
 pub use scoreguide_guidance as guidance;
 pub use scoreguide_losses as losses;

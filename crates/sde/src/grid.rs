@@ -45,7 +45,9 @@ pub fn log_linear(n: usize, sigma_min: f64, sigma_max: f64) -> Result<Vec<f64>> 
 pub fn uniform_t(process: &Process, n: usize, t_min: f64, t_max: f64) -> Result<Vec<f64>> {
     process.validate()?;
     if n < 2 || !(t_min < t_max) {
-        bail!("σ grid uniform in t: need n >= 2 and t_min < t_max, got n = {n}, [{t_min}, {t_max}]");
+        bail!(
+            "σ grid uniform in t: need n >= 2 and t_min < t_max, got n = {n}, [{t_min}, {t_max}]"
+        );
     }
     Ok((0..n)
         .map(|i| process.sigma(t_max + i as f64 / (n - 1) as f64 * (t_min - t_max)))

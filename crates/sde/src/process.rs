@@ -69,7 +69,11 @@ impl Ddpm {
                 if !(s.is_finite() && s > 0.0) {
                     bail!("DDPM cosine schedule: offset s must be positive, got {s}");
                 }
-                let abar = |t: f64| ((t + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let abar = |t: f64| {
+                    ((t + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..steps)
                     .map(|i| {
                         let t1 = i as f64 / steps as f64;
@@ -177,7 +181,10 @@ impl Process {
         )?))
     }
     pub fn ddpm_cosine(steps: usize) -> Result<Self> {
-        Ok(Self::Ddpm(Ddpm::new(steps, BetaSchedule::Cosine { s: 0.008 })?))
+        Ok(Self::Ddpm(Ddpm::new(
+            steps,
+            BetaSchedule::Cosine { s: 0.008 },
+        )?))
     }
 
     /// Rejects parameters that make σ(t) non-monotone or undefined.
@@ -340,8 +347,19 @@ mod tests {
     #[test]
     fn linear_ddpm_matches_closed_form() {
         // ᾱ_0 = 1 − 1e-4 → σ_0 = sqrt(1e-4 / (1 − 1e-4)).
-        let d = Ddpm::new(1000, BetaSchedule::Linear { beta_start: 1e-4, beta_end: 0.02 }).unwrap();
-        assert_relative_eq!(d.sigmas()[0], (1e-4f64 / (1.0 - 1e-4)).sqrt(), max_relative = 1e-12);
+        let d = Ddpm::new(
+            1000,
+            BetaSchedule::Linear {
+                beta_start: 1e-4,
+                beta_end: 0.02,
+            },
+        )
+        .unwrap();
+        assert_relative_eq!(
+            d.sigmas()[0],
+            (1e-4f64 / (1.0 - 1e-4)).sqrt(),
+            max_relative = 1e-12
+        );
         // Ho et al.: ᾱ_T ≈ 4.0e-5 for T = 1000, i.e. σ_T ≈ 157.
         let s = d.sigmas()[999];
         assert!(s > 150.0 && s < 165.0, "{s}");

@@ -34,7 +34,9 @@ impl SigmaDistribution {
         match self {
             Self::LogUniform { min, max } => {
                 if !(*min > 0.0 && min < max && max.is_finite()) {
-                    bail!("σ distribution log-uniform: need 0 < min < max < inf, got [{min}, {max}]");
+                    bail!(
+                        "σ distribution log-uniform: need 0 < min < max < inf, got [{min}, {max}]"
+                    );
                 }
             }
             Self::LogNormal { mean, std } => {
@@ -42,7 +44,11 @@ impl SigmaDistribution {
                     bail!("σ distribution log-normal: need finite mean and std > 0, got ({mean}, {std})");
                 }
             }
-            Self::UniformT { process, t_min, t_max } => {
+            Self::UniformT {
+                process,
+                t_min,
+                t_max,
+            } => {
                 process.validate()?;
                 if !(t_min < t_max) {
                     bail!("σ distribution uniform-t: need t_min < t_max, got [{t_min}, {t_max}]");
@@ -62,7 +68,11 @@ impl SigmaDistribution {
                 let z: f64 = StandardNormal.sample(rng);
                 (mean + std * z).exp()
             }
-            Self::UniformT { process, t_min, t_max } => {
+            Self::UniformT {
+                process,
+                t_min,
+                t_max,
+            } => {
                 let u: f64 = rng.random();
                 process.sigma(t_min + u * (t_max - t_min))
             }

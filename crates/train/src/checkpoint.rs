@@ -28,7 +28,8 @@ impl Checkpoint {
 
     /// Stores `value` as JSON under `key`.
     pub fn set_meta<T: Serialize>(&mut self, key: &str, value: &T) -> Result<()> {
-        let s = serde_json::to_string(value).map_err(|e| candle_core::Error::msg(format!("checkpoint metadata `{key}`: {e}")))?;
+        let s = serde_json::to_string(value)
+            .map_err(|e| candle_core::Error::msg(format!("checkpoint metadata `{key}`: {e}")))?;
         self.metadata.insert(key.into(), s);
         Ok(())
     }
@@ -38,7 +39,9 @@ impl Checkpoint {
         let Some(s) = self.metadata.get(key) else {
             bail!("checkpoint metadata has no `{key}` entry");
         };
-        serde_json::from_str(s).map_err(|e| candle_core::Error::msg(format!("checkpoint metadata `{key}` is not valid: {e}")))
+        serde_json::from_str(s).map_err(|e| {
+            candle_core::Error::msg(format!("checkpoint metadata `{key}` is not valid: {e}"))
+        })
     }
 
     /// Adds every tensor of `section` under `prefix.` + name.
@@ -71,13 +74,23 @@ impl Checkpoint {
     /// Parses a checkpoint; every failure (truncation, bad header, foreign file) is an
     /// error, never a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| candle_core::Error::msg(format!("not a readable safetensors file ({e}); truncated or corrupt?")))?;
-        let metadata: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+            candle_core::Error::msg(format!(
+                "not a readable safetensors file ({e}); truncated or corrupt?"
+            ))
+        })?;
+        let metadata: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         match metadata.get("format") {
             Some(f) if f == FORMAT => {}
             Some(f) => bail!("checkpoint format `{f}` is not `{FORMAT}`"),
-            None => bail!("safetensors file without `format` metadata: not a scoreguide checkpoint"),
+            None => {
+                bail!("safetensors file without `format` metadata: not a scoreguide checkpoint")
+            }
         }
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| candle_core::Error::msg(format!("corrupt safetensors data: {e}")))?;
@@ -96,13 +109,18 @@ impl Checkpoint {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bytes = self.to_bytes()?;
-        write_atomic(path, &bytes).map_err(|e| candle_core::Error::msg(format!("writing checkpoint {}: {e}", path.display())))
+        write_atomic(path, &bytes).map_err(|e| {
+            candle_core::Error::msg(format!("writing checkpoint {}: {e}", path.display()))
+        })
     }
 
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| candle_core::Error::msg(format!("reading checkpoint {}: {e}", path.display())))?;
-        Self::from_bytes(&bytes).map_err(|e| candle_core::Error::msg(format!("checkpoint {}: {e}", path.display())))
+        let bytes = std::fs::read(path).map_err(|e| {
+            candle_core::Error::msg(format!("reading checkpoint {}: {e}", path.display()))
+        })?;
+        Self::from_bytes(&bytes)
+            .map_err(|e| candle_core::Error::msg(format!("checkpoint {}: {e}", path.display())))
     }
 }
 
@@ -112,8 +130,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().ok_or_else(|| std::io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -152,7 +176,12 @@ impl Weights {
 
 /// Rebuilds the score model a checkpoint describes (its `model` metadata) with frozen
 /// weights: no caller needs to repeat the architecture.
-pub fn load_score_model(ckpt: &Checkpoint, weights: Weights, dtype: DType, device: &Device) -> Result<(ScoreNet<AnyNet>, ScoreModelConfig)> {
+pub fn load_score_model(
+    ckpt: &Checkpoint,
+    weights: Weights,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ScoreNet<AnyNet>, ScoreModelConfig)> {
     let cfg: ScoreModelConfig = ckpt.meta("model")?;
     let store = ParamStore::new(0);
     cfg.build(&store.var_builder(dtype, device))?;
@@ -160,7 +189,10 @@ pub fn load_score_model(ckpt: &Checkpoint, weights: Weights, dtype: DType, devic
     if section.is_empty() {
         bail!("checkpoint holds no `{}.*` tensors", weights.prefix());
     }
-    store.assign(&section, &format!("checkpoint `{}` weights", weights.prefix()))?;
+    store.assign(
+        &section,
+        &format!("checkpoint `{}` weights", weights.prefix()),
+    )?;
     let model = cfg.build(&store.frozen_var_builder(dtype, device))?;
     Ok((model, cfg))
 }

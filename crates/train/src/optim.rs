@@ -45,7 +45,13 @@ impl Adam {
             m.insert(name.clone(), var.zeros_like()?);
             v.insert(name.clone(), var.zeros_like()?);
         }
-        Ok(Self { config, vars, m, v, t: 0 })
+        Ok(Self {
+            config,
+            vars,
+            m,
+            v,
+            t: 0,
+        })
     }
 
     /// One update with learning rate `lr`. A variable without a gradient is left as is.
@@ -77,10 +83,14 @@ impl Adam {
     }
 }
 
-/// Exponential moving average of parameters: θ̄ ← d θ̄ + (1 − d) θ.
+/// Exponential moving average of parameters: θ̄ ← d_t θ̄ + (1 − d_t) θ, with the usual
+/// warm-up d_t = min(decay, (1 + t)/(10 + t)) so that early in training the average is
+/// not dominated by the random initial weights.
 pub struct Ema {
     pub decay: f64,
     pub shadow: BTreeMap<String, Tensor>,
+    /// Updates applied so far.
+    pub updates: u64,
 }
 
 impl Ema {
@@ -90,15 +100,30 @@ impl Ema {
         }
         Ok(Self {
             decay,
-            shadow: vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect(),
+            shadow: vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+                .collect(),
+            updates: 0,
         })
     }
 
+    /// The decay the next update uses.
+    pub fn current_decay(&self) -> f64 {
+        let t = self.updates as f64;
+        self.decay.min((1.0 + t) / (10.0 + t))
+    }
+
     pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        let d = self.current_decay();
         for (name, var) in vars {
-            let s = self.shadow.get_mut(name).expect("shadow created for every var");
-            *s = ((&*s * self.decay)? + (var.as_tensor().detach() * (1.0 - self.decay))?)?;
+            let s = self
+                .shadow
+                .get_mut(name)
+                .expect("shadow created for every var");
+            *s = ((&*s * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
         }
+        self.updates += 1;
         Ok(())
     }
 }
@@ -109,7 +134,11 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
     let mut total = 0f64;
     for (_, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();

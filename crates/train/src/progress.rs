@@ -57,7 +57,9 @@ impl Progress {
         let due = if self.tty {
             now.duration_since(self.last) >= Duration::from_millis(200) || done == self.total
         } else {
-            pct / 10 > self.last_pct / 10 || now.duration_since(self.last) >= Duration::from_secs(60) || done == self.total
+            pct / 10 > self.last_pct / 10
+                || now.duration_since(self.last) >= Duration::from_secs(60)
+                || done == self.total
         };
         if !due {
             return;
@@ -67,13 +69,22 @@ impl Progress {
         let el = now.duration_since(self.start);
         let rate = done as f64 / el.as_secs_f64().max(1e-9);
         let eta = if done > 0 {
-            fmt_dur(Duration::from_secs_f64((self.total - done.min(self.total)) as f64 / rate))
+            fmt_dur(Duration::from_secs_f64(
+                (self.total - done.min(self.total)) as f64 / rate,
+            ))
         } else {
             "?".into()
         };
         let line = format!(
             "{}  {}/{} [{:>3}%] {}  {:.1}/s  elapsed {}  eta {}",
-            self.label, done, self.total, pct, message, rate, fmt_dur(el), eta
+            self.label,
+            done,
+            self.total,
+            pct,
+            message,
+            rate,
+            fmt_dur(el),
+            eta
         );
         let mut err = std::io::stderr().lock();
         if self.tty {

@@ -41,10 +41,17 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            bail!("training: learning rate must be positive and finite, got {}", self.lr);
+            bail!(
+                "training: learning rate must be positive and finite, got {}",
+                self.lr
+            );
         }
         let a = &self.adam;
-        if !((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2) && a.eps > 0.0 && a.weight_decay >= 0.0) {
+        if !((0.0..1.0).contains(&a.beta1)
+            && (0.0..1.0).contains(&a.beta2)
+            && a.eps > 0.0
+            && a.weight_decay >= 0.0)
+        {
             bail!("training: Adam needs β1, β2 in [0, 1), eps > 0, weight_decay ≥ 0, got {a:?}");
         }
         if let Some(c) = self.grad_clip {
@@ -53,7 +60,10 @@ impl TrainConfig {
             }
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
-            bail!("training: ema_decay must be in [0, 1), got {}", self.ema_decay);
+            bail!(
+                "training: ema_decay must be in [0, 1), got {}",
+                self.ema_decay
+            );
         }
         Ok(())
     }
@@ -87,7 +97,13 @@ impl Trainer {
         let vars = store.vars();
         let ema = Ema::new(&vars, config.ema_decay)?;
         let adam = Adam::new(vars, config.adam)?;
-        Ok(Self { config, store, adam, ema, step: 0 })
+        Ok(Self {
+            config,
+            store,
+            adam,
+            ema,
+            step: 0,
+        })
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -134,12 +150,22 @@ impl Trainer {
         self.adam.step(&grads, lr)?;
         self.ema.update(self.adam.vars())?;
         self.step += 1;
-        Ok(StepStats { step: self.step, loss: value, lr, grad_norm })
+        Ok(StepStats {
+            step: self.step,
+            loss: value,
+            lr,
+            grad_norm,
+        })
     }
 
     /// Steps until `until` steps are done; `loss_fn(step, rng)` builds each loss from the
     /// step's own generator. Returns the losses of the steps taken.
-    pub fn run<F>(&mut self, until: u64, progress: &mut Progress, mut loss_fn: F) -> Result<Vec<f32>>
+    pub fn run<F>(
+        &mut self,
+        until: u64,
+        progress: &mut Progress,
+        mut loss_fn: F,
+    ) -> Result<Vec<f32>>
     where
         F: FnMut(u64, &mut StdRng) -> Result<Tensor>,
     {
@@ -202,12 +228,14 @@ impl Trainer {
                 .collect()
         };
         let (m, v, ema) = (prep(m)?, prep(v)?, prep(ema)?);
-        self.store.assign(&ckpt.section("model"), "checkpoint `model` weights")?;
+        self.store
+            .assign(&ckpt.section("model"), "checkpoint `model` weights")?;
         self.adam.m = m;
         self.adam.v = v;
         self.adam.t = adam_t;
         self.ema.shadow = ema;
         self.ema.decay = config.ema_decay;
+        self.ema.updates = step;
         self.adam.config = config.adam;
         self.config = config;
         self.step = step;

@@ -1,0 +1,229 @@
+//! The Gen-neG checkerboard baseline (paper §4.1, App. B.1; SPEC §7) as a reusable recipe:
+//! data, training, sampling, and the scatter plot.
+
+use crate::plot::{Canvas, BLUE, GREY, RED};
+use candle_core::{DType, Device, Result, Tensor};
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+use scoreguide_data::{checkerboard, Dataset};
+use scoreguide_guidance::Score;
+use scoreguide_losses::{dsm, DsmWeighting};
+use scoreguide_nets::{AnyNet, ParamStore, ScoreModelConfig, ScoreNet};
+use scoreguide_oracles::{Checkerboard, Oracle, Verdict};
+use scoreguide_samplers::{sample_many, HeunOptions, Sampler};
+use scoreguide_sde::{append_zero, log_linear, SigmaDistribution};
+use scoreguide_train::{load_score_model, Checkpoint, Progress, TrainConfig, Trainer, Weights};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything that defines the baseline run. Defaults are the paper's (SPEC §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaselineConfig {
+    pub train_points: usize,
+    pub iters: u64,
+    /// Full batch (= `train_points`) in the paper.
+    pub batch_size: usize,
+    pub sigma: SigmaDistribution,
+    pub weighting: DsmWeighting,
+    pub train: TrainConfig,
+    pub model: ScoreModelConfig,
+    pub data_seed: u64,
+}
+
+impl Default for BaselineConfig {
+    fn default() -> Self {
+        Self {
+            train_points: 1000,
+            iters: 30_000,
+            batch_size: 1000,
+            sigma: SigmaDistribution::LogUniform {
+                min: 2e-3,
+                max: 80.0,
+            },
+            weighting: DsmWeighting::Edm { sigma_data: 1.0 },
+            train: TrainConfig {
+                lr: 3e-4,
+                ema_decay: 0.999,
+                ..TrainConfig::default()
+            },
+            model: ScoreModelConfig::checkerboard(),
+            data_seed: 0,
+        }
+    }
+}
+
+/// The paper's sampler: 100 Heun steps, churn 10, log-linear σ grid 80 → 2e-3, then 0.
+pub fn paper_sampler(steps: usize) -> Result<(Sampler, Vec<f64>)> {
+    let sigmas = append_zero(log_linear(steps, 2e-3, 80.0)?);
+    Ok((
+        Sampler::Heun(HeunOptions {
+            churn: 10.0,
+            ..HeunOptions::default()
+        }),
+        sigmas,
+    ))
+}
+
+/// `n` standard normal draws shaped `shape`, from `rng`.
+pub fn randn(rng: &mut StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)
+}
+
+/// One DSM loss on a batch of `data`: σ from `cfg.sigma`, noise from `rng`.
+pub fn dsm_batch(
+    model: &dyn Score,
+    data: &Dataset,
+    cfg: &BaselineConfig,
+    step: u64,
+    rng: &mut StdRng,
+) -> Result<Tensor> {
+    let n = data.len();
+    let x0 = if cfg.batch_size >= n {
+        data.tensor().clone()
+    } else {
+        let per_epoch = n.div_ceil(cfg.batch_size) as u64;
+        let batches = data.epoch_batches(cfg.batch_size, cfg.train.seed, step / per_epoch)?;
+        data.rows(&batches[(step % per_epoch) as usize])?
+    };
+    let b = x0.dim(0)?;
+    let sig: Vec<f32> = cfg
+        .sigma
+        .sample_n(b, rng)
+        .into_iter()
+        .map(|s| s as f32)
+        .collect();
+    let sigma = Tensor::from_vec(sig, b, &Device::Cpu)?.to_device(x0.device())?;
+    let z = randn(rng, x0.dims(), x0.device())?;
+    dsm(model, &x0, &sigma, &z, cfg.weighting)
+}
+
+/// A trained baseline: the checkpoint and the frozen EMA model it describes.
+pub struct Baseline {
+    pub checkpoint: Checkpoint,
+    pub model: ScoreNet<AnyNet>,
+    pub train_seconds: f64,
+    pub losses: Vec<f32>,
+}
+
+/// Trains the baseline with DSM on `cfg.train_points` checkerboard points.
+pub fn train_baseline(
+    cfg: &BaselineConfig,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Baseline> {
+    cfg.sigma.validate()?;
+    let data = Dataset::new(
+        checkerboard(cfg.train_points, cfg.data_seed)?,
+        "checkerboard training set",
+    )?
+    .to_device(device)?;
+    let store = ParamStore::new(cfg.train.seed);
+    let model = cfg.model.build(&store.var_builder(DType::F32, device))?;
+    let mut trainer = Trainer::new(store, cfg.train.clone())?;
+    let start = std::time::Instant::now();
+    let losses = trainer.run(cfg.iters, progress, |step, rng| {
+        dsm_batch(&model, &data, cfg, step, rng)
+    })?;
+    let train_seconds = start.elapsed().as_secs_f64();
+    let mut checkpoint = trainer.checkpoint()?;
+    checkpoint.set_meta("model", &cfg.model)?;
+    checkpoint.set_meta("process", &cfg.sigma)?;
+    checkpoint.set_meta("baseline", cfg)?;
+    checkpoint.set_meta("train_seconds", &train_seconds)?;
+    let (model, _) = load_score_model(&checkpoint, Weights::Ema, DType::F32, device)?;
+    Ok(Baseline {
+        checkpoint,
+        model,
+        train_seconds,
+        losses,
+    })
+}
+
+/// Loads a baseline checkpoint written by [`train_baseline`] (EMA weights).
+pub fn load_baseline(path: &Path, device: &Device) -> Result<Baseline> {
+    let checkpoint = Checkpoint::load(path)?;
+    let (model, _) = load_score_model(&checkpoint, Weights::Ema, DType::F32, device)
+        .map_err(|e| candle_core::Error::msg(format!("checkpoint {}: {e}", path.display())))?;
+    let train_seconds = checkpoint.meta("train_seconds").unwrap_or(0.0);
+    Ok(Baseline {
+        checkpoint,
+        model,
+        train_seconds,
+        losses: Vec::new(),
+    })
+}
+
+/// Draws `n` samples from `model` with the paper's sampler, showing progress.
+pub fn sample(
+    model: &dyn Score,
+    n: usize,
+    steps: usize,
+    seed: u64,
+    batch: usize,
+    device: &Device,
+    label: &str,
+) -> Result<Tensor> {
+    let (sampler, sigmas) = paper_sampler(steps)?;
+    let batches = n.div_ceil(batch);
+    let mut progress = Progress::new(label, batches * (sigmas.len() - 1));
+    sample_many(
+        &sampler,
+        model,
+        n,
+        &[2],
+        &sigmas,
+        seed,
+        batch,
+        device,
+        &mut |done| progress.update(done, "steps"),
+    )
+}
+
+/// Scatter plot of `samples` over the board, valid points blue and infractions red.
+pub fn scatter_png(
+    path: &Path,
+    title: &str,
+    samples: &Tensor,
+    verdicts: &[Verdict],
+    max_points: usize,
+) -> Result<()> {
+    let board = Checkerboard::default();
+    let mut c = Canvas::new(760, 760, (-5.0, 5.0), (-5.0, 5.0));
+    let s = board.side();
+    for i in 0..board.squares {
+        for j in 0..board.squares {
+            let (x0, y0) = (
+                -board.half_width + i as f64 * s,
+                -board.half_width + j as f64 * s,
+            );
+            if board.is_white(x0 + 0.5 * s, y0 + 0.5 * s) {
+                c.fill_rect(x0, y0, x0 + s, y0 + s, GREY);
+            }
+        }
+    }
+    let pts = samples.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let n = pts.len().min(max_points);
+    // Faint dots for many points, so density shows; infractions drawn last, on top.
+    let alpha = (3000.0 / n as f32).clamp(0.08, 0.8);
+    for (p, v) in pts.iter().zip(verdicts).take(n) {
+        if v.valid {
+            c.dot(p[0] as f64, p[1] as f64, 1.5, BLUE, alpha);
+        }
+    }
+    for (p, v) in pts.iter().zip(verdicts).take(n) {
+        if !v.valid {
+            c.dot(p[0] as f64, p[1] as f64, 2.0, RED, 0.9);
+        }
+    }
+    let ticks = [-4.0, -2.0, 0.0, 2.0, 4.0];
+    c.axes(title, &ticks, &ticks);
+    c.save(path)
+}
+
+/// Verdicts of the checkerboard oracle on `samples: [N, 2]`.
+pub fn label(samples: &Tensor) -> Result<(scoreguide_metrics::Rate, Vec<Verdict>)> {
+    let board = Checkerboard::default();
+    scoreguide_metrics::infraction_rate(&board as &dyn Oracle, samples)
+}

@@ -1,0 +1,262 @@
+//! Small PNG plots without a plotting dependency: scatter plots over shaded regions and
+//! line charts, with a 5×7 bitmap font for titles and tick labels.
+
+use candle_core::Result;
+use std::path::Path;
+
+pub type Rgb = [u8; 3];
+
+pub const WHITE: Rgb = [255, 255, 255];
+pub const BLACK: Rgb = [0, 0, 0];
+pub const GREY: Rgb = [225, 225, 225];
+pub const BLUE: Rgb = [31, 119, 180];
+pub const RED: Rgb = [214, 39, 40];
+pub const ORANGE: Rgb = [255, 127, 14];
+pub const GREEN: Rgb = [44, 160, 44];
+
+/// An RGB raster with a data-coordinate window inside a margin.
+pub struct Canvas {
+    width: usize,
+    height: usize,
+    pixels: Vec<f32>,
+    margin: (usize, usize, usize, usize), // left, right, top, bottom
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+}
+
+impl Canvas {
+    pub fn new(width: usize, height: usize, x_range: (f64, f64), y_range: (f64, f64)) -> Self {
+        Self {
+            width,
+            height,
+            pixels: vec![1.0; width * height * 3],
+            margin: (60, 20, 36, 40),
+            x_range,
+            y_range,
+        }
+    }
+
+    fn plot_area(&self) -> (usize, usize, usize, usize) {
+        let (l, r, t, b) = self.margin;
+        (l, self.width - r, t, self.height - b)
+    }
+
+    /// Data coordinates to pixel coordinates (may be outside the image).
+    pub fn to_px(&self, x: f64, y: f64) -> (f64, f64) {
+        let (x0, x1, y0, y1) = self.plot_area();
+        let px =
+            x0 as f64 + (x - self.x_range.0) / (self.x_range.1 - self.x_range.0) * (x1 - x0) as f64;
+        let py =
+            y1 as f64 - (y - self.y_range.0) / (self.y_range.1 - self.y_range.0) * (y1 - y0) as f64;
+        (px, py)
+    }
+
+    fn blend(&mut self, px: i64, py: i64, c: Rgb, alpha: f32) {
+        if px < 0 || py < 0 || px as usize >= self.width || py as usize >= self.height {
+            return;
+        }
+        let i = (py as usize * self.width + px as usize) * 3;
+        for (p, &ck) in self.pixels[i..i + 3].iter_mut().zip(&c) {
+            *p = *p * (1.0 - alpha) + ck as f32 / 255.0 * alpha;
+        }
+    }
+
+    /// Fills a rectangle given in data coordinates, clipped to the plot area.
+    pub fn fill_rect(&mut self, x0: f64, y0: f64, x1: f64, y1: f64, c: Rgb) {
+        let (ax0, ax1, ay0, ay1) = self.plot_area();
+        let (p0, q0) = self.to_px(x0, y1);
+        let (p1, q1) = self.to_px(x1, y0);
+        for py in (q0.round().max(ay0 as f64) as i64)..(q1.round().min(ay1 as f64) as i64) {
+            for px in (p0.round().max(ax0 as f64) as i64)..(p1.round().min(ax1 as f64) as i64) {
+                self.blend(px, py, c, 1.0);
+            }
+        }
+    }
+
+    /// A dot of radius `r` pixels, alpha-blended so dense regions darken.
+    pub fn dot(&mut self, x: f64, y: f64, r: f64, c: Rgb, alpha: f32) {
+        let (px, py) = self.to_px(x, y);
+        let (ax0, ax1, ay0, ay1) = self.plot_area();
+        let ri = r.ceil() as i64;
+        for dy in -ri..=ri {
+            for dx in -ri..=ri {
+                if ((dx * dx + dy * dy) as f64) <= r * r {
+                    let (qx, qy) = (px.round() as i64 + dx, py.round() as i64 + dy);
+                    if qx >= ax0 as i64 && qx < ax1 as i64 && qy >= ay0 as i64 && qy < ay1 as i64 {
+                        self.blend(qx, qy, c, alpha);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A line between two data points (Bresenham on pixels), `w` pixels wide.
+    pub fn line(&mut self, a: (f64, f64), b: (f64, f64), c: Rgb, w: i64) {
+        let (x0, y0) = self.to_px(a.0, a.1);
+        let (x1, y1) = self.to_px(b.0, b.1);
+        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as i64).max(1);
+        for i in 0..=n {
+            let t = i as f64 / n as f64;
+            let (x, y) = (x0 + t * (x1 - x0), y0 + t * (y1 - y0));
+            for dx in -(w / 2)..=(w / 2) {
+                for dy in -(w / 2)..=(w / 2) {
+                    self.blend(x.round() as i64 + dx, y.round() as i64 + dy, c, 1.0);
+                }
+            }
+        }
+    }
+
+    /// Text at a pixel position in the 5×7 font, `scale` pixels per font pixel.
+    pub fn text(&mut self, px: i64, py: i64, s: &str, scale: i64, c: Rgb) {
+        let mut x = px;
+        for ch in s.chars() {
+            let g = glyph(ch);
+            for (row, bits) in g.iter().enumerate() {
+                for col in 0..5 {
+                    if bits & (1 << (4 - col)) != 0 {
+                        for sy in 0..scale {
+                            for sx in 0..scale {
+                                self.blend(
+                                    x + col * scale + sx,
+                                    py + row as i64 * scale + sy,
+                                    c,
+                                    1.0,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            x += 6 * scale;
+        }
+    }
+
+    /// Pixel width of `s` in the font.
+    pub fn text_width(s: &str, scale: i64) -> i64 {
+        s.chars().count() as i64 * 6 * scale
+    }
+
+    /// Frame, ticks with labels at the given data values, and a title.
+    pub fn axes(&mut self, title: &str, x_ticks: &[f64], y_ticks: &[f64]) {
+        let (x0, x1, y0, y1) = self.plot_area();
+        let (x0, x1, y0, y1) = (x0 as i64, x1 as i64, y0 as i64, y1 as i64);
+        for x in x0..=x1 {
+            self.blend(x, y0, BLACK, 1.0);
+            self.blend(x, y1, BLACK, 1.0);
+        }
+        for y in y0..=y1 {
+            self.blend(x0, y, BLACK, 1.0);
+            self.blend(x1, y, BLACK, 1.0);
+        }
+        for &t in x_ticks {
+            let (px, _) = self.to_px(t, self.y_range.0);
+            let px = px.round() as i64;
+            for d in 0..5 {
+                self.blend(px, y1 + d, BLACK, 1.0);
+            }
+            let s = fmt_tick(t);
+            self.text(px - Self::text_width(&s, 2) / 2, y1 + 9, &s, 2, BLACK);
+        }
+        for &t in y_ticks {
+            let (_, py) = self.to_px(self.x_range.0, t);
+            let py = py.round() as i64;
+            for d in 0..5 {
+                self.blend(x0 - d, py, BLACK, 1.0);
+            }
+            let s = fmt_tick(t);
+            self.text(x0 - 8 - Self::text_width(&s, 2), py - 7, &s, 2, BLACK);
+        }
+        let w = Self::text_width(title, 2);
+        self.text((self.width as i64 - w) / 2, 10, title, 2, BLACK);
+    }
+
+    /// Writes the canvas as an 8-bit RGB PNG, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::runtime::ensure_parent(path)?;
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, self.width as u32, self.height as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let err = |e: png::EncodingError| {
+                candle_core::Error::msg(format!("PNG {}: {e}", path.display()))
+            };
+            let mut w = enc.write_header().map_err(err)?;
+            let data: Vec<u8> = self
+                .pixels
+                .iter()
+                .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+                .collect();
+            w.write_image_data(&data).map_err(err)?;
+        }
+        scoreguide_train::write_atomic(path, &bytes)
+            .map_err(|e| candle_core::Error::msg(format!("writing {}: {e}", path.display())))
+    }
+}
+
+fn fmt_tick(t: f64) -> String {
+    if t == t.round() && t.abs() < 1e6 {
+        format!("{}", t as i64)
+    } else if t.abs() >= 0.01 {
+        let s = format!("{t:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{t:.0e}")
+    }
+}
+
+/// Rows of a 5×7 glyph, most significant of the low 5 bits on the left.
+fn glyph(c: char) -> [u8; 7] {
+    match c.to_ascii_uppercase() {
+        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
+        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
+        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
+        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
+        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
+        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
+        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
+        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
+        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
+        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
+        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
+        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
+        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
+        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
+        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
+        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
+        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
+        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
+        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
+        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
+        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
+        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
+        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
+        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
+        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
+        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
+        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
+        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
+        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
+        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
+        '+' => [0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
+        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
+        '_' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F],
+        '[' => [0x0E, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0E],
+        ']' => [0x0E, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0E],
+        _ => [0; 7],
+    }
+}
