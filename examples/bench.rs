@@ -1,1 +1,141 @@
-fn main() {}
+//! Speed of the checkerboard network: a training step (DSM + backward + Adam + EMA,
+//! batch 1000), a sampling step (one Heun step = 2 denoiser evaluations, batch 10k) and
+//! a forward + ∇x pass (what classifier guidance costs, batch 1000), each with 1 and 2
+//! CPU threads. Prints medians; not a test (these machines are shared and noisy: compare
+//! the ratios within one run).
+//!
+//!     cargo run --release --example bench
+//!     cargo run --release --example bench -- --json out/bench.json
+
+use candle_core::{DType, Device, Tensor, Var};
+use clap::Parser;
+use rand::SeedableRng;
+use scoreguide::checkerboard::{dsm_batch, paper_sampler, BaselineConfig};
+use scoreguide::data::{checkerboard, Dataset};
+use scoreguide::guidance::Score;
+use scoreguide::nets::ParamStore;
+use scoreguide::samplers::initial_noise;
+use scoreguide::sde::SampleNoise;
+use scoreguide::train::Trainer;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    /// Thread counts to measure, each in its own process.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 30)]
+    reps: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: measure in this process with this many threads and print JSON.
+    #[arg(long, hide = true)]
+    worker: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Timing {
+    threads: usize,
+    train_step_ms: f64,
+    sample_step_ms: f64,
+    forward_grad_x_ms: f64,
+    params: usize,
+}
+
+fn median_ms(reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
+    let dev = Device::Cpu;
+    let cfg = BaselineConfig::default();
+    let data = Dataset::new(checkerboard(1000, 0)?, "bench")?;
+    let store = ParamStore::new(0);
+    let model = cfg.model.build(&store.var_builder(DType::F32, &dev))?;
+    let params = store.num_params();
+    let mut trainer = Trainer::new(store.clone(), cfg.train.clone())?;
+    let train_step_ms = median_ms(reps, || {
+        let mut rng = trainer.step_rng();
+        let loss = dsm_batch(&model, &data, &cfg, trainer.steps_done(), &mut rng)?;
+        trainer.step(&loss).map(|_| ())
+    })?;
+
+    // Sampling uses frozen weights, as the examples do.
+    let frozen = cfg.model.build(&store.frozen_var_builder(DType::F32, &dev))?;
+    let (_, sigmas) = paper_sampler(100)?;
+    let mut noise = SampleNoise::new(0, 0, 10_000);
+    let x = initial_noise(&mut noise, &[10_000, 2], 1.0, DType::F32, &dev)?;
+    let (s0, s1) = (sigmas[50], sigmas[51]);
+    let sv = |s: f64| Tensor::full(s as f32, 10_000, &dev);
+    let sample_step_ms = median_ms(reps.min(10), || {
+        // One Heun step: two denoiser evaluations and the update arithmetic.
+        let d = ((&x - frozen.denoise(&x, &sv(s0)?)?)? / s0)?;
+        let x1 = (&x + (&d * (s1 - s0))?)?;
+        let d2 = ((&x1 - frozen.denoise(&x1, &sv(s1)?)?)? / s1)?;
+        let _ = (&x + ((d + d2)? * (0.5 * (s1 - s0)))?)?;
+        Ok(())
+    })?;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let xb = scoreguide::checkerboard::randn(&mut rng, &[1000, 2], &dev)?;
+    let sb = Tensor::full(0.5f32, 1000, &dev)?;
+    let forward_grad_x_ms = median_ms(reps, || {
+        let xv = Var::from_tensor(&xb)?;
+        let out = frozen.score(xv.as_tensor(), &sb)?.sum_all()?;
+        let g = out.backward()?;
+        g.get(xv.as_tensor()).map(|_| ()).ok_or_else(|| candle_core::Error::msg("no input gradient"))
+    })?;
+    Ok(Timing { threads, train_step_ms, sample_step_ms, forward_grad_x_ms, params })
+}
+
+fn main() -> candle_core::Result<()> {
+    let args = Args::parse();
+    if let Some(t) = args.worker {
+        scoreguide::runtime::set_threads(Some(t));
+        let timing = measure(t, args.reps)?;
+        println!("{}", serde_json::to_string(&timing).expect("timing serialises"));
+        return Ok(());
+    }
+    let exe = std::env::current_exe().map_err(candle_core::Error::wrap)?;
+    let mut rows = Vec::new();
+    for &t in &args.threads {
+        eprintln!("measuring with {t} thread(s)…");
+        let out = std::process::Command::new(&exe)
+            .args(["--worker", &t.to_string(), "--reps", &args.reps.to_string()])
+            .env("RAYON_NUM_THREADS", t.to_string())
+            .output()
+            .map_err(candle_core::Error::wrap)?;
+        if !out.status.success() {
+            candle_core::bail!("worker with {t} threads failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let timing: Timing = serde_json::from_str(line.trim()).map_err(candle_core::Error::wrap)?;
+        rows.push(timing);
+    }
+    println!("checkerboard network: {} parameters", rows[0].params);
+    println!("| threads | train step, batch 1000 (ms) | Heun step, batch 10k (ms) | fwd + ∇x, batch 1000 (ms) |");
+    println!("|---------|-----------------------------|---------------------------|---------------------------|");
+    for r in &rows {
+        println!("| {:>7} | {:>27.2} | {:>25.2} | {:>25.2} |", r.threads, r.train_step_ms, r.sample_step_ms, r.forward_grad_x_ms);
+    }
+    if let Some(p) = &args.json {
+        scoreguide::runtime::write_json(p, &rows)?;
+    }
+    Ok(())
+}

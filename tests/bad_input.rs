@@ -235,3 +235,37 @@ fn loading_a_missing_file_names_it() {
     let e = err_of(Checkpoint::load("/nonexistent/dir/ck.safetensors"));
     assert!(e.contains("/nonexistent/dir/ck.safetensors"), "{e}");
 }
+
+fn fuzz_seed_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/tiny.safetensors")
+}
+
+/// Regenerates the fuzzer's seed checkpoint (run by hand after a format change).
+#[test]
+#[ignore]
+fn write_fuzz_seed() {
+    let mut cfg = BaselineConfig::default();
+    cfg.model = ScoreModelConfig {
+        net: NetConfig::ResMlp(ResMlpConfig {
+            hidden: 4,
+            blocks: 1,
+            embedding: scoreguide::nets::SinusoidalEmbedding { dim: 4, max_freq: 10.0 },
+            ..Default::default()
+        }),
+        ..cfg.model
+    };
+    let data = Dataset::new(checkerboard(8, 0).unwrap(), "d").unwrap();
+    let store = ParamStore::new(0);
+    let model = cfg.model.build(&store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let mut t = Trainer::new(store, TrainConfig::default()).unwrap();
+    t.run(1, &mut Progress::hidden(), |s, r| dsm_batch(&model, &data, &cfg, s, r)).unwrap();
+    let mut ck = t.checkpoint().unwrap();
+    ck.set_meta("model", &cfg.model).unwrap();
+    ck.save(fuzz_seed_path()).unwrap();
+}
+
+#[test]
+fn fuzz_seed_is_a_loadable_checkpoint() {
+    let ck = Checkpoint::load(fuzz_seed_path()).unwrap();
+    load_score_model(&ck, Weights::Ema, DType::F32, &Device::Cpu).unwrap();
+}
