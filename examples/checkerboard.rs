@@ -48,7 +48,7 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// CPU threads (default: RAYON_NUM_THREADS, else 1).
+    /// CPU threads (default: RAYON_NUM_THREADS, else every core).
     #[arg(long)]
     threads: Option<usize>,
     /// Samples per sampling batch.
