@@ -48,7 +48,10 @@ struct Timing {
     params: usize,
 }
 
-fn median_ms(reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+fn median_ms(
+    reps: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> candle_core::Result<f64> {
     for _ in 0..3 {
         f()?;
     }
@@ -77,7 +80,9 @@ fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
     })?;
 
     // Sampling uses frozen weights, as the examples do.
-    let frozen = cfg.model.build(&store.frozen_var_builder(DType::F32, &dev))?;
+    let frozen = cfg
+        .model
+        .build(&store.frozen_var_builder(DType::F32, &dev))?;
     let (_, sigmas) = paper_sampler(100)?;
     let mut noise = SampleNoise::new(0, 0, 10_000);
     let x = initial_noise(&mut noise, &[10_000, 2], 1.0, DType::F32, &dev)?;
@@ -99,9 +104,17 @@ fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
         let xv = Var::from_tensor(&xb)?;
         let out = frozen.score(xv.as_tensor(), &sb)?.sum_all()?;
         let g = out.backward()?;
-        g.get(xv.as_tensor()).map(|_| ()).ok_or_else(|| candle_core::Error::msg("no input gradient"))
+        g.get(xv.as_tensor())
+            .map(|_| ())
+            .ok_or_else(|| candle_core::Error::msg("no input gradient"))
     })?;
-    Ok(Timing { threads, train_step_ms, sample_step_ms, forward_grad_x_ms, params })
+    Ok(Timing {
+        threads,
+        train_step_ms,
+        sample_step_ms,
+        forward_grad_x_ms,
+        params,
+    })
 }
 
 fn main() -> candle_core::Result<()> {
@@ -109,7 +122,10 @@ fn main() -> candle_core::Result<()> {
     if let Some(t) = args.worker {
         scoreguide::runtime::set_threads(Some(t));
         let timing = measure(t, args.reps)?;
-        println!("{}", serde_json::to_string(&timing).expect("timing serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(&timing).expect("timing serialises")
+        );
         return Ok(());
     }
     let exe = std::env::current_exe().map_err(candle_core::Error::wrap)?;
@@ -122,7 +138,10 @@ fn main() -> candle_core::Result<()> {
             .output()
             .map_err(candle_core::Error::wrap)?;
         if !out.status.success() {
-            candle_core::bail!("worker with {t} threads failed: {}", String::from_utf8_lossy(&out.stderr));
+            candle_core::bail!(
+                "worker with {t} threads failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let line = String::from_utf8_lossy(&out.stdout);
         let timing: Timing = serde_json::from_str(line.trim()).map_err(candle_core::Error::wrap)?;
@@ -132,7 +151,10 @@ fn main() -> candle_core::Result<()> {
     println!("| threads | train step, batch 1000 (ms) | Heun step, batch 10k (ms) | fwd + ∇x, batch 1000 (ms) |");
     println!("|---------|-----------------------------|---------------------------|---------------------------|");
     for r in &rows {
-        println!("| {:>7} | {:>27.2} | {:>25.2} | {:>25.2} |", r.threads, r.train_step_ms, r.sample_step_ms, r.forward_grad_x_ms);
+        println!(
+            "| {:>7} | {:>27.2} | {:>25.2} | {:>25.2} |",
+            r.threads, r.train_step_ms, r.sample_step_ms, r.forward_grad_x_ms
+        );
     }
     if let Some(p) = &args.json {
         scoreguide::runtime::write_json(p, &rows)?;

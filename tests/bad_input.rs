@@ -249,16 +249,25 @@ fn write_fuzz_seed() {
         net: NetConfig::ResMlp(ResMlpConfig {
             hidden: 4,
             blocks: 1,
-            embedding: scoreguide::nets::SinusoidalEmbedding { dim: 4, max_freq: 10.0 },
+            embedding: scoreguide::nets::SinusoidalEmbedding {
+                dim: 4,
+                max_freq: 10.0,
+            },
             ..Default::default()
         }),
         ..cfg.model
     };
     let data = Dataset::new(checkerboard(8, 0).unwrap(), "d").unwrap();
     let store = ParamStore::new(0);
-    let model = cfg.model.build(&store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let model = cfg
+        .model
+        .build(&store.var_builder(DType::F32, &Device::Cpu))
+        .unwrap();
     let mut t = Trainer::new(store, TrainConfig::default()).unwrap();
-    t.run(1, &mut Progress::hidden(), |s, r| dsm_batch(&model, &data, &cfg, s, r)).unwrap();
+    t.run(1, &mut Progress::hidden(), |s, r| {
+        dsm_batch(&model, &data, &cfg, s, r)
+    })
+    .unwrap();
     let mut ck = t.checkpoint().unwrap();
     ck.set_meta("model", &cfg.model).unwrap();
     ck.save(fuzz_seed_path()).unwrap();

@@ -20,11 +20,13 @@ impl IdealNet {
     fn sigma_of(&self, c: f64) -> f64 {
         match &self.precond {
             Precond::Edm { .. } => (4.0 * c).exp(),
-            Precond::Eps { process } | Precond::X0 { process } | Precond::Score { process } => match process {
-                Process::Ve { .. } | Process::Edm { .. } => (4.0 * c).exp(),
-                Process::Vp { .. } | Process::SubVp { .. } => process.sigma(c / 999.0),
-                Process::Ddpm(_) => process.sigma(c),
-            },
+            Precond::Eps { process } | Precond::X0 { process } | Precond::Score { process } => {
+                match process {
+                    Process::Ve { .. } | Process::Edm { .. } => (4.0 * c).exp(),
+                    Process::Vp { .. } | Process::SubVp { .. } => process.sigma(c / 999.0),
+                    Process::Ddpm(_) => process.sigma(c),
+                }
+            }
         }
     }
 }
@@ -37,7 +39,9 @@ impl NoiseNet for IdealNet {
         for (row, c) in xs.iter().zip(cs) {
             let s = self.sigma_of(c);
             let (c_in, alpha) = match &self.precond {
-                Precond::Edm { sigma_data } => (1.0 / (s * s + sigma_data * sigma_data).sqrt(), 1.0),
+                Precond::Edm { sigma_data } => {
+                    (1.0 / (s * s + sigma_data * sigma_data).sqrt(), 1.0)
+                }
                 Precond::Eps { process } | Precond::X0 { process } | Precond::Score { process } => {
                     let a = process.alpha_at_sigma(s);
                     (a, a)
@@ -67,7 +71,12 @@ impl NoiseNet for IdealNet {
 
 #[test]
 fn every_parameterisation_recovers_the_exact_score() {
-    let target = GaussianMixture::new(vec![0.5, 0.5], vec![vec![-1.0, 0.0], vec![1.0, 1.0]], vec![vec![0.3, 0.5], vec![0.6, 0.2]]).unwrap();
+    let target = GaussianMixture::new(
+        vec![0.5, 0.5],
+        vec![vec![-1.0, 0.0], vec![1.0, 1.0]],
+        vec![vec![0.3, 0.5], vec![0.6, 0.2]],
+    )
+    .unwrap();
     let processes = [
         Process::ve(0.01, 50.0),
         Process::vp(0.1, 20.0),
@@ -87,15 +96,31 @@ fn every_parameterisation_recovers_the_exact_score() {
         let sig = Tensor::full(sigma, 3, &Device::Cpu).unwrap();
         let exact = target.score(&x, &sig).unwrap().to_vec2::<f64>().unwrap();
         for precond in &preconds {
-            let model = ScoreNet::new(IdealNet { target: target.clone(), precond: precond.clone() }, precond.clone()).unwrap();
+            let model = ScoreNet::new(
+                IdealNet {
+                    target: target.clone(),
+                    precond: precond.clone(),
+                },
+                precond.clone(),
+            )
+            .unwrap();
             let got = model.score(&x, &sig).unwrap().to_vec2::<f64>().unwrap();
             let den = model.denoise(&x, &sig).unwrap().to_vec2::<f64>().unwrap();
             for i in 0..3 {
                 for j in 0..2 {
                     let tol = 1e-6 * (1.0 + exact[i][j].abs());
-                    assert!((got[i][j] - exact[i][j]).abs() < tol, "{precond:?} σ={sigma}: score {} vs {}", got[i][j], exact[i][j]);
+                    assert!(
+                        (got[i][j] - exact[i][j]).abs() < tol,
+                        "{precond:?} σ={sigma}: score {} vs {}",
+                        got[i][j],
+                        exact[i][j]
+                    );
                     let d = x.to_vec2::<f64>().unwrap()[i][j] + sigma * sigma * exact[i][j];
-                    assert!((den[i][j] - d).abs() < 1e-6 * (1.0 + d.abs()), "{precond:?} σ={sigma}: denoiser {} vs {d}", den[i][j]);
+                    assert!(
+                        (den[i][j] - d).abs() < 1e-6 * (1.0 + d.abs()),
+                        "{precond:?} σ={sigma}: denoiser {} vs {d}",
+                        den[i][j]
+                    );
                 }
             }
         }

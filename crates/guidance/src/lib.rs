@@ -1,5 +1,9 @@
 //! The `Score` trait and its composition.
 //!
+//! [`Guided`] adds weighted log-probability terms ([`LogProb`]: a classifier's
+//! log C(x; σ), or log p(y | x; σ)) to a base score through autograd on an input `Var`:
+//! s_guided = s + Σ_k w_k ∇x log p_k. It is itself a `Score`.
+//!
 //! Everything in scoreguide that can be sampled is a [`Score`]: ∇x log p_σ(x) for a batch
 //! `x: [B, ...]` at per-sample noise levels `sigma: [B]`, in σ-space (`x = x0 + σ z`).
 //! The denoiser view `D(x; σ) = x + σ² s(x; σ)` is a provided method, so models that
@@ -26,6 +30,8 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod guided;
 mod score;
 
+pub use guided::{grad_log_prob, log_sigmoid, Guided, LogProb};
 pub use score::{check_batch, per_sample, Score};

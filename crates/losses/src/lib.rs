@@ -1,5 +1,10 @@
 //! Training losses for score models.
 //!
+//! * [`dsm`]: denoising score matching (below).
+//! * [`binary_cross_entropy`] with [`ClassWeights`]: Gen-neG's IS-balanced loss (Eq. 11)
+//!   and its unweighted ablations.
+//! * [`distillation`]: a student score regressed on a (guided) teacher (Gen-neG Eq. 12).
+//!
 //! [`dsm`] is denoising score matching, E[λ(σ) ‖s(x0 + σz; σ) + z/σ‖²], computed through
 //! the model's denoiser view (‖s + z/σ‖² = ‖D − x0‖²/σ⁴) so that no network output is
 //! divided by a tiny σ². The weighting is a parameter ([`DsmWeighting`]).
@@ -26,7 +31,7 @@
 //! ```
 
 use candle_core::{bail, Result, Tensor};
-use scoreguide_guidance::{check_batch, per_sample, Score};
+use scoreguide_guidance::{check_batch, log_sigmoid, per_sample, Score};
 use serde::{Deserialize, Serialize};
 
 /// λ(σ) of denoising score matching, stated on the score error ‖s + z/σ‖².
@@ -77,13 +82,94 @@ pub fn dsm(
     let s = per_sample(sigma, x0)?;
     let x = (x0 + noise.broadcast_mul(&s)?)?;
     let d = model.denoise(&x, sigma)?;
+    let w = denoiser_weights(sigma, weighting, x0)?;
+    let per = (d - x0)?.sqr()?.flatten_from(1)?.sum(1)?;
+    (per * w)?.mean_all()
+}
+
+/// Per-class weights of a binary cross-entropy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClassWeights {
+    pub positive: f64,
+    pub negative: f64,
+}
+
+impl ClassWeights {
+    /// Plain cross-entropy.
+    pub const UNIT: ClassWeights = ClassWeights {
+        positive: 1.0,
+        negative: 1.0,
+    };
+
+    /// Gen-neG Eq. 11: on a balanced sample (N positives, N negatives) of a model whose
+    /// positive rate is α, weighting positives by α and negatives by 1 − α makes the
+    /// minimiser the Bayes classifier for the model's own class prior.
+    pub fn importance(alpha: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&alpha) {
+            bail!("importance weights: the positive rate alpha must be in [0, 1], got {alpha}");
+        }
+        Ok(Self {
+            positive: alpha,
+            negative: 1.0 - alpha,
+        })
+    }
+}
+
+/// Mean over the batch of −w_y [y log σ(z) + (1 − y) log(1 − σ(z))] for logits `z: [B]`
+/// and labels `y: [B]` in {0, 1}, computed stably (log σ(z) = min(z, 0) − ln(1 + e^{−|z|})).
+pub fn binary_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    weights: ClassWeights,
+) -> Result<Tensor> {
+    if logits.rank() != 1 || logits.dims() != labels.dims() {
+        bail!(
+            "binary cross-entropy: logits {:?} and labels {:?} must both be [batch]",
+            logits.dims(),
+            labels.dims()
+        );
+    }
+    let y = labels.to_dtype(logits.dtype())?;
+    let lp = log_sigmoid(logits)?;
+    let ln = log_sigmoid(&logits.neg()?)?;
+    let pos = (y.clone() * weights.positive)?;
+    let neg = ((y.affine(-1.0, 1.0))? * weights.negative)?;
+    ((pos * lp)? + (neg * ln)?)?.neg()?.mean_all()
+}
+
+/// Distillation (Gen-neG Eq. 12): λ(σ) ‖s_teacher(x; σ) − s_student(x; σ)‖² at
+/// x = x0 + σ z on true data x0, computed on denoisers like [`dsm`]; the teacher's output
+/// is a constant (detached).
+pub fn distillation(
+    student: &dyn Score,
+    teacher: &dyn Score,
+    x0: &Tensor,
+    sigma: &Tensor,
+    noise: &Tensor,
+    weighting: DsmWeighting,
+) -> Result<Tensor> {
+    check_batch(x0, sigma)?;
+    if noise.dims() != x0.dims() {
+        bail!(
+            "distillation loss: noise has shape {:?}, data has {:?}",
+            noise.dims(),
+            x0.dims()
+        );
+    }
+    let x = (x0 + noise.broadcast_mul(&per_sample(sigma, x0)?)?)?;
+    let target = teacher.denoise(&x, sigma)?.detach();
+    let d = student.denoise(&x, sigma)?;
+    let w = denoiser_weights(sigma, weighting, x0)?;
+    let per = (d - target)?.sqr()?.flatten_from(1)?.sum(1)?;
+    (per * w)?.mean_all()
+}
+
+fn denoiser_weights(sigma: &Tensor, weighting: DsmWeighting, like: &Tensor) -> Result<Tensor> {
     let w: Vec<f64> = sigma
         .to_dtype(candle_core::DType::F64)?
         .to_vec1::<f64>()?
         .into_iter()
         .map(|s| weighting.denoiser_weight(s))
         .collect();
-    let w = Tensor::from_vec(w, sigma.dims(), sigma.device())?.to_dtype(x0.dtype())?;
-    let per = (d - x0)?.sqr()?.flatten_from(1)?.sum(1)?;
-    (per * w)?.mean_all()
+    Tensor::from_vec(w, sigma.dims(), sigma.device())?.to_dtype(like.dtype())
 }

@@ -8,6 +8,9 @@
 //!   (VP, sub-VP, DDPM networks enter σ-space here).
 //! * [`ScoreNet`]: a network plus its preconditioning, implementing
 //!   [`scoreguide_guidance::Score`].
+//! * [`Classifier`]: a noise-conditioned classifier; binary ones are guidance terms
+//!   ([`scoreguide_guidance::LogProb`]), and [`OnDenoised`] guides with a classifier of
+//!   clean data through the one-step denoised estimate.
 //! * [`ParamStore`]: named parameters with seeded, order-independent initialisation
 //!   (candle's CPU generator cannot be seeded).
 //!
@@ -26,12 +29,14 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod classifier;
 mod config;
 mod embedding;
 mod mlp;
 mod params;
 mod precond;
 
+pub use classifier::{Classifier, ClassifierConfig, OnDenoised};
 pub use config::{NetConfig, ScoreModelConfig};
 pub use embedding::SinusoidalEmbedding;
 pub use mlp::{ResMlp, ResMlpConfig};

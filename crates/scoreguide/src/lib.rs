@@ -29,6 +29,7 @@ pub mod plot;
 pub mod runtime;
 
 pub use scoreguide_data as data;
+pub use scoreguide_genneg as genneg;
 pub use scoreguide_guidance as guidance;
 pub use scoreguide_losses as losses;
 pub use scoreguide_metrics as metrics;
