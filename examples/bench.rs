@@ -12,8 +12,8 @@ use clap::Parser;
 use rand::SeedableRng;
 use scoreguide::checkerboard::{dsm_batch, paper_sampler, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset};
-use scoreguide::guidance::Score;
-use scoreguide::nets::ParamStore;
+use scoreguide::guidance::{Guided, LogProb, Score};
+use scoreguide::nets::{ClassifierConfig, ParamStore};
 use scoreguide::samplers::initial_noise;
 use scoreguide::sde::SampleNoise;
 use scoreguide::train::Trainer;
@@ -45,7 +45,40 @@ struct Timing {
     train_step_ms: f64,
     sample_step_ms: f64,
     forward_grad_x_ms: f64,
+    /// Heun step at batch 10k guided by one classifier of the base's size, input
+    /// gradient by the hand-written backward pass.
+    guided_step_ms: f64,
+    /// The same with candle's autograd for the input gradient.
+    guided_autograd_step_ms: f64,
     params: usize,
+}
+
+/// Hides a term's hand-written gradient so that guidance falls back to autograd.
+struct AutogradOnly<L>(L);
+
+impl<L: LogProb> LogProb for AutogradOnly<L> {
+    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.log_prob(x, sigma)
+    }
+}
+
+fn heun_step_ms(
+    model: &dyn Score,
+    x: &Tensor,
+    s0: f64,
+    s1: f64,
+    reps: usize,
+) -> candle_core::Result<f64> {
+    let n = x.dim(0)?;
+    let sv = |s: f64| Tensor::full(s as f32, n, x.device());
+    median_ms(reps, || {
+        // One Heun step: two denoiser evaluations and the update arithmetic.
+        let d = ((x - model.denoise(x, &sv(s0)?)?)? / s0)?;
+        let x1 = (x + (&d * (s1 - s0))?)?;
+        let d2 = ((&x1 - model.denoise(&x1, &sv(s1)?)?)? / s1)?;
+        let _ = (x + ((d + d2)? * (0.5 * (s1 - s0)))?)?;
+        Ok(())
+    })
 }
 
 fn median_ms(
@@ -87,15 +120,15 @@ fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
     let mut noise = SampleNoise::new(0, 0, 10_000);
     let x = initial_noise(&mut noise, &[10_000, 2], 1.0, DType::F32, &dev)?;
     let (s0, s1) = (sigmas[50], sigmas[51]);
-    let sv = |s: f64| Tensor::full(s as f32, 10_000, &dev);
-    let sample_step_ms = median_ms(reps.min(10), || {
-        // One Heun step: two denoiser evaluations and the update arithmetic.
-        let d = ((&x - frozen.denoise(&x, &sv(s0)?)?)? / s0)?;
-        let x1 = (&x + (&d * (s1 - s0))?)?;
-        let d2 = ((&x1 - frozen.denoise(&x1, &sv(s1)?)?)? / s1)?;
-        let _ = (&x + ((d + d2)? * (0.5 * (s1 - s0)))?)?;
-        Ok(())
-    })?;
+    let sample_step_ms = heun_step_ms(&frozen, &x, s0, s1, reps.min(10))?;
+    let cstore = ParamStore::new(1);
+    ClassifierConfig::checkerboard().build(&cstore.var_builder(DType::F32, &dev))?;
+    let classifier =
+        || ClassifierConfig::checkerboard().build(&cstore.frozen_var_builder(DType::F32, &dev));
+    let guided = Guided::new(&frozen).with(1.0, classifier()?);
+    let guided_step_ms = heun_step_ms(&guided, &x, s0, s1, reps.min(10))?;
+    let guided = Guided::new(&frozen).with(1.0, AutogradOnly(classifier()?));
+    let guided_autograd_step_ms = heun_step_ms(&guided, &x, s0, s1, reps.min(10))?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let xb = scoreguide::checkerboard::randn(&mut rng, &[1000, 2], &dev)?;
@@ -113,6 +146,8 @@ fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
         train_step_ms,
         sample_step_ms,
         forward_grad_x_ms,
+        guided_step_ms,
+        guided_autograd_step_ms,
         params,
     })
 }

@@ -213,3 +213,49 @@ fn parameter_and_input_gradients_match_finite_differences() {
         );
     }
 }
+
+#[test]
+fn hand_written_classifier_input_gradient_matches_autograd() {
+    use scoreguide::guidance::LogProb;
+    use scoreguide::nets::ClassifierConfig;
+    let dev = Device::Cpu;
+    let (x, _, sigma) = inputs(&dev);
+    let store = ParamStore::new(7);
+    // Create the parameters, then build the frozen classifier guidance uses.
+    ClassifierConfig::checkerboard()
+        .build(&store.var_builder(DType::F32, &dev))
+        .unwrap();
+    let clf = ClassifierConfig::checkerboard()
+        .build(&store.frozen_var_builder(DType::F32, &dev))
+        .unwrap();
+    let fast = clf
+        .input_gradient(&x, &sigma)
+        .unwrap()
+        .expect("the residual MLP has a hand-written gradient");
+    let xv = candle_core::Var::from_tensor(&x).unwrap();
+    let lp = clf
+        .log_prob(xv.as_tensor(), &sigma)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let slow = lp.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+    let err = (&fast - &slow)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = slow
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        scale > 0.0 && err <= 1e-5 * (1.0 + scale),
+        "hand-written gradient differs from autograd by {err} (scale {scale})"
+    );
+}

@@ -15,11 +15,21 @@ pub fn log_sigmoid(z: &Tensor) -> Result<Tensor> {
 /// the gradient of the batch sum is the per-sample gradient.
 pub trait LogProb {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor>;
+
+    /// ∇x log p(x; σ) computed without autograd, when the term knows how (a hand-written
+    /// backward pass is several times cheaper than candle's generic one). `None` means
+    /// "use autograd"; an implementation must agree with autograd of [`LogProb::log_prob`].
+    fn input_gradient(&self, _x: &Tensor, _sigma: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 impl<L: LogProb + ?Sized> LogProb for &L {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         (**self).log_prob(x, sigma)
+    }
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
+        (**self).input_gradient(x, sigma)
     }
 }
 
@@ -27,28 +37,43 @@ impl<L: LogProb + ?Sized> LogProb for Box<L> {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         (**self).log_prob(x, sigma)
     }
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
+        (**self).input_gradient(x, sigma)
+    }
 }
 
 impl<L: LogProb + ?Sized> LogProb for std::sync::Arc<L> {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         (**self).log_prob(x, sigma)
     }
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
+        (**self).input_gradient(x, sigma)
+    }
 }
 
-/// Σ_k w_k ∇x log p_k(x; σ), by one backward pass through all terms on an input `Var`.
-/// Terms built on frozen tensors make this compute the input gradient only.
+/// Σ_k w_k ∇x log p_k(x; σ): terms with a hand-written [`LogProb::input_gradient`] use
+/// it; the others share one backward pass on an input `Var` (terms built on frozen
+/// tensors make that pass compute the input gradient only).
 pub fn grad_log_prob(
     terms: &[(f64, Box<dyn LogProb + '_>)],
     x: &Tensor,
     sigma: &Tensor,
 ) -> Result<Tensor> {
     check_batch(x, sigma)?;
-    if terms.is_empty() {
-        return x.zeros_like();
+    let mut sum = x.zeros_like()?;
+    let mut rest = Vec::new();
+    for (w, term) in terms {
+        match term.input_gradient(x, sigma)? {
+            Some(g) => sum = (sum + (g * *w)?)?,
+            None => rest.push((*w, term)),
+        }
+    }
+    if rest.is_empty() {
+        return Ok(sum);
     }
     let xv = Var::from_tensor(&x.detach())?;
     let mut total: Option<Tensor> = None;
-    for (w, term) in terms {
+    for (w, term) in rest {
         let lp = term.log_prob(xv.as_tensor(), sigma)?;
         if lp.dims() != [x.dim(0)?] {
             bail!(
@@ -57,18 +82,18 @@ pub fn grad_log_prob(
                 x.dim(0)?
             );
         }
-        let s = (lp.sum_all()? * *w)?;
+        let s = (lp.sum_all()? * w)?;
         total = Some(match total {
             Some(t) => (t + s)?,
             None => s,
         });
     }
-    let total = total.expect("terms is not empty");
+    let total = total.expect("at least one term is left for autograd");
     let grads = total.backward()?;
     match grads.get(xv.as_tensor()) {
-        Some(g) => Ok(g.detach()),
-        // No path from x to the terms: their gradient is zero.
-        None => x.zeros_like(),
+        Some(g) => sum + g.detach(),
+        // No path from x to these terms: their gradient is zero.
+        None => Ok(sum),
     }
 }
 

@@ -50,18 +50,22 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Logits `[B, K]` (K = 1 for a binary classifier).
-    pub fn logits(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    /// (c_in shaped to broadcast over x, c_noise).
+    fn conditioning(&self, x: &Tensor, sigma: &Tensor) -> Result<(Tensor, Tensor)> {
         check_batch(x, sigma)?;
         let s = sigma.to_dtype(x.dtype())?;
         let c_in = (s.sqr()? + self.sigma_data * self.sigma_data)?
             .sqrt()?
             .recip()?;
-        let c_noise = (s.log()? * 0.25)?;
         let mut shape = vec![1usize; x.rank()];
         shape[0] = x.dim(0)?;
-        self.net
-            .forward(&x.broadcast_mul(&c_in.reshape(shape)?)?, &c_noise)
+        Ok((c_in.reshape(shape)?, (s.log()? * 0.25)?))
+    }
+
+    /// Logits `[B, K]` (K = 1 for a binary classifier).
+    pub fn logits(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+        let (c_in, c_noise) = self.conditioning(x, sigma)?;
+        self.net.forward(&x.broadcast_mul(&c_in)?, &c_noise)
     }
 
     pub fn out_dim(&self) -> usize {
@@ -78,6 +82,20 @@ impl LogProb for Classifier {
             );
         }
         log_sigmoid(&self.logits(x, sigma)?)?.squeeze(1)
+    }
+
+    /// ∇x log sigmoid(F(c_in x, c_noise)) = sigmoid(−F) c_in ∂F/∂x_in, by the network's
+    /// hand-written backward pass.
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
+        let AnyNet::ResMlp(net) = &self.net;
+        if self.out_dim() != 1 || x.rank() != 2 {
+            return Ok(None);
+        }
+        let (c_in, c_noise) = self.conditioning(x, sigma)?;
+        let (_, g) = net.forward_with_input_grad(&x.broadcast_mul(&c_in)?, &c_noise, |out| {
+            candle_nn::ops::sigmoid(&out.neg()?)
+        })?;
+        Ok(Some(g.broadcast_mul(&c_in)?))
     }
 }
 
