@@ -183,12 +183,19 @@ fn main() -> candle_core::Result<()> {
         rows.push(timing);
     }
     println!("checkerboard network: {} parameters", rows[0].params);
-    println!("| threads | train step, batch 1000 (ms) | Heun step, batch 10k (ms) | fwd + ∇x, batch 1000 (ms) |");
-    println!("|---------|-----------------------------|---------------------------|---------------------------|");
+    println!("| threads | train step, batch 1000 (ms) | Heun step, batch 10k (ms) | fwd + ∇x, batch 1000 (ms) | guided Heun step, 1 classifier (ms) | same, autograd ∇x (ms) |");
+    println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {:>7} | {:>27.2} | {:>25.2} | {:>25.2} |",
-            r.threads, r.train_step_ms, r.sample_step_ms, r.forward_grad_x_ms
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}× base) | {:.2} ({:.2}× base) |",
+            r.threads,
+            r.train_step_ms,
+            r.sample_step_ms,
+            r.forward_grad_x_ms,
+            r.guided_step_ms,
+            r.guided_step_ms / r.sample_step_ms,
+            r.guided_autograd_step_ms,
+            r.guided_autograd_step_ms / r.sample_step_ms
         );
     }
     if let Some(p) = &args.json {
