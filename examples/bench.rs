@@ -131,7 +131,7 @@ fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
     let guided_autograd_step_ms = heun_step_ms(&guided, &x, s0, s1, reps.min(10))?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let xb = scoreguide::checkerboard::randn(&mut rng, &[1000, 2], &dev)?;
+    let xb = scoreguide::sde::randn(&mut rng, &[1000, 2], &dev)?;
     let sb = Tensor::full(0.5f32, 1000, &dev)?;
     let forward_grad_x_ms = median_ms(reps, || {
         let xv = Var::from_tensor(&xb)?;

@@ -2,13 +2,13 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use scoreguide::checkerboard::randn;
 use scoreguide::data::{Dataset, GaussianMixture};
 use scoreguide::guidance::Score;
 use scoreguide::losses::{dsm, DsmWeighting};
 use scoreguide::nets::{
     NetConfig, ParamStore, Precond, ResMlpConfig, ScoreModelConfig, SinusoidalEmbedding,
 };
+use scoreguide::sde::randn;
 use scoreguide::sde::SigmaDistribution;
 use scoreguide::train::{Progress, TrainConfig, Trainer};
 

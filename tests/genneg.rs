@@ -322,8 +322,7 @@ fn distillation_reproduces_its_teacher() {
     // after 5000: the gap is optimisation, not bias); tolerances are about 1.4x those.
     for (sigma, tol) in [(0.3, 0.21), (1.0, 0.16), (3.0, 0.085)] {
         let x = (gm.sample(1000, 5).unwrap()
-            + (scoreguide::checkerboard::randn(&mut rng, &[1000, 2], &dev).unwrap() * sigma)
-                .unwrap())
+            + (scoreguide::sde::randn(&mut rng, &[1000, 2], &dev).unwrap() * sigma).unwrap())
         .unwrap();
         let sv = Tensor::full(sigma as f32, 1000, &dev).unwrap();
         let (a, b) = (s.score(&x, &sv).unwrap(), teacher.score(&x, &sv).unwrap());

@@ -4,12 +4,12 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use scoreguide::checkerboard::randn;
 use scoreguide::guidance::Score;
 use scoreguide::losses::{dsm, DsmWeighting};
 use scoreguide::nets::{
     NetConfig, NoiseNet, ParamStore, Precond, ResMlp, ResMlpConfig, ScoreModelConfig,
 };
+use scoreguide::sde::randn;
 use scoreguide::sde::Process;
 
 fn inputs(dev: &Device) -> (Tensor, Tensor, Tensor) {

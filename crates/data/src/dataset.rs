@@ -69,6 +69,18 @@ impl Dataset {
         self.x.index_select(&idx, 0)
     }
 
+    /// Row indices of training step `step` when every epoch is cut into batches of
+    /// `batch_size` (see [`Dataset::epoch_batches`]); a batch at least as large as the
+    /// data is the whole data, in order (full-batch training).
+    pub fn step_batch(&self, batch_size: usize, seed: u64, step: u64) -> Result<Vec<u32>> {
+        if batch_size >= self.len() {
+            return Ok((0..self.len() as u32).collect());
+        }
+        let per_epoch = self.len().div_ceil(batch_size) as u64;
+        let mut batches = self.epoch_batches(batch_size, seed, step / per_epoch)?;
+        Ok(batches.swap_remove((step % per_epoch) as usize))
+    }
+
     /// Row indices of epoch `epoch` cut into batches of `batch_size` (the last one may
     /// be smaller), shuffled by a generator seeded from (seed, epoch): any epoch can be
     /// replayed without the ones before it, which makes resumed training exact.

@@ -1,12 +1,11 @@
 //! Training Gen-neG's classifiers: the IS-balanced loss and the paper's ablations.
 
 use crate::collect::Collected;
-use crate::randn;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use scoreguide_data::Dataset;
 use scoreguide_losses::{binary_cross_entropy, ClassWeights};
 use scoreguide_nets::{Classifier, ClassifierConfig, ParamStore};
-use scoreguide_sde::SigmaDistribution;
+use scoreguide_sde::{randn, SigmaDistribution};
 use scoreguide_train::{Progress, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -132,30 +131,17 @@ pub fn train_classifier(
         bail!("classifier training: a binary classifier needs out_dim 1");
     }
     let mut trainer = Trainer::new(store, cfg.train.clone())?;
-    let n = set.x.len();
-    let batch = cfg.batch.min(n);
-    let per_epoch = n.div_ceil(batch) as u64;
     trainer.run(cfg.iters, progress, |step, rng| {
-        let batches = set
-            .x
-            .epoch_batches(batch, cfg.train.seed, step / per_epoch)?;
-        let idx = &batches[(step % per_epoch) as usize];
-        let x0 = set.x.rows(idx)?.to_device(device)?;
-        let ids = Tensor::from_slice(idx, idx.len(), device)?;
+        let idx = set.x.step_batch(cfg.batch, cfg.train.seed, step)?;
+        let x0 = set.x.rows(&idx)?.to_device(device)?;
+        let ids = Tensor::from_slice(&idx, idx.len(), device)?;
         let y = set.labels.to_device(device)?.index_select(&ids, 0)?;
-        let b = idx.len();
         let (x, sigma) = if time_dependent {
-            let s: Vec<f32> = cfg
-                .sigma
-                .sample_n(b, rng)
-                .into_iter()
-                .map(|v| v as f32)
-                .collect();
-            let sigma = Tensor::from_vec(s, b, device)?;
+            let sigma = cfg.sigma.sample_tensor(idx.len(), rng, device)?;
             let z = randn(rng, x0.dims(), device)?;
             ((x0 + z.broadcast_mul(&sigma.unsqueeze(1)?)?)?, sigma)
         } else {
-            (x0, Tensor::full(cfg.sigma_clean as f32, b, device)?)
+            (x0, Tensor::full(cfg.sigma_clean as f32, idx.len(), device)?)
         };
         let logits = classifier.logits(&x, &sigma)?.squeeze(1)?;
         binary_cross_entropy(&logits, &y, set.weights)

@@ -1,12 +1,11 @@
 //! Distilling a guided stack into one network (Gen-neG Eq. 12).
 
-use crate::randn;
 use candle_core::{DType, Device, Result, Tensor};
 use scoreguide_data::Dataset;
 use scoreguide_guidance::Score;
 use scoreguide_losses::{distillation, DsmWeighting};
 use scoreguide_nets::{ParamStore, ScoreModelConfig};
-use scoreguide_sde::SigmaDistribution;
+use scoreguide_sde::{randn, SigmaDistribution};
 use scoreguide_train::{Checkpoint, Progress, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -60,22 +59,11 @@ pub fn distill(
         store.assign(w, "distillation initial weights")?;
     }
     let mut trainer = Trainer::new(store, cfg.train.clone())?;
-    let n = data.len();
-    let batch = cfg.batch.min(n);
-    let per_epoch = n.div_ceil(batch) as u64;
     trainer.run(cfg.iters, progress, |step, rng| {
-        let batches = data.epoch_batches(batch, cfg.train.seed, step / per_epoch)?;
         let x0 = data
-            .rows(&batches[(step % per_epoch) as usize])?
+            .rows(&data.step_batch(cfg.batch, cfg.train.seed, step)?)?
             .to_device(device)?;
-        let b = x0.dim(0)?;
-        let s: Vec<f32> = cfg
-            .sigma
-            .sample_n(b, rng)
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
-        let sigma = Tensor::from_vec(s, b, device)?;
+        let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, device)?;
         let z = randn(rng, x0.dims(), device)?;
         distillation(&model, teacher, &x0, &sigma, &z, cfg.weighting)
     })?;

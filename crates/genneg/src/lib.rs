@@ -9,7 +9,7 @@
 //!
 //! ```
 //! use scoreguide_genneg::CollectConfig;
-//! let cfg = CollectConfig { per_class: 100, budget: 10_000, ..CollectConfig::default() };
+//! let cfg = CollectConfig { per_class: 100, budget: 10_000, min_negatives: 50, ..CollectConfig::default() };
 //! assert!(cfg.validate().is_ok());
 //! assert!(CollectConfig { min_negatives: 0, ..cfg }.validate().is_err());
 //! ```
@@ -23,14 +23,3 @@ pub use classify::{train_classifier, ClassifierKind, ClassifierTrainConfig, Labe
 pub use collect::{collect, CollectConfig, Collected};
 pub use distill::{distill, DistillConfig};
 pub use stack::{Stack, StackedClassifier};
-
-use candle_core::{Device, Result, Tensor};
-use rand::rngs::StdRng;
-use rand_distr::{Distribution, StandardNormal};
-
-/// Standard normal noise of `shape` from `rng`, built on the CPU and moved to `device`.
-pub(crate) fn randn(rng: &mut StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)
-}

@@ -71,19 +71,32 @@ pub fn dsm(
     noise: &Tensor,
     weighting: DsmWeighting,
 ) -> Result<Tensor> {
+    let x = noised(x0, sigma, noise, "DSM loss")?;
+    weighted_error(&model.denoise(&x, sigma)?, x0, sigma, weighting)
+}
+
+/// x0 + σ z, after checking the shapes (`what` names the loss in errors).
+fn noised(x0: &Tensor, sigma: &Tensor, noise: &Tensor, what: &str) -> Result<Tensor> {
     check_batch(x0, sigma)?;
     if noise.dims() != x0.dims() {
         bail!(
-            "DSM loss: noise has shape {:?}, data has {:?}",
+            "{what}: noise has shape {:?}, data has {:?}",
             noise.dims(),
             x0.dims()
         );
     }
-    let s = per_sample(sigma, x0)?;
-    let x = (x0 + noise.broadcast_mul(&s)?)?;
-    let d = model.denoise(&x, sigma)?;
-    let w = denoiser_weights(sigma, weighting, x0)?;
-    let per = (d - x0)?.sqr()?.flatten_from(1)?.sum(1)?;
+    x0 + noise.broadcast_mul(&per_sample(sigma, x0)?)?
+}
+
+/// Batch mean of λ_D(σ) ‖d − target‖² summed over data dimensions.
+fn weighted_error(
+    d: &Tensor,
+    target: &Tensor,
+    sigma: &Tensor,
+    weighting: DsmWeighting,
+) -> Result<Tensor> {
+    let w = denoiser_weights(sigma, weighting, target)?;
+    let per = (d - target)?.sqr()?.flatten_from(1)?.sum(1)?;
     (per * w)?.mean_all()
 }
 
@@ -148,20 +161,9 @@ pub fn distillation(
     noise: &Tensor,
     weighting: DsmWeighting,
 ) -> Result<Tensor> {
-    check_batch(x0, sigma)?;
-    if noise.dims() != x0.dims() {
-        bail!(
-            "distillation loss: noise has shape {:?}, data has {:?}",
-            noise.dims(),
-            x0.dims()
-        );
-    }
-    let x = (x0 + noise.broadcast_mul(&per_sample(sigma, x0)?)?)?;
+    let x = noised(x0, sigma, noise, "distillation loss")?;
     let target = teacher.denoise(&x, sigma)?.detach();
-    let d = student.denoise(&x, sigma)?;
-    let w = denoiser_weights(sigma, weighting, x0)?;
-    let per = (d - target)?.sqr()?.flatten_from(1)?.sum(1)?;
-    (per * w)?.mean_all()
+    weighted_error(&student.denoise(&x, sigma)?, &target, sigma, weighting)
 }
 
 fn denoiser_weights(sigma: &Tensor, weighting: DsmWeighting, like: &Tensor) -> Result<Tensor> {

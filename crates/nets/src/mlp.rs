@@ -80,8 +80,17 @@ impl ResMlp {
     }
 }
 
-impl NoiseNet for ResMlp {
-    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
+/// A forward pass with what the hand-written backward pass needs.
+struct Trace {
+    out: Tensor,
+    /// The residual stream after the last block.
+    h: Tensor,
+    /// Per block: the SiLU inputs (h + temb) and (W1 u + b1).
+    blocks: Vec<(Tensor, Tensor)>,
+}
+
+impl ResMlp {
+    fn trace(&self, x: &Tensor, c_noise: &Tensor) -> Result<Trace> {
         if x.rank() != 2 || x.dim(1)? != self.cfg.in_dim {
             bail!(
                 "residual MLP: input must be [batch, {}], got {:?}",
@@ -93,12 +102,21 @@ impl NoiseNet for ResMlp {
             .time
             .forward(&self.cfg.embedding.forward(&c_noise.to_dtype(x.dtype())?)?)?;
         let mut h = (self.input.forward(x)? + &temb)?;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let u = candle_nn::ops::silu(&(&h + &temb)?)?;
-            let u = b.fc2.forward(&candle_nn::ops::silu(&b.fc1.forward(&u)?)?)?;
-            h = (h + u)?;
+            let z1 = (&h + &temb)?;
+            let a = b.fc1.forward(&candle_nn::ops::silu(&z1)?)?;
+            h = (h + b.fc2.forward(&candle_nn::ops::silu(&a)?)?)?;
+            blocks.push((z1, a));
         }
-        self.output.forward(&candle_nn::ops::silu(&h)?)
+        let out = self.output.forward(&candle_nn::ops::silu(&h)?)?;
+        Ok(Trace { out, h, blocks })
+    }
+}
+
+impl NoiseNet for ResMlp {
+    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
+        Ok(self.trace(x, c_noise)?.out)
     }
 
     fn out_dim(&self) -> usize {
@@ -125,25 +143,7 @@ impl ResMlp {
         c_noise: &Tensor,
         upstream: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        if x.rank() != 2 || x.dim(1)? != self.cfg.in_dim {
-            bail!(
-                "residual MLP: input must be [batch, {}], got {:?}",
-                self.cfg.in_dim,
-                x.dims()
-            );
-        }
-        let temb = self
-            .time
-            .forward(&self.cfg.embedding.forward(&c_noise.to_dtype(x.dtype())?)?)?;
-        let mut h = (self.input.forward(x)? + &temb)?;
-        let mut saved = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let z1 = (&h + &temb)?;
-            let a = b.fc1.forward(&candle_nn::ops::silu(&z1)?)?;
-            h = (h + b.fc2.forward(&candle_nn::ops::silu(&a)?)?)?;
-            saved.push((z1, a));
-        }
-        let out = self.output.forward(&candle_nn::ops::silu(&h)?)?;
+        let Trace { out, h, blocks } = self.trace(x, c_noise)?;
         let g_out = upstream(&out)?;
         if g_out.dims() != out.dims() {
             bail!(
@@ -153,7 +153,7 @@ impl ResMlp {
             );
         }
         let mut g_h = (g_out.matmul(self.output.weight())? * silu_grad(&h)?)?;
-        for (b, (z1, a)) in self.blocks.iter().zip(&saved).rev() {
+        for (b, (z1, a)) in self.blocks.iter().zip(&blocks).rev() {
             let g_a = (g_h.matmul(b.fc2.weight())? * silu_grad(a)?)?;
             let g_u = g_a.matmul(b.fc1.weight())?;
             g_h = (g_h + (g_u * silu_grad(z1)?)?)?;

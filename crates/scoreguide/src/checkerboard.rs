@@ -4,14 +4,13 @@
 use crate::plot::{Canvas, BLUE, GREY, RED};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, StandardNormal};
 use scoreguide_data::{checkerboard, Dataset};
 use scoreguide_guidance::Score;
 use scoreguide_losses::{dsm, DsmWeighting};
 use scoreguide_nets::{AnyNet, ParamStore, ScoreModelConfig, ScoreNet};
 use scoreguide_oracles::{Checkerboard, Oracle, Verdict};
 use scoreguide_samplers::{sample_many, HeunOptions, Sampler};
-use scoreguide_sde::{append_zero, log_linear, SigmaDistribution};
+use scoreguide_sde::{append_zero, log_linear, randn, SigmaDistribution};
 use scoreguide_train::{load_score_model, Checkpoint, Progress, TrainConfig, Trainer, Weights};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -64,13 +63,6 @@ pub fn paper_sampler(steps: usize) -> Result<(Sampler, Vec<f64>)> {
     ))
 }
 
-/// `n` standard normal draws shaped `shape`, from `rng`.
-pub fn randn(rng: &mut StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)
-}
-
 /// One DSM loss on a batch of `data`: σ from `cfg.sigma`, noise from `rng`.
 pub fn dsm_batch(
     model: &dyn Score,
@@ -79,22 +71,8 @@ pub fn dsm_batch(
     step: u64,
     rng: &mut StdRng,
 ) -> Result<Tensor> {
-    let n = data.len();
-    let x0 = if cfg.batch_size >= n {
-        data.tensor().clone()
-    } else {
-        let per_epoch = n.div_ceil(cfg.batch_size) as u64;
-        let batches = data.epoch_batches(cfg.batch_size, cfg.train.seed, step / per_epoch)?;
-        data.rows(&batches[(step % per_epoch) as usize])?
-    };
-    let b = x0.dim(0)?;
-    let sig: Vec<f32> = cfg
-        .sigma
-        .sample_n(b, rng)
-        .into_iter()
-        .map(|s| s as f32)
-        .collect();
-    let sigma = Tensor::from_vec(sig, b, &Device::Cpu)?.to_device(x0.device())?;
+    let x0 = data.rows(&data.step_batch(cfg.batch_size, cfg.train.seed, step)?)?;
+    let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, x0.device())?;
     let z = randn(rng, x0.dims(), x0.device())?;
     dsm(model, &x0, &sigma, &z, cfg.weighting)
 }

@@ -25,6 +25,6 @@ pub mod process;
 pub mod training;
 
 pub use grid::{append_zero, karras, log_linear, uniform_t};
-pub use noise::{derive_seed, SampleNoise};
+pub use noise::{derive_seed, randn, SampleNoise};
 pub use process::{BetaSchedule, Ddpm, Process};
 pub use training::SigmaDistribution;

@@ -74,3 +74,15 @@ impl SampleNoise {
         self.randn(x.dims(), x.dtype(), x.device())
     }
 }
+
+/// Standard normal values of `shape` drawn from `rng` (f32), built on the CPU and moved
+/// to `device`: the seeded replacement for `Tensor::randn`.
+pub fn randn<R: rand::Rng + ?Sized>(
+    rng: &mut R,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)
+}

@@ -1,7 +1,7 @@
 //! Distributions of σ for denoising score matching.
 
 use crate::Process;
-use candle_core::{bail, Result};
+use candle_core::{bail, Device, Result, Tensor};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
@@ -81,5 +81,16 @@ impl SigmaDistribution {
 
     pub fn sample_n<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Vec<f64> {
         (0..n).map(|_| self.sample(rng)).collect()
+    }
+
+    /// `n` draws as an f32 tensor `[n]` on `device`: one noise level per example.
+    pub fn sample_tensor<R: Rng + ?Sized>(
+        &self,
+        n: usize,
+        rng: &mut R,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n).map(|_| self.sample(rng) as f32).collect();
+        Tensor::from_vec(v, n, &Device::Cpu)?.to_device(device)
     }
 }
