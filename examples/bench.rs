@@ -14,12 +14,12 @@ use scoreguide::checkerboard::{dsm_batch, paper_sampler, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset};
 use scoreguide::guidance::{Guided, LogProb, Score};
 use scoreguide::nets::{ClassifierConfig, ParamStore};
+use scoreguide::runtime::{heun_step_ms, median_ms};
 use scoreguide::samplers::initial_noise;
 use scoreguide::sde::SampleNoise;
 use scoreguide::train::Trainer;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -60,42 +60,6 @@ impl<L: LogProb> LogProb for AutogradOnly<L> {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Tensor> {
         self.0.log_prob(x, sigma)
     }
-}
-
-fn heun_step_ms(
-    model: &dyn Score,
-    x: &Tensor,
-    s0: f64,
-    s1: f64,
-    reps: usize,
-) -> candle_core::Result<f64> {
-    let n = x.dim(0)?;
-    let sv = |s: f64| Tensor::full(s as f32, n, x.device());
-    median_ms(reps, || {
-        // One Heun step: two denoiser evaluations and the update arithmetic.
-        let d = ((x - model.denoise(x, &sv(s0)?)?)? / s0)?;
-        let x1 = (x + (&d * (s1 - s0))?)?;
-        let d2 = ((&x1 - model.denoise(&x1, &sv(s1)?)?)? / s1)?;
-        let _ = (x + ((d + d2)? * (0.5 * (s1 - s0)))?)?;
-        Ok(())
-    })
-}
-
-fn median_ms(
-    reps: usize,
-    mut f: impl FnMut() -> candle_core::Result<()>,
-) -> candle_core::Result<f64> {
-    for _ in 0..3 {
-        f()?;
-    }
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
 }
 
 fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {

@@ -7,7 +7,7 @@
 //!     cargo run --release --example genneg_checkerboard -- --quick
 //!     cargo run --release --example genneg_checkerboard -- --baseline out/checkerboard/baseline.safetensors
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use clap::Parser;
 use scoreguide::checkerboard::{
     label, load_baseline, paper_sampler, scatter_png, train_baseline, BaselineConfig,
@@ -23,7 +23,7 @@ use scoreguide::metrics::{
 };
 use scoreguide::oracles::Checkerboard;
 use scoreguide::plot::{Canvas, BLUE, ORANGE};
-use scoreguide::runtime::{device, set_threads, write_json};
+use scoreguide::runtime::{device, heun_step_ms, set_threads, write_json};
 use scoreguide::samplers::{initial_noise, sample_many};
 use scoreguide::sde::SampleNoise;
 use scoreguide::train::{load_score_model, Checkpoint, Progress, Weights};
@@ -434,26 +434,13 @@ fn main() -> candle_core::Result<()> {
     Ok(())
 }
 
-/// Median wall time of one Heun step (two evaluations) at batch 10k.
+/// Median time of one Heun step (two evaluations) at batch 10k, mid-grid.
 fn step_time_ms(model: &dyn Score, sigmas: &[f64], dev: &Device) -> candle_core::Result<f64> {
     let n = 10_000;
     let mut noise = SampleNoise::new(0, 0, n);
     let x = initial_noise(&mut noise, &[n, 2], 1.0, DType::F32, dev)?;
-    let (s0, s1) = (sigmas[sigmas.len() / 2], sigmas[sigmas.len() / 2 + 1]);
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let sv = |s: f64| Tensor::full(s as f32, n, dev);
-        let d = ((&x - model.denoise(&x, &sv(s0)?)?)? / s0)?;
-        let x1 = (&x + (&d * (s1 - s0))?)?;
-        let d2 = ((&x1 - model.denoise(&x1, &sv(s1)?)?)? / s1)?;
-        let _ = (&x + ((d + d2)? * (0.5 * (s1 - s0)))?)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let mid = sigmas.len() / 2;
+    heun_step_ms(model, &x, sigmas[mid], sigmas[mid + 1], 5)
 }
 
 fn print_table(rows: &[Row]) {

@@ -20,17 +20,14 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     d
 }
 
-fn trained_checkpoint(hidden: usize) -> Checkpoint {
-    let mut cfg = BaselineConfig::default();
-    cfg.model = ScoreModelConfig {
-        net: NetConfig::ResMlp(ResMlpConfig {
-            hidden,
-            ..Default::default()
-        }),
-        ..cfg.model
+/// A checkpoint of `model` after one training step on `points` checkerboard points.
+fn checkpoint_of(model: ScoreModelConfig, points: usize) -> Checkpoint {
+    let cfg = BaselineConfig {
+        model,
+        train_points: points,
+        ..BaselineConfig::default()
     };
-    cfg.train_points = 50;
-    let data = Dataset::new(checkerboard(50, 0).unwrap(), "d").unwrap();
+    let data = Dataset::new(checkerboard(points, 0).unwrap(), "d").unwrap();
     let store = ParamStore::new(0);
     let model = cfg
         .model
@@ -44,6 +41,20 @@ fn trained_checkpoint(hidden: usize) -> Checkpoint {
     let mut ck = t.checkpoint().unwrap();
     ck.set_meta("model", &cfg.model).unwrap();
     ck
+}
+
+fn trained_checkpoint(hidden: usize) -> Checkpoint {
+    let net = NetConfig::ResMlp(ResMlpConfig {
+        hidden,
+        ..Default::default()
+    });
+    checkpoint_of(
+        ScoreModelConfig {
+            net,
+            ..ScoreModelConfig::checkerboard()
+        },
+        50,
+    )
 }
 
 #[test]
@@ -244,32 +255,22 @@ fn fuzz_seed_path() -> std::path::PathBuf {
 #[test]
 #[ignore]
 fn write_fuzz_seed() {
-    let mut cfg = BaselineConfig::default();
-    cfg.model = ScoreModelConfig {
-        net: NetConfig::ResMlp(ResMlpConfig {
-            hidden: 4,
-            blocks: 1,
-            embedding: scoreguide::nets::SinusoidalEmbedding {
-                dim: 4,
-                max_freq: 10.0,
-            },
-            ..Default::default()
-        }),
-        ..cfg.model
-    };
-    let data = Dataset::new(checkerboard(8, 0).unwrap(), "d").unwrap();
-    let store = ParamStore::new(0);
-    let model = cfg
-        .model
-        .build(&store.var_builder(DType::F32, &Device::Cpu))
-        .unwrap();
-    let mut t = Trainer::new(store, TrainConfig::default()).unwrap();
-    t.run(1, &mut Progress::hidden(), |s, r| {
-        dsm_batch(&model, &data, &cfg, s, r)
-    })
-    .unwrap();
-    let mut ck = t.checkpoint().unwrap();
-    ck.set_meta("model", &cfg.model).unwrap();
+    let net = NetConfig::ResMlp(ResMlpConfig {
+        hidden: 4,
+        blocks: 1,
+        embedding: scoreguide::nets::SinusoidalEmbedding {
+            dim: 4,
+            max_freq: 10.0,
+        },
+        ..Default::default()
+    });
+    let ck = checkpoint_of(
+        ScoreModelConfig {
+            net,
+            ..ScoreModelConfig::checkerboard()
+        },
+        8,
+    );
     ck.save(fuzz_seed_path()).unwrap();
 }
 

@@ -1,5 +1,7 @@
 //! Same seed → same bytes: initialisation, training, sampling, checkpoints and resume.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use scoreguide::checkerboard::{dsm_batch, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset};
@@ -159,14 +161,7 @@ fn same_seed_same_samples_independent_of_batch_size() {
     assert_eq!(bits(&a), bits(&draw(1, 50)));
     assert_ne!(bits(&a), bits(&draw(2, 50)));
     // Per-sample noise streams: batch size changes nothing but float summation order.
-    let diff = (a - draw(1, 7))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a, &draw(1, 7));
     assert!(diff < 1e-4, "batch size changed samples by {diff}");
 }
 

@@ -1,5 +1,7 @@
 //! DSM training on 2-D Gaussian data recovers the analytic score.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use scoreguide::data::{Dataset, GaussianMixture};
@@ -83,22 +85,7 @@ fn dsm_recovers_the_score_of_a_gaussian() {
         let sig = Tensor::full(sigma as f32, n, &dev).unwrap();
         let learned = model.score(&x, &sig).unwrap();
         let exact = gauss.score(&x, &sig).unwrap();
-        let num = (&learned - &exact)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let den = exact
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let rel = (num / den).sqrt();
+        let rel = common::rel_l2(&learned, &exact);
         assert!(
             rel < tol,
             "σ = {sigma}: relative score error {rel} (tolerance {tol})"

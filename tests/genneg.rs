@@ -1,6 +1,8 @@
 //! Gen-neG's pieces, quick-sized: guided scores, the IS-balanced loss against a known
 //! Bayes classifier, guidance on an undertrained model, distillation, stack checkpoints.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use scoreguide::checkerboard::{dsm_batch, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset, GaussianMixture};
@@ -326,21 +328,7 @@ fn distillation_reproduces_its_teacher() {
         .unwrap();
         let sv = Tensor::full(sigma as f32, 1000, &dev).unwrap();
         let (a, b) = (s.score(&x, &sv).unwrap(), teacher.score(&x, &sv).unwrap());
-        let rel = ((&a - &b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            / b.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap())
-        .sqrt();
+        let rel = common::rel_l2(&a, &b);
         assert!(
             rel < tol,
             "σ = {sigma}: student differs from teacher by {rel} (relative)"

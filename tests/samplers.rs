@@ -2,6 +2,8 @@
 //! is known in closed form at every σ. Sample mean and covariance must match the
 //! mixture's closed-form moments.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use scoreguide::data::GaussianMixture;
 use scoreguide::guidance::Score;
@@ -214,14 +216,7 @@ fn probability_flow_maps_data_to_noise_and_back() {
         );
     }
     let back = probability_flow(&gm, z, &down, OdeSolver::Rk4, None).unwrap();
-    let err = (back - &data)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let err = common::max_abs_diff(&back, &data);
     assert!(err < 1e-3, "round-trip error {err}");
 }
 

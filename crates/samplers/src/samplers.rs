@@ -182,11 +182,26 @@ fn ode_derivative(model: &dyn Score, x: &Tensor, sigma: f64) -> Result<(Tensor, 
     Ok((((x - &d)? / sigma)?, d))
 }
 
-fn report(callback: &mut Option<Callback>, step: Step) -> bool {
-    match callback {
-        Some(cb) => cb(&step).is_break(),
-        None => false,
-    }
+/// Tells the callback about step `index` of `sigmas` (σ_index → σ_index+1); true to stop.
+fn report(
+    callback: &mut Option<Callback>,
+    sigmas: &[f64],
+    index: usize,
+    x: &Tensor,
+    denoised: &Tensor,
+) -> bool {
+    let Some(cb) = callback else {
+        return false;
+    };
+    let step = Step {
+        index,
+        steps: sigmas.len() - 1,
+        sigma: sigmas[index],
+        sigma_next: sigmas[index + 1],
+        x,
+        denoised,
+    };
+    cb(&step).is_break()
 }
 
 /// EDM's Heun sampler with churn: γ_i = min(churn/N, √2 − 1) for σ_i in [s_tmin, s_tmax];
@@ -224,17 +239,7 @@ pub fn heun(
             x = (&x_hat + ((d + d2)? * (0.5 * (s_next - s_hat)))?)?;
             denoised = den2;
         }
-        if report(
-            &mut callback,
-            Step {
-                index: i,
-                steps: n,
-                sigma: s_cur,
-                sigma_next: s_next,
-                x: &x,
-                denoised: &denoised,
-            },
-        ) {
+        if report(&mut callback, sigmas, i, &x, &denoised) {
             break;
         }
     }
@@ -277,17 +282,7 @@ pub fn euler_maruyama(
         if s_next > 0.0 {
             x = (&x + (noise.randn_like(&x)? * h.sqrt())?)?;
         }
-        if report(
-            &mut callback,
-            Step {
-                index: i,
-                steps: n,
-                sigma: s,
-                sigma_next: s_next,
-                x: &x,
-                denoised: &denoised,
-            },
-        ) {
+        if report(&mut callback, sigmas, i, &x, &denoised) {
             break;
         }
     }
@@ -347,17 +342,7 @@ pub fn predictor_corrector(
         } else {
             mean
         };
-        if report(
-            &mut callback,
-            Step {
-                index: i,
-                steps: n,
-                sigma: s,
-                sigma_next: s_next,
-                x: &x,
-                denoised: &denoised,
-            },
-        ) {
+        if report(&mut callback, sigmas, i, &x, &denoised) {
             break;
         }
     }
@@ -396,17 +381,7 @@ pub fn ddim(
         } else {
             denoised.clone()
         };
-        if report(
-            &mut callback,
-            Step {
-                index: i,
-                steps: n,
-                sigma: s,
-                sigma_next: s_next,
-                x: &x,
-                denoised: &denoised,
-            },
-        ) {
+        if report(&mut callback, sigmas, i, &x, &denoised) {
             break;
         }
     }
@@ -461,17 +436,7 @@ pub fn probability_flow(
             let sum = (((k1 + (k2 * 2.0)?)? + (k3 * 2.0)?)? + k4)?;
             (&x + (sum * (h / 6.0))?)?
         };
-        if report(
-            &mut callback,
-            Step {
-                index: i,
-                steps: n,
-                sigma: s,
-                sigma_next: s_next,
-                x: &x,
-                denoised: &denoised,
-            },
-        ) {
+        if report(&mut callback, sigmas, i, &x, &denoised) {
             break;
         }
     }

@@ -1,8 +1,10 @@
 //! Run set-up shared by the examples and the `scoreguide` command.
 
-use candle_core::{bail, Device, Result};
+use candle_core::{bail, Device, Result, Tensor};
+use scoreguide_guidance::Score;
 use serde::Serialize;
 use std::path::Path;
+use std::time::Instant;
 
 /// Threads used when neither `--threads` nor `RAYON_NUM_THREADS` says otherwise: every
 /// available core. On 2 cores, 2 threads beat 1 for the checkerboard network by 10% per
@@ -69,4 +71,37 @@ pub fn ensure_parent(path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Median wall time in ms of `reps` calls of `f`, after 3 warm-up calls.
+pub fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Median time of one Heun step from σ = `s0` to `s1` on the batch `x`: two denoiser
+/// evaluations and the update arithmetic (what a sampling step costs).
+pub fn heun_step_ms(model: &dyn Score, x: &Tensor, s0: f64, s1: f64, reps: usize) -> Result<f64> {
+    let n = x.dim(0)?;
+    let sv = |s: f64| Tensor::full(s as f32, n, x.device())?.to_dtype(x.dtype());
+    median_ms(reps, || {
+        let d = ((x - model.denoise(x, &sv(s0)?)?)? / s0)?;
+        let x1 = (x + (&d * (s1 - s0))?)?;
+        let d2 = ((&x1 - model.denoise(&x1, &sv(s1)?)?)? / s1)?;
+        // Force the lazy CPU work to finish inside the timed region.
+        (x + ((d + d2)? * (0.5 * (s1 - s0)))?)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        Ok(())
+    })
 }
