@@ -22,7 +22,7 @@ use scoreguide::metrics::{
     mmd2_gaussian, negative_log_likelihood, parallel_samples_needed, NllConfig,
 };
 use scoreguide::oracles::Checkerboard;
-use scoreguide::plot::{Canvas, BLUE, ORANGE};
+use scoreguide::plot::{line_chart, BLUE, ORANGE};
 use scoreguide::runtime::{device, heun_step_ms, set_threads, write_json};
 use scoreguide::samplers::{initial_noise, sample_many};
 use scoreguide::sde::SampleNoise;
@@ -418,7 +418,7 @@ fn main() -> candle_core::Result<()> {
     }
 
     print_table(&rows);
-    plot_iterations(&args.out.join("iterations.png"), &rows, args.iterations)?;
+    plot_iterations(&args.out, &rows, args.iterations)?;
     if let Some(p) = &args.json {
         write_json(
             p,
@@ -464,40 +464,28 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-/// Infraction % (blue) and mean NLL (orange, right scale mapped onto the same axes)
-/// across iterations 0 (baseline) … K, like the paper's Fig. 4.
-fn plot_iterations(path: &Path, rows: &[Row], iterations: usize) -> candle_core::Result<()> {
+/// Infraction % and held-out NLL across iterations 0 (baseline) … K, like the paper's
+/// Fig. 4: two charts, each on its own axis.
+fn plot_iterations(dir: &Path, rows: &[Row], iterations: usize) -> candle_core::Result<()> {
     let series: Vec<&Row> = rows.iter().take(iterations + 1).collect();
-    let inf: Vec<f64> = series.iter().map(|r| 100.0 * r.infraction_rate).collect();
-    let nll: Vec<f64> = series.iter().map(|r| r.nll_median).collect();
-    let ymax = inf.iter().cloned().fold(0.0, f64::max).max(1e-3) * 1.1;
-    let (nmin, nmax) = nll
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(*v), b.max(*v))
-        });
-    let span = (nmax - nmin).max(1e-3);
-    let mut c = Canvas::new(760, 480, (-0.2, iterations as f64 + 0.2), (0.0, ymax));
-    let to_y = |v: f64| (v - nmin) / span * 0.8 * ymax + 0.1 * ymax;
-    for k in 0..series.len().saturating_sub(1) {
-        c.line((k as f64, inf[k]), ((k + 1) as f64, inf[k + 1]), BLUE, 3);
-        c.line(
-            (k as f64, to_y(nll[k])),
-            ((k + 1) as f64, to_y(nll[k + 1])),
-            ORANGE,
-            3,
-        );
-    }
-    for k in 0..series.len() {
-        c.dot(k as f64, inf[k], 6.0, BLUE, 1.0);
-        c.dot(k as f64, to_y(nll[k]), 6.0, ORANGE, 1.0);
-    }
+    let pts = |f: &dyn Fn(&Row) -> f64| -> Vec<(f64, f64)> {
+        series
+            .iter()
+            .enumerate()
+            .map(|(k, r)| (k as f64, f(r)))
+            .collect()
+    };
     let xt: Vec<f64> = (0..=iterations).map(|k| k as f64).collect();
-    let yt: Vec<f64> = (0..=4).map(|k| (ymax / 1.1) * k as f64 / 4.0).collect();
-    c.axes(
-        &format!("infraction % (blue); median NLL {nmin:.3}-{nmax:.3} (orange)"),
+    line_chart(
+        &dir.join("iterations_infraction.png"),
+        "infraction % by Gen-neG iteration",
         &xt,
-        &yt,
-    );
-    c.save(path)
+        &[(BLUE, pts(&|r| 100.0 * r.infraction_rate))],
+    )?;
+    line_chart(
+        &dir.join("iterations_nll.png"),
+        "held-out NLL: mean (orange), median (blue)",
+        &xt,
+        &[(ORANGE, pts(&|r| r.nll)), (BLUE, pts(&|r| r.nll_median))],
+    )
 }

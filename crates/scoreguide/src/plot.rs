@@ -260,3 +260,41 @@ fn glyph(c: char) -> [u8; 7] {
         _ => [0; 7],
     }
 }
+
+/// A line chart of `series` (colour, points) over shared axes, y range fitted to the data
+/// with 10% headroom; `x_ticks` label the x axis.
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_ticks: &[f64],
+    series: &[(Rgb, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut ylo, mut yhi) = pts.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(p.1), b.max(p.1))
+    });
+    if !ylo.is_finite() {
+        (ylo, yhi) = (0.0, 1.0);
+    }
+    let pad = ((yhi - ylo) * 0.1).max(1e-3 * yhi.abs().max(1e-3));
+    let (ylo, yhi) = (ylo - pad, yhi + pad);
+    let (xlo, xhi) = (
+        x_ticks.first().copied().unwrap_or(0.0),
+        x_ticks.last().copied().unwrap_or(1.0),
+    );
+    let xpad = 0.05 * (xhi - xlo).max(1.0);
+    let mut c = Canvas::new(760, 480, (xlo - xpad, xhi + xpad), (ylo, yhi));
+    for (colour, p) in series {
+        for w in p.windows(2) {
+            c.line(w[0], w[1], *colour, 3);
+        }
+        for q in p {
+            c.dot(q.0, q.1, 6.0, *colour, 1.0);
+        }
+    }
+    let y_ticks: Vec<f64> = (0..=4)
+        .map(|k| ylo + pad + (yhi - ylo - 2.0 * pad) * k as f64 / 4.0)
+        .collect();
+    c.axes(title, x_ticks, &y_ticks);
+    c.save(path)
+}
