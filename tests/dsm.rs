@@ -50,14 +50,9 @@ fn dsm_recovers_the_score_of_a_gaussian() {
     let batch = 512;
     trainer
         .run(4000, &mut Progress::hidden(), |step, rng| {
-            let idx = &data.epoch_batches(batch, 7, step / 8).unwrap()[(step % 8) as usize];
-            let x0 = data.rows(idx).unwrap();
-            let s: Vec<f32> = sigma_dist
-                .sample_n(batch, rng)
-                .into_iter()
-                .map(|v| v as f32)
-                .collect();
-            let sigma = Tensor::from_vec(s, batch, &dev)?;
+            // 4096 points in batches of 512: a fresh shuffle every 8 steps.
+            let x0 = data.rows(&data.step_batch(batch, 7, step)?)?;
+            let sigma = sigma_dist.sample_tensor(batch, rng, &dev)?;
             let z = randn(rng, &[batch, 2], &dev)?;
             dsm(
                 &model,
