@@ -2,7 +2,7 @@
 
 use crate::config::NetConfig;
 use crate::precond::{AnyNet, NoiseNet};
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use scoreguide_guidance::{check_batch, log_sigmoid, LogProb, Score};
 use serde::{Deserialize, Serialize};
@@ -112,8 +112,8 @@ pub struct OnDenoised<S, C> {
 impl<S: Score, C: LogProb> LogProb for OnDenoised<S, C> {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         let x0 = self.base.denoise(x, sigma)?;
-        let clean = Tensor::full(self.sigma_clean, x.dim(0)?, x.device())?.to_dtype(DType::F32)?;
-        self.classifier
-            .log_prob(&x0, &clean.to_dtype(sigma.dtype())?)
+        let clean =
+            Tensor::full(self.sigma_clean, x.dim(0)?, x.device())?.to_dtype(sigma.dtype())?;
+        self.classifier.log_prob(&x0, &clean)
     }
 }

@@ -44,20 +44,19 @@ fn info(path: &std::path::Path) -> candle_core::Result<()> {
     for (k, v) in &c.metadata {
         println!("  {k}: {v}");
     }
+    // Sections are the name's first part, or first two for `adam.m`, `adam.v`,
+    // `classifier.K` (see docs/ARCHITECTURE.md, "Checkpoints").
     let mut sections: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for (name, t) in &c.tensors {
-        let section = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
-        let section = section
-            .split('.')
-            .take_while(|p| *p != "block0" && *p != "block1")
-            .collect::<Vec<_>>();
-        let key = section.first().map(|s| s.to_string()).unwrap_or_default();
-        let key = if key == "adam" {
-            section[..2.min(section.len())].join(".")
+        let parts: Vec<&str> = name.split('.').collect();
+        let depth = if matches!(parts[0], "adam" | "classifier") {
+            2
         } else {
-            key
+            1
         };
-        let e = sections.entry(key).or_default();
+        let e = sections
+            .entry(parts[..depth.min(parts.len())].join("."))
+            .or_default();
         e.0 += 1;
         e.1 += t.elem_count();
     }
