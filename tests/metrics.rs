@@ -4,8 +4,25 @@
 use candle_core::{DType, Device, Tensor};
 use scoreguide::data::GaussianMixture;
 use scoreguide::metrics::{
-    mmd2_gaussian, negative_log_likelihood, read_npy, Divergence, NllConfig,
+    fid, frechet_distance, kid, mmd2_gaussian, negative_log_likelihood, prdc, prdc_classwise,
+    read_npy, score_errors, symmetric_eigen, Array2, Divergence, NllConfig,
 };
+
+fn reference() -> (Array2, Array2, serde_json::Value) {
+    let dir = reference_dir();
+    let real = read_npy(&std::fs::read(dir.join("dev_real.npy")).unwrap()).unwrap();
+    let fake = read_npy(&std::fs::read(dir.join("dev_fake.npy")).unwrap()).unwrap();
+    let expected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (real, fake, expected)
+}
+
+fn assert_rel(got: f64, want: f64, tol: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= tol * want.abs().max(1e-12),
+        "{what}: {got} vs {want}"
+    );
+}
 
 fn reference_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/metrics")
@@ -59,15 +76,11 @@ fn likelihood_of_a_gaussian_matches_its_density() {
 
 #[test]
 fn mmd_matches_the_reference_values() {
-    let dir = reference_dir();
-    let real = read_npy(&std::fs::read(dir.join("dev_real.npy")).unwrap()).unwrap();
-    let fake = read_npy(&std::fs::read(dir.join("dev_fake.npy")).unwrap()).unwrap();
+    let (real, fake, expected) = reference();
     assert_eq!(
         (real.rows, real.cols, fake.rows, fake.cols),
         (300, 32, 300, 32)
     );
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     for (sigma, key) in [(4.0, "mmd2_rbf_sigma4"), (8.0, "mmd2_rbf_sigma8")] {
         let got = mmd2_gaussian(&real.data, &fake.data, 32, sigma).unwrap();
         let want = expected[key].as_f64().unwrap();
@@ -91,4 +104,116 @@ fn npy_reader_rejects_bad_files() {
         .unwrap_err()
         .to_string()
         .contains("bytes"));
+}
+
+#[test]
+fn fid_kid_and_prdc_match_the_reference_values() {
+    let (real, fake, expected) = reference();
+    let d = real.cols;
+    assert_rel(
+        fid(&real.data, &fake.data, d).unwrap(),
+        expected["fid"].as_f64().unwrap(),
+        1e-9,
+        "FID",
+    );
+    assert_rel(
+        kid(&real.data, &fake.data, d).unwrap(),
+        expected["kid"].as_f64().unwrap(),
+        1e-9,
+        "KID",
+    );
+    for k in [3, 5] {
+        let p = prdc(&real.data, &fake.data, d, k).unwrap();
+        let e = &expected[format!("prdc_k{k}")];
+        for (got, key) in [
+            (p.precision, "precision"),
+            (p.recall, "recall"),
+            (p.density, "density"),
+            (p.coverage, "coverage"),
+        ] {
+            assert_rel(got, e[key].as_f64().unwrap(), 1e-9, &format!("k={k} {key}"));
+        }
+    }
+}
+
+#[test]
+fn set_metrics_on_identical_sets() {
+    let (real, _, _) = reference();
+    let d = real.cols;
+    assert!(fid(&real.data, &real.data, d).unwrap().abs() < 1e-8);
+    let p = prdc(&real.data, &real.data, d, 3).unwrap();
+    // Every point sits at distance 0 from its copy, inside its own ball.
+    assert_eq!((p.precision, p.recall, p.coverage), (1.0, 1.0, 1.0));
+    assert!(p.density >= 1.0 / 3.0);
+    // Class-wise: two halves labelled apart give each class the identical-set answer.
+    let labels: Vec<u32> = (0..real.rows)
+        .map(|i| u32::from(i >= real.rows / 2))
+        .collect();
+    let (avg, per) = prdc_classwise(&real.data, &labels, &real.data, &labels, d, 3).unwrap();
+    assert_eq!(per.len(), 2);
+    assert_eq!((avg.precision, avg.recall, avg.coverage), (1.0, 1.0, 1.0));
+}
+
+#[test]
+fn fid_of_gaussians_matches_the_closed_form() {
+    // Diagonal covariances commute, so Tr(Σ1 Σ2)^{1/2} = Σ sqrt(a_i b_i).
+    let mu1 = [0.0, 1.0, -2.0];
+    let mu2 = [0.5, 1.0, 0.0];
+    let a: [f64; 3] = [1.0, 2.0, 0.5];
+    let b: [f64; 3] = [3.0, 0.25, 0.5];
+    let diag = |v: &[f64; 3]| {
+        let mut m = vec![0.0; 9];
+        for i in 0..3 {
+            m[i * 3 + i] = v[i];
+        }
+        m
+    };
+    let want: f64 = 0.25
+        + 4.0
+        + (0..3)
+            .map(|i| a[i] + b[i] - 2.0 * (a[i] * b[i]).sqrt())
+            .sum::<f64>();
+    let got = frechet_distance(&mu1, &diag(&a), &mu2, &diag(&b)).unwrap();
+    assert_rel(got, want, 1e-12, "diagonal");
+    // Rotating both covariances by the same orthogonal matrix leaves the distance alone.
+    let (c, s) = (0.6f64, 0.8f64);
+    let r = [c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0];
+    let rot = |m: &[f64]| {
+        let mut t = vec![0.0; 9];
+        for i in 0..3 {
+            for j in 0..3 {
+                t[i * 3 + j] = (0..3)
+                    .flat_map(|k| (0..3).map(move |l| (k, l)))
+                    .map(|(k, l)| r[i * 3 + k] * m[k * 3 + l] * r[j * 3 + l])
+                    .sum();
+            }
+        }
+        t
+    };
+    let got_rot = frechet_distance(&mu1, &rot(&diag(&a)), &mu2, &rot(&diag(&b))).unwrap();
+    assert_rel(got_rot, want, 1e-10, "rotated");
+    // The eigendecomposition reconstructs its input.
+    let m = rot(&diag(&a));
+    let (l, v) = symmetric_eigen(&m, 3).unwrap();
+    for i in 0..3 {
+        for j in 0..3 {
+            let back: f64 = (0..3).map(|k| v[i * 3 + k] * l[k] * v[j * 3 + k]).sum();
+            assert!((back - m[i * 3 + j]).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn set_metrics_reject_bad_input() {
+    let (real, fake, _) = reference();
+    let mut nan = fake.data.clone();
+    nan[40] = f64::NAN;
+    let err = fid(&real.data, &nan, 32).unwrap_err().to_string();
+    assert!(err.contains("row 1"), "{err}");
+    assert!(prdc(&real.data[..3 * 32], &fake.data, 32, 3)
+        .unwrap_err()
+        .to_string()
+        .contains("at least 4 rows"));
+    assert!(kid(&real.data, &fake.data[..31], 32).is_err());
+    assert!(score_errors(&[0.0; 4], &[0.0; 2], &[0.0; 4], &[0.0; 4], 2).is_err());
 }

@@ -3,8 +3,16 @@
 //! * [`Rate`], [`infraction_rate`], [`parallel_samples_needed`]: how often an oracle
 //!   rejects samples, and what that costs in rejection sampling.
 //! * [`negative_log_likelihood`]: held-out NLL through the probability-flow ODE.
-//! * [`mmd2_gaussian`]: unbiased MMD² with a Gaussian kernel.
+//! * [`mmd2_gaussian`]: unbiased MMD² with a Gaussian kernel; [`kid`] with the cubic
+//!   polynomial kernel.
+//! * [`fid`]: Fréchet distance of fitted Gaussians ([`frechet_distance`],
+//!   [`symmetric_eigen`]).
+//! * [`prdc`], [`prdc_classwise`]: precision, recall, density, coverage.
+//! * [`score_errors`]: DLSM's D_P and D_L between estimated and true scores.
 //! * [`read_npy`]: 2-D `.npy` arrays (f32 / f64).
+//!
+//! The set metrics take row-major `f64` slices with the row width `d`, and reject NaN,
+//! ragged or too-small inputs with an error naming the input.
 //!
 //! [`Rate`] is a proportion with its Wilson 95% interval, used for infraction rates:
 //! the fraction of samples an oracle rejects ([`infraction_rate`]).
@@ -17,12 +25,20 @@
 //! assert!((r.ci95.0 - 0.038130).abs() < 1e-5 && (r.ci95.1 - 0.065314).abs() < 1e-5);
 //! ```
 
+mod fid;
 mod infraction;
 mod likelihood;
 mod mmd;
 mod npy;
+mod prdc;
+mod rows;
+mod score_error;
+
+pub use fid::{fid, frechet_distance, mean_and_covariance, symmetric_eigen};
 
 pub use infraction::{infraction_rate, parallel_samples_needed, Rate};
 pub use likelihood::{negative_log_likelihood, Divergence, NllConfig};
-pub use mmd::mmd2_gaussian;
+pub use mmd::{kid, mmd2_gaussian};
 pub use npy::{read_npy, Array2};
+pub use prdc::{prdc, prdc_classwise, Prdc};
+pub use score_error::score_errors;
