@@ -5,6 +5,7 @@
 //! * [`checkerboard`] and [`two_moons`]: the toy sets of the Gen-neG and DLSM papers.
 //! * [`GaussianMixture`]: a diagonal Gaussian mixture whose score is known at every σ —
 //!   the analytic reference the samplers and losses are tested against.
+//! * [`Parzen`]: the exact score of a point set smoothed at σ (DLSM's oracle scores).
 //!
 //! ```
 //! use scoreguide_data::{checkerboard, Dataset};
@@ -16,8 +17,10 @@
 
 mod dataset;
 mod mixture;
+mod parzen;
 mod toy;
 
 pub use dataset::Dataset;
 pub use mixture::GaussianMixture;
+pub use parzen::Parzen;
 pub use toy::{checkerboard, checkerboard_with, two_moons};

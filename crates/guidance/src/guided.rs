@@ -1,13 +1,36 @@
 //! Guidance as addition of log-densities.
 
 use crate::score::{check_batch, per_sample, Score};
-use candle_core::{bail, Result, Tensor, Var};
+use candle_core::{bail, DType, Result, Tensor, Var, D};
 
 /// log sigmoid(z) = min(z, 0) − ln(1 + e^{−|z|}): stable for large |z|, and built from
 /// ops that all have a backward pass (so it can be guided and trained through).
 pub fn log_sigmoid(z: &Tensor) -> Result<Tensor> {
     let soft = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
     z.minimum(0.0)? - soft
+}
+
+/// log softmax over the last dimension from basic ops (every op has a backward).
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let m = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// `[B, K]` one-hot rows for labels `[B]` (u32), in `dtype`.
+pub fn one_hot(labels: &Tensor, k: usize, dtype: DType) -> Result<Tensor> {
+    let l = labels.to_dtype(DType::U32)?;
+    let n = l.dim(0)?;
+    let ids: Vec<u32> = l.to_vec1()?;
+    if let Some(bad) = ids.iter().find(|&&c| c as usize >= k) {
+        bail!("label {bad} is out of range for {k} classes");
+    }
+    let mut v = vec![0f32; n * k];
+    for (i, c) in ids.iter().enumerate() {
+        v[i * k + *c as usize] = 1.0;
+    }
+    Tensor::from_vec(v, (n, k), labels.device())?.to_dtype(dtype)
 }
 
 /// A differentiable log-probability term log p(x; σ), one value per sample: `[B]`.

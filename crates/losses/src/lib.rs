@@ -4,6 +4,7 @@
 //! * [`binary_cross_entropy`] with [`ClassWeights`]: Gen-neG's IS-balanced loss (Eq. 11)
 //!   and its unweighted ablations.
 //! * [`distillation`]: a student score regressed on a (guided) teacher (Gen-neG Eq. 12).
+//! * [`cross_entropy`] and [`dlsm`]: DLSM's classifier losses (L_total = L_DLSM + c L_CE).
 //!
 //! [`dsm`] is denoising score matching, E[λ(σ) ‖s(x0 + σz; σ) + z/σ‖²], computed through
 //! the model's denoiser view (‖s + z/σ‖² = ‖D − x0‖²/σ⁴) so that no network output is
@@ -31,7 +32,7 @@
 //! ```
 
 use candle_core::{bail, Result, Tensor};
-use scoreguide_guidance::{check_batch, log_sigmoid, per_sample, Score};
+use scoreguide_guidance::{check_batch, log_sigmoid, log_softmax, one_hot, per_sample, Score};
 use serde::{Deserialize, Serialize};
 
 /// λ(σ) of denoising score matching, stated on the score error ‖s + z/σ‖².
@@ -174,4 +175,50 @@ fn denoiser_weights(sigma: &Tensor, weighting: DsmWeighting, like: &Tensor) -> R
         .map(|s| weighting.denoiser_weight(s))
         .collect();
     Tensor::from_vec(w, sigma.dims(), sigma.device())?.to_dtype(like.dtype())
+}
+
+/// Mean over the batch of −log p(y | x) for `logits: [B, K]` and labels `[B]` (u32).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if logits.rank() != 2 || labels.rank() != 1 || labels.dim(0)? != logits.dim(0)? {
+        bail!(
+            "cross-entropy: logits {:?} must be [batch, classes] and labels {:?} [batch]",
+            logits.dims(),
+            labels.dims()
+        );
+    }
+    let onehot = one_hot(labels, logits.dim(1)?, logits.dtype())?;
+    (log_softmax(logits)? * onehot)?.sum(1)?.neg()?.mean_all()
+}
+
+/// DLSM (paper Eq. 10–11; SPEC §3): the batch mean of
+/// ½ λ(σ) ‖∇x log p_φ(y | x; σ) + s_θ(x; σ) + z/σ‖² for x = x0 + σ z, with the score
+/// model's `prior_score` s_θ(x; σ) frozen (detach it) and `likelihood_grad` = ∇x log p_φ
+/// computed so that it is differentiable in φ (e.g.
+/// `ToyClassifier::log_prob_and_input_grad`). Like [`dsm`], it is computed on the
+/// denoiser-scale error σ² (∇ + s) + σ z, weighted by `weighting`'s λ_D.
+pub fn dlsm(
+    likelihood_grad: &Tensor,
+    prior_score: &Tensor,
+    x0: &Tensor,
+    sigma: &Tensor,
+    noise: &Tensor,
+    weighting: DsmWeighting,
+) -> Result<Tensor> {
+    let x = noised(x0, sigma, noise, "DLSM loss")?;
+    for (t, what) in [
+        (likelihood_grad, "likelihood gradient"),
+        (prior_score, "prior score"),
+    ] {
+        if t.dims() != x0.dims() {
+            bail!(
+                "DLSM loss: {what} has shape {:?}, data has {:?}",
+                t.dims(),
+                x0.dims()
+            );
+        }
+    }
+    let s2 = per_sample(sigma, x0)?.sqr()?;
+    let posterior = (likelihood_grad + prior_score)?;
+    let denoised = (x + posterior.broadcast_mul(&s2)?)?;
+    weighted_error(&denoised, x0, sigma, weighting)? * 0.5
 }

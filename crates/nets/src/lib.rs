@@ -11,6 +11,8 @@
 //! * [`Classifier`]: a noise-conditioned classifier; binary ones are guidance terms
 //!   ([`scoreguide_guidance::LogProb`]), and [`OnDenoised`] guides with a classifier of
 //!   clean data through the one-step denoised estimate.
+//! * [`ToyMlp`]: DLSM's two-branch toy MLP, as a score model ([`ToyScore`]) or a K-class
+//!   classifier ([`ToyClassifier`]) whose ∇x log p(y | x) can be trained through.
 //! * [`ParamStore`]: named parameters with seeded, order-independent initialisation
 //!   (candle's CPU generator cannot be seeded).
 //!
@@ -35,6 +37,7 @@ mod embedding;
 mod mlp;
 mod params;
 mod precond;
+mod toy;
 
 pub use classifier::{Classifier, ClassifierConfig, OnDenoised};
 pub use config::{NetConfig, ScoreModelConfig};
@@ -42,3 +45,4 @@ pub use embedding::SinusoidalEmbedding;
 pub use mlp::{ResMlp, ResMlpConfig};
 pub use params::ParamStore;
 pub use precond::{AnyNet, NoiseNet, Precond, ScoreNet};
+pub use toy::{ClassTerm, ToyClassifier, ToyMlp, ToyMlpConfig, ToyScore};

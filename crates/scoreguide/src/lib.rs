@@ -9,11 +9,11 @@
 //! |---|---|---|
 //! | [`sde`] | scoreguide-sde | noise processes, σ grids, training σ, seeded noise |
 //! | [`guidance`] | scoreguide-guidance | the `Score` trait |
-//! | [`nets`] | scoreguide-nets | residual MLP, preconditioning, parameter stores |
-//! | [`losses`] | scoreguide-losses | denoising score matching |
+//! | [`nets`] | scoreguide-nets | residual MLP, DLSM toy MLP, preconditioning, parameter stores |
+//! | [`losses`] | scoreguide-losses | DSM, IS-balanced BCE, distillation, CE, DLSM |
 //! | [`samplers`] | scoreguide-samplers | Heun, Euler, EM, PC, DDPM, DDIM, PF-ODE |
 //! | [`oracles`] | scoreguide-oracles | the `Oracle` trait, checkerboard |
-//! | [`metrics`] | scoreguide-metrics | infraction rate |
+//! | [`metrics`] | scoreguide-metrics | infraction rate, NLL, MMD², FID, KID, PRDC, score errors |
 //! | [`data`] | scoreguide-data | toy data, Gaussian mixtures, batching |
 //! | [`train`] | scoreguide-train | Adam, EMA, checkpoints |
 //!
@@ -25,6 +25,7 @@
 //! ```
 
 pub mod checkerboard;
+pub mod moons;
 pub mod plot;
 pub mod runtime;
 

@@ -1,0 +1,261 @@
+//! DLSM's two-moons experiment (paper §3, Table 1; SPEC §7), as functions the
+//! `dlsm_moons` example and the tests share: data, the score model trained with DSM, the
+//! noise-conditioned classifier trained with cross-entropy, DLSM or both, the score-error
+//! grid, and class-conditional sampling.
+
+use crate::data::{two_moons, Dataset, Parzen};
+use crate::guidance::{Guided, Score};
+use crate::losses::{cross_entropy, dlsm, dsm, DsmWeighting};
+use crate::nets::{ParamStore, ToyClassifier, ToyMlpConfig, ToyScore};
+use crate::samplers::{initial_noise, PcOptions, Sampler};
+use crate::sde::{append_zero, log_linear, randn, SampleNoise, SigmaDistribution};
+use crate::train::{Checkpoint, Progress, TrainConfig, Trainer};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// How a classifier is trained (the score model frozen).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ClassifierLoss {
+    /// Cross-entropy only (the paper's "base").
+    CrossEntropy,
+    /// L_DLSM only.
+    Dlsm,
+    /// L_DLSM + c · L_CE (the paper's "ours", c = 0.125 on two moons).
+    Total { ce_weight: f64 },
+}
+
+/// Settings of the experiment (defaults: SPEC §7).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoonsConfig {
+    pub points: usize,
+    /// Multiplies the centred make_moons coordinates.
+    pub scale: f64,
+    pub sigma: SigmaDistribution,
+    pub weighting: DsmWeighting,
+    pub batch: usize,
+    pub score_iters: u64,
+    pub score_lr: f64,
+    pub classifier_iters: u64,
+    pub seed: u64,
+}
+
+impl Default for MoonsConfig {
+    fn default() -> Self {
+        Self {
+            points: 10_000,
+            scale: 20.0,
+            sigma: SigmaDistribution::LogUniform {
+                min: 1e-3,
+                max: 10.0,
+            },
+            weighting: DsmWeighting::SigmaFourth,
+            batch: 4_000,
+            score_iters: 40_000,
+            score_lr: 6.5e-4,
+            classifier_iters: 40_000,
+            seed: 0,
+        }
+    }
+}
+
+impl ClassifierLoss {
+    /// The learning rate of the authors' code for this loss (CE: the paper's classifier
+    /// rate, A.6.2).
+    pub fn learning_rate(&self) -> f64 {
+        match self {
+            Self::CrossEntropy | Self::Dlsm => 2e-5,
+            Self::Total { .. } => 1e-5,
+        }
+    }
+}
+
+/// make_moons(n, noise 0), centred and scaled: `([n, 2] f32, labels)`, outer moon = 0.
+pub fn moons_data(cfg: &MoonsConfig) -> Result<(Tensor, Vec<u32>)> {
+    let (x, labels) = two_moons(cfg.points, 0.0, cfg.seed)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+    Ok(((centred * cfg.scale)?, labels))
+}
+
+fn toy_config(out_dim: usize) -> ToyMlpConfig {
+    ToyMlpConfig { in_dim: 2, out_dim }
+}
+
+/// Trains the score model with DSM; returns the checkpoint (EMA weights under `ema.`).
+pub fn train_score(
+    cfg: &MoonsConfig,
+    data: &Dataset,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    cfg.sigma.validate()?;
+    let store = ParamStore::new(cfg.seed);
+    let model = ToyScore(toy_config(2).build(&store.var_builder(DType::F32, device))?);
+    let train = TrainConfig {
+        lr: cfg.score_lr,
+        seed: cfg.seed,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(store, train)?;
+    trainer.run(cfg.score_iters, progress, |step, rng| {
+        let x0 = data.rows(&data.step_batch(cfg.batch, cfg.seed, step)?)?;
+        let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, device)?;
+        let z = randn(rng, x0.dims(), device)?;
+        dsm(&model, &x0, &sigma, &z, cfg.weighting)
+    })?;
+    let mut c = trainer.checkpoint()?;
+    c.set_meta("model", &toy_config(2))?;
+    c.set_meta("moons", cfg)?;
+    Ok(c)
+}
+
+/// The frozen network of a checkpoint from [`train_score`] or [`train_classifier`]
+/// (EMA weights).
+fn load_toy(
+    c: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+    what: &str,
+) -> Result<crate::nets::ToyMlp> {
+    let cfg: ToyMlpConfig = c.meta("model")?;
+    let section = c.section("ema");
+    if section.is_empty() {
+        bail!("{what}: checkpoint holds no `ema.*` tensors");
+    }
+    let store = ParamStore::new(0);
+    cfg.build(&store.var_builder(dtype, device))?;
+    store.assign(&section, what)?;
+    cfg.build(&store.frozen_var_builder(dtype, device))
+}
+
+/// The frozen score model of a checkpoint from [`train_score`].
+pub fn load_score(c: &Checkpoint, dtype: DType, device: &Device) -> Result<ToyScore> {
+    Ok(ToyScore(load_toy(
+        c,
+        dtype,
+        device,
+        "score model checkpoint",
+    )?))
+}
+
+/// The frozen classifier of a checkpoint from [`train_classifier`].
+pub fn load_classifier(c: &Checkpoint, dtype: DType, device: &Device) -> Result<ToyClassifier> {
+    Ok(ToyClassifier(load_toy(
+        c,
+        dtype,
+        device,
+        "classifier checkpoint",
+    )?))
+}
+
+/// Trains a 2-class noise-conditioned classifier with `loss`, the score model `prior`
+/// frozen. `labels` are the classes of `data`'s rows.
+#[allow(clippy::too_many_arguments)]
+pub fn train_classifier(
+    cfg: &MoonsConfig,
+    loss: ClassifierLoss,
+    prior: &dyn Score,
+    data: &Dataset,
+    labels: &[u32],
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    if labels.len() != data.len() {
+        bail!(
+            "classifier training: {} labels for {} points",
+            labels.len(),
+            data.len()
+        );
+    }
+    let labels_t = Tensor::from_slice(labels, labels.len(), device)?;
+    let store = ParamStore::new(cfg.seed + 1);
+    let classifier = ToyClassifier(toy_config(2).build(&store.var_builder(DType::F32, device))?);
+    let train = TrainConfig {
+        lr: loss.learning_rate(),
+        seed: cfg.seed + 1,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(store, train)?;
+    trainer.run(cfg.classifier_iters, progress, |step, rng| {
+        let idx = data.step_batch(cfg.batch, cfg.seed + 1, step)?;
+        let x0 = data.rows(&idx)?;
+        let y = labels_t.index_select(&Tensor::from_slice(&idx, idx.len(), device)?, 0)?;
+        let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, device)?;
+        let z = randn(rng, x0.dims(), device)?;
+        let x = (&x0 + z.broadcast_mul(&sigma.unsqueeze(1)?)?)?;
+        let ce = || cross_entropy(&classifier.0.forward(&x, &sigma)?, &y);
+        let dlsm_term = || -> Result<Tensor> {
+            let (_, g) = classifier.log_prob_and_input_grad(&x, &sigma, &y)?;
+            let s = prior.score(&x, &sigma)?.detach();
+            dlsm(&g, &s, &x0, &sigma, &z, cfg.weighting)
+        };
+        match loss {
+            ClassifierLoss::CrossEntropy => ce(),
+            ClassifierLoss::Dlsm => dlsm_term(),
+            ClassifierLoss::Total { ce_weight } => dlsm_term()? + (ce()? * ce_weight)?,
+        }
+    })?;
+    let mut c = trainer.checkpoint()?;
+    c.set_meta("model", &toy_config(2))?;
+    c.set_meta("loss", &loss)?;
+    Ok(c)
+}
+
+/// DLSM's evaluation points: a 35 × 35 grid over [−40, 40] × [−25, 25] (`[1225, 2]`).
+pub fn error_grid() -> Vec<[f64; 2]> {
+    let lin = |a: f64, b: f64, i: usize| a + (b - a) * i as f64 / 34.0;
+    (0..35)
+        .flat_map(|i| (0..35).map(move |j| [lin(-40.0, 40.0, i), lin(-25.0, 25.0, j)]))
+        .collect()
+}
+
+/// Rows of `points` whose label is `class`, as a [`Parzen`] oracle.
+pub fn class_parzen(points: &Tensor, labels: &[u32], class: u32) -> Result<Parzen> {
+    let idx: Vec<u32> = (0..labels.len() as u32)
+        .filter(|&i| labels[i as usize] == class)
+        .collect();
+    let rows = points.index_select(&Tensor::from_slice(&idx, idx.len(), points.device())?, 0)?;
+    Parzen::new(&rows, &format!("class {class} points"))
+}
+
+/// Row-major f64 values of a `[B, d]` tensor.
+pub fn to_f64_rows(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
+}
+
+/// The PC sampler of SPEC §5 on `steps` geometric noise levels from `sigma_max` to
+/// `sigma_min`, then 0.
+pub fn pc_sampler(steps: usize, sigma_min: f64, sigma_max: f64) -> Result<(Sampler, Vec<f64>)> {
+    Ok((
+        Sampler::PredictorCorrector(PcOptions::default()),
+        append_zero(log_linear(steps, sigma_min, sigma_max)?),
+    ))
+}
+
+/// `n` samples of class `class` from s_θ + k ∇x log p_φ(class | x), in batches, with
+/// per-sample seeded noise.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_class(
+    prior: &dyn Score,
+    classifier: &ToyClassifier,
+    class: u32,
+    scale: f64,
+    n: usize,
+    sampler: &Sampler,
+    sigmas: &[f64],
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    let guided = Guided::new(prior).with(scale, classifier.for_class(class)?);
+    let batch = 10_000.min(n);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let b = batch.min(n - start);
+        let mut noise = SampleNoise::new(seed, start, b);
+        let x0 = initial_noise(&mut noise, &[b, 2], sigmas[0], DType::F32, device)?;
+        out.push(sampler.sample(&guided, x0, sigmas, &mut noise, None)?);
+        start += b;
+    }
+    Tensor::cat(&out, 0)
+}

@@ -1,0 +1,163 @@
+//! The `scoreguide` binary: `metrics` on the reference feature sets, both input formats,
+//! and clear errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn reference_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/metrics")
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_scoreguide"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("scoreguide-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn metrics_command_matches_the_reference_values() {
+    let dir = reference_dir();
+    let (real, fake) = (dir.join("dev_real.npy"), dir.join("dev_fake.npy"));
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let (ok, stdout, stderr) = run(&[
+        "metrics",
+        "--real",
+        real.to_str().unwrap(),
+        "--fake",
+        fake.to_str().unwrap(),
+        "--k",
+        "5",
+        "--mmd-sigma",
+        "8",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        (a - b).abs() <= 1e-9 * b.abs().max(1e-12)
+    };
+    assert!(close(&got["fid"], &expected["fid"]), "{got}");
+    assert!(close(&got["kid"], &expected["kid"]), "{got}");
+    assert!(close(&got["mmd2"], &expected["mmd2_rbf_sigma8"]), "{got}");
+    for key in ["precision", "recall", "density", "coverage"] {
+        assert!(close(&got[key], &expected["prdc_k5"][key]), "{key}: {got}");
+    }
+
+    // The same fake set as a safetensors file with one f32 tensor gives the same answer.
+    let arr = scoreguide::metrics::read_npy(&std::fs::read(&fake).unwrap()).unwrap();
+    let t = candle_core::Tensor::from_vec(
+        arr.data.iter().map(|v| *v as f32).collect::<Vec<f32>>(),
+        (arr.rows, arr.cols),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let st = tmp("fake.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("x".to_string(), t)]),
+        &st,
+    )
+    .unwrap();
+    let (ok, stdout2, stderr) = run(&[
+        "metrics",
+        "--real",
+        real.to_str().unwrap(),
+        "--fake",
+        st.to_str().unwrap(),
+        "--k",
+        "5",
+        "--mmd-sigma",
+        "8",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let got2: serde_json::Value = serde_json::from_str(&stdout2).unwrap();
+    assert_eq!(got["fid"], got2["fid"]);
+
+    // The table names every metric.
+    let (ok, table, _) = run(&[
+        "metrics",
+        "--real",
+        real.to_str().unwrap(),
+        "--fake",
+        fake.to_str().unwrap(),
+    ]);
+    assert!(ok);
+    for key in [
+        "fid",
+        "kid",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "mmd2",
+    ] {
+        assert!(table.contains(key), "{table}");
+    }
+}
+
+#[test]
+fn metrics_command_rejects_bad_input() {
+    let dir = reference_dir();
+    let real = dir.join("dev_real.npy");
+    let write = |name: &str, rows: usize, cols: usize, poison: bool| -> PathBuf {
+        let mut v: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
+        if poison {
+            v[cols + 1] = f32::NAN;
+        }
+        let t = candle_core::Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu).unwrap();
+        let p = tmp(name);
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("x".to_string(), t)]),
+            &p,
+        )
+        .unwrap();
+        p
+    };
+    let cases = [
+        (
+            write("narrow.safetensors", 50, 8, false),
+            "rows of 32 values",
+        ),
+        (write("nan.safetensors", 50, 32, true), "row 1 holds a NaN"),
+        (write("few.safetensors", 3, 32, false), "at least 4"),
+    ];
+    for (fake, needle) in &cases {
+        let (ok, _, stderr) = run(&[
+            "metrics",
+            "--real",
+            real.to_str().unwrap(),
+            "--fake",
+            fake.to_str().unwrap(),
+        ]);
+        assert!(!ok);
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+        assert!(
+            stderr.contains(fake.file_name().unwrap().to_str().unwrap())
+                || needle.starts_with("rows"),
+            "{stderr}"
+        );
+    }
+    let (ok, _, stderr) = run(&[
+        "metrics",
+        "--real",
+        real.to_str().unwrap(),
+        "--fake",
+        "Cargo.toml",
+    ]);
+    assert!(!ok && stderr.contains("Cargo.toml"), "{stderr}");
+}
