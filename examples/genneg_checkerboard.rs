@@ -69,7 +69,9 @@ struct Args {
     /// Held-out points for the NLL.
     #[arg(long)]
     nll_points: Option<usize>,
-    /// Heun steps for every sampler call (default 100, the paper's; 32 with --quick).
+    /// Heun steps for every sampler call (default 64; 32 with --quick). The baseline
+    /// example uses 100; guided collection with k classifiers costs about 1 + 2.4k base
+    /// evaluations per step, so 2 CPU cores afford fewer.
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
@@ -84,6 +86,8 @@ struct Args {
     threads: Option<usize>,
 }
 
+/// Run sizes. Full mode is sized for about 70 minutes on 2 CPU cores, below the paper's
+/// (50k per class, 20k classifier steps at batch 8192): see docs/REPRODUCING.md.
 struct Sizes {
     per_class: usize,
     budget: usize,
@@ -100,14 +104,14 @@ impl Sizes {
     fn of(a: &Args) -> Self {
         let q = a.quick;
         Self {
-            per_class: a.per_class.unwrap_or(if q { 1_000 } else { 20_000 }),
-            budget: a.budget.unwrap_or(if q { 20_000 } else { 400_000 }),
-            min_negatives: a.min_negatives.unwrap_or(if q { 100 } else { 2_000 }),
-            classifier_iters: a.classifier_iters.unwrap_or(if q { 300 } else { 4_000 }),
+            per_class: a.per_class.unwrap_or(if q { 1_000 } else { 10_000 }),
+            budget: a.budget.unwrap_or(if q { 20_000 } else { 150_000 }),
+            min_negatives: a.min_negatives.unwrap_or(if q { 100 } else { 300 }),
+            classifier_iters: a.classifier_iters.unwrap_or(if q { 300 } else { 2_000 }),
             classifier_batch: a.classifier_batch.unwrap_or(if q { 1024 } else { 4096 }),
-            distill_iters: a.distill_iters.unwrap_or(if q { 300 } else { 5_000 }),
-            samples: a.samples.unwrap_or(if q { 4_000 } else { 50_000 }),
-            nll_points: a.nll_points.unwrap_or(if q { 200 } else { 2_000 }),
+            distill_iters: a.distill_iters.unwrap_or(if q { 300 } else { 4_000 }),
+            samples: a.samples.unwrap_or(if q { 4_000 } else { 20_000 }),
+            nll_points: a.nll_points.unwrap_or(if q { 200 } else { 1_000 }),
             baseline_iters: if q { 3_000 } else { 30_000 },
         }
     }
@@ -172,7 +176,7 @@ fn main() -> candle_core::Result<()> {
         "genneg_checkerboard: {} mode, {threads} thread(s)",
         if args.quick { "quick" } else { "full" }
     );
-    let (sampler, sigmas) = paper_sampler(args.steps.unwrap_or(if args.quick { 32 } else { 100 }))?;
+    let (sampler, sigmas) = paper_sampler(args.steps.unwrap_or(if args.quick { 32 } else { 64 }))?;
     let board = Checkerboard::default();
 
     // Baseline.

@@ -106,6 +106,20 @@ impl Canvas {
         }
     }
 
+    /// An arrow from `a` to `b` in data coordinates, with a two-stroke head.
+    pub fn arrow(&mut self, a: (f64, f64), b: (f64, f64), c: Rgb) {
+        self.line(a, b, c, 1);
+        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+        for turn in [2.6f64, -2.6] {
+            let (cs, sn) = (turn.cos(), turn.sin());
+            let h = (
+                b.0 + 0.3 * (dx * cs - dy * sn),
+                b.1 + 0.3 * (dx * sn + dy * cs),
+            );
+            self.line(b, h, c, 1);
+        }
+    }
+
     /// Text at a pixel position in the 5×7 font, `scale` pixels per font pixel.
     pub fn text(&mut self, px: i64, py: i64, s: &str, scale: i64, c: Rgb) {
         let mut x = px;
@@ -172,26 +186,55 @@ impl Canvas {
 
     /// Writes the canvas as an 8-bit RGB PNG, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::runtime::ensure_parent(path)?;
-        let mut bytes = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut bytes, self.width as u32, self.height as u32);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let err = |e: png::EncodingError| {
-                candle_core::Error::msg(format!("PNG {}: {e}", path.display()))
-            };
-            let mut w = enc.write_header().map_err(err)?;
-            let data: Vec<u8> = self
-                .pixels
-                .iter()
-                .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-                .collect();
-            w.write_image_data(&data).map_err(err)?;
-        }
-        scoreguide_train::write_atomic(path, &bytes)
-            .map_err(|e| candle_core::Error::msg(format!("writing {}: {e}", path.display())))
+        save_png(path, self.width, self.height, &self.pixels)
     }
+}
+
+/// Writes equally sized `panels` as one PNG, `cols` per row, left to right, top to
+/// bottom (a figure of several plots, like the papers' grids).
+pub fn save_grid(path: &Path, panels: &[Canvas], cols: usize) -> Result<()> {
+    let Some(first) = panels.first() else {
+        candle_core::bail!("figure {}: no panels", path.display());
+    };
+    let (w, h) = (first.width, first.height);
+    if cols == 0 || panels.iter().any(|p| (p.width, p.height) != (w, h)) {
+        candle_core::bail!(
+            "figure {}: panels must share one size and cols > 0",
+            path.display()
+        );
+    }
+    let rows = panels.len().div_ceil(cols);
+    let (gw, gh) = (w * cols, h * rows);
+    let mut pixels = vec![1.0f32; gw * gh * 3];
+    for (k, p) in panels.iter().enumerate() {
+        let (ox, oy) = ((k % cols) * w, (k / cols) * h);
+        for y in 0..h {
+            let src = &p.pixels[y * w * 3..(y + 1) * w * 3];
+            let dst = ((oy + y) * gw + ox) * 3;
+            pixels[dst..dst + w * 3].copy_from_slice(src);
+        }
+    }
+    save_png(path, gw, gh, &pixels)
+}
+
+fn save_png(path: &Path, width: usize, height: usize, pixels: &[f32]) -> Result<()> {
+    crate::runtime::ensure_parent(path)?;
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let err =
+            |e: png::EncodingError| candle_core::Error::msg(format!("PNG {}: {e}", path.display()));
+        let mut w = enc.write_header().map_err(err)?;
+        let data: Vec<u8> = pixels
+            .iter()
+            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        w.write_image_data(&data).map_err(err)?;
+    }
+    scoreguide_train::write_atomic(path, &bytes)
+        .map_err(|e| candle_core::Error::msg(format!("writing {}: {e}", path.display())))
 }
 
 fn fmt_tick(t: f64) -> String {
