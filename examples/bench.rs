@@ -34,6 +34,14 @@ struct Args {
     reps: usize,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Flush subnormal floats to zero in the workers (`runtime::flush_subnormals_to_zero`).
+    #[arg(long)]
+    flush: bool,
+    /// Guide with the classifiers of this Gen-neG stack (genneg_K.safetensors) instead of
+    /// one untrained classifier: trained classifiers are confident, and their sigmoid
+    /// tails are where subnormal floats come from.
+    #[arg(long)]
+    stack: Option<PathBuf>,
     /// Internal: measure in this process with this many threads and print JSON.
     #[arg(long, hide = true)]
     worker: Option<usize>,
@@ -48,8 +56,9 @@ struct Timing {
     /// Heun step at batch 10k guided by one classifier of the base's size, input
     /// gradient by the hand-written backward pass.
     guided_step_ms: f64,
-    /// The same with candle's autograd for the input gradient.
-    guided_autograd_step_ms: f64,
+    /// The same with candle's autograd for the input gradient (not measured with
+    /// `--stack`).
+    guided_autograd_step_ms: Option<f64>,
     params: usize,
 }
 
@@ -62,7 +71,11 @@ impl<L: LogProb> LogProb for AutogradOnly<L> {
     }
 }
 
-fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
+fn measure(
+    threads: usize,
+    reps: usize,
+    stack: Option<&std::path::Path>,
+) -> candle_core::Result<Timing> {
     let dev = Device::Cpu;
     let cfg = BaselineConfig::default();
     let data = Dataset::new(checkerboard(1000, 0)?, "bench")?;
@@ -84,15 +97,31 @@ fn measure(threads: usize, reps: usize) -> candle_core::Result<Timing> {
     let mut noise = SampleNoise::new(0, 0, 10_000);
     let x = initial_noise(&mut noise, &[10_000, 2], 1.0, DType::F32, &dev)?;
     let (s0, s1) = (sigmas[50], sigmas[51]);
-    let sample_step_ms = heun_step_ms(&frozen, &x, s0, s1, reps.min(10))?;
+    let mut sample_step_ms = heun_step_ms(&frozen, &x, s0, s1, reps.min(10))?;
     let cstore = ParamStore::new(1);
     ClassifierConfig::checkerboard().build(&cstore.var_builder(DType::F32, &dev))?;
     let classifier =
         || ClassifierConfig::checkerboard().build(&cstore.frozen_var_builder(DType::F32, &dev));
-    let guided = Guided::new(&frozen).with(1.0, classifier()?);
-    let guided_step_ms = heun_step_ms(&guided, &x, s0, s1, reps.min(10))?;
-    let guided = Guided::new(&frozen).with(1.0, AutogradOnly(classifier()?));
-    let guided_autograd_step_ms = heun_step_ms(&guided, &x, s0, s1, reps.min(10))?;
+    let (guided_step_ms, guided_autograd_step_ms) = match stack {
+        None => {
+            let guided = Guided::new(&frozen).with(1.0, classifier()?);
+            let fast = heun_step_ms(&guided, &x, s0, s1, reps.min(10))?;
+            let guided = Guided::new(&frozen).with(1.0, AutogradOnly(classifier()?));
+            (fast, Some(heun_step_ms(&guided, &x, s0, s1, reps.min(10))?))
+        }
+        Some(path) => {
+            // The stack's own base and classifiers (trained weights throughout); the
+            // autograd variant is not measured here.
+            let s = scoreguide::genneg::Stack::from_checkpoint(
+                &scoreguide::train::Checkpoint::load(path)?,
+            )?;
+            sample_step_ms = heun_step_ms(&s.truncated(0).guided(&dev)?, &x, s0, s1, reps.min(10))?;
+            (
+                heun_step_ms(&s.guided(&dev)?, &x, s0, s1, reps.min(10))?,
+                None,
+            )
+        }
+    };
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let xb = scoreguide::sde::randn(&mut rng, &[1000, 2], &dev)?;
@@ -120,7 +149,10 @@ fn main() -> candle_core::Result<()> {
     let args = Args::parse();
     if let Some(t) = args.worker {
         scoreguide::runtime::set_threads(Some(t));
-        let timing = measure(t, args.reps)?;
+        if args.flush {
+            scoreguide::runtime::flush_subnormals_to_zero(t)?;
+        }
+        let timing = measure(t, args.reps, args.stack.as_deref())?;
         println!(
             "{}",
             serde_json::to_string(&timing).expect("timing serialises")
@@ -131,11 +163,16 @@ fn main() -> candle_core::Result<()> {
     let mut rows = Vec::new();
     for &t in &args.threads {
         eprintln!("measuring with {t} thread(s)…");
-        let out = std::process::Command::new(&exe)
-            .args(["--worker", &t.to_string(), "--reps", &args.reps.to_string()])
-            .env("RAYON_NUM_THREADS", t.to_string())
-            .output()
-            .map_err(candle_core::Error::wrap)?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["--worker", &t.to_string(), "--reps", &args.reps.to_string()])
+            .env("RAYON_NUM_THREADS", t.to_string());
+        if args.flush {
+            cmd.arg("--flush");
+        }
+        if let Some(p) = &args.stack {
+            cmd.arg("--stack").arg(p);
+        }
+        let out = cmd.output().map_err(candle_core::Error::wrap)?;
         if !out.status.success() {
             candle_core::bail!(
                 "worker with {t} threads failed: {}",
@@ -151,15 +188,18 @@ fn main() -> candle_core::Result<()> {
     println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}× base) | {:.2} ({:.2}× base) |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}× base) | {} |",
             r.threads,
             r.train_step_ms,
             r.sample_step_ms,
             r.forward_grad_x_ms,
             r.guided_step_ms,
             r.guided_step_ms / r.sample_step_ms,
-            r.guided_autograd_step_ms,
-            r.guided_autograd_step_ms / r.sample_step_ms
+            r.guided_autograd_step_ms
+                .map_or("–".to_string(), |a| format!(
+                    "{a:.2} ({:.2}× base)",
+                    a / r.sample_step_ms
+                ))
         );
     }
     if let Some(p) = &args.json {

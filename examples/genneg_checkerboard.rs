@@ -205,7 +205,10 @@ fn main() -> candle_core::Result<()> {
         "checkerboard training set",
     )?;
     // Held-out data from an independent stream.
-    let held_out = checkerboard(sz.nll_points.max(4_000), 1_000_003)?;
+    let held_out = checkerboard(
+        sz.nll_points.max(4_000),
+        scoreguide::checkerboard::HELD_OUT_SEED,
+    )?;
 
     let mut ccfg = ClassifierTrainConfig {
         iters: sz.classifier_iters,
