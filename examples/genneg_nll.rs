@@ -31,6 +31,9 @@ struct Args {
     /// NLL above this (nats) is an outlier.
     #[arg(long, default_value_t = 10.0)]
     threshold: f64,
+    /// How many of the largest NLL increases to list.
+    #[arg(long, default_value_t = 8)]
+    top: usize,
     /// RK4 steps of the probability-flow ODE (the example's value).
     #[arg(long, default_value_t = 40)]
     steps: usize,
@@ -216,6 +219,32 @@ fn main() -> candle_core::Result<()> {
             "NLL change vs baseline: mean {:+.4}; correlation with Σ_k log C_k(x; σ_min): {corr:.3}",
             mean(&dn)
         );
+        // Which points carry the mean's change: the largest increases, and how the
+        // change splits between points near a square edge and the rest.
+        let mut order: Vec<usize> = (0..args.points).collect();
+        order.sort_by(|&a, &b| dn[b].total_cmp(&dn[a]));
+        println!("largest NLL increases:");
+        println!("| x | y | NLL | baseline NLL | to edge | to border | Σ log C_k |");
+        println!("|---|---|---|---|---|---|---|");
+        for &i in order.iter().take(args.top) {
+            let (e, b) = distances(pts[i]);
+            println!(
+                "| {:.3} | {:.3} | {:.2} | {:.2} | {:.3} | {:.3} | {:.2} |",
+                pts[i][0], pts[i][1], nll[i], base_nll[i], e, b, sum_lc[i]
+            );
+        }
+        for cut in [0.05, 0.1, 0.2] {
+            let (near, far): (Vec<usize>, Vec<usize>) =
+                (0..args.points).partition(|&i| edge_all[i] < cut);
+            let part = |ix: &[usize]| ix.iter().map(|&i| dn[i]).sum::<f64>() / args.points as f64;
+            println!(
+                "points within {cut} of a square edge: {} of {}, contributing {:+.4} of the mean change (the rest {:+.4})",
+                near.len(),
+                args.points,
+                part(&near),
+                part(&far)
+            );
+        }
         reports.push(ModelReport {
             path: path.display().to_string(),
             classifiers: stack.classifiers.len(),
