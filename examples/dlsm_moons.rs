@@ -53,6 +53,11 @@ struct Args {
     /// Reuse the checkpoints of an earlier run in the output directory.
     #[arg(long)]
     reuse: bool,
+    /// Train (or reuse) the score model and only this classifier (`ce`, `dlsm` or
+    /// `total`), then stop: lets the classifiers train in parallel processes, one per
+    /// core, before a `--reuse` run evaluates them all.
+    #[arg(long)]
+    train_only: Option<String>,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -129,6 +134,9 @@ fn main() -> candle_core::Result<()> {
         ("dlsm", ClassifierLoss::Dlsm),
         ("total", ClassifierLoss::Total { ce_weight: 0.125 }),
     ] {
+        if args.train_only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
         let c = obtain(&format!("classifier_{name}"), &mut || {
             train_classifier(
                 &cfg,
@@ -143,6 +151,9 @@ fn main() -> candle_core::Result<()> {
         classifiers.push((name, load_classifier(&c, DType::F32, &dev)?));
     }
     eprintln!("models ready in {:.0}s", t0.elapsed().as_secs_f64());
+    if args.train_only.is_some() {
+        return Ok(());
+    }
     let clf = |n: &str| {
         &classifiers
             .iter()

@@ -31,6 +31,17 @@ struct Args {
     /// NLL above this (nats) is an outlier.
     #[arg(long, default_value_t = 10.0)]
     threshold: f64,
+    /// Diagnostic: also evaluate each stack with its classifiers switched off above this
+    /// noise level (repeatable), to see which noise levels the NLL change comes from.
+    #[arg(long)]
+    guidance_sigma_max: Vec<f64>,
+    /// With `--guidance-sigma-max`: also draw this many samples of each gated model and
+    /// report its infraction rate (same sampler and seed as genneg_checkerboard).
+    #[arg(long, default_value_t = 0)]
+    infraction_samples: usize,
+    /// Heun steps for those samples (genneg_checkerboard's full-mode value).
+    #[arg(long, default_value_t = 64)]
+    sample_steps: usize,
     /// How many of the largest NLL increases to list.
     #[arg(long, default_value_t = 8)]
     top: usize,
@@ -77,6 +88,58 @@ fn distances(p: [f64; 2]) -> (f64, f64) {
         .map(|v| 4.0 - v.abs())
         .fold(f64::INFINITY, f64::min);
     (edge, border)
+}
+
+/// A guidance term switched off above `sigma_max`.
+struct Gated<L> {
+    term: L,
+    sigma_max: f64,
+}
+
+impl<L: LogProb> Gated<L> {
+    fn mask(&self, sigma: &Tensor) -> candle_core::Result<Tensor> {
+        sigma.le(self.sigma_max)?.to_dtype(sigma.dtype())
+    }
+}
+
+impl<L: LogProb> LogProb for Gated<L> {
+    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Tensor> {
+        self.term.log_prob(x, sigma)? * self.mask(sigma)?
+    }
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let m = self.mask(sigma)?.to_dtype(x.dtype())?.unsqueeze(1)?;
+        Ok(match self.term.input_gradient(x, sigma)? {
+            Some(g) => Some(g.broadcast_mul(&m)?),
+            None => None,
+        })
+    }
+}
+
+/// The stack's base and time-dependent classifiers, each classifier gated at
+/// `sigma_max`, with weights in `dtype`.
+fn gated_stack(
+    stack: &Stack,
+    sigma_max: f64,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> candle_core::Result<scoreguide::guidance::Guided<'static>> {
+    let vb = |t: &std::collections::BTreeMap<String, Tensor>| {
+        candle_nn::VarBuilder::from_tensors(
+            t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            dtype,
+            dev,
+        )
+    };
+    let base = stack.base_config.build(&vb(&stack.base))?;
+    let mut g = scoreguide::guidance::Guided::new(base);
+    for c in &stack.classifiers {
+        if c.time_independent.is_some() {
+            candle_core::bail!("gating supports time-dependent classifiers only");
+        }
+        let term: Classifier = c.config.build(&vb(&c.tensors))?;
+        g.push(c.weight, Gated { term, sigma_max });
+    }
+    Ok(g)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -129,6 +192,39 @@ fn main() -> candle_core::Result<()> {
         let base_nll = baseline_nll.as_ref().expect("computed above");
         let t = std::time::Instant::now();
         let nll = negative_log_likelihood(&stack.guided_as(DType::F64, &dev)?, &held, &cfg)?;
+        for &cut in &args.guidance_sigma_max {
+            let gated = gated_stack(&stack, cut, DType::F64, &dev)?;
+            let g_nll = negative_log_likelihood(&gated, &held, &cfg)?;
+            let infraction = if args.infraction_samples > 0 {
+                let model = gated_stack(&stack, cut, DType::F32, &dev)?;
+                let x = scoreguide::checkerboard::sample(
+                    &model,
+                    args.infraction_samples,
+                    args.sample_steps,
+                    args.common.seed.wrapping_add(7),
+                    10_000,
+                    &dev,
+                    &format!("gated at {cut}: sampling"),
+                )?;
+                let (rate, _) = scoreguide::checkerboard::label(&x)?;
+                format!(
+                    ", infraction {:.3}% [{:.3}, {:.3}]",
+                    100.0 * rate.rate,
+                    100.0 * rate.ci95.0,
+                    100.0 * rate.ci95.1
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "{} with guidance only at σ ≤ {cut}: NLL mean {:.4}, median {:.4}, above {}: {}{infraction}",
+                path.display(),
+                mean(&g_nll),
+                median(&g_nll),
+                args.threshold,
+                g_nll.iter().filter(|v| **v > args.threshold).count()
+            );
+        }
         eprintln!(
             "{}: NLL in {:.0}s",
             path.display(),
