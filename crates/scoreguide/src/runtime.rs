@@ -158,10 +158,10 @@ impl CommonArgs {
 
 /// Sets x86-64's FTZ and DAZ flags (subnormal results and inputs become zero) on this
 /// thread and on every thread of rayon's global pool, which it builds with `threads`
-/// threads (candle's CPU kernels run there). Subnormal arithmetic is ~100× slower on
-/// these CPUs, and a confident classifier's softmax tails feed it straight into the
-/// DLSM loss's matmuls: the two-moons DLSM step went from 108 to 56 ms on one thread.
-/// Values below 1.2e-38 do not matter to training. Call before any tensor work; fails if
+/// threads (candle's CPU kernels run there). Subnormal arithmetic is slow on x86, and a
+/// confident classifier's softmax tails produce it: the two-moons DLSM step went from
+/// 34.9 to 30.8 ms on one thread (docs/PERFORMANCE.md). Values below 1.2e-38 do not
+/// matter to training, but results change in the last bits. Call before any tensor work; fails if
 /// the pool already exists. A no-op on other architectures.
 pub fn flush_subnormals_to_zero(threads: usize) -> Result<()> {
     fn set_flags() {
