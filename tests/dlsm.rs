@@ -2,7 +2,10 @@
 //! (second order, through ∇x log p_φ) against finite differences, and Parzen scores
 //! against a Gaussian mixture's closed form.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::{flat_f64, max_abs_diff};
 use scoreguide::data::{GaussianMixture, Parzen};
 use scoreguide::guidance::{per_sample, LogProb, Score};
 use scoreguide::losses::{cross_entropy, dlsm, DsmWeighting};
@@ -68,14 +71,7 @@ fn classifier_input_gradient_matches_autograd() {
         let lp = term.log_prob(xv.as_tensor(), &sigma).unwrap();
         let grads = lp.sum_all().unwrap().backward().unwrap();
         let auto = grads.get(xv.as_tensor()).unwrap();
-        let err = (fast - auto)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let err = max_abs_diff(&fast, auto);
         assert!(err < 1e-12, "class {class}: {err}");
     }
     assert!(clf.for_class(2).is_err());
@@ -117,19 +113,8 @@ fn dlsm_parameter_gradient_matches_finite_differences() {
             if !(name.starts_with("x") || name.starts_with("head") || name.starts_with("s1")) {
                 continue;
             }
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let g = flat_f64(grads.get(var.as_tensor()).unwrap());
+            let base = flat_f64(var.as_tensor());
             for idx in [0, base.len() / 3, base.len() - 1] {
                 let eps = 1e-5;
                 let at = |delta: f64| -> f64 {
@@ -203,14 +188,7 @@ fn parzen_score_matches_a_gaussian_mixture_and_survives_small_sigma() {
             &Tensor::full((sigma * sigma - a).sqrt(), 4, &dev).unwrap(),
         )
         .unwrap();
-    let err = (s_p - s_g)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let err = max_abs_diff(&s_p, &s_g);
     assert!(err < 1e-10, "{err}");
 
     // Far from every point at tiny σ the weights underflow in a naive implementation;

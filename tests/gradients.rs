@@ -137,19 +137,8 @@ fn parameter_and_input_gradients_match_finite_differences() {
         .into_iter()
         .filter(|(n, _)| n.ends_with("weight"))
     {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let orig = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let g = common::flat_f64(grads.get(var.as_tensor()).unwrap());
+        let orig = common::flat_f64(var.as_tensor());
         let k = g
             .iter()
             .enumerate()

@@ -36,3 +36,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// Every element of an f64 tensor, flattened.
+pub fn flat_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
