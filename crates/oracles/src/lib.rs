@@ -4,6 +4,10 @@
 //! and a closure is an oracle ([`from_fn`]). Each [`Verdict`] says which of the oracle's
 //! named constraints a sample breaks.
 //!
+//! * [`Checkerboard`]: the Gen-neG toy (off the board, black square).
+//! * [`scene`]: traffic scenes — vehicles as oriented rectangles on a road raster,
+//!   judged per vehicle for collision (separating axes) and offroad.
+//!
 //! ```
 //! use scoreguide_oracles::{Checkerboard, Oracle};
 //! let board = Checkerboard::default(); // 4×4 squares on [−4, 4]²
@@ -15,6 +19,9 @@
 //! ```
 
 use std::fmt;
+
+pub mod scene;
+pub use scene::{check_scene, OrientedBox, RoadRaster, SceneOracle, SceneVerdict};
 
 /// An oracle's judgement of one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
