@@ -6,6 +6,8 @@
 //! * [`GaussianMixture`]: a diagonal Gaussian mixture whose score is known at every σ —
 //!   the analytic reference the samplers and losses are tested against.
 //! * [`Parzen`]: the exact score of a point set smoothed at σ (DLSM's oracle scores).
+//! * [`scenes`]: procedural traffic scenes (road maps, vehicles on lanes) with seeded
+//!   train/validation/test splits, saved as safetensors.
 //!
 //! ```
 //! use scoreguide_data::{checkerboard, Dataset};
@@ -18,9 +20,11 @@
 mod dataset;
 mod mixture;
 mod parzen;
+pub mod scenes;
 mod toy;
 
 pub use dataset::Dataset;
 pub use mixture::GaussianMixture;
 pub use parzen::Parzen;
+pub use scenes::{SceneConfig, SceneSet, Split};
 pub use toy::{checkerboard, checkerboard_with, two_moons};

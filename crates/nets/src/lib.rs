@@ -13,6 +13,9 @@
 //!   clean data through the one-step denoised estimate.
 //! * [`ToyMlp`]: DLSM's two-branch toy MLP, as a score model ([`ToyScore`]) or a K-class
 //!   classifier ([`ToyClassifier`]) whose ∇x log p(y | x) can be trained through.
+//! * [`SceneTransformer`]: the traffic-scene transformer of Gen-neG App. B.2 — agents
+//!   with relative-position self-attention and cross-attention to map tokens from a
+//!   [`MapEncoder`]; a score network or a per-agent classifier.
 //! * [`ParamStore`]: named parameters with seeded, order-independent initialisation
 //!   (candle's CPU generator cannot be seeded).
 //!
@@ -38,6 +41,7 @@ mod mlp;
 mod params;
 mod precond;
 mod toy;
+mod transformer;
 
 pub use classifier::{Classifier, ClassifierConfig, OnDenoised};
 pub use config::{NetConfig, ScoreModelConfig};
@@ -46,3 +50,4 @@ pub use mlp::{ResMlp, ResMlpConfig};
 pub use params::ParamStore;
 pub use precond::{AnyNet, NoiseNet, Precond, ScoreNet};
 pub use toy::{ClassTerm, ToyClassifier, ToyMlp, ToyMlpConfig, ToyScore};
+pub use transformer::{BoundScene, MapEncoder, SceneTransformer, SceneTransformerConfig};

@@ -1,8 +1,9 @@
 //! scoreguide: score-based generative modelling with guidance, on Candle.
 //!
 //! This umbrella crate re-exports the workspace's small crates under short names and
-//! adds what the examples and the `scoreguide` command share: PNG plots ([`plot`]) and
-//! run set-up ([`runtime`]). Depend on the individual `scoreguide-*` crates to pick and
+//! adds what the examples and the `scoreguide` command share: PNG plots ([`plot`]), run
+//! set-up ([`runtime`]) and the experiments' shared parts ([`checkerboard`], [`moons`],
+//! [`traffic`]). Depend on the individual `scoreguide-*` crates to pick and
 //! choose.
 //!
 //! | module | crate | what for |
@@ -12,9 +13,9 @@
 //! | [`nets`] | scoreguide-nets | residual MLP, DLSM toy MLP, preconditioning, parameter stores |
 //! | [`losses`] | scoreguide-losses | DSM, IS-balanced BCE, distillation, CE, DLSM |
 //! | [`samplers`] | scoreguide-samplers | Heun, Euler, EM, PC, DDPM, DDIM, PF-ODE |
-//! | [`oracles`] | scoreguide-oracles | the `Oracle` trait, checkerboard |
+//! | [`oracles`] | scoreguide-oracles | the `Oracle` trait, checkerboard, traffic scenes (collision, offroad) |
 //! | [`metrics`] | scoreguide-metrics | infraction rate, NLL, MMD², FID, KID, PRDC, score errors |
-//! | [`data`] | scoreguide-data | toy data, Gaussian mixtures, batching |
+//! | [`data`] | scoreguide-data | toy data, Gaussian mixtures, batching, procedural traffic scenes |
 //! | [`train`] | scoreguide-train | Adam, EMA, checkpoints |
 //!
 //! ```
@@ -28,6 +29,7 @@ pub mod checkerboard;
 pub mod moons;
 pub mod plot;
 pub mod runtime;
+pub mod traffic;
 
 pub use scoreguide_data as data;
 pub use scoreguide_genneg as genneg;

@@ -73,6 +73,40 @@ impl Canvas {
         }
     }
 
+    /// Pixel coordinates to data coordinates.
+    pub fn from_px(&self, px: f64, py: f64) -> (f64, f64) {
+        let (x0, x1, y0, y1) = self.plot_area();
+        (
+            self.x_range.0
+                + (px - x0 as f64) / (x1 - x0) as f64 * (self.x_range.1 - self.x_range.0),
+            self.y_range.0
+                + (y1 as f64 - py) / (y1 - y0) as f64 * (self.y_range.1 - self.y_range.0),
+        )
+    }
+
+    /// Blends `c` over every plot-area pixel whose centre satisfies `inside(x, y)` (data
+    /// coordinates) within the data-space box `[x0, x1] × [y0, y1]`.
+    pub fn fill_where(
+        &mut self,
+        (x0, x1): (f64, f64),
+        (y0, y1): (f64, f64),
+        c: Rgb,
+        alpha: f32,
+        inside: impl Fn(f64, f64) -> bool,
+    ) {
+        let (ax0, ax1, ay0, ay1) = self.plot_area();
+        let (p0, q0) = self.to_px(x0, y1);
+        let (p1, q1) = self.to_px(x1, y0);
+        for py in (q0.floor().max(ay0 as f64) as i64)..(q1.ceil().min(ay1 as f64) as i64) {
+            for px in (p0.floor().max(ax0 as f64) as i64)..(p1.ceil().min(ax1 as f64) as i64) {
+                let (x, y) = self.from_px(px as f64 + 0.5, py as f64 + 0.5);
+                if inside(x, y) {
+                    self.blend(px, py, c, alpha);
+                }
+            }
+        }
+    }
+
     /// A dot of radius `r` pixels, alpha-blended so dense regions darken.
     pub fn dot(&mut self, x: f64, y: f64, r: f64, c: Rgb, alpha: f32) {
         let (px, py) = self.to_px(x, y);

@@ -1,0 +1,423 @@
+//! The traffic-scene transformer of Gen-neG (App. B.2; SPEC §2): agents attend to each
+//! other with relative-position (RPE) attention and to map tokens with cross-attention.
+//!
+//! Input `[B, A·F]` (A agents of F features, the first two the position), a noise
+//! condition `[B]`, and map tokens `[B, T, H]` from [`MapEncoder`]. Per agent: an MLP
+//! encoder to `hidden` plus a time embedding; then `blocks` × (RPE self-attention,
+//! cross-attention to the map, MLP), each pre-norm and residual; a 2-layer decoder to
+//! `out_per_agent` values per agent (`F` for a score, 1 for a per-agent classifier).
+//!
+//! RPE attention (Shaw et al. 2018), per head, with e_ij an embedding of the pairwise
+//! distance d_ij and the time:
+//! a_ij = softmax_j((q_i + q^R_ij)·(k_j + k^R_ij)/√d), out_i = Σ_j a_ij (v_j + v^R_ij);
+//! the block adds this to vanilla attention's output. Every op has a backward pass
+//! (softmax and layer norm from basic ops), and nothing depends on agent order: permuting
+//! the agents permutes the output.
+
+use crate::embedding::SinusoidalEmbedding;
+use crate::precond::NoiseNet;
+use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Shape of a [`SceneTransformer`] and its [`MapEncoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SceneTransformerConfig {
+    pub agents: usize,
+    pub features: usize,
+    /// Values out per agent: `features` for a score network, 1 for a classifier.
+    pub out_per_agent: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub blocks: usize,
+    /// Side of the map raster the encoder takes (`[M, 1, map_cells, map_cells]`); the
+    /// encoder halves it twice, so it must be a multiple of 4.
+    pub map_cells: usize,
+    pub time_embedding: SinusoidalEmbedding,
+    /// Embedding of pairwise distances (in the network's input units).
+    pub distance_embedding: SinusoidalEmbedding,
+}
+
+impl SceneTransformerConfig {
+    /// Our CPU-sized traffic network: hidden 64, 4 heads, 2 blocks, 32 × 32 maps.
+    pub fn traffic(out_per_agent: usize) -> Self {
+        Self {
+            agents: 12,
+            features: 7,
+            out_per_agent,
+            hidden: 64,
+            heads: 4,
+            blocks: 2,
+            map_cells: 32,
+            time_embedding: SinusoidalEmbedding {
+                dim: 64,
+                max_freq: 1000.0,
+            },
+            distance_embedding: SinusoidalEmbedding {
+                dim: 32,
+                max_freq: 100.0,
+            },
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.agents == 0 || self.features < 2 || self.out_per_agent == 0 {
+            bail!("scene transformer: need agents > 0, features >= 2 (x, y first) and out_per_agent > 0, got {self:?}");
+        }
+        if self.heads == 0 || self.hidden == 0 || self.hidden % self.heads != 0 {
+            bail!("scene transformer: hidden must be a positive multiple of heads, got {self:?}");
+        }
+        if self.map_cells < 4 || self.map_cells % 4 != 0 {
+            bail!(
+                "scene transformer: map_cells must be a multiple of 4, got {}",
+                self.map_cells
+            );
+        }
+        self.time_embedding.validate()?;
+        self.distance_embedding.validate()
+    }
+}
+
+/// Layer norm from basic ops (candle's fused one drops gradients).
+struct LayerNorm {
+    gain: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gain: vb.get_with_hints(dim, "gain", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.gain, &self.bias, 1e-5)
+    }
+}
+
+/// Splits `[B, N, H]` into heads `[B, heads, N, H/heads]`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, h) = x.dims3()?;
+    x.reshape((b, n, heads, h / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Inverse of [`split_heads`].
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, nh, n, dh) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, n, nh * dh))
+}
+
+/// Multi-head attention of `queries` over `keys` (vanilla).
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v.contiguous()?)
+}
+
+struct SelfAttention {
+    norm: LayerNorm,
+    qkv: Linear,
+    /// e_ij → q^R, k^R, v^R.
+    rel: Linear,
+    out: Linear,
+}
+
+impl SelfAttention {
+    /// `h: [B, A, H]`, `e: [B, A, A, H]`.
+    fn forward(&self, h: &Tensor, e: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, a, hid) = h.dims3()?;
+        let dh = hid / heads;
+        let qkv = self.qkv.forward(&self.norm.forward(h)?)?;
+        let [q, k, v] = [0, 1, 2].map(|i| qkv.narrow(2, i * hid, hid));
+        let (q, k, v) = (
+            split_heads(&q?, heads)?,
+            split_heads(&k?, heads)?,
+            split_heads(&v?, heads)?,
+        );
+        let vanilla = attention(&q, &k, &v)?;
+        // Relative terms, [B, heads, A, A, dh]: pair (i, j) at [.., i, j, ..].
+        let rel = self.rel.forward(e)?;
+        let pair = |i: usize| -> Result<Tensor> {
+            rel.narrow(3, i * hid, hid)?
+                .reshape((b, a, a, heads, dh))?
+                .permute((0, 3, 1, 2, 4))
+        };
+        let (qr, kr, vr) = (pair(0)?, pair(1)?, pair(2)?);
+        let qi = q.unsqueeze(3)?.broadcast_add(&qr)?; // q_i + q^R_ij
+        let kj = k.unsqueeze(2)?.broadcast_add(&kr)?; // k_j + k^R_ij
+        let scores = ((qi * kj)?.sum(D::Minus1)? / (dh as f64).sqrt())?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?; // [B, heads, A, A]
+        let values = v.unsqueeze(2)?.broadcast_add(&vr)?; // v_j + v^R_ij
+        let relative = weights.unsqueeze(4)?.broadcast_mul(&values)?.sum(3)?;
+        self.out.forward(&merge_heads(&(vanilla + relative)?)?)
+    }
+}
+
+struct CrossAttention {
+    norm: LayerNorm,
+    q: Linear,
+    kv: Linear,
+    out: Linear,
+}
+
+impl CrossAttention {
+    /// `h: [B, A, H]` attends to `tokens: [B, T, H]`.
+    fn forward(&self, h: &Tensor, tokens: &Tensor, heads: usize) -> Result<Tensor> {
+        let hid = h.dim(2)?;
+        let q = split_heads(&self.q.forward(&self.norm.forward(h)?)?, heads)?;
+        let kv = self.kv.forward(tokens)?;
+        let k = split_heads(&kv.narrow(2, 0, hid)?, heads)?;
+        let v = split_heads(&kv.narrow(2, hid, hid)?, heads)?;
+        self.out.forward(&merge_heads(&attention(&q, &k, &v)?)?)
+    }
+}
+
+struct Mlp {
+    norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&candle_nn::ops::silu(
+            &self.fc1.forward(&self.norm.forward(h)?)?,
+        )?)
+    }
+}
+
+struct Block {
+    self_attention: SelfAttention,
+    cross_attention: CrossAttention,
+    mlp: Mlp,
+}
+
+/// The map encoder: two stride-2 3×3 convolutions (SiLU) from a `[M, 1, c, c]` raster to
+/// `(c/4)²` tokens of `hidden` values, plus a fixed 2-D sinusoidal position encoding,
+/// then a layer norm.
+pub struct MapEncoder {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    norm: LayerNorm,
+    cells: usize,
+    hidden: usize,
+}
+
+impl MapEncoder {
+    pub fn new(cfg: &SceneTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let c = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv1: conv2d(1, cfg.hidden / 2, 3, c, vb.pp("conv1"))?,
+            conv2: conv2d(cfg.hidden / 2, cfg.hidden, 3, c, vb.pp("conv2"))?,
+            norm: LayerNorm::new(cfg.hidden, vb.pp("norm"))?,
+            cells: cfg.map_cells,
+            hidden: cfg.hidden,
+        })
+    }
+
+    /// `[M, 1, c, c]` rasters → `[M, (c/4)², hidden]` tokens.
+    pub fn forward(&self, maps: &Tensor) -> Result<Tensor> {
+        let (_, ch, rows, cols) = maps.dims4()?;
+        if (ch, rows, cols) != (1, self.cells, self.cells) {
+            bail!(
+                "map encoder: maps must be [M, 1, {c}, {c}], got {:?}",
+                maps.dims(),
+                c = self.cells
+            );
+        }
+        let f = candle_nn::ops::silu(&self.conv1.forward(maps)?)?;
+        let f = candle_nn::ops::silu(&self.conv2.forward(&f)?)?; // [M, H, c/4, c/4]
+        let (m, h, r, c) = f.dims4()?;
+        let tokens = f.reshape((m, h, r * c))?.transpose(1, 2)?; // [M, T, H]
+        let pos = position_encoding_2d(r, c, h, maps.dtype(), maps.device())?;
+        self.norm.forward(&tokens.broadcast_add(&pos)?)
+    }
+
+    pub fn tokens(&self) -> usize {
+        (self.cells / 4).pow(2)
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+}
+
+/// `[rows·cols, dim]`: half the channels encode the row, half the column, each as
+/// sines and cosines at geometric frequencies.
+fn position_encoding_2d(
+    rows: usize,
+    cols: usize,
+    dim: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let quarter = (dim / 4).max(1);
+    let mut v = vec![0f32; rows * cols * dim];
+    for r in 0..rows {
+        for c in 0..cols {
+            let row = &mut v[(r * cols + c) * dim..(r * cols + c + 1) * dim];
+            for k in 0..quarter {
+                let freq = 1.0 / 10f64.powf(k as f64 / quarter as f64);
+                let (a, b) = (r as f64 * freq, c as f64 * freq);
+                for (slot, val) in [
+                    (k, a.sin()),
+                    (quarter + k, a.cos()),
+                    (2 * quarter + k, b.sin()),
+                    (3 * quarter + k, b.cos()),
+                ] {
+                    if slot < dim {
+                        row[slot] = val as f32;
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (rows * cols, dim), device)?.to_dtype(dtype)
+}
+
+/// See the module documentation.
+pub struct SceneTransformer {
+    cfg: SceneTransformerConfig,
+    encoder1: Linear,
+    encoder2: Linear,
+    time: Linear,
+    distance: Linear,
+    distance_time: Linear,
+    blocks: Vec<Block>,
+    final_norm: LayerNorm,
+    decoder1: Linear,
+    decoder2: Linear,
+    map: MapEncoder,
+}
+
+impl SceneTransformer {
+    pub fn new(cfg: SceneTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden;
+        let blocks = (0..cfg.blocks)
+            .map(|i| {
+                let vb = vb.pp(format!("block{i}"));
+                Ok(Block {
+                    self_attention: SelfAttention {
+                        norm: LayerNorm::new(h, vb.pp("self.norm"))?,
+                        qkv: linear(h, 3 * h, vb.pp("self.qkv"))?,
+                        rel: linear(h, 3 * h, vb.pp("self.rel"))?,
+                        out: linear(h, h, vb.pp("self.out"))?,
+                    },
+                    cross_attention: CrossAttention {
+                        norm: LayerNorm::new(h, vb.pp("cross.norm"))?,
+                        q: linear(h, h, vb.pp("cross.q"))?,
+                        kv: linear(h, 2 * h, vb.pp("cross.kv"))?,
+                        out: linear(h, h, vb.pp("cross.out"))?,
+                    },
+                    mlp: Mlp {
+                        norm: LayerNorm::new(h, vb.pp("mlp.norm"))?,
+                        fc1: linear(h, 2 * h, vb.pp("mlp.fc1"))?,
+                        fc2: linear(2 * h, h, vb.pp("mlp.fc2"))?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            encoder1: linear(cfg.features, h, vb.pp("encoder1"))?,
+            encoder2: linear(h, h, vb.pp("encoder2"))?,
+            time: linear(cfg.time_embedding.dim, h, vb.pp("time"))?,
+            distance: linear(cfg.distance_embedding.dim, h, vb.pp("distance"))?,
+            distance_time: linear(cfg.time_embedding.dim, h, vb.pp("distance_time"))?,
+            blocks,
+            final_norm: LayerNorm::new(h, vb.pp("final_norm"))?,
+            decoder1: linear(h, h, vb.pp("decoder1"))?,
+            decoder2: linear(h, cfg.out_per_agent, vb.pp("decoder2"))?,
+            map: MapEncoder::new(&cfg, vb.pp("map"))?,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &SceneTransformerConfig {
+        &self.cfg
+    }
+
+    /// The map encoder: run it once per set of maps and reuse the tokens.
+    pub fn map_encoder(&self) -> &MapEncoder {
+        &self.map
+    }
+
+    /// `x: [B, A·F]`, `c_noise: [B]`, `tokens: [B, T, H]` → `[B, A·out_per_agent]`.
+    pub fn forward(&self, x: &Tensor, c_noise: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        let (a, f, h) = (self.cfg.agents, self.cfg.features, self.cfg.hidden);
+        let b = match x.dims() {
+            &[b, d] if d == a * f => b,
+            dims => bail!("scene transformer: input must be [batch, {}] ({a} agents × {f} features), got {dims:?}", a * f),
+        };
+        match tokens.dims() {
+            &[tb, _, th] if tb == b && th == h => {}
+            dims => bail!("scene transformer: map tokens must be [{b}, T, {h}], got {dims:?}"),
+        }
+        let agents = x.reshape((b, a, f))?;
+        let temb = self
+            .cfg
+            .time_embedding
+            .forward(&c_noise.to_dtype(x.dtype())?)?; // [B, E]
+        let t_agent = self.time.forward(&temb)?.unsqueeze(1)?; // [B, 1, H]
+        let enc = candle_nn::ops::silu(&self.encoder1.forward(&agents)?)?;
+        let mut hs = self.encoder2.forward(&enc)?.broadcast_add(&t_agent)?;
+
+        // Pairwise distances, smoothed at 0 so the diagonal has a finite gradient.
+        let pos = agents.narrow(2, 0, 2)?;
+        let diff = pos.unsqueeze(2)?.broadcast_sub(&pos.unsqueeze(1)?)?; // [B, A, A, 2]
+        let dist = (diff.sqr()?.sum(D::Minus1)? + 1e-4)?.sqrt()?; // [B, A, A]
+        let demb = self
+            .cfg
+            .distance_embedding
+            .forward(&dist.flatten_all()?)?
+            .reshape((b, a, a, self.cfg.distance_embedding.dim))?;
+        let t_pair = self.distance_time.forward(&temb)?.reshape((b, 1, 1, h))?;
+        let e = candle_nn::ops::silu(&self.distance.forward(&demb)?.broadcast_add(&t_pair)?)?;
+
+        for block in &self.blocks {
+            hs = (&hs + block.self_attention.forward(&hs, &e, self.cfg.heads)?)?;
+            hs = (&hs + block.cross_attention.forward(&hs, tokens, self.cfg.heads)?)?;
+            hs = (&hs + block.mlp.forward(&hs)?)?;
+        }
+        let out = candle_nn::ops::silu(&self.decoder1.forward(&self.final_norm.forward(&hs)?)?)?;
+        self.decoder2
+            .forward(&out)?
+            .reshape((b, a * self.cfg.out_per_agent))
+    }
+
+    /// This network with one batch's map tokens bound, as a [`NoiseNet`] (what
+    /// [`crate::ScoreNet`] and the samplers take). `tokens: [B, T, H]`.
+    pub fn bind(&self, tokens: Tensor) -> BoundScene<'_> {
+        BoundScene { net: self, tokens }
+    }
+}
+
+/// A [`SceneTransformer`] with its map tokens fixed: see [`SceneTransformer::bind`].
+pub struct BoundScene<'a> {
+    net: &'a SceneTransformer,
+    tokens: Tensor,
+}
+
+impl NoiseNet for BoundScene<'_> {
+    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
+        let tokens = if self.tokens.dtype() == x.dtype() {
+            self.tokens.clone()
+        } else {
+            self.tokens.to_dtype(x.dtype())?
+        };
+        self.net.forward(x, c_noise, &tokens)
+    }
+
+    fn out_dim(&self) -> usize {
+        self.net.cfg.agents * self.net.cfg.out_per_agent
+    }
+}

@@ -1,0 +1,194 @@
+//! The traffic-scene transformer: every parameter (map encoder included) gets a
+//! gradient; permuting the agents permutes the output; the input gradient that guidance
+//! uses agrees with finite differences; bad shapes are refused.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use scoreguide::guidance::Score;
+use scoreguide::nets::{
+    NoiseNet, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
+};
+use scoreguide::sde::{randn, Process};
+
+const B: usize = 3;
+
+fn setup(
+    out_per_agent: usize,
+    dtype: DType,
+) -> (ParamStore, SceneTransformer, Tensor, Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let cfg = SceneTransformerConfig::traffic(out_per_agent);
+    let store = ParamStore::new(11);
+    let net = SceneTransformer::new(cfg, store.var_builder(dtype, &dev)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let x = randn(&mut rng, &[B, 12 * 7], &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let maps = randn(&mut rng, &[B, 1, 32, 32], &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let c_noise = Tensor::new(&[-1.0f32, 0.0, 0.8], &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    (store, net, x, maps, c_noise)
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    for out in [7, 1] {
+        let (store, net, x, maps, c) = setup(out, DType::F32);
+        let tokens = net.map_encoder().forward(&maps).unwrap();
+        let y = net.forward(&x, &c, &tokens).unwrap();
+        assert_eq!(y.dims(), &[B, 12 * out]);
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in store.vars() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("`{name}` has no gradient"));
+            let m = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(m > 0.0, "gradient of `{name}` is zero");
+        }
+        if out == 7 {
+            eprintln!(
+                "scene transformer (score head): {} parameters",
+                store.num_params()
+            );
+            assert!(store.num_params() > 100_000);
+        }
+    }
+}
+
+#[test]
+fn permuting_agents_permutes_the_output() {
+    let (_, net, x, maps, c) = setup(7, DType::F64);
+    let tokens = net.map_encoder().forward(&maps).unwrap();
+    let perm: Vec<u32> = vec![5, 0, 11, 3, 7, 1, 10, 2, 9, 4, 8, 6];
+    let idx = Tensor::new(perm.as_slice(), &Device::Cpu).unwrap();
+    let permute = |t: &Tensor, f: usize| {
+        t.reshape((B, 12, f))
+            .unwrap()
+            .index_select(&idx, 1)
+            .unwrap()
+            .reshape((B, 12 * f))
+            .unwrap()
+    };
+    let y = net.forward(&x, &c, &tokens).unwrap();
+    let y_perm = net.forward(&permute(&x, 7), &c, &tokens).unwrap();
+    let d = common::max_abs_diff(&y_perm, &permute(&y, 7));
+    assert!(d < 1e-10, "max difference {d}");
+    // And the output is not trivially symmetric: moving one agent changes the others.
+    let mut v = common::flat_f64(&x);
+    v[0] += 1.0;
+    let moved = Tensor::from_vec(v, (B, 84), &Device::Cpu).unwrap();
+    let y_moved = net.forward(&moved, &c, &tokens).unwrap();
+    let other = |t: &Tensor| t.narrow(1, 7, 77).unwrap();
+    assert!(common::max_abs_diff(&other(&y_moved), &other(&y)) > 1e-6);
+}
+
+#[test]
+fn input_gradient_matches_finite_differences() {
+    // The per-agent classifier head summed: what guidance differentiates.
+    let (_, net, x, maps, c) = setup(1, DType::F64);
+    let tokens = net.map_encoder().forward(&maps).unwrap();
+    let f = |x: &Tensor| -> f64 {
+        net.forward(x, &c, &tokens)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let xv = Var::from_tensor(&x).unwrap();
+    let g = net
+        .forward(xv.as_tensor(), &c, &tokens)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = common::flat_f64(g.get(xv.as_tensor()).unwrap());
+    let base = common::flat_f64(&x);
+    // Positions (which also feed the distances), a size and an orientation feature.
+    for &k in &[0usize, 1, 7 * 4 + 1, 7 * 5 + 2, 7 * 11 + 5, 84 + 10] {
+        let at = |h: f64| {
+            let mut v = base.clone();
+            v[k] += h;
+            f(&Tensor::from_vec(v, (B, 84), &Device::Cpu).unwrap())
+        };
+        let fd = (at(1e-5) - at(-1e-5)) / 2e-5;
+        assert!(
+            (fd - g[k]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "coordinate {k}: {fd} vs {}",
+            g[k]
+        );
+    }
+}
+
+#[test]
+fn bound_maps_make_a_score_model() {
+    let (_, net, x, maps, _) = setup(7, DType::F32);
+    let tokens = net.map_encoder().forward(&maps).unwrap();
+    let model = ScoreNet::new(
+        net.bind(tokens),
+        Precond::Eps {
+            process: Process::vp(0.1, 20.0),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        model
+            .score(
+                &x,
+                &Tensor::new(&[0.1f32, 1.0, 10.0], &Device::Cpu).unwrap()
+            )
+            .unwrap()
+            .dims(),
+        &[B, 84]
+    );
+}
+
+#[test]
+fn bad_shapes_are_refused() {
+    let (_, net, x, maps, c) = setup(7, DType::F32);
+    let tokens = net.map_encoder().forward(&maps).unwrap();
+    let e = net
+        .forward(&x.narrow(1, 0, 80).unwrap(), &c, &tokens)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("12 agents × 7 features"), "{e}");
+    let e = net
+        .forward(&x, &c, &tokens.narrow(0, 0, 2).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("map tokens"), "{e}");
+    let e = net
+        .map_encoder()
+        .forward(&maps.narrow(2, 0, 16).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("[M, 1, 32, 32]"), "{e}");
+    let bad = SceneTransformerConfig {
+        heads: 5,
+        ..SceneTransformerConfig::traffic(7)
+    };
+    assert!(SceneTransformer::new(
+        bad,
+        ParamStore::new(0).var_builder(DType::F32, &Device::Cpu)
+    )
+    .is_err());
+    assert_eq!(net.bind(tokens).out_dim(), 84);
+}
