@@ -52,6 +52,16 @@ struct Args {
     /// Most samples drawn per iteration.
     #[arg(long)]
     budget: Option<usize>,
+    /// Most samples drawn in iteration 1, from the unguided baseline (cheaper per draw
+    /// and richer in invalid samples than the guided models of later iterations).
+    #[arg(long)]
+    first_budget: Option<usize>,
+    /// Skip the three ablations.
+    #[arg(long)]
+    no_ablations: bool,
+    /// Skip the distillations.
+    #[arg(long)]
+    no_distill: bool,
     /// Go on with at least this many invalid samples when the budget runs out.
     #[arg(long)]
     min_negatives: Option<usize>,
@@ -91,6 +101,7 @@ struct Args {
 struct Sizes {
     per_class: usize,
     budget: usize,
+    first_budget: usize,
     min_negatives: usize,
     classifier_iters: u64,
     classifier_batch: usize,
@@ -106,6 +117,10 @@ impl Sizes {
         Self {
             per_class: a.per_class.unwrap_or(if q { 1_000 } else { 10_000 }),
             budget: a.budget.unwrap_or(if q { 20_000 } else { 150_000 }),
+            first_budget: a
+                .first_budget
+                .or(a.budget)
+                .unwrap_or(if q { 20_000 } else { 150_000 }),
             min_negatives: a.min_negatives.unwrap_or(if q { 100 } else { 300 }),
             classifier_iters: a.classifier_iters.unwrap_or(if q { 300 } else { 2_000 }),
             classifier_batch: a.classifier_batch.unwrap_or(if q { 1024 } else { 4096 }),
@@ -216,10 +231,11 @@ fn main() -> candle_core::Result<()> {
         ..ClassifierTrainConfig::default()
     };
     ccfg.train.seed = args.seed;
+    let budget = |it: usize| if it == 1 { sz.first_budget } else { sz.budget };
     let collect_cfg = |it: usize| CollectConfig {
         per_class: sz.per_class,
         batch: 10_000,
-        budget: sz.budget,
+        budget: budget(it),
         min_negatives: sz.min_negatives,
         seed: scoreguide::sde::derive_seed(args.seed, 100 + it as u64),
     };
@@ -231,7 +247,7 @@ fn main() -> candle_core::Result<()> {
     for it in 1..=args.iterations {
         let current = stacks.last().expect("stack 0 exists").clone();
         let model = current.guided(&dev)?;
-        let mut progress = Progress::new(&format!("iteration {it}: sampling"), sz.budget);
+        let mut progress = Progress::new(&format!("iteration {it}: sampling"), budget(it));
         let c = collect(
             &model,
             &sampler,
@@ -287,7 +303,7 @@ fn main() -> candle_core::Result<()> {
 
     // Ablations, on iteration 1's samples.
     let mut ablations = Vec::new();
-    if let Some(c) = &first {
+    if let Some(c) = first.as_ref().filter(|_| !args.no_ablations) {
         for (name, kind) in [
             ("wo_is", ClassifierKind::WithoutIs),
             ("imbalanced", ClassifierKind::Imbalanced),
@@ -327,7 +343,7 @@ fn main() -> candle_core::Result<()> {
     let mut distilled = Vec::new();
     for k in [1, args.iterations]
         .into_iter()
-        .filter(|&k| k >= 1 && k < stacks.len())
+        .filter(|&k| !args.no_distill && k >= 1 && k < stacks.len())
         .collect::<std::collections::BTreeSet<_>>()
     {
         let teacher = stacks[k].guided(&dev)?;
