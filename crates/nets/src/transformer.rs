@@ -2,7 +2,7 @@
 //! other with relative-position (RPE) attention and to map tokens with cross-attention.
 //!
 //! Input `[B, A·F]` (A agents of F features, the first two the position), a noise
-//! condition `[B]`, and map tokens `[B, T, H]` from [`MapEncoder`]. Per agent: an MLP
+//! condition `[B]`, and map tokens `[B, T, H]` from [`MapEncoder`] (a small CNN). Per agent: an MLP
 //! encoder to `hidden` plus a time embedding; then `blocks` × (RPE self-attention,
 //! cross-attention to the map, MLP), each pre-norm and residual; a 2-layer decoder to
 //! `out_per_agent` values per agent (`F` for a score, 1 for a per-agent classifier).
@@ -17,7 +17,7 @@
 use crate::embedding::SinusoidalEmbedding;
 use crate::precond::NoiseNet;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
+use candle_nn::{linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// Shape of a [`SceneTransformer`] and its [`MapEncoder`].
@@ -36,6 +36,10 @@ pub struct SceneTransformerConfig {
     pub time_embedding: SinusoidalEmbedding,
     /// Embedding of pairwise distances (in the network's input units).
     pub distance_embedding: SinusoidalEmbedding,
+    /// Size of the pair features e_ij; each block maps them to q^R, k^R, v^R of one
+    /// head's size, shared by the heads (as Shaw et al.), which keeps the pairwise work
+    /// at `A² · relative_dim` rather than `A² · hidden`.
+    pub relative_dim: usize,
 }
 
 impl SceneTransformerConfig {
@@ -57,6 +61,7 @@ impl SceneTransformerConfig {
                 dim: 32,
                 max_freq: 100.0,
             },
+            relative_dim: 32,
         }
     }
 
@@ -64,7 +69,11 @@ impl SceneTransformerConfig {
         if self.agents == 0 || self.features < 2 || self.out_per_agent == 0 {
             bail!("scene transformer: need agents > 0, features >= 2 (x, y first) and out_per_agent > 0, got {self:?}");
         }
-        if self.heads == 0 || self.hidden == 0 || self.hidden % self.heads != 0 {
+        if self.heads == 0
+            || self.hidden == 0
+            || self.hidden % self.heads != 0
+            || self.relative_dim == 0
+        {
             bail!("scene transformer: hidden must be a positive multiple of heads, got {self:?}");
         }
         if self.map_cells < 4 || self.map_cells % 4 != 0 {
@@ -78,7 +87,55 @@ impl SceneTransformerConfig {
     }
 }
 
-/// Layer norm from basic ops (candle's fused one drops gradients).
+/// A linear layer whose bias enters through a rank-1 matmul (`1 · bᵀ`) instead of a
+/// broadcast: candle's CPU backward of a broadcast sums over leading dimensions with a
+/// division per element, which made bias gradients most of a training step here.
+struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let l = linear(in_dim, out_dim, vb)?;
+        Ok(Self {
+            weight: l.weight().clone(),
+            bias: l.bias().expect("linear layers have a bias").clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (in_dim, lead) = (dims[dims.len() - 1], dims[..dims.len() - 1].to_vec());
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let out = self.bias.dim(0)?;
+        let y = (x2.matmul(&self.weight.t()?)? + row_broadcast(&self.bias, rows)?)?;
+        let mut shape = lead;
+        shape.push(out);
+        y.reshape(shape)
+    }
+}
+
+/// `v: [n]` repeated over `rows` rows, `[rows, n]`, as a matmul (`1 · vᵀ`) so that the
+/// backward pass is a matmul too.
+fn row_broadcast(v: &Tensor, rows: usize) -> Result<Tensor> {
+    let ones = Tensor::ones((rows, 1), v.dtype(), v.device())?;
+    ones.matmul(&v.unsqueeze(0)?)
+}
+
+/// `[B, n]` → `[B·times, n]`, row b repeated `times` times, by `index_select` (whose
+/// backward is a scatter-add, unlike a broadcast's strided reduction).
+fn repeat_rows(t: &Tensor, times: usize) -> Result<Tensor> {
+    let b = t.dim(0)?;
+    let idx: Vec<u32> = (0..b as u32)
+        .flat_map(|i| std::iter::repeat_n(i, times))
+        .collect();
+    t.index_select(&Tensor::from_vec(idx, b * times, t.device())?, 0)
+}
+
+/// Layer norm from basic ops (candle's fused one drops gradients), its gain and bias
+/// applied through [`row_broadcast`].
 struct LayerNorm {
     gain: Tensor,
     bias: Tensor,
@@ -93,7 +150,13 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.gain, &self.bias, 1e-5)
+        let h = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / h;
+        let x2 = x.reshape((rows, h))?;
+        let centred = x2.broadcast_sub(&x2.mean_keepdim(1)?)?;
+        let normed = centred.broadcast_div(&(centred.sqr()?.mean_keepdim(1)? + 1e-5)?.sqrt()?)?;
+        let y = ((normed * row_broadcast(&self.gain, rows)?)? + row_broadcast(&self.bias, rows)?)?;
+        y.reshape(x.shape())
     }
 }
 
@@ -120,14 +183,14 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 struct SelfAttention {
     norm: LayerNorm,
-    qkv: Linear,
-    /// e_ij → q^R, k^R, v^R.
-    rel: Linear,
-    out: Linear,
+    qkv: Dense,
+    /// e_ij → q^R, k^R, v^R (one head's size each, shared by the heads).
+    rel: Dense,
+    out: Dense,
 }
 
 impl SelfAttention {
-    /// `h: [B, A, H]`, `e: [B, A, A, H]`.
+    /// `h: [B, A, H]`, `e: [B, A, A, relative_dim]`.
     fn forward(&self, h: &Tensor, e: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, a, hid) = h.dims3()?;
         let dh = hid / heads;
@@ -139,29 +202,55 @@ impl SelfAttention {
             split_heads(&v?, heads)?,
         );
         let vanilla = attention(&q, &k, &v)?;
-        // Relative terms, [B, heads, A, A, dh]: pair (i, j) at [.., i, j, ..].
         let rel = self.rel.forward(e)?;
-        let pair = |i: usize| -> Result<Tensor> {
-            rel.narrow(3, i * hid, hid)?
-                .reshape((b, a, a, heads, dh))?
-                .permute((0, 3, 1, 2, 4))
-        };
-        let (qr, kr, vr) = (pair(0)?, pair(1)?, pair(2)?);
-        let qi = q.unsqueeze(3)?.broadcast_add(&qr)?; // q_i + q^R_ij
-        let kj = k.unsqueeze(2)?.broadcast_add(&kr)?; // k_j + k^R_ij
-        let scores = ((qi * kj)?.sum(D::Minus1)? / (dh as f64).sqrt())?;
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?; // [B, heads, A, A]
-        let values = v.unsqueeze(2)?.broadcast_add(&vr)?; // v_j + v^R_ij
-        let relative = weights.unsqueeze(4)?.broadcast_mul(&values)?.sum(3)?;
+        let pair = |i: usize| rel.narrow(3, i * dh, dh)?.contiguous();
+        let relative = relative_attention(&q, &k, &v, &pair(0)?, &pair(1)?, &pair(2)?)?;
+        debug_assert_eq!(relative.dims(), &[b, heads, a, dh]);
         self.out.forward(&merge_heads(&(vanilla + relative)?)?)
     }
 }
 
+/// RPE attention: `q, k, v: [B, heads, A, d]`, `qr, kr, vr: [B, A, A, d]` (pair (i, j)
+/// at `[b, i, j]`, shared by the heads) → `[B, heads, A, d]` with
+/// a_ij = softmax_j((q_i + q^R_ij)·(k_j + k^R_ij)/√d), out_i = Σ_j a_ij (v_j + v^R_ij).
+///
+/// The products are expanded into batched matmuls — q_i·k_j, q_i·k^R_ij (batched over
+/// i), q^R_ij·k_j (batched over j), q^R_ij·k^R_ij (head-free) — so no `[B, heads, A, A,
+/// d]` tensor is ever built: its backward pass was most of a training step.
+fn relative_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    qr: &Tensor,
+    kr: &Tensor,
+    vr: &Tensor,
+) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let qk = q.matmul(&k.t()?.contiguous()?)?; // [B, h, i, j]
+    let q_by_i = q.transpose(1, 2)?.contiguous()?; // [B, i, h, d]
+    let q_kr = q_by_i
+        .matmul(&kr.transpose(2, 3)?.contiguous()?)? // [B, i, h, j]
+        .transpose(1, 2)?;
+    let qr_by_j = qr.transpose(1, 2)?.contiguous()?; // [B, j, i, d]
+    let k_by_j = k.permute((0, 2, 3, 1))?.contiguous()?; // [B, j, d, h]
+    let qr_k = qr_by_j.matmul(&k_by_j)?.permute((0, 3, 2, 1))?; // [B, h, i, j]
+    let qr_kr = (qr * kr)?.sum(D::Minus1)?.unsqueeze(1)?; // [B, 1, i, j]
+    let scores = ((qk + q_kr)? + qr_k)?.broadcast_add(&qr_kr)?;
+    let weights = candle_nn::ops::softmax(&(scores / (d as f64).sqrt())?, D::Minus1)?;
+    let from_v = weights.matmul(&v.contiguous()?)?;
+    let from_vr = weights
+        .transpose(1, 2)?
+        .contiguous()?
+        .matmul(vr)? // [B, i, h, d]
+        .transpose(1, 2)?;
+    from_v + from_vr
+}
+
 struct CrossAttention {
     norm: LayerNorm,
-    q: Linear,
-    kv: Linear,
-    out: Linear,
+    q: Dense,
+    kv: Dense,
+    out: Dense,
 }
 
 impl CrossAttention {
@@ -178,8 +267,8 @@ impl CrossAttention {
 
 struct Mlp {
     norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
 }
 
 impl Mlp {
@@ -196,28 +285,34 @@ struct Block {
     mlp: Mlp,
 }
 
-/// The map encoder: two stride-2 3×3 convolutions (SiLU) from a `[M, 1, c, c]` raster to
-/// `(c/4)²` tokens of `hidden` values, plus a fixed 2-D sinusoidal position encoding,
-/// then a layer norm.
+/// The map encoder: a two-layer CNN whose convolutions have kernel = stride = 2
+/// (non-overlapping 2×2 patches, each layer a matmul over patches — candle's CPU conv2d
+/// backward pass cost more than the whole transformer), SiLU after each, from a
+/// `[M, 1, c, c]` raster to `(c/4)²` tokens of `hidden` values, plus a fixed 2-D
+/// sinusoidal position encoding, then a layer norm.
 pub struct MapEncoder {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: Dense,
+    conv2: Dense,
     norm: LayerNorm,
     cells: usize,
     hidden: usize,
 }
 
+/// `[M, r, c, C]` → `[M, r/2, c/2, 4C]`: each output cell holds its 2×2 input patch.
+fn patches_2x2(x: &Tensor) -> Result<Tensor> {
+    let (m, r, c, ch) = x.dims4()?;
+    x.reshape((m, r / 2, 2, c / 2, 2, ch))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .contiguous()?
+        .reshape((m, r / 2, c / 2, 4 * ch))
+}
+
 impl MapEncoder {
     pub fn new(cfg: &SceneTransformerConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let c = Conv2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
         Ok(Self {
-            conv1: conv2d(1, cfg.hidden / 2, 3, c, vb.pp("conv1"))?,
-            conv2: conv2d(cfg.hidden / 2, cfg.hidden, 3, c, vb.pp("conv2"))?,
+            conv1: Dense::new(4, cfg.hidden / 2, vb.pp("conv1"))?,
+            conv2: Dense::new(4 * (cfg.hidden / 2), cfg.hidden, vb.pp("conv2"))?,
             norm: LayerNorm::new(cfg.hidden, vb.pp("norm"))?,
             cells: cfg.map_cells,
             hidden: cfg.hidden,
@@ -226,7 +321,7 @@ impl MapEncoder {
 
     /// `[M, 1, c, c]` rasters → `[M, (c/4)², hidden]` tokens.
     pub fn forward(&self, maps: &Tensor) -> Result<Tensor> {
-        let (_, ch, rows, cols) = maps.dims4()?;
+        let (m, ch, rows, cols) = maps.dims4()?;
         if (ch, rows, cols) != (1, self.cells, self.cells) {
             bail!(
                 "map encoder: maps must be [M, 1, {c}, {c}], got {:?}",
@@ -234,11 +329,12 @@ impl MapEncoder {
                 c = self.cells
             );
         }
-        let f = candle_nn::ops::silu(&self.conv1.forward(maps)?)?;
-        let f = candle_nn::ops::silu(&self.conv2.forward(&f)?)?; // [M, H, c/4, c/4]
-        let (m, h, r, c) = f.dims4()?;
-        let tokens = f.reshape((m, h, r * c))?.transpose(1, 2)?; // [M, T, H]
-        let pos = position_encoding_2d(r, c, h, maps.dtype(), maps.device())?;
+        let x = maps.reshape((m, rows, cols, 1))?;
+        let f = candle_nn::ops::silu(&self.conv1.forward(&patches_2x2(&x)?)?)?;
+        let f = candle_nn::ops::silu(&self.conv2.forward(&patches_2x2(&f)?)?)?; // [M, c/4, c/4, H]
+        let (r, c) = (rows / 4, cols / 4);
+        let tokens = f.reshape((m, r * c, self.hidden))?;
+        let pos = position_encoding_2d(r, c, self.hidden, maps.dtype(), maps.device())?;
         self.norm.forward(&tokens.broadcast_add(&pos)?)
     }
 
@@ -287,15 +383,15 @@ fn position_encoding_2d(
 /// See the module documentation.
 pub struct SceneTransformer {
     cfg: SceneTransformerConfig,
-    encoder1: Linear,
-    encoder2: Linear,
-    time: Linear,
-    distance: Linear,
-    distance_time: Linear,
+    encoder1: Dense,
+    encoder2: Dense,
+    time: Dense,
+    distance: Dense,
+    distance_time: Dense,
     blocks: Vec<Block>,
     final_norm: LayerNorm,
-    decoder1: Linear,
-    decoder2: Linear,
+    decoder1: Dense,
+    decoder2: Dense,
     map: MapEncoder,
 }
 
@@ -309,34 +405,42 @@ impl SceneTransformer {
                 Ok(Block {
                     self_attention: SelfAttention {
                         norm: LayerNorm::new(h, vb.pp("self.norm"))?,
-                        qkv: linear(h, 3 * h, vb.pp("self.qkv"))?,
-                        rel: linear(h, 3 * h, vb.pp("self.rel"))?,
-                        out: linear(h, h, vb.pp("self.out"))?,
+                        qkv: Dense::new(h, 3 * h, vb.pp("self.qkv"))?,
+                        rel: Dense::new(cfg.relative_dim, 3 * (h / cfg.heads), vb.pp("self.rel"))?,
+                        out: Dense::new(h, h, vb.pp("self.out"))?,
                     },
                     cross_attention: CrossAttention {
                         norm: LayerNorm::new(h, vb.pp("cross.norm"))?,
-                        q: linear(h, h, vb.pp("cross.q"))?,
-                        kv: linear(h, 2 * h, vb.pp("cross.kv"))?,
-                        out: linear(h, h, vb.pp("cross.out"))?,
+                        q: Dense::new(h, h, vb.pp("cross.q"))?,
+                        kv: Dense::new(h, 2 * h, vb.pp("cross.kv"))?,
+                        out: Dense::new(h, h, vb.pp("cross.out"))?,
                     },
                     mlp: Mlp {
                         norm: LayerNorm::new(h, vb.pp("mlp.norm"))?,
-                        fc1: linear(h, 2 * h, vb.pp("mlp.fc1"))?,
-                        fc2: linear(2 * h, h, vb.pp("mlp.fc2"))?,
+                        fc1: Dense::new(h, 2 * h, vb.pp("mlp.fc1"))?,
+                        fc2: Dense::new(2 * h, h, vb.pp("mlp.fc2"))?,
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            encoder1: linear(cfg.features, h, vb.pp("encoder1"))?,
-            encoder2: linear(h, h, vb.pp("encoder2"))?,
-            time: linear(cfg.time_embedding.dim, h, vb.pp("time"))?,
-            distance: linear(cfg.distance_embedding.dim, h, vb.pp("distance"))?,
-            distance_time: linear(cfg.time_embedding.dim, h, vb.pp("distance_time"))?,
+            encoder1: Dense::new(cfg.features, h, vb.pp("encoder1"))?,
+            encoder2: Dense::new(h, h, vb.pp("encoder2"))?,
+            time: Dense::new(cfg.time_embedding.dim, h, vb.pp("time"))?,
+            distance: Dense::new(
+                cfg.distance_embedding.dim,
+                cfg.relative_dim,
+                vb.pp("distance"),
+            )?,
+            distance_time: Dense::new(
+                cfg.time_embedding.dim,
+                cfg.relative_dim,
+                vb.pp("distance_time"),
+            )?,
             blocks,
             final_norm: LayerNorm::new(h, vb.pp("final_norm"))?,
-            decoder1: linear(h, h, vb.pp("decoder1"))?,
-            decoder2: linear(h, cfg.out_per_agent, vb.pp("decoder2"))?,
+            decoder1: Dense::new(h, h, vb.pp("decoder1"))?,
+            decoder2: Dense::new(h, cfg.out_per_agent, vb.pp("decoder2"))?,
             map: MapEncoder::new(&cfg, vb.pp("map"))?,
             cfg,
         })
@@ -367,9 +471,9 @@ impl SceneTransformer {
             .cfg
             .time_embedding
             .forward(&c_noise.to_dtype(x.dtype())?)?; // [B, E]
-        let t_agent = self.time.forward(&temb)?.unsqueeze(1)?; // [B, 1, H]
+        let t_agent = repeat_rows(&self.time.forward(&temb)?, a)?.reshape((b, a, h))?;
         let enc = candle_nn::ops::silu(&self.encoder1.forward(&agents)?)?;
-        let mut hs = self.encoder2.forward(&enc)?.broadcast_add(&t_agent)?;
+        let mut hs = (self.encoder2.forward(&enc)? + t_agent)?;
 
         // Pairwise distances, smoothed at 0 so the diagonal has a finite gradient.
         let pos = agents.narrow(2, 0, 2)?;
@@ -380,8 +484,13 @@ impl SceneTransformer {
             .distance_embedding
             .forward(&dist.flatten_all()?)?
             .reshape((b, a, a, self.cfg.distance_embedding.dim))?;
-        let t_pair = self.distance_time.forward(&temb)?.reshape((b, 1, 1, h))?;
-        let e = candle_nn::ops::silu(&self.distance.forward(&demb)?.broadcast_add(&t_pair)?)?;
+        let t_pair = repeat_rows(&self.distance_time.forward(&temb)?, a * a)?.reshape((
+            b,
+            a,
+            a,
+            self.cfg.relative_dim,
+        ))?;
+        let e = candle_nn::ops::silu(&(self.distance.forward(&demb)? + t_pair)?)?;
 
         for block in &self.blocks {
             hs = (&hs + block.self_attention.forward(&hs, &e, self.cfg.heads)?)?;
@@ -419,5 +528,43 @@ impl NoiseNet for BoundScene<'_> {
 
     fn out_dim(&self) -> usize {
         self.net.cfg.agents * self.net.cfg.out_per_agent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, term by term, on `[B, heads, A, A, d]` tensors.
+    fn relative_attention_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        qr: &Tensor,
+        kr: &Tensor,
+        vr: &Tensor,
+    ) -> Result<Tensor> {
+        let d = q.dim(D::Minus1)?;
+        let (qr, kr, vr) = (qr.unsqueeze(1)?, kr.unsqueeze(1)?, vr.unsqueeze(1)?);
+        let qi = q.unsqueeze(3)?.broadcast_add(&qr)?;
+        let kj = k.unsqueeze(2)?.broadcast_add(&kr)?;
+        let scores = ((qi * kj)?.sum(D::Minus1)? / (d as f64).sqrt())?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let values = v.unsqueeze(2)?.broadcast_add(&vr)?;
+        weights.unsqueeze(4)?.broadcast_mul(&values)?.sum(3)
+    }
+
+    #[test]
+    fn expanded_relative_attention_matches_the_definition() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, a, d) = (2, 3, 5, 4);
+        let r = |shape: &[usize]| Tensor::randn(0f64, 1.0, shape, &dev);
+        let (q, k, v) = (r(&[b, h, a, d])?, r(&[b, h, a, d])?, r(&[b, h, a, d])?);
+        let (qr, kr, vr) = (r(&[b, a, a, d])?, r(&[b, a, a, d])?, r(&[b, a, a, d])?);
+        let fast = relative_attention(&q, &k, &v, &qr, &kr, &vr)?;
+        let reference = relative_attention_reference(&q, &k, &v, &qr, &kr, &vr)?;
+        let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "max difference {diff}");
+        Ok(())
     }
 }

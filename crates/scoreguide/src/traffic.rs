@@ -1,9 +1,21 @@
-//! Traffic scenes (Gen-neG paper §4.2, on our procedural stand-in data): rendering of
+//! Traffic scenes (Gen-neG paper §4.2, on our procedural stand-in data): feature
+//! scaling, the baseline score model (the scene transformer under a VP process, trained
+//! with DSM), map-conditioned sampling, scene-level infraction rates, and rendering of
 //! scenes with their infracting vehicles highlighted, like the paper's Fig. 1.
 
+use crate::data::{Dataset, SceneSet};
+use crate::losses::{dsm, DsmWeighting};
+use crate::nets::{
+    BoundScene, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
+};
 use crate::oracles::scene::VEHICLE_FEATURES;
-use crate::oracles::{check_scene, OrientedBox, RoadRaster};
+use crate::oracles::{check_scene, OrientedBox, RoadRaster, SceneVerdict};
 use crate::plot::{Canvas, Rgb, BLACK, BLUE, RED};
+use crate::samplers::{initial_noise, Sampler};
+use crate::sde::{randn, Process, SampleNoise, SigmaDistribution};
+use crate::train::{Checkpoint, Progress, TrainConfig, Trainer};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
 
 /// Road colour.
 const ROAD: Rgb = [190, 190, 190];
@@ -37,4 +49,282 @@ pub fn scene_panel(title: &str, map: &RoadRaster, agents: &[f32], px: usize) -> 
     let ticks = [-h, 0.0, h];
     c.axes(title, &ticks, &ticks);
     c
+}
+
+/// Per-feature standardisation of vehicle features, fitted on training scenes: the
+/// diffusion model works on standardised values, the oracle on metres.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureScaler {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl FeatureScaler {
+    /// Mean and standard deviation of each of the 7 features over all vehicles.
+    pub fn fit(agents: &[f32]) -> Result<Self> {
+        let f = VEHICLE_FEATURES;
+        if agents.is_empty() || agents.len() % f != 0 {
+            bail!(
+                "feature scaler: {} values are not a whole number of vehicles",
+                agents.len()
+            );
+        }
+        let n = (agents.len() / f) as f64;
+        let mut mean = vec![0f64; f];
+        let mut sq = vec![0f64; f];
+        for v in agents.chunks_exact(f) {
+            for k in 0..f {
+                mean[k] += v[k] as f64 / n;
+                sq[k] += (v[k] as f64).powi(2) / n;
+            }
+        }
+        let std: Vec<f32> = (0..f)
+            .map(|k| (sq[k] - mean[k] * mean[k]).max(0.0).sqrt().max(1e-3) as f32)
+            .collect();
+        Ok(Self {
+            mean: mean.into_iter().map(|m| m as f32).collect(),
+            std,
+        })
+    }
+
+    pub fn normalize(&self, agents: &[f32]) -> Vec<f32> {
+        agents
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v - self.mean[i % VEHICLE_FEATURES]) / self.std[i % VEHICLE_FEATURES])
+            .collect()
+    }
+
+    pub fn denormalize(&self, x: &[f32]) -> Vec<f32> {
+        x.iter()
+            .enumerate()
+            .map(|(i, v)| v * self.std[i % VEHICLE_FEATURES] + self.mean[i % VEHICLE_FEATURES])
+            .collect()
+    }
+}
+
+/// The baseline's settings: network, VP process (a DDPM-style model driven in σ-space,
+/// ε-prediction), training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficConfig {
+    pub net: SceneTransformerConfig,
+    pub process: Process,
+    pub batch: usize,
+    pub iters: u64,
+    pub lr: f64,
+    pub seed: u64,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        Self {
+            net: SceneTransformerConfig::traffic(VEHICLE_FEATURES),
+            process: Process::vp(0.1, 20.0),
+            batch: 256,
+            iters: 20_000,
+            lr: 5e-4,
+            seed: 0,
+        }
+    }
+}
+
+impl TrafficConfig {
+    fn precond(&self) -> Precond {
+        Precond::Eps {
+            process: self.process.clone(),
+        }
+    }
+
+    /// Training noise levels: t uniform on [1e-3, 1] through the VP process.
+    fn sigma_distribution(&self) -> SigmaDistribution {
+        SigmaDistribution::UniformT {
+            process: self.process.clone(),
+            t_min: 1e-3,
+            t_max: 1.0,
+        }
+    }
+}
+
+/// Scenes ready for a model: standardised vehicles `[N, A·7]`, map rasters
+/// `[M, 1, c, c]`, and which map each scene is on.
+pub struct TrafficData {
+    pub set: SceneSet,
+    pub scaler: FeatureScaler,
+    pub x: Dataset,
+    pub maps: Tensor,
+    pub map_index: Tensor,
+}
+
+impl TrafficData {
+    /// `map_cells` is the network's map side (`SceneTransformerConfig::map_cells`).
+    pub fn new(
+        set: SceneSet,
+        scaler: FeatureScaler,
+        map_cells: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let x = Tensor::from_vec(
+            scaler.normalize(&set.agents),
+            (set.len(), set.scene_dim()),
+            device,
+        )?;
+        Ok(Self {
+            x: Dataset::new(x, "traffic scenes")?,
+            maps: set.maps_tensor(map_cells, device)?,
+            map_index: Tensor::from_slice(&set.map_index, set.len(), device)?,
+            scaler,
+            set,
+        })
+    }
+
+    /// The maps of the scenes `idx`, `[len, 1, c, c]`.
+    pub fn maps_of(&self, idx: &[u32]) -> Result<Tensor> {
+        let which = self
+            .map_index
+            .index_select(&Tensor::from_slice(idx, idx.len(), self.maps.device())?, 0)?;
+        self.maps.index_select(&which, 0)
+    }
+}
+
+/// Trains the baseline score model with DSM (λ = σ², the ε-loss of DDPM); returns the
+/// checkpoint (EMA weights under `ema.`, configuration and scaler in the metadata).
+pub fn train_score(
+    cfg: &TrafficConfig,
+    data: &TrafficData,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    let store = ParamStore::new(cfg.seed);
+    let net = SceneTransformer::new(cfg.net, store.var_builder(DType::F32, device))?;
+    let train = TrainConfig {
+        lr: cfg.lr,
+        seed: cfg.seed,
+        warmup_steps: 500,
+        ..TrainConfig::default()
+    };
+    let sigma_dist = cfg.sigma_distribution();
+    let mut trainer = Trainer::new(store, train)?;
+    trainer.run(cfg.iters, progress, |step, rng| {
+        let idx = data.x.step_batch(cfg.batch, cfg.seed, step)?;
+        let x0 = data.x.rows(&idx)?;
+        let tokens = net.map_encoder().forward(&data.maps_of(&idx)?)?;
+        let model = ScoreNet::new(net.bind(tokens), cfg.precond())?;
+        let sigma = sigma_dist.sample_tensor(idx.len(), rng, device)?;
+        let z = randn(rng, x0.dims(), device)?;
+        dsm(&model, &x0, &sigma, &z, DsmWeighting::SigmaSquared)
+    })?;
+    let mut c = trainer.checkpoint()?;
+    c.set_meta("traffic", cfg)?;
+    c.set_meta("scaler", &data.scaler)?;
+    Ok(c)
+}
+
+/// A frozen traffic score model (EMA weights) and its feature scaler.
+pub struct TrafficModel {
+    pub config: TrafficConfig,
+    pub scaler: FeatureScaler,
+    /// Parameters of the network.
+    pub params: usize,
+    net: SceneTransformer,
+}
+
+impl TrafficModel {
+    pub fn load(c: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let config: TrafficConfig = c.meta("traffic")?;
+        let scaler: FeatureScaler = c.meta("scaler")?;
+        let section = c.section("ema");
+        if section.is_empty() {
+            bail!("traffic model checkpoint holds no `ema.*` tensors");
+        }
+        let store = ParamStore::new(0);
+        SceneTransformer::new(config.net, store.var_builder(dtype, device))?;
+        store.assign(&section, "traffic model checkpoint")?;
+        let net = SceneTransformer::new(config.net, store.frozen_var_builder(dtype, device))?;
+        Ok(Self {
+            config,
+            scaler,
+            params: store.num_params(),
+            net,
+        })
+    }
+
+    /// The score model for scenes on `maps` (`[B, 1, c, c]`, one per scene).
+    pub fn on_maps(&self, maps: &Tensor) -> Result<ScoreNet<BoundScene<'_>>> {
+        let tokens = self.net.map_encoder().forward(maps)?;
+        ScoreNet::new(self.net.bind(tokens), self.config.precond())
+    }
+}
+
+/// `n` scenes from `model`, scene i on map `map_of(i)` of `data`, in batches of
+/// `batch`, with per-sample seeded noise; returned in metres (`[n · A · 7]` values).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_scenes(
+    model: &TrafficModel,
+    data: &TrafficData,
+    scene_indices: &[u32],
+    sampler: &Sampler,
+    sigmas: &[f64],
+    seed: u64,
+    batch: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<f32>> {
+    let dim = data.set.scene_dim();
+    let device = data.maps.device();
+    let mut out = Vec::with_capacity(scene_indices.len() * dim);
+    for (k, idx) in scene_indices.chunks(batch.max(1)).enumerate() {
+        let score = model.on_maps(&data.maps_of(idx)?)?;
+        let mut noise = SampleNoise::new(seed, k * batch, idx.len());
+        let x0 = initial_noise(&mut noise, &[idx.len(), dim], sigmas[0], DType::F32, device)?;
+        let x = sampler.sample(&score, x0, sigmas, &mut noise, None)?;
+        out.extend(
+            model
+                .scaler
+                .denormalize(&x.flatten_all()?.to_vec1::<f32>()?),
+        );
+        progress(out.len() / dim);
+    }
+    Ok(out)
+}
+
+/// Scene-level rates: the fraction of scenes with a collision, with a vehicle off the
+/// road, and with either.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SceneRates {
+    pub collision: f64,
+    pub offroad: f64,
+    pub infraction: f64,
+    pub scenes: usize,
+}
+
+/// Labels `agents` (scene i on map `data.set.map_of(scene_indices[i])`).
+pub fn label_scenes(
+    data: &TrafficData,
+    scene_indices: &[u32],
+    agents: &[f32],
+) -> Result<(SceneRates, Vec<SceneVerdict>)> {
+    let dim = data.set.scene_dim();
+    if agents.len() != scene_indices.len() * dim {
+        bail!(
+            "labelling: {} values for {} scenes of {dim}",
+            agents.len(),
+            scene_indices.len()
+        );
+    }
+    let verdicts: Vec<SceneVerdict> = scene_indices
+        .iter()
+        .zip(agents.chunks_exact(dim))
+        .map(|(&i, a)| check_scene(data.set.map_of(i as usize), a))
+        .collect();
+    let n = verdicts.len().max(1) as f64;
+    let frac =
+        |f: &dyn Fn(&SceneVerdict) -> bool| verdicts.iter().filter(|v| f(v)).count() as f64 / n;
+    Ok((
+        SceneRates {
+            collision: frac(&|v| v.collision != 0),
+            offroad: frac(&|v| v.offroad != 0),
+            infraction: frac(&|v| !v.is_valid()),
+            scenes: verdicts.len(),
+        },
+        verdicts,
+    ))
 }

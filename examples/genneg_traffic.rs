@@ -1,0 +1,258 @@
+//! Traffic scenes (Gen-neG paper §4.2, Table 1) on our procedural stand-in data:
+//! scene generation and labelling, the baseline scene-transformer diffusion model, and
+//! its collision / offroad / infraction rates on held-out maps.
+//!
+//! Status: this example runs the baseline part of the experiment. Gen-neG iterations
+//! with per-agent classifiers, distillation and the ablations come next (issue 5).
+//!
+//! ```text
+//! cargo run --release --example genneg_traffic -- --quick
+//! cargo run --release --example genneg_traffic -- --json out/genneg_traffic/result.json
+//! ```
+
+use candle_core::DType;
+use clap::Parser;
+use scoreguide::data::{SceneConfig, SceneSet, Split};
+use scoreguide::plot::save_grid;
+use scoreguide::runtime::{heun_step_ms, write_json, CommonArgs};
+use scoreguide::samplers::{HeunOptions, Sampler};
+use scoreguide::sde::{append_zero, karras};
+use scoreguide::traffic::{
+    label_scenes, sample_scenes, scene_panel, train_score, FeatureScaler, TrafficConfig,
+    TrafficData, TrafficModel,
+};
+use scoreguide::train::{Checkpoint, Progress};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    about = "Traffic scenes: baseline diffusion model, collision / offroad / infraction rates"
+)]
+struct Args {
+    /// Reduced sizes everywhere: a check in minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Training scenes (default 32,000; 4,000 with --quick).
+    #[arg(long)]
+    train_scenes: Option<usize>,
+    /// Maps the training scenes are spread over (default 128; 32 with --quick).
+    #[arg(long)]
+    maps: Option<usize>,
+    /// Baseline training iterations (default 20,000; 1,500 with --quick).
+    #[arg(long)]
+    iters: Option<u64>,
+    /// Training batch.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Generated scenes per model, on the test split's maps (default 2,000; 200 with --quick).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Heun steps (default 64; 32 with --quick).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Reuse this baseline checkpoint instead of training one.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// One row of Table 1 (and of the JSON).
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    collision_rate: f64,
+    offroad_rate: f64,
+    infraction_rate: f64,
+    step_ms: f64,
+    params: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    models: Vec<Row>,
+    train_scenes: usize,
+    test_scenes: usize,
+    labelled_per_second: f64,
+}
+
+fn main() -> candle_core::Result<()> {
+    let args = Args::parse();
+    let dev = args.common.setup()?;
+    let out = args.common.out_dir("genneg_traffic");
+    let q = args.quick;
+    let n_train = args.train_scenes.unwrap_or(if q { 4_000 } else { 32_000 });
+    let n_maps = args.maps.unwrap_or(if q { 32 } else { 128 });
+    let n_samples = args.samples.unwrap_or(if q { 200 } else { 2_000 });
+    let steps = args.steps.unwrap_or(if q { 32 } else { 64 });
+    let seed = args.common.seed;
+    let scene_cfg = SceneConfig::default();
+
+    // Data: train and test splits on their own maps.
+    let t0 = Instant::now();
+    let train_set = SceneSet::generate(&scene_cfg, Split::Train, n_maps, n_train, seed)?;
+    let test_set = SceneSet::generate(
+        &scene_cfg,
+        Split::Test,
+        (n_maps / 4).max(1),
+        n_samples,
+        seed,
+    )?;
+    eprintln!(
+        "generated {} training scenes on {n_maps} maps and {} test scenes in {:.1}s",
+        train_set.len(),
+        test_set.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    scoreguide::runtime::ensure_parent(&out.join("x"))?;
+    train_set.save(out.join("scenes_train.safetensors"))?;
+    test_set.save(out.join("scenes_test.safetensors"))?;
+
+    // The oracle's speed: label the training scenes (all valid by construction).
+    let t0 = Instant::now();
+    let all: Vec<u32> = (0..train_set.len() as u32).collect();
+    let net_cfg = TrafficConfig::default();
+    let scaler = FeatureScaler::fit(&train_set.agents)?;
+    let train = TrafficData::new(train_set, scaler.clone(), net_cfg.net.map_cells, &dev)?;
+    let (rates, _) = label_scenes(&train, &all, &train.set.agents)?;
+    let labelled_per_second = train.set.len() as f64 / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "oracle: {} training scenes labelled, {:.2}% infracting, {:.0} scenes/s on one core",
+        rates.scenes,
+        100.0 * rates.infraction,
+        labelled_per_second
+    );
+    if rates.infraction > 0.0 {
+        candle_core::bail!("the generator made infracting scenes: {rates:?}");
+    }
+    let test = TrafficData::new(test_set, scaler, net_cfg.net.map_cells, &dev)?;
+
+    // Baseline.
+    let cfg = TrafficConfig {
+        iters: args.iters.unwrap_or(if q { 1_500 } else { 20_000 }),
+        batch: args.batch,
+        seed,
+        ..net_cfg
+    };
+    let ckpt = match &args.baseline {
+        Some(p) => Checkpoint::load(p)?,
+        None => {
+            let c = train_score(
+                &cfg,
+                &train,
+                &dev,
+                &mut Progress::new("baseline", cfg.iters as usize),
+            )?;
+            c.save(out.join("baseline.safetensors"))?;
+            c
+        }
+    };
+    let baseline = TrafficModel::load(&ckpt, DType::F32, &dev)?;
+
+    // Sampling on the test maps, labelling, timing.
+    let sigma_max = baseline.config.process.sigma(1.0);
+    let sigmas = append_zero(karras(steps, 0.01, sigma_max, 7.0)?);
+    let sampler = Sampler::Heun(HeunOptions::default());
+    let idx: Vec<u32> = (0..test.set.len() as u32).collect();
+    let mut progress = Progress::new("baseline: sampling", idx.len());
+    let t0 = Instant::now();
+    let scenes = sample_scenes(
+        &baseline,
+        &test,
+        &idx,
+        &sampler,
+        &sigmas,
+        seed.wrapping_add(7),
+        500,
+        &mut |done| progress.update(done, "scenes"),
+    )?;
+    let (rates, _) = label_scenes(&test, &idx, &scenes)?;
+    let fitted = |v: &[f32]| {
+        FeatureScaler::fit(v).map(|s| {
+            s.mean
+                .iter()
+                .zip(&s.std)
+                .map(|(m, d)| format!("{m:.2}±{d:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+    };
+    eprintln!("features (x y length width cos sin speed):");
+    eprintln!("  data:    {}", fitted(&test.set.agents)?);
+    eprintln!("  samples: {}", fitted(&scenes)?);
+    let step_ms = {
+        let b = idx.len().min(500);
+        let score = baseline.on_maps(&test.maps_of(&idx[..b])?)?;
+        let x = test.x.rows(&idx[..b])?;
+        heun_step_ms(&score, &x, 1.0, 0.9, 5)?
+    };
+    eprintln!(
+        "baseline: {:.2}% infractions ({:.2}% collision, {:.2}% offroad) over {} scenes in {:.0}s",
+        100.0 * rates.infraction,
+        100.0 * rates.collision,
+        100.0 * rates.offroad,
+        rates.scenes,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let dim = test.set.scene_dim();
+    let panels: Vec<_> = (0..8.min(idx.len()))
+        .map(|i| {
+            scene_panel(
+                &format!("sample {i}"),
+                test.set.map_of(i),
+                &scenes[i * dim..(i + 1) * dim],
+                300,
+            )
+        })
+        .chain((0..4.min(idx.len())).map(|i| {
+            scene_panel(
+                &format!("data {i}"),
+                test.set.map_of(i),
+                test.set.scene(i),
+                300,
+            )
+        }))
+        .collect();
+    save_grid(&out.join("scenes.png"), &panels, 4)?;
+    eprintln!("wrote {}", out.join("scenes.png").display());
+
+    let rows = vec![Row {
+        name: "baseline".into(),
+        collision_rate: rates.collision,
+        offroad_rate: rates.offroad,
+        infraction_rate: rates.infraction,
+        step_ms,
+        params: baseline.params,
+    }];
+    println!("| model | collision % | offroad % | infraction % | step ms (batch 500) | params |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+            r.name,
+            100.0 * r.collision_rate,
+            100.0 * r.offroad_rate,
+            100.0 * r.infraction_rate,
+            r.step_ms,
+            r.params
+        );
+    }
+    if let Some(p) = &args.common.json {
+        write_json(
+            p,
+            &Report {
+                models: rows,
+                train_scenes: train.set.len(),
+                test_scenes: test.set.len(),
+                labelled_per_second,
+            },
+        )?;
+    }
+    Ok(())
+}
