@@ -34,6 +34,10 @@ pub struct SceneTransformerConfig {
     /// encoder halves it twice, so it must be a multiple of 4.
     pub map_cells: usize,
     pub time_embedding: SinusoidalEmbedding,
+    /// Multiplies the noise condition before its embedding: VP's condition is 999 t, and
+    /// the embedding's frequencies (1 … max_freq) suit a condition of order 1, so the
+    /// traffic network uses 1e-3 (with EDM's ¼ ln σ it would be 1).
+    pub time_scale: f64,
     /// Embedding of pairwise distances (in the network's input units).
     pub distance_embedding: SinusoidalEmbedding,
     /// Size of the pair features e_ij; each block maps them to q^R, k^R, v^R of one
@@ -57,6 +61,7 @@ impl SceneTransformerConfig {
                 dim: 64,
                 max_freq: 1000.0,
             },
+            time_scale: 1e-3,
             distance_embedding: SinusoidalEmbedding {
                 dim: 32,
                 max_freq: 100.0,
@@ -80,6 +85,12 @@ impl SceneTransformerConfig {
             bail!(
                 "scene transformer: map_cells must be a multiple of 4, got {}",
                 self.map_cells
+            );
+        }
+        if !(self.time_scale > 0.0 && self.time_scale.is_finite()) {
+            bail!(
+                "scene transformer: time_scale must be positive, got {}",
+                self.time_scale
             );
         }
         self.time_embedding.validate()?;
@@ -470,7 +481,7 @@ impl SceneTransformer {
         let temb = self
             .cfg
             .time_embedding
-            .forward(&c_noise.to_dtype(x.dtype())?)?; // [B, E]
+            .forward(&(c_noise.to_dtype(x.dtype())? * self.cfg.time_scale)?)?; // [B, E]
         let t_agent = repeat_rows(&self.time.forward(&temb)?, a)?.reshape((b, a, h))?;
         let enc = candle_nn::ops::silu(&self.encoder1.forward(&agents)?)?;
         let mut hs = (self.encoder2.forward(&enc)? + t_agent)?;
