@@ -1,6 +1,6 @@
 //! Traffic scenes (Gen-neG paper §4.2, Table 1) on our procedural stand-in data:
 //! scene generation and labelling, the baseline scene-transformer diffusion model, and
-//! its collision / offroad / infraction rates on held-out maps.
+//! its collision / offroad / infraction rates and r-ELBO on held-out maps.
 //!
 //! Status: this example runs the baseline part of the experiment. Gen-neG iterations
 //! with per-agent classifiers, distillation and the ablations come next (issue 5).
@@ -18,7 +18,7 @@ use scoreguide::runtime::{heun_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
-    label_scenes, sample_scenes, scene_panel, train_score, FeatureScaler, TrafficConfig,
+    label_scenes, r_elbo, sample_scenes, scene_panel, train_score, FeatureScaler, TrafficConfig,
     TrafficData, TrafficModel,
 };
 use scoreguide::train::{Checkpoint, Progress};
@@ -69,6 +69,7 @@ struct Row {
     collision_rate: f64,
     offroad_rate: f64,
     infraction_rate: f64,
+    r_elbo: f64,
     step_ms: f64,
     params: usize,
 }
@@ -200,6 +201,7 @@ fn main() -> candle_core::Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
+    let elbo = r_elbo(&baseline, &test, 8, seed.wrapping_add(11), 500)?;
     let dim = test.set.scene_dim();
     let panels: Vec<_> = (0..8.min(idx.len()))
         .map(|i| {
@@ -227,18 +229,22 @@ fn main() -> candle_core::Result<()> {
         collision_rate: rates.collision,
         offroad_rate: rates.offroad,
         infraction_rate: rates.infraction,
+        r_elbo: elbo,
         step_ms,
         params: baseline.params,
     }];
-    println!("| model | collision % | offroad % | infraction % | step ms (batch 500) | params |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| model | collision % | offroad % | infraction % | r-ELBO | step ms (batch 500) | params |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {} |",
             r.name,
             100.0 * r.collision_rate,
             100.0 * r.offroad_rate,
             100.0 * r.infraction_rate,
+            r.r_elbo,
             r.step_ms,
             r.params
         );

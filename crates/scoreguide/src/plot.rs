@@ -124,17 +124,22 @@ impl Canvas {
         }
     }
 
-    /// A line between two data points (Bresenham on pixels), `w` pixels wide.
+    /// A line between two data points (Bresenham on pixels), `w` pixels wide, clipped to
+    /// the plot area.
     pub fn line(&mut self, a: (f64, f64), b: (f64, f64), c: Rgb, w: i64) {
         let (x0, y0) = self.to_px(a.0, a.1);
         let (x1, y1) = self.to_px(b.0, b.1);
-        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as i64).max(1);
+        let (ax0, ax1, ay0, ay1) = self.plot_area();
+        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as i64).clamp(1, 100_000);
         for i in 0..=n {
             let t = i as f64 / n as f64;
             let (x, y) = (x0 + t * (x1 - x0), y0 + t * (y1 - y0));
             for dx in -(w / 2)..=(w / 2) {
                 for dy in -(w / 2)..=(w / 2) {
-                    self.blend(x.round() as i64 + dx, y.round() as i64 + dy, c, 1.0);
+                    let (px, py) = (x.round() as i64 + dx, y.round() as i64 + dy);
+                    if px >= ax0 as i64 && px < ax1 as i64 && py >= ay0 as i64 && py < ay1 as i64 {
+                        self.blend(px, py, c, 1.0);
+                    }
                 }
             }
         }
