@@ -1,9 +1,10 @@
 //! Traffic scenes (Gen-neG paper §4.2, Table 1) on our procedural stand-in data:
-//! scene generation and labelling, the baseline scene-transformer diffusion model, and
-//! its collision / offroad / infraction rates and r-ELBO on held-out maps.
+//! scene generation and labelling, the baseline scene-transformer diffusion model,
+//! Gen-neG iterations with per-vehicle IS-balanced classifiers (scenes drawn on training
+//! maps), the w/o-IS and imbalanced ablations, and for each model the collision /
+//! offroad / infraction rates and r-ELBO on held-out maps.
 //!
-//! Status: this example runs the baseline part of the experiment. Gen-neG iterations
-//! with per-agent classifiers, distillation and the ablations come next (issue 5).
+//! Not yet here (issue 5): distillation and the time-independent ablation.
 //!
 //! ```text
 //! cargo run --release --example genneg_traffic -- --quick
@@ -18,8 +19,9 @@ use scoreguide::runtime::{heun_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
-    label_scenes, r_elbo, sample_scenes, scene_panel, train_score, FeatureScaler, TrafficConfig,
-    TrafficData, TrafficModel,
+    draw_scenes, label_scenes, r_elbo, sample_scenes, scene_panel, train_agent_classifier,
+    train_score, AgentClassifier, AgentLabelled, FeatureScaler, TrafficConfig, TrafficData,
+    TrafficModel, TrafficStack, Weighting,
 };
 use scoreguide::train::{Checkpoint, Progress};
 use serde::Serialize;
@@ -55,6 +57,18 @@ struct Args {
     /// Heun steps (default 64; 32 with --quick).
     #[arg(long)]
     steps: Option<usize>,
+    /// Gen-neG iterations (the paper's Table 1 has 2).
+    #[arg(long, default_value_t = 2)]
+    iterations: usize,
+    /// Scenes drawn per iteration to train its classifier (default 4,000; 400 with --quick).
+    #[arg(long)]
+    draws: Option<usize>,
+    /// Classifier training iterations (default 3,000; 300 with --quick).
+    #[arg(long)]
+    classifier_iters: Option<u64>,
+    /// Skip the ablations (w/o IS, imbalanced).
+    #[arg(long)]
+    no_ablations: bool,
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -80,6 +94,17 @@ struct Report {
     train_scenes: usize,
     test_scenes: usize,
     labelled_per_second: f64,
+}
+
+/// Per-feature mean ± std of scenes, in metres.
+fn feature_summary(agents: &[f32]) -> candle_core::Result<String> {
+    let s = FeatureScaler::fit(agents)?;
+    Ok(s.mean
+        .iter()
+        .zip(&s.std)
+        .map(|(m, d)| format!("{m:.2}±{d:.2}"))
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 fn main() -> candle_core::Result<()> {
@@ -140,6 +165,8 @@ fn main() -> candle_core::Result<()> {
         seed,
         ..net_cfg
     };
+    let n_draws = args.draws.unwrap_or(if q { 400 } else { 4_000 });
+    let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });
     let ckpt = match &args.baseline {
         Some(p) => Checkpoint::load(p)?,
         None => {
@@ -155,84 +182,146 @@ fn main() -> candle_core::Result<()> {
     };
     let baseline = TrafficModel::load(&ckpt, DType::F32, &dev)?;
 
-    // Sampling on the test maps, labelling, timing.
     let sigma_max = baseline.config.process.sigma(1.0);
     let sigmas = append_zero(karras(steps, 0.01, sigma_max, 7.0)?);
     let sampler = Sampler::Heun(HeunOptions::default());
-    let idx: Vec<u32> = (0..test.set.len() as u32).collect();
-    let mut progress = Progress::new("baseline: sampling", idx.len());
-    let t0 = Instant::now();
-    let scenes = sample_scenes(
-        &baseline,
-        &test,
-        &idx,
-        &sampler,
-        &sigmas,
-        seed.wrapping_add(7),
-        500,
-        &mut |done| progress.update(done, "scenes"),
-    )?;
-    let (rates, _) = label_scenes(&test, &idx, &scenes)?;
-    let fitted = |v: &[f32]| {
-        FeatureScaler::fit(v).map(|s| {
-            s.mean
-                .iter()
-                .zip(&s.std)
-                .map(|(m, d)| format!("{m:.2}±{d:.2}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-    };
-    eprintln!("features (x y length width cos sin speed):");
-    eprintln!("  data:    {}", fitted(&test.set.agents)?);
-    eprintln!("  samples: {}", fitted(&scenes)?);
-    let step_ms = {
-        let b = idx.len().min(500);
-        let score = baseline.on_maps(&test.maps_of(&idx[..b])?)?;
-        let x = test.x.rows(&idx[..b])?;
-        heun_step_ms(&score, &x, 1.0, 0.9, 5)?
-    };
-    eprintln!(
-        "baseline: {:.2}% infractions ({:.2}% collision, {:.2}% offroad) over {} scenes in {:.0}s",
-        100.0 * rates.infraction,
-        100.0 * rates.collision,
-        100.0 * rates.offroad,
-        rates.scenes,
-        t0.elapsed().as_secs_f64()
-    );
 
-    let elbo = r_elbo(&baseline, &test, 8, seed.wrapping_add(11), 500)?;
+    // Gen-neG iterations: draw from the current stack on training maps, label, train a
+    // per-vehicle IS-balanced classifier, stack it. The ablations reuse iteration 1's draws.
+    let mut classifiers: Vec<AgentClassifier> = Vec::new();
+    let mut ablations: Vec<(String, AgentClassifier)> = Vec::new();
+    for it in 1..=args.iterations {
+        let drawn = {
+            let stack = classifiers
+                .iter()
+                .fold(TrafficStack::new(&baseline), |s, c| s.with(c));
+            let mut progress = Progress::new(&format!("iteration {it}: drawing"), n_draws);
+            draw_scenes(
+                &stack,
+                &train,
+                n_draws,
+                &sampler,
+                &sigmas,
+                seed.wrapping_add(100 + it as u64),
+                500,
+                &mut |d| progress.update(d, "scenes"),
+            )?
+        };
+        eprintln!("iteration {it}: {}", drawn.summary());
+        let mut kinds = vec![("genneg".to_string(), Weighting::IsBalanced)];
+        if it == 1 && !args.no_ablations {
+            kinds.push(("wo_is".into(), Weighting::WithoutIs));
+            kinds.push(("imbalanced".into(), Weighting::Imbalanced));
+        }
+        for (name, weighting) in kinds {
+            let set = AgentLabelled::new(&drawn, weighting, &dev)?;
+            eprintln!(
+                "iteration {it}: {name} classifier on {} valid + {} invalid vehicles (vehicle α = {:.4})",
+                set.kept.0, set.kept.1, set.alpha
+            );
+            let c = train_agent_classifier(
+                &baseline.config,
+                &set,
+                &train,
+                n_classifier_iters,
+                seed + it as u64,
+                &dev,
+                &mut Progress::new(
+                    &format!("iteration {it}: {name} classifier"),
+                    n_classifier_iters as usize,
+                ),
+            )?;
+            let file = if name == "genneg" {
+                format!("genneg_{it}.safetensors")
+            } else {
+                format!("{name}.safetensors")
+            };
+            c.save(out.join(file))?;
+            let clf = AgentClassifier::load(&c, DType::F32, &dev)?;
+            if name == "genneg" {
+                classifiers.push(clf);
+            } else {
+                ablations.push((name, clf));
+            }
+        }
+    }
+
+    // Evaluation on the test split's maps.
+    let mut models: Vec<(String, TrafficStack)> =
+        vec![("baseline".into(), TrafficStack::new(&baseline))];
+    for k in 1..=classifiers.len() {
+        let stack = classifiers[..k]
+            .iter()
+            .fold(TrafficStack::new(&baseline), |s, c| s.with(c));
+        models.push((format!("genneg_{k}"), stack));
+    }
+    for (name, c) in &ablations {
+        models.push((name.clone(), TrafficStack::new(&baseline).with(c)));
+    }
+    let idx: Vec<u32> = (0..test.set.len() as u32).collect();
     let dim = test.set.scene_dim();
-    let panels: Vec<_> = (0..8.min(idx.len()))
-        .map(|i| {
-            scene_panel(
-                &format!("sample {i}"),
+    let mut rows = Vec::new();
+    let mut panels = Vec::new();
+    for (name, model) in &models {
+        let mut progress = Progress::new(&format!("{name}: sampling"), idx.len());
+        let t0 = Instant::now();
+        let scenes = sample_scenes(
+            model,
+            &test,
+            &idx,
+            &sampler,
+            &sigmas,
+            seed.wrapping_add(7),
+            500,
+            &mut |done| progress.update(done, "scenes"),
+        )?;
+        let (rates, _) = label_scenes(&test, &idx, &scenes)?;
+        eprintln!("{name}: features {}", feature_summary(&scenes)?);
+        let step_ms = {
+            let b = idx.len().min(500);
+            let score = model.on_maps(&test.maps_of(&idx[..b])?)?;
+            let x = test.x.rows(&idx[..b])?;
+            heun_step_ms(&score, &x, 1.0, 0.9, 5)?
+        };
+        let elbo = r_elbo(model, &test, 8, seed.wrapping_add(11), 500)?;
+        eprintln!(
+            "{name}: {:.2}% infractions ({:.2}% collision, {:.2}% offroad), r-ELBO {elbo:.3}, {} scenes in {:.0}s",
+            100.0 * rates.infraction,
+            100.0 * rates.collision,
+            100.0 * rates.offroad,
+            rates.scenes,
+            t0.elapsed().as_secs_f64()
+        );
+        for i in 0..4.min(idx.len()) {
+            panels.push(scene_panel(
+                &format!("{name} {i}"),
                 test.set.map_of(i),
                 &scenes[i * dim..(i + 1) * dim],
                 300,
-            )
-        })
-        .chain((0..4.min(idx.len())).map(|i| {
-            scene_panel(
-                &format!("data {i}"),
-                test.set.map_of(i),
-                test.set.scene(i),
-                300,
-            )
-        }))
-        .collect();
+            ));
+        }
+        rows.push(Row {
+            name: name.clone(),
+            collision_rate: rates.collision,
+            offroad_rate: rates.offroad,
+            infraction_rate: rates.infraction,
+            r_elbo: elbo,
+            step_ms,
+            params: model.params(),
+        });
+    }
+    eprintln!("data: features {}", feature_summary(&test.set.agents)?);
+    for i in 0..4.min(idx.len()) {
+        panels.push(scene_panel(
+            &format!("data {i}"),
+            test.set.map_of(i),
+            test.set.scene(i),
+            300,
+        ));
+    }
     save_grid(&out.join("scenes.png"), &panels, 4)?;
     eprintln!("wrote {}", out.join("scenes.png").display());
 
-    let rows = vec![Row {
-        name: "baseline".into(),
-        collision_rate: rates.collision,
-        offroad_rate: rates.offroad,
-        infraction_rate: rates.infraction,
-        r_elbo: elbo,
-        step_ms,
-        params: baseline.params,
-    }];
     println!(
         "| model | collision % | offroad % | infraction % | r-ELBO | step ms (batch 500) | params |"
     );

@@ -117,3 +117,67 @@ fn the_oracle_finds_what_is_put_there() {
     let v = check_scene(&map.raster, &scene);
     assert_eq!(v.offroad, 1);
 }
+
+#[test]
+fn per_vehicle_training_sets_balance_and_weight() {
+    use scoreguide::oracles::SceneVerdict;
+    use scoreguide::traffic::{AgentLabelled, Drawn, Weighting};
+    let dev = candle_core::Device::Cpu;
+    // Three scenes of 12 vehicles: 2, 0 and 1 infracting vehicles (3 of 36).
+    let verdicts = vec![
+        SceneVerdict {
+            collision: 0b11,
+            offroad: 0,
+        },
+        SceneVerdict {
+            collision: 0,
+            offroad: 0,
+        },
+        SceneVerdict {
+            collision: 0,
+            offroad: 1 << 11,
+        },
+    ];
+    let drawn = Drawn {
+        x: (0..3 * 84).map(|i| i as f32).collect(),
+        scene_indices: vec![7, 8, 9],
+        verdicts,
+        scene_alpha: 1.0 / 3.0,
+    };
+    let alpha = 33.0 / 36.0;
+    let is = AgentLabelled::new(&drawn, Weighting::IsBalanced, &dev).unwrap();
+    assert_eq!(is.kept, (3, 3));
+    assert!((is.alpha - alpha).abs() < 1e-12);
+    let w: Vec<Vec<f32>> = is.weights.to_vec2().unwrap();
+    let y: Vec<Vec<f32>> = is.labels.to_vec2().unwrap();
+    // Scene 0: vehicles 0, 1 invalid (weight 1 − α), the first 3 valid ones kept (α).
+    assert_eq!(is.scene_indices, vec![7, 9]);
+    assert!((w[0][0] as f64 - (1.0 - alpha)).abs() < 1e-6 && y[0][0] == 0.0);
+    assert!((w[0][2] as f64 - alpha).abs() < 1e-6 && y[0][2] == 1.0);
+    assert_eq!(w[0].iter().filter(|&&v| v > 0.0).count(), 5);
+    // Scene 1 is all valid and the valid quota is full: left out. Scene 2: only vehicle 11.
+    assert_eq!(w[1].iter().filter(|&&v| v > 0.0).count(), 1);
+    assert!(w[1][11] > 0.0 && y[1][11] == 0.0);
+
+    let plain = AgentLabelled::new(&drawn, Weighting::WithoutIs, &dev).unwrap();
+    let wp: Vec<Vec<f32>> = plain.weights.to_vec2().unwrap();
+    assert!(wp.iter().flatten().all(|&v| v == 0.0 || v == 1.0));
+    let all = AgentLabelled::new(&drawn, Weighting::Imbalanced, &dev).unwrap();
+    assert_eq!(all.kept, (33, 3));
+    assert_eq!(all.scene_indices.len(), 3);
+
+    let none_bad = Drawn {
+        verdicts: vec![
+            SceneVerdict {
+                collision: 0,
+                offroad: 0
+            };
+            3
+        ],
+        ..drawn
+    };
+    let e = AgentLabelled::new(&none_bad, Weighting::IsBalanced, &dev)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("0 invalid"), "{e}");
+}

@@ -4,6 +4,7 @@
 //! scenes with their infracting vehicles highlighted, like the paper's Fig. 1.
 
 use crate::data::{Dataset, SceneSet};
+use crate::guidance::{log_sigmoid, Guided, LogProb};
 use crate::losses::{dsm, DsmWeighting};
 use crate::nets::{
     BoundScene, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
@@ -255,11 +256,12 @@ impl TrafficModel {
     }
 }
 
-/// `n` scenes from `model`, scene i on map `map_of(i)` of `data`, in batches of
-/// `batch`, with per-sample seeded noise; returned in metres (`[n · A · 7]` values).
+/// Scenes from `model` (a baseline or a Gen-neG stack), scene k on the map of
+/// `data`'s scene `scene_indices[k]`, in batches of `batch`, with per-sample seeded
+/// noise; returned in metres (`[n · A · 7]` values).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_scenes(
-    model: &TrafficModel,
+    model: &TrafficStack,
     data: &TrafficData,
     scene_indices: &[u32],
     sampler: &Sampler,
@@ -273,11 +275,12 @@ pub fn sample_scenes(
     let mut out = Vec::with_capacity(scene_indices.len() * dim);
     for (k, idx) in scene_indices.chunks(batch.max(1)).enumerate() {
         let score = model.on_maps(&data.maps_of(idx)?)?;
-        let mut noise = SampleNoise::new(seed, k * batch, idx.len());
+        let mut noise = SampleNoise::new(seed, k * batch.max(1), idx.len());
         let x0 = initial_noise(&mut noise, &[idx.len(), dim], sigmas[0], DType::F32, device)?;
         let x = sampler.sample(&score, x0, sigmas, &mut noise, None)?;
         out.extend(
             model
+                .base
                 .scaler
                 .denormalize(&x.flatten_all()?.to_vec1::<f32>()?),
         );
@@ -335,7 +338,7 @@ pub fn label_scenes(
 /// [1e-3, 1] (stratified: `draws` levels per scene). Constants are left out, so only
 /// differences between models on the same scenes mean something; higher is better.
 pub fn r_elbo(
-    model: &TrafficModel,
+    model: &TrafficStack,
     data: &TrafficData,
     draws: usize,
     seed: u64,
@@ -357,7 +360,7 @@ pub fn r_elbo(
             let sigmas: Vec<f32> = (0..idx.len())
                 .map(|_| {
                     let u = (k as f64 + rand::Rng::random::<f64>(&mut rng)) / draws as f64;
-                    model.config.process.sigma(1e-3 + u * (1.0 - 1e-3)) as f32
+                    model.base.config.process.sigma(1e-3 + u * (1.0 - 1e-3)) as f32
                 })
                 .collect();
             let sigma = Tensor::from_vec(sigmas, idx.len(), device)?;
@@ -367,4 +370,327 @@ pub fn r_elbo(
         }
     }
     Ok(-0.5 * total / (n * draws) as f64)
+}
+
+/// The inputs a classifier sees at noise level σ: the process's own `x_t = α(σ) x_σ`
+/// and noise condition, per sample.
+fn process_inputs(process: &Process, x: &Tensor, sigma: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s: Vec<f64> = sigma.to_dtype(DType::F64)?.to_vec1()?;
+    let dev = x.device();
+    let alpha: Vec<f64> = s.iter().map(|&v| process.alpha_at_sigma(v)).collect();
+    let cond: Vec<f64> = s.iter().map(|&v| process.noise_condition(v)).collect();
+    let alpha = Tensor::from_vec(alpha, s.len(), dev)?.to_dtype(x.dtype())?;
+    let cond = Tensor::from_vec(cond, s.len(), dev)?.to_dtype(x.dtype())?;
+    Ok((x.broadcast_mul(&alpha.unsqueeze(1)?)?, cond))
+}
+
+/// A time-dependent per-vehicle classifier (Gen-neG's traffic classifier): the scene
+/// transformer with one logit per vehicle, l_a(x; σ) = logit of "vehicle a is valid".
+/// A scene's log C(x; σ) is Σ_a log sigmoid(l_a): valid iff every vehicle is.
+pub struct AgentClassifier {
+    pub config: TrafficConfig,
+    net: SceneTransformer,
+}
+
+impl AgentClassifier {
+    pub fn load(c: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let config: TrafficConfig = c.meta("traffic")?;
+        if config.net.out_per_agent != 1 {
+            bail!(
+                "agent classifier checkpoint: the network has {} outputs per agent, not 1",
+                config.net.out_per_agent
+            );
+        }
+        let section = c.section("ema");
+        if section.is_empty() {
+            bail!("agent classifier checkpoint holds no `ema.*` tensors");
+        }
+        let store = ParamStore::new(0);
+        SceneTransformer::new(config.net, store.var_builder(dtype, device))?;
+        store.assign(&section, "agent classifier checkpoint")?;
+        let net = SceneTransformer::new(config.net, store.frozen_var_builder(dtype, device))?;
+        Ok(Self { config, net })
+    }
+
+    /// `[B, A]` logits for scenes on maps whose tokens are `tokens`.
+    fn logits(
+        net: &SceneTransformer,
+        process: &Process,
+        x: &Tensor,
+        sigma: &Tensor,
+        tokens: &Tensor,
+    ) -> Result<Tensor> {
+        let (x_in, cond) = process_inputs(process, x, sigma)?;
+        net.forward(&x_in, &cond, tokens)
+    }
+
+    /// This classifier as a guidance term for scenes on `maps` (`[B, 1, c, c]`).
+    pub fn on_maps(&self, maps: &Tensor) -> Result<BoundClassifier<'_>> {
+        Ok(BoundClassifier {
+            classifier: self,
+            tokens: self.net.map_encoder().forward(maps)?,
+        })
+    }
+}
+
+/// An [`AgentClassifier`] with one batch's maps bound: a [`LogProb`] term.
+pub struct BoundClassifier<'a> {
+    classifier: &'a AgentClassifier,
+    tokens: Tensor,
+}
+
+impl LogProb for BoundClassifier<'_> {
+    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+        let c = self.classifier;
+        let tokens = self.tokens.to_dtype(x.dtype())?;
+        let logits = AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &tokens)?;
+        log_sigmoid(&logits)?.sum(1)
+    }
+}
+
+/// A baseline plus stacked classifiers (weight 1 each): Gen-neG iteration k has k.
+pub struct TrafficStack<'a> {
+    pub base: &'a TrafficModel,
+    pub classifiers: Vec<&'a AgentClassifier>,
+}
+
+impl<'a> TrafficStack<'a> {
+    pub fn new(base: &'a TrafficModel) -> Self {
+        Self {
+            base,
+            classifiers: Vec::new(),
+        }
+    }
+
+    pub fn with(&self, classifier: &'a AgentClassifier) -> Self {
+        let mut classifiers = self.classifiers.clone();
+        classifiers.push(classifier);
+        Self {
+            base: self.base,
+            classifiers,
+        }
+    }
+
+    /// The guided score for scenes on `maps`: s_θ + Σ_k ∇x log C_k.
+    pub fn on_maps(&self, maps: &Tensor) -> Result<Guided<'a>> {
+        let mut g = Guided::new(self.base.on_maps(maps)?);
+        for c in &self.classifiers {
+            g = g.with(1.0, c.on_maps(maps)?);
+        }
+        Ok(g)
+    }
+
+    /// Parameters of the base and every classifier.
+    pub fn params(&self) -> usize {
+        self.base.params + self.classifiers.len() * self.base.params
+    }
+}
+
+/// How a Gen-neG classifier's training set is made from what a model drew (the paper's
+/// Eq. 11 and its ablations), at the level of vehicles: the classifier predicts each
+/// vehicle's validity, so a training example is a (scene, vehicle) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weighting {
+    /// N valid + N invalid vehicles (N the rarer class's count), valid ones weighted α,
+    /// invalid ones 1 − α, α the model's rate of valid vehicles.
+    IsBalanced,
+    /// The same balanced set, unweighted.
+    WithoutIs,
+    /// Every vehicle drawn, unweighted.
+    Imbalanced,
+}
+
+/// Scenes a model drew, labelled per vehicle.
+pub struct Drawn {
+    /// Standardised values, `[N, A·7]`.
+    pub x: Vec<f32>,
+    /// Which of the data's scenes (maps) each was drawn on.
+    pub scene_indices: Vec<u32>,
+    pub verdicts: Vec<SceneVerdict>,
+    /// Fraction of valid scenes among all drawn.
+    pub scene_alpha: f64,
+}
+
+impl Drawn {
+    pub fn valid(&self) -> usize {
+        self.verdicts.iter().filter(|v| v.is_valid()).count()
+    }
+
+    pub fn summary(&self) -> String {
+        let v = self.valid();
+        format!(
+            "{} scenes drawn: {v} valid, {} invalid",
+            self.verdicts.len(),
+            self.verdicts.len() - v,
+        )
+    }
+}
+
+/// Draws `n` scenes from `model` on random maps of `data` (seeded) and labels them.
+#[allow(clippy::too_many_arguments)]
+pub fn draw_scenes(
+    model: &TrafficStack,
+    data: &TrafficData,
+    n: usize,
+    sampler: &Sampler,
+    sigmas: &[f64],
+    seed: u64,
+    batch: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Drawn> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let scene_indices: Vec<u32> = (0..n)
+        .map(|_| rng.random_range(0..data.set.len() as u32))
+        .collect();
+    let agents = sample_scenes(
+        model,
+        data,
+        &scene_indices,
+        sampler,
+        sigmas,
+        seed,
+        batch,
+        progress,
+    )?;
+    let (rates, verdicts) = label_scenes(data, &scene_indices, &agents)?;
+    Ok(Drawn {
+        x: model.base.scaler.normalize(&agents),
+        scene_indices,
+        verdicts,
+        scene_alpha: 1.0 - rates.infraction,
+    })
+}
+
+/// A classifier's training set: scenes, their maps, per-vehicle labels (1 = valid) and
+/// per-(scene, vehicle) weights (0 for pairs left out by balancing).
+pub struct AgentLabelled {
+    pub x: Dataset,
+    pub scene_indices: Vec<u32>,
+    pub labels: Tensor,
+    pub weights: Tensor,
+    /// Valid and invalid vehicles kept, and α (the drawn vehicles' valid rate).
+    pub kept: (usize, usize),
+    pub alpha: f64,
+}
+
+impl AgentLabelled {
+    /// Builds the set `weighting` asks for from `drawn` (balanced sets keep the first N
+    /// valid and N invalid vehicles in drawing order).
+    pub fn new(drawn: &Drawn, weighting: Weighting, device: &Device) -> Result<Self> {
+        let scenes = drawn.verdicts.len();
+        if scenes == 0 {
+            bail!("classifier set: no scenes drawn");
+        }
+        let dim = drawn.x.len() / scenes;
+        let agents = dim / VEHICLE_FEATURES;
+        let bad = |i: usize, a: usize| drawn.verdicts[i].infracting() & (1 << a) != 0;
+        let n_invalid: usize = (0..scenes)
+            .map(|i| (0..agents).filter(|&a| bad(i, a)).count())
+            .sum();
+        let n_valid = scenes * agents - n_invalid;
+        if n_valid == 0 || n_invalid == 0 {
+            bail!("classifier set: need valid and invalid vehicles, got {n_valid} valid and {n_invalid} invalid");
+        }
+        let alpha = n_valid as f64 / (scenes * agents) as f64;
+        let per_class = n_valid.min(n_invalid);
+        let (mut kept_valid, mut kept_invalid) = (0, 0);
+        let mut x = Vec::new();
+        let mut labels = Vec::new();
+        let mut weights = Vec::new();
+        let mut scene_indices = Vec::new();
+        for i in 0..scenes {
+            let mut w_row = vec![0f32; agents];
+            for (a, w) in w_row.iter_mut().enumerate() {
+                let (count, keep) = if bad(i, a) {
+                    kept_invalid += 1;
+                    (kept_invalid, 1.0 - alpha)
+                } else {
+                    kept_valid += 1;
+                    (kept_valid, alpha)
+                };
+                *w = match weighting {
+                    Weighting::Imbalanced => 1.0,
+                    _ if count > per_class => 0.0,
+                    Weighting::WithoutIs => 1.0,
+                    Weighting::IsBalanced => keep as f32,
+                };
+            }
+            if w_row.iter().any(|&w| w > 0.0) {
+                x.extend_from_slice(&drawn.x[i * dim..(i + 1) * dim]);
+                labels.extend((0..agents).map(|a| if bad(i, a) { 0f32 } else { 1.0 }));
+                weights.extend(w_row);
+                scene_indices.push(drawn.scene_indices[i]);
+            }
+        }
+        let n = scene_indices.len();
+        let kept = match weighting {
+            Weighting::Imbalanced => (n_valid, n_invalid),
+            _ => (per_class, per_class),
+        };
+        Ok(Self {
+            x: Dataset::new(Tensor::from_vec(x, (n, dim), device)?, "classifier scenes")?,
+            scene_indices,
+            labels: Tensor::from_vec(labels, (n, agents), device)?,
+            weights: Tensor::from_vec(weights, (n, agents), device)?,
+            kept,
+            alpha,
+        })
+    }
+}
+
+/// Trains a per-vehicle classifier on `set` (scenes on `data`'s maps): per batch, noise
+/// at σ from the baseline's training distribution, and the loss
+/// Σ_{scene, vehicle} w · BCE(l, y) / Σ 1[w > 0] (the weighted mean over kept pairs).
+pub fn train_agent_classifier(
+    base: &TrafficConfig,
+    set: &AgentLabelled,
+    data: &TrafficData,
+    iters: u64,
+    seed: u64,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    let cfg = TrafficConfig {
+        net: SceneTransformerConfig {
+            out_per_agent: 1,
+            ..base.net
+        },
+        iters,
+        seed,
+        ..base.clone()
+    };
+    let store = ParamStore::new(seed);
+    let net = SceneTransformer::new(cfg.net, store.var_builder(DType::F32, device))?;
+    let train = TrainConfig {
+        lr: cfg.lr,
+        seed,
+        warmup_steps: 200,
+        ..TrainConfig::default()
+    };
+    let sigma_dist = cfg.sigma_distribution();
+    let mut trainer = Trainer::new(store, train)?;
+    trainer.run(iters, progress, |step, rng| {
+        let idx = set.x.step_batch(cfg.batch, seed, step)?;
+        let rows = Tensor::from_slice(&idx, idx.len(), device)?;
+        let x0 = set.x.rows(&idx)?;
+        let scenes: Vec<u32> = idx.iter().map(|&i| set.scene_indices[i as usize]).collect();
+        let tokens = net.map_encoder().forward(&data.maps_of(&scenes)?)?;
+        let sigma = sigma_dist.sample_tensor(idx.len(), rng, device)?;
+        let z = randn(rng, x0.dims(), device)?;
+        let x = (&x0 + z.broadcast_mul(&sigma.unsqueeze(1)?)?)?;
+        let logits = AgentClassifier::logits(&net, &cfg.process, &x, &sigma, &tokens)?;
+        let y = set.labels.index_select(&rows, 0)?;
+        let w = set.weights.index_select(&rows, 0)?;
+        // −[y log σ(l) + (1 − y) log σ(−l)] per (scene, vehicle).
+        let nll = ((&y * log_sigmoid(&logits)?)?
+            + (y.affine(-1.0, 1.0)? * log_sigmoid(&logits.neg()?)?)?)?
+        .neg()?;
+        let kept = w.gt(0.0)?.to_dtype(DType::F32)?.sum_all()?.maximum(1.0)?;
+        (nll * w)?.sum_all()?.broadcast_div(&kept)
+    })?;
+    let mut c = trainer.checkpoint()?;
+    c.set_meta("traffic", &cfg)?;
+    Ok(c)
 }
