@@ -208,6 +208,14 @@ fn main() -> candle_core::Result<()> {
             )?
         };
         eprintln!("iteration {it}: {}", drawn.summary());
+        let (valid, invalid) = drawn.vehicle_counts();
+        if valid == 0 || invalid == 0 {
+            eprintln!(
+                "iteration {it}: {valid} valid and {invalid} invalid vehicles drawn: a classifier needs both; stopping Gen-neG after {} iteration(s)",
+                it - 1
+            );
+            break;
+        }
         let mut kinds = vec![("genneg".to_string(), Weighting::IsBalanced)];
         if it == 1 && !args.no_ablations {
             kinds.push(("wo_is".into(), Weighting::WithoutIs));

@@ -517,6 +517,17 @@ impl Drawn {
         self.verdicts.iter().filter(|v| v.is_valid()).count()
     }
 
+    /// Valid and invalid vehicles among all drawn.
+    pub fn vehicle_counts(&self) -> (usize, usize) {
+        let agents = self.x.len() / self.verdicts.len().max(1) / VEHICLE_FEATURES;
+        let invalid: usize = self
+            .verdicts
+            .iter()
+            .map(|v| v.infracting().count_ones() as usize)
+            .sum();
+        (self.verdicts.len() * agents - invalid, invalid)
+    }
+
     pub fn summary(&self) -> String {
         let v = self.valid();
         format!(
@@ -586,10 +597,7 @@ impl AgentLabelled {
         let dim = drawn.x.len() / scenes;
         let agents = dim / VEHICLE_FEATURES;
         let bad = |i: usize, a: usize| drawn.verdicts[i].infracting() & (1 << a) != 0;
-        let n_invalid: usize = (0..scenes)
-            .map(|i| (0..agents).filter(|&a| bad(i, a)).count())
-            .sum();
-        let n_valid = scenes * agents - n_invalid;
+        let (n_valid, n_invalid) = drawn.vehicle_counts();
         if n_valid == 0 || n_invalid == 0 {
             bail!("classifier set: need valid and invalid vehicles, got {n_valid} valid and {n_invalid} invalid");
         }
