@@ -27,23 +27,6 @@ fn inputs(dev: &Device) -> (Tensor, Tensor, Tensor) {
     (x0, z, sigma)
 }
 
-fn assert_all_nonzero(store: &ParamStore, grads: &candle_core::backprop::GradStore, what: &str) {
-    assert!(!store.is_empty());
-    for (name, var) in store.vars() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{what}: `{name}` has no gradient"));
-        let m = g
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(m > 0.0, "{what}: gradient of `{name}` is zero");
-    }
-}
-
 #[test]
 fn every_score_model_parameter_gets_a_gradient() {
     let dev = Device::Cpu;
@@ -71,7 +54,7 @@ fn every_score_model_parameter_gets_a_gradient() {
         let store = ParamStore::new(1);
         let model = cfg.build(&store.var_builder(DType::F32, &dev)).unwrap();
         let loss = dsm(&model, &x0, &sigma, &z, DsmWeighting::SigmaSquared).unwrap();
-        assert_all_nonzero(&store, &loss.backward().unwrap(), &format!("{precond:?}"));
+        common::assert_all_nonzero(&store, &loss.backward().unwrap(), &format!("{precond:?}"));
     }
 }
 
@@ -96,7 +79,7 @@ fn every_classifier_parameter_gets_a_gradient() {
         .unwrap()
         .mean_all()
         .unwrap();
-    assert_all_nonzero(&store, &loss.backward().unwrap(), "classifier");
+    common::assert_all_nonzero(&store, &loss.backward().unwrap(), "classifier");
 }
 
 #[test]

@@ -41,3 +41,26 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn flat_f64(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
+
+/// Every parameter of `store` has a gradient in `grads`, and none is all zeros (a fused
+/// candle op without a backward pass would drop some). `what` names the model.
+pub fn assert_all_nonzero(
+    store: &scoreguide::nets::ParamStore,
+    grads: &candle_core::backprop::GradStore,
+    what: &str,
+) {
+    assert!(!store.is_empty());
+    for (name, var) in store.vars() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: `{name}` has no gradient"));
+        let m = g
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(m > 0.0, "{what}: gradient of `{name}` is zero");
+    }
+}

@@ -9,7 +9,7 @@ use crate::losses::{cross_entropy, dlsm, dsm, DsmWeighting};
 use crate::nets::{ParamStore, ToyClassifier, ToyMlpConfig, ToyScore};
 use crate::samplers::{initial_noise, PcOptions, Sampler};
 use crate::sde::{append_zero, log_linear, randn, SampleNoise, SigmaDistribution};
-use crate::train::{Checkpoint, Progress, TrainConfig, Trainer};
+use crate::train::{load_frozen, Checkpoint, Progress, TrainConfig, Trainer, Weights};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -118,14 +118,7 @@ fn load_toy(
     what: &str,
 ) -> Result<crate::nets::ToyMlp> {
     let cfg: ToyMlpConfig = c.meta("model")?;
-    let section = c.section("ema");
-    if section.is_empty() {
-        bail!("{what}: checkpoint holds no `ema.*` tensors");
-    }
-    let store = ParamStore::new(0);
-    cfg.build(&store.var_builder(dtype, device))?;
-    store.assign(&section, what)?;
-    cfg.build(&store.frozen_var_builder(dtype, device))
+    Ok(load_frozen(c, Weights::Ema, dtype, device, what, |vb| cfg.build(vb))?.0)
 }
 
 /// The frozen score model of a checkpoint from [`train_score`].

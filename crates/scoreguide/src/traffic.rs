@@ -14,7 +14,7 @@ use crate::oracles::{check_scene, OrientedBox, RoadRaster, SceneVerdict};
 use crate::plot::{Canvas, Rgb, BLACK, BLUE, RED};
 use crate::samplers::{initial_noise, Sampler};
 use crate::sde::{randn, Process, SampleNoise, SigmaDistribution};
-use crate::train::{Checkpoint, Progress, TrainConfig, Trainer};
+use crate::train::{load_frozen, Checkpoint, Progress, TrainConfig, Trainer, Weights};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -233,18 +233,18 @@ impl TrafficModel {
     pub fn load(c: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let config: TrafficConfig = c.meta("traffic")?;
         let scaler: FeatureScaler = c.meta("scaler")?;
-        let section = c.section("ema");
-        if section.is_empty() {
-            bail!("traffic model checkpoint holds no `ema.*` tensors");
-        }
-        let store = ParamStore::new(0);
-        SceneTransformer::new(config.net, store.var_builder(dtype, device))?;
-        store.assign(&section, "traffic model checkpoint")?;
-        let net = SceneTransformer::new(config.net, store.frozen_var_builder(dtype, device))?;
+        let (net, params) = load_frozen(
+            c,
+            Weights::Ema,
+            dtype,
+            device,
+            "traffic model checkpoint",
+            |vb| SceneTransformer::new(config.net, vb.clone()),
+        )?;
         Ok(Self {
             config,
             scaler,
-            params: store.num_params(),
+            params,
             net,
         })
     }
@@ -401,14 +401,14 @@ impl AgentClassifier {
                 config.net.out_per_agent
             );
         }
-        let section = c.section("ema");
-        if section.is_empty() {
-            bail!("agent classifier checkpoint holds no `ema.*` tensors");
-        }
-        let store = ParamStore::new(0);
-        SceneTransformer::new(config.net, store.var_builder(dtype, device))?;
-        store.assign(&section, "agent classifier checkpoint")?;
-        let net = SceneTransformer::new(config.net, store.frozen_var_builder(dtype, device))?;
+        let (net, _) = load_frozen(
+            c,
+            Weights::Ema,
+            dtype,
+            device,
+            "agent classifier checkpoint",
+            |vb| SceneTransformer::new(config.net, vb.clone()),
+        )?;
         Ok(Self { config, net })
     }
 

@@ -1,6 +1,7 @@
 //! Self-describing safetensors checkpoints, written atomically.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 use scoreguide_nets::{AnyNet, ParamStore, ScoreModelConfig, ScoreNet};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -183,16 +184,34 @@ pub fn load_score_model(
     device: &Device,
 ) -> Result<(ScoreNet<AnyNet>, ScoreModelConfig)> {
     let cfg: ScoreModelConfig = ckpt.meta("model")?;
+    let (model, _) = load_frozen(ckpt, weights, dtype, device, "checkpoint", |vb| {
+        cfg.build(vb)
+    })?;
+    Ok((model, cfg))
+}
+
+/// Rebuilds a network from `ckpt`'s `weights` section with frozen parameters (only
+/// inputs are tracked by autograd, so guidance computes no weight gradients): `build`
+/// constructs the network from a `VarBuilder` (called twice: once to create the
+/// parameters the section is checked against, once on the frozen values). Returns the
+/// network and its parameter count. `what` names the checkpoint in errors.
+pub fn load_frozen<T>(
+    ckpt: &Checkpoint,
+    weights: Weights,
+    dtype: DType,
+    device: &Device,
+    what: &str,
+    build: impl Fn(&VarBuilder) -> Result<T>,
+) -> Result<(T, usize)> {
     let store = ParamStore::new(0);
-    cfg.build(&store.var_builder(dtype, device))?;
+    build(&store.var_builder(dtype, device))?;
     let section = ckpt.section(weights.prefix());
     if section.is_empty() {
-        bail!("checkpoint holds no `{}.*` tensors", weights.prefix());
+        bail!("{what} holds no `{}.*` tensors", weights.prefix());
     }
-    store.assign(
-        &section,
-        &format!("checkpoint `{}` weights", weights.prefix()),
-    )?;
-    let model = cfg.build(&store.frozen_var_builder(dtype, device))?;
-    Ok((model, cfg))
+    store.assign(&section, &format!("{what}: `{}` weights", weights.prefix()))?;
+    Ok((
+        build(&store.frozen_var_builder(dtype, device))?,
+        store.num_params(),
+    ))
 }

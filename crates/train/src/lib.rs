@@ -29,7 +29,7 @@ mod optim;
 mod progress;
 mod trainer;
 
-pub use checkpoint::{load_score_model, write_atomic, Checkpoint, Weights, FORMAT};
+pub use checkpoint::{load_frozen, load_score_model, write_atomic, Checkpoint, Weights, FORMAT};
 pub use optim::{clip_grad_norm, Adam, AdamConfig, Ema};
 pub use progress::Progress;
 pub use trainer::{StepStats, TrainConfig, Trainer};
