@@ -1,10 +1,11 @@
 //! Traffic scenes (Gen-neG paper §4.2, Table 1) on our procedural stand-in data:
 //! scene generation and labelling, the baseline scene-transformer diffusion model,
 //! Gen-neG iterations with per-vehicle IS-balanced classifiers (scenes drawn on training
-//! maps), the w/o-IS and imbalanced ablations, and for each model the collision /
-//! offroad / infraction rates and r-ELBO on held-out maps.
+//! maps), the w/o-IS and imbalanced ablations, distillation of the last iteration into
+//! the baseline's architecture, and for each model the collision / offroad / infraction
+//! rates and r-ELBO on held-out maps.
 //!
-//! Not yet here (issue 5): distillation and the time-independent ablation.
+//! Not yet here (issue 5): the time-independent ablation.
 //!
 //! ```text
 //! cargo run --release --example genneg_traffic -- --quick
@@ -19,7 +20,7 @@ use scoreguide::runtime::{heun_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
-    draw_scenes, label_scenes, r_elbo, sample_scenes, scene_panel, train_agent_classifier,
+    distill, draw_scenes, label_scenes, r_elbo, sample_scenes, scene_panel, train_agent_classifier,
     train_score, AgentClassifier, AgentLabelled, FeatureScaler, TrafficConfig, TrafficData,
     TrafficModel, TrafficStack, Weighting,
 };
@@ -69,6 +70,12 @@ struct Args {
     /// Skip the ablations (w/o IS, imbalanced).
     #[arg(long)]
     no_ablations: bool,
+    /// Distillation iterations (default 4,000; 300 with --quick).
+    #[arg(long)]
+    distill_iters: Option<u64>,
+    /// Skip the distillation.
+    #[arg(long)]
+    no_distill: bool,
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -167,6 +174,7 @@ fn main() -> candle_core::Result<()> {
     };
     let n_draws = args.draws.unwrap_or(if q { 400 } else { 4_000 });
     let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });
+    let n_distill_iters = args.distill_iters.unwrap_or(if q { 300 } else { 4_000 });
     let ckpt = match &args.baseline {
         Some(p) => Checkpoint::load(p)?,
         None => {
@@ -254,6 +262,31 @@ fn main() -> candle_core::Result<()> {
         }
     }
 
+    // Distillation of the last iteration into the baseline's architecture.
+    let distilled = match classifiers.len() {
+        0 => None,
+        k if !args.no_distill => {
+            let teacher = classifiers
+                .iter()
+                .fold(TrafficStack::new(&baseline), |s, c| s.with(c));
+            let dcfg = TrafficConfig {
+                iters: n_distill_iters,
+                ..baseline.config.clone()
+            };
+            let c = distill(
+                &dcfg,
+                &teacher,
+                &ckpt,
+                &train,
+                &dev,
+                &mut Progress::new(&format!("distil {k}"), n_distill_iters as usize),
+            )?;
+            c.save(out.join("distilled.safetensors"))?;
+            Some(TrafficModel::load(&c, DType::F32, &dev)?)
+        }
+        _ => None,
+    };
+
     // Evaluation on the test split's maps.
     let mut models: Vec<(String, TrafficStack)> =
         vec![("baseline".into(), TrafficStack::new(&baseline))];
@@ -262,6 +295,9 @@ fn main() -> candle_core::Result<()> {
             .iter()
             .fold(TrafficStack::new(&baseline), |s, c| s.with(c));
         models.push((format!("genneg_{k}"), stack));
+    }
+    if let Some(d) = &distilled {
+        models.push(("distilled".into(), TrafficStack::new(d)));
     }
     for (name, c) in &ablations {
         models.push((name.clone(), TrafficStack::new(&baseline).with(c)));

@@ -5,7 +5,7 @@
 
 use crate::data::{Dataset, SceneSet};
 use crate::guidance::{log_sigmoid, Guided, LogProb};
-use crate::losses::{dsm, DsmWeighting};
+use crate::losses::{distillation, dsm, DsmWeighting};
 use crate::nets::{
     BoundScene, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
 };
@@ -195,12 +195,44 @@ pub fn train_score(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
+    fit_score(cfg, data, None, None, device, progress)
+}
+
+/// Distils a Gen-neG stack into one network of the baseline's architecture (paper Eq.
+/// 12): on the **true** training scenes, the student's denoiser is fitted to the
+/// teacher's (λ = σ²), starting from the baseline's weights `init`. `cfg.iters` steps.
+pub fn distill(
+    cfg: &TrafficConfig,
+    teacher: &TrafficStack,
+    init: &Checkpoint,
+    data: &TrafficData,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    fit_score(cfg, data, Some(teacher), Some(init), device, progress)
+}
+
+fn fit_score(
+    cfg: &TrafficConfig,
+    data: &TrafficData,
+    teacher: Option<&TrafficStack>,
+    init: Option<&Checkpoint>,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
     let store = ParamStore::new(cfg.seed);
     let net = SceneTransformer::new(cfg.net, store.var_builder(DType::F32, device))?;
+    if let Some(c) = init {
+        store.assign(
+            &c.section("ema"),
+            "distillation's initial (baseline) weights",
+        )?;
+    }
     let train = TrainConfig {
         lr: cfg.lr,
         seed: cfg.seed,
-        warmup_steps: 500,
+        // A warm start (distillation) needs less warm-up than training from scratch.
+        warmup_steps: if init.is_some() { 200 } else { 500 },
         ..TrainConfig::default()
     };
     let sigma_dist = cfg.sigma_distribution();
@@ -208,11 +240,22 @@ pub fn train_score(
     trainer.run(cfg.iters, progress, |step, rng| {
         let idx = data.x.step_batch(cfg.batch, cfg.seed, step)?;
         let x0 = data.x.rows(&idx)?;
-        let tokens = net.map_encoder().forward(&data.maps_of(&idx)?)?;
+        let maps = data.maps_of(&idx)?;
+        let tokens = net.map_encoder().forward(&maps)?;
         let model = ScoreNet::new(net.bind(tokens), cfg.precond())?;
         let sigma = sigma_dist.sample_tensor(idx.len(), rng, device)?;
         let z = randn(rng, x0.dims(), device)?;
-        dsm(&model, &x0, &sigma, &z, DsmWeighting::SigmaSquared)
+        match teacher {
+            None => dsm(&model, &x0, &sigma, &z, DsmWeighting::SigmaSquared),
+            Some(t) => distillation(
+                &model,
+                &t.on_maps(&maps)?,
+                &x0,
+                &sigma,
+                &z,
+                DsmWeighting::SigmaSquared,
+            ),
+        }
     })?;
     let mut c = trainer.checkpoint()?;
     c.set_meta("traffic", cfg)?;
