@@ -4,7 +4,7 @@
 //! scenes with their infracting vehicles highlighted, like the paper's Fig. 1.
 
 use crate::data::{Dataset, SceneSet};
-use crate::guidance::{log_sigmoid, Guided, LogProb};
+use crate::guidance::{log_sigmoid, Guided, LogProb, Score};
 use crate::losses::{distillation, dsm, DsmWeighting};
 use crate::nets::{
     BoundScene, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
@@ -432,6 +432,10 @@ fn process_inputs(process: &Process, x: &Tensor, sigma: &Tensor) -> Result<(Tens
 /// A scene's log C(x; σ) is Σ_a log sigmoid(l_a): valid iff every vehicle is.
 pub struct AgentClassifier {
     pub config: TrafficConfig,
+    /// Set for the time-independent ablation: the classifier was trained on (nearly)
+    /// clean scenes at this σ and guides through the base model's one-step estimate
+    /// x̂0 = x + σ² s(x; σ).
+    pub sigma_clean: Option<f64>,
     net: SceneTransformer,
 }
 
@@ -452,7 +456,15 @@ impl AgentClassifier {
             "agent classifier checkpoint",
             |vb| SceneTransformer::new(config.net, vb.clone()),
         )?;
-        Ok(Self { config, net })
+        let sigma_clean: Option<f64> = match c.metadata.get("sigma_clean") {
+            Some(_) => c.meta("sigma_clean")?,
+            None => None,
+        };
+        Ok(Self {
+            config,
+            sigma_clean,
+            net,
+        })
     }
 
     /// `[B, A]` logits for scenes on maps whose tokens are `tokens`.
@@ -467,11 +479,20 @@ impl AgentClassifier {
         net.forward(&x_in, &cond, tokens)
     }
 
-    /// This classifier as a guidance term for scenes on `maps` (`[B, 1, c, c]`).
-    pub fn on_maps(&self, maps: &Tensor) -> Result<BoundClassifier<'_>> {
+    /// This classifier as a guidance term for scenes on `maps` (`[B, 1, c, c]`); `base`
+    /// gives the one-step estimate a time-independent classifier looks at.
+    pub fn on_maps<'a>(
+        &'a self,
+        maps: &Tensor,
+        base: &'a TrafficModel,
+    ) -> Result<BoundClassifier<'a>> {
         Ok(BoundClassifier {
             classifier: self,
             tokens: self.net.map_encoder().forward(maps)?,
+            denoiser: match self.sigma_clean {
+                Some(_) => Some(base.on_maps(maps)?),
+                None => None,
+            },
         })
     }
 }
@@ -480,13 +501,22 @@ impl AgentClassifier {
 pub struct BoundClassifier<'a> {
     classifier: &'a AgentClassifier,
     tokens: Tensor,
+    denoiser: Option<ScoreNet<BoundScene<'a>>>,
 }
 
 impl LogProb for BoundClassifier<'_> {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         let c = self.classifier;
         let tokens = self.tokens.to_dtype(x.dtype())?;
-        let logits = AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &tokens)?;
+        let logits = match (&self.denoiser, c.sigma_clean) {
+            (Some(d), Some(s)) => {
+                let x0 = d.denoise(x, sigma)?;
+                let clean =
+                    Tensor::full(s, sigma.dims1()?, sigma.device())?.to_dtype(sigma.dtype())?;
+                AgentClassifier::logits(&c.net, &c.config.process, &x0, &clean, &tokens)?
+            }
+            _ => AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &tokens)?,
+        };
         log_sigmoid(&logits)?.sum(1)
     }
 }
@@ -518,7 +548,7 @@ impl<'a> TrafficStack<'a> {
     pub fn on_maps(&self, maps: &Tensor) -> Result<Guided<'a>> {
         let mut g = Guided::new(self.base.on_maps(maps)?);
         for c in &self.classifiers {
-            g = g.with(1.0, c.on_maps(maps)?);
+            g = g.with(1.0, c.on_maps(maps, self.base)?);
         }
         Ok(g)
     }
@@ -692,14 +722,17 @@ impl AgentLabelled {
 }
 
 /// Trains a per-vehicle classifier on `set` (scenes on `data`'s maps): per batch, noise
-/// at σ from the baseline's training distribution, and the loss
+/// at σ from the baseline's training distribution (or at `sigma_clean` for every scene:
+/// the time-independent ablation), and the loss
 /// Σ_{scene, vehicle} w · BCE(l, y) / Σ 1[w > 0] (the weighted mean over kept pairs).
+#[allow(clippy::too_many_arguments)]
 pub fn train_agent_classifier(
     base: &TrafficConfig,
     set: &AgentLabelled,
     data: &TrafficData,
     iters: u64,
     seed: u64,
+    sigma_clean: Option<f64>,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
@@ -728,7 +761,10 @@ pub fn train_agent_classifier(
         let x0 = set.x.rows(&idx)?;
         let scenes: Vec<u32> = idx.iter().map(|&i| set.scene_indices[i as usize]).collect();
         let tokens = net.map_encoder().forward(&data.maps_of(&scenes)?)?;
-        let sigma = sigma_dist.sample_tensor(idx.len(), rng, device)?;
+        let sigma = match sigma_clean {
+            Some(s) => Tensor::full(s as f32, idx.len(), device)?,
+            None => sigma_dist.sample_tensor(idx.len(), rng, device)?,
+        };
         let z = randn(rng, x0.dims(), device)?;
         let x = (&x0 + z.broadcast_mul(&sigma.unsqueeze(1)?)?)?;
         let logits = AgentClassifier::logits(&net, &cfg.process, &x, &sigma, &tokens)?;
@@ -743,5 +779,6 @@ pub fn train_agent_classifier(
     })?;
     let mut c = trainer.checkpoint()?;
     c.set_meta("traffic", &cfg)?;
+    c.set_meta("sigma_clean", &sigma_clean)?;
     Ok(c)
 }
