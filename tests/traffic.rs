@@ -181,3 +181,99 @@ fn per_vehicle_training_sets_balance_and_weight() {
         .unwrap();
     assert!(e.to_string().contains("0 invalid"), "{e}");
 }
+
+/// A one-step baseline and classifier on a handful of scenes: enough to check the
+/// plumbing of guidance, not any quality.
+fn tiny_models() -> (
+    scoreguide::traffic::TrafficData,
+    Checkpoint,
+    Checkpoint,
+    Checkpoint,
+) {
+    use scoreguide::traffic::{
+        train_agent_classifier, train_score, AgentLabelled, Drawn, FeatureScaler, TrafficConfig,
+        TrafficData, Weighting,
+    };
+    let dev = candle_core::Device::Cpu;
+    let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 4, 8, 0).unwrap();
+    let scaler = FeatureScaler::fit(&set.agents).unwrap();
+    let data = TrafficData::new(set, scaler, 32, &dev).unwrap();
+    let cfg = TrafficConfig {
+        batch: 4,
+        iters: 1,
+        ..TrafficConfig::default()
+    };
+    let base = train_score(
+        &cfg,
+        &data,
+        &dev,
+        &mut scoreguide::train::Progress::hidden(),
+    )
+    .unwrap();
+    // Draws: the data's own scenes, with vehicle 0 of scene 0 marked infracting.
+    let mut verdicts: Vec<scoreguide::oracles::SceneVerdict> = (0..data.set.len())
+        .map(|i| check_scene(data.set.map_of(i), data.set.scene(i)))
+        .collect();
+    verdicts[0].collision = 1;
+    let drawn = Drawn {
+        x: data
+            .x
+            .rows(&(0..8).collect::<Vec<u32>>())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+        scene_indices: (0..8).collect(),
+        verdicts,
+        scene_alpha: 7.0 / 8.0,
+    };
+    let labelled = AgentLabelled::new(&drawn, Weighting::IsBalanced, &dev).unwrap();
+    let progress = &mut scoreguide::train::Progress::hidden();
+    let clf = train_agent_classifier(&cfg, &labelled, &data, 1, 1, None, &dev, progress).unwrap();
+    let ti =
+        train_agent_classifier(&cfg, &labelled, &data, 1, 2, Some(0.01), &dev, progress).unwrap();
+    (data, base, clf, ti)
+}
+
+#[test]
+fn guided_scene_score_is_base_plus_classifier_gradient() {
+    use candle_core::{DType, Tensor};
+    use scoreguide::guidance::{LogProb, Score};
+    use scoreguide::traffic::{AgentClassifier, TrafficModel, TrafficStack};
+    let (data, base, clf, ti) = tiny_models();
+    let dev = candle_core::Device::Cpu;
+    let base = TrafficModel::load(&base, DType::F64, &dev).unwrap();
+    for (name, c) in [("time-dependent", clf), ("time-independent", ti)] {
+        let clf = AgentClassifier::load(&c, DType::F64, &dev).unwrap();
+        assert_eq!(clf.sigma_clean.is_some(), name == "time-independent");
+        let idx = [0u32, 1];
+        let maps = data.maps_of(&idx).unwrap().to_dtype(DType::F64).unwrap();
+        let x = data.x.rows(&idx).unwrap().to_dtype(DType::F64).unwrap();
+        let sigma = Tensor::new(&[0.3f64, 2.0], &dev).unwrap();
+        let guided = TrafficStack::new(&base).with(&clf);
+        let g = guided.on_maps(&maps).unwrap().score(&x, &sigma).unwrap();
+        let s = base.on_maps(&maps).unwrap().score(&x, &sigma).unwrap();
+        let term = clf.on_maps(&maps, &base).unwrap();
+        let lp = |x: &Tensor| -> Vec<f64> { term.log_prob(x, &sigma).unwrap().to_vec1().unwrap() };
+        assert!(
+            lp(&x).iter().all(|v| *v <= 0.0),
+            "{name}: log C must be ≤ 0"
+        );
+        let diff: Vec<Vec<f64>> = (&g - &s).unwrap().to_vec2().unwrap();
+        let base_x: Vec<Vec<f64>> = x.to_vec2().unwrap();
+        for &(row, k) in &[(0usize, 0usize), (0, 1), (1, 30), (1, 83)] {
+            let at = |h: f64| {
+                let mut v = base_x.clone();
+                v[row][k] += h;
+                lp(&Tensor::new(v, &dev).unwrap())[row]
+            };
+            let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!(
+                (fd - diff[row][k]).abs() < 1e-5 * (1.0 + fd.abs()),
+                "{name}, row {row}, value {k}: finite difference {fd} vs guided − base {}",
+                diff[row][k]
+            );
+        }
+    }
+}
