@@ -436,6 +436,8 @@ pub struct AgentClassifier {
     /// clean scenes at this σ and guides through the base model's one-step estimate
     /// x̂0 = x + σ² s(x; σ).
     pub sigma_clean: Option<f64>,
+    /// Parameters of the network.
+    pub params: usize,
     net: SceneTransformer,
 }
 
@@ -448,7 +450,7 @@ impl AgentClassifier {
                 config.net.out_per_agent
             );
         }
-        let (net, _) = load_frozen(
+        let (net, params) = load_frozen(
             c,
             Weights::Ema,
             dtype,
@@ -463,6 +465,7 @@ impl AgentClassifier {
         Ok(Self {
             config,
             sigma_clean,
+            params,
             net,
         })
     }
@@ -555,7 +558,7 @@ impl<'a> TrafficStack<'a> {
 
     /// Parameters of the base and every classifier.
     pub fn params(&self) -> usize {
-        self.base.params + self.classifiers.len() * self.base.params
+        self.base.params + self.classifiers.iter().map(|c| c.params).sum::<usize>()
     }
 }
 
