@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use clap::Parser;
 use scoreguide::data::checkerboard;
 use scoreguide::genneg::Stack;
-use scoreguide::guidance::LogProb;
+use scoreguide::guidance::{Gated, LogProb};
 use scoreguide::metrics::{negative_log_likelihood, NllConfig};
 use scoreguide::nets::Classifier;
 use scoreguide::runtime::{write_json, CommonArgs};
@@ -90,31 +90,6 @@ fn distances(p: [f64; 2]) -> (f64, f64) {
     (edge, border)
 }
 
-/// A guidance term switched off above `sigma_max`.
-struct Gated<L> {
-    term: L,
-    sigma_max: f64,
-}
-
-impl<L: LogProb> Gated<L> {
-    fn mask(&self, sigma: &Tensor) -> candle_core::Result<Tensor> {
-        sigma.le(self.sigma_max)?.to_dtype(sigma.dtype())
-    }
-}
-
-impl<L: LogProb> LogProb for Gated<L> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Tensor> {
-        self.term.log_prob(x, sigma)? * self.mask(sigma)?
-    }
-    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let m = self.mask(sigma)?.to_dtype(x.dtype())?.unsqueeze(1)?;
-        Ok(match self.term.input_gradient(x, sigma)? {
-            Some(g) => Some(g.broadcast_mul(&m)?),
-            None => None,
-        })
-    }
-}
-
 /// The stack's base and time-dependent classifiers, each classifier gated at
 /// `sigma_max`, with weights in `dtype`.
 fn gated_stack(
@@ -137,7 +112,7 @@ fn gated_stack(
             candle_core::bail!("gating supports time-dependent classifiers only");
         }
         let term: Classifier = c.config.build(&vb(&c.tensors))?;
-        g.push(c.weight, Gated { term, sigma_max });
+        g.push(c.weight, Gated::new(term, sigma_max));
     }
     Ok(g)
 }

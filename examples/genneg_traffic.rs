@@ -78,6 +78,13 @@ struct Args {
     /// Skip the distillation.
     #[arg(long)]
     no_distill: bool,
+    /// Switch every classifier off above this σ (guidance at large σ can throw samples
+    /// off when a classifier is not flat there).
+    #[arg(long)]
+    guidance_sigma_max: Option<f64>,
+    /// Reuse the baseline, classifiers and distilled model found in the output directory.
+    #[arg(long)]
+    reuse: bool,
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -181,8 +188,13 @@ fn main() -> candle_core::Result<()> {
     let n_draws = args.draws.unwrap_or(if q { 400 } else { 4_000 });
     let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });
     let n_distill_iters = args.distill_iters.unwrap_or(if q { 300 } else { 4_000 });
+    let baseline_path = out.join("baseline.safetensors");
     let ckpt = match &args.baseline {
         Some(p) => Checkpoint::load(p)?,
+        None if args.reuse && baseline_path.exists() => {
+            eprintln!("reusing {}", baseline_path.display());
+            Checkpoint::load(&baseline_path)?
+        }
         None => {
             let c = train_score(
                 &cfg,
@@ -204,32 +216,14 @@ fn main() -> candle_core::Result<()> {
     // per-vehicle IS-balanced classifier, stack it. The ablations reuse iteration 1's draws.
     let mut classifiers: Vec<AgentClassifier> = Vec::new();
     let mut ablations: Vec<(String, AgentClassifier)> = Vec::new();
+    let file_of = |it: usize, name: &str| {
+        out.join(if name == "genneg" {
+            format!("genneg_{it}.safetensors")
+        } else {
+            format!("{name}.safetensors")
+        })
+    };
     for it in 1..=args.iterations {
-        let drawn = {
-            let stack = classifiers
-                .iter()
-                .fold(TrafficStack::new(&baseline), |s, c| s.with(c));
-            let mut progress = Progress::new(&format!("iteration {it}: drawing"), n_draws);
-            draw_scenes(
-                &stack,
-                &train,
-                n_draws,
-                &sampler,
-                &sigmas,
-                seed.wrapping_add(100 + it as u64),
-                500,
-                &mut |d| progress.update(d, "scenes"),
-            )?
-        };
-        eprintln!("iteration {it}: {}", drawn.summary());
-        let (valid, invalid) = drawn.vehicle_counts();
-        if valid == 0 || invalid == 0 {
-            eprintln!(
-                "iteration {it}: {valid} valid and {invalid} invalid vehicles drawn: a classifier needs both; stopping Gen-neG after {} iteration(s)",
-                it - 1
-            );
-            break;
-        }
         // (name, training set, σ of a time-independent classifier)
         let mut kinds = vec![("genneg".to_string(), Weighting::IsBalanced, None)];
         if it == 1 && !args.no_ablations {
@@ -241,31 +235,63 @@ fn main() -> candle_core::Result<()> {
                 Some(SIGMA_CLEAN),
             ));
         }
-        for (name, weighting, sigma_clean) in kinds {
-            let set = AgentLabelled::new(&drawn, weighting, &dev)?;
-            eprintln!(
-                "iteration {it}: {name} classifier on {} valid + {} invalid vehicles (vehicle α = {:.4})",
-                set.kept.0, set.kept.1, set.alpha
-            );
-            let c = train_agent_classifier(
-                &baseline.config,
-                &set,
-                &train,
-                n_classifier_iters,
-                seed + it as u64,
-                sigma_clean,
-                &dev,
-                &mut Progress::new(
-                    &format!("iteration {it}: {name} classifier"),
-                    n_classifier_iters as usize,
-                ),
-            )?;
-            let file = if name == "genneg" {
-                format!("genneg_{it}.safetensors")
-            } else {
-                format!("{name}.safetensors")
+        let mut trained: Vec<(String, Checkpoint)> = Vec::new();
+        if args.reuse && kinds.iter().all(|(n, _, _)| file_of(it, n).exists()) {
+            for (name, _, _) in &kinds {
+                eprintln!("iteration {it}: reusing {}", file_of(it, name).display());
+                trained.push((name.clone(), Checkpoint::load(file_of(it, name))?));
+            }
+        } else {
+            let drawn = {
+                let stack = classifiers
+                    .iter()
+                    .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
+                    .gated(args.guidance_sigma_max);
+                let mut progress = Progress::new(&format!("iteration {it}: drawing"), n_draws);
+                draw_scenes(
+                    &stack,
+                    &train,
+                    n_draws,
+                    &sampler,
+                    &sigmas,
+                    seed.wrapping_add(100 + it as u64),
+                    500,
+                    &mut |d| progress.update(d, "scenes"),
+                )?
             };
-            c.save(out.join(file))?;
+            eprintln!("iteration {it}: {}", drawn.summary());
+            let (valid, invalid) = drawn.vehicle_counts();
+            if valid == 0 || invalid == 0 {
+                eprintln!(
+                    "iteration {it}: {valid} valid and {invalid} invalid vehicles drawn: a classifier needs both; stopping Gen-neG after {} iteration(s)",
+                    it - 1
+                );
+                break;
+            }
+            for (name, weighting, sigma_clean) in kinds {
+                let set = AgentLabelled::new(&drawn, weighting, &dev)?;
+                eprintln!(
+                    "iteration {it}: {name} classifier on {} valid + {} invalid vehicles (vehicle α = {:.4})",
+                    set.kept.0, set.kept.1, set.alpha
+                );
+                let c = train_agent_classifier(
+                    &baseline.config,
+                    &set,
+                    &train,
+                    n_classifier_iters,
+                    seed + it as u64,
+                    sigma_clean,
+                    &dev,
+                    &mut Progress::new(
+                        &format!("iteration {it}: {name} classifier"),
+                        n_classifier_iters as usize,
+                    ),
+                )?;
+                c.save(file_of(it, &name))?;
+                trained.push((name, c));
+            }
+        }
+        for (name, c) in trained {
             let clf = AgentClassifier::load(&c, DType::F32, &dev)?;
             if name == "genneg" {
                 classifiers.push(clf);
@@ -281,20 +307,28 @@ fn main() -> candle_core::Result<()> {
         k if !args.no_distill => {
             let teacher = classifiers
                 .iter()
-                .fold(TrafficStack::new(&baseline), |s, c| s.with(c));
+                .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
+                .gated(args.guidance_sigma_max);
             let dcfg = TrafficConfig {
                 iters: n_distill_iters,
                 ..baseline.config.clone()
             };
-            let c = distill(
-                &dcfg,
-                &teacher,
-                &ckpt,
-                &train,
-                &dev,
-                &mut Progress::new(&format!("distil {k}"), n_distill_iters as usize),
-            )?;
-            c.save(out.join("distilled.safetensors"))?;
+            let path = out.join("distilled.safetensors");
+            let c = if args.reuse && path.exists() {
+                eprintln!("reusing {}", path.display());
+                Checkpoint::load(&path)?
+            } else {
+                let c = distill(
+                    &dcfg,
+                    &teacher,
+                    &ckpt,
+                    &train,
+                    &dev,
+                    &mut Progress::new(&format!("distil {k}"), n_distill_iters as usize),
+                )?;
+                c.save(&path)?;
+                c
+            };
             Some(TrafficModel::load(&c, DType::F32, &dev)?)
         }
         _ => None,
@@ -306,14 +340,20 @@ fn main() -> candle_core::Result<()> {
     for k in 1..=classifiers.len() {
         let stack = classifiers[..k]
             .iter()
-            .fold(TrafficStack::new(&baseline), |s, c| s.with(c));
+            .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
+            .gated(args.guidance_sigma_max);
         models.push((format!("genneg_{k}"), stack));
     }
     if let Some(d) = &distilled {
         models.push(("distilled".into(), TrafficStack::new(d)));
     }
     for (name, c) in &ablations {
-        models.push((name.clone(), TrafficStack::new(&baseline).with(c)));
+        models.push((
+            name.clone(),
+            TrafficStack::new(&baseline)
+                .with(c)
+                .gated(args.guidance_sigma_max),
+        ));
     }
     let idx: Vec<u32> = (0..test.set.len() as u32).collect();
     let dim = test.set.scene_dim();

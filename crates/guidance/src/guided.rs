@@ -74,6 +74,40 @@ impl<L: LogProb + ?Sized> LogProb for std::sync::Arc<L> {
     }
 }
 
+/// A term switched off above `sigma_max`: log p(x; σ) for σ ≤ `sigma_max`, 0 above (so
+/// its gradient vanishes there). Guidance at large σ can cost likelihood for nothing, or
+/// (with a classifier that is not flat at large σ) throw samples off; this keeps a term
+/// to the noise levels where it helps.
+pub struct Gated<L> {
+    pub term: L,
+    pub sigma_max: f64,
+}
+
+impl<L: LogProb> Gated<L> {
+    pub fn new(term: L, sigma_max: f64) -> Self {
+        Self { term, sigma_max }
+    }
+
+    /// 1 where σ ≤ `sigma_max`, else 0, per sample.
+    fn mask(&self, sigma: &Tensor) -> Result<Tensor> {
+        sigma.le(self.sigma_max)?.to_dtype(sigma.dtype())
+    }
+}
+
+impl<L: LogProb> LogProb for Gated<L> {
+    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+        self.term.log_prob(x, sigma)? * self.mask(sigma)?.to_dtype(x.dtype())?
+    }
+
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
+        let m = self.mask(sigma)?.to_dtype(x.dtype())?.unsqueeze(1)?;
+        Ok(match self.term.input_gradient(x, sigma)? {
+            Some(g) => Some(g.broadcast_mul(&m)?),
+            None => None,
+        })
+    }
+}
+
 /// Σ_k w_k ∇x log p_k(x; σ): terms with a hand-written [`LogProb::input_gradient`] use
 /// it; the others share one backward pass on an input `Var` (terms built on frozen
 /// tensors make that pass compute the input gradient only).
@@ -176,5 +210,35 @@ impl Score for Guided<'_> {
         }
         let s2 = per_sample(sigma, x)?.sqr()?;
         base + self.guidance(x, sigma)?.broadcast_mul(&s2)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// log p(x) = −½‖x‖², whose gradient is −x, through autograd only.
+    struct Gaussian;
+
+    impl LogProb for Gaussian {
+        fn log_prob(&self, x: &Tensor, _sigma: &Tensor) -> Result<Tensor> {
+            x.sqr()?.sum(1)? * -0.5
+        }
+    }
+
+    #[test]
+    fn gated_terms_vanish_above_their_noise_level() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1.0f64, -2.0], [3.0, 0.5], [-1.0, 1.0]], &dev)?;
+        let sigma = Tensor::new(&[0.5f64, 2.0, 1.0], &dev)?;
+        let terms: Vec<(f64, Box<dyn LogProb>)> = vec![(1.0, Box::new(Gated::new(Gaussian, 1.0)))];
+        let g = grad_log_prob(&terms, &x, &sigma)?.to_vec2::<f64>()?;
+        assert_eq!(g, vec![vec![-1.0, 2.0], vec![0.0, 0.0], vec![1.0, -1.0]]);
+        let lp = Gated::new(Gaussian, 1.0)
+            .log_prob(&x, &sigma)?
+            .to_vec1::<f64>()?;
+        assert_eq!(lp, vec![-2.5, 0.0, -1.0]);
+        Ok(())
     }
 }

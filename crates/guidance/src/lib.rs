@@ -33,5 +33,5 @@
 mod guided;
 mod score;
 
-pub use guided::{grad_log_prob, log_sigmoid, log_softmax, one_hot, Guided, LogProb};
+pub use guided::{grad_log_prob, log_sigmoid, log_softmax, one_hot, Gated, Guided, LogProb};
 pub use score::{check_batch, per_sample, Score};

@@ -4,7 +4,7 @@
 //! scenes with their infracting vehicles highlighted, like the paper's Fig. 1.
 
 use crate::data::{Dataset, SceneSet};
-use crate::guidance::{log_sigmoid, Guided, LogProb, Score};
+use crate::guidance::{log_sigmoid, Gated, Guided, LogProb, Score};
 use crate::losses::{distillation, dsm, DsmWeighting};
 use crate::nets::{
     BoundScene, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
@@ -528,6 +528,8 @@ impl LogProb for BoundClassifier<'_> {
 pub struct TrafficStack<'a> {
     pub base: &'a TrafficModel,
     pub classifiers: Vec<&'a AgentClassifier>,
+    /// Switch the classifiers off above this σ (see [`Gated`]).
+    pub guidance_sigma_max: Option<f64>,
 }
 
 impl<'a> TrafficStack<'a> {
@@ -535,7 +537,14 @@ impl<'a> TrafficStack<'a> {
         Self {
             base,
             classifiers: Vec::new(),
+            guidance_sigma_max: None,
         }
+    }
+
+    /// The same stack with its classifiers switched off above `sigma_max`.
+    pub fn gated(mut self, sigma_max: Option<f64>) -> Self {
+        self.guidance_sigma_max = sigma_max;
+        self
     }
 
     pub fn with(&self, classifier: &'a AgentClassifier) -> Self {
@@ -544,6 +553,7 @@ impl<'a> TrafficStack<'a> {
         Self {
             base: self.base,
             classifiers,
+            guidance_sigma_max: self.guidance_sigma_max,
         }
     }
 
@@ -551,7 +561,11 @@ impl<'a> TrafficStack<'a> {
     pub fn on_maps(&self, maps: &Tensor) -> Result<Guided<'a>> {
         let mut g = Guided::new(self.base.on_maps(maps)?);
         for c in &self.classifiers {
-            g = g.with(1.0, c.on_maps(maps, self.base)?);
+            let term = c.on_maps(maps, self.base)?;
+            g = match self.guidance_sigma_max {
+                Some(s) => g.with(1.0, Gated::new(term, s)),
+                None => g.with(1.0, term),
+            };
         }
         Ok(g)
     }
