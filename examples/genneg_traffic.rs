@@ -160,11 +160,11 @@ fn main() -> candle_core::Result<()> {
     test_set.save(out.join("scenes_test.safetensors"))?;
 
     // The oracle's speed: label the training scenes (all valid by construction).
-    let t0 = Instant::now();
     let all: Vec<u32> = (0..train_set.len() as u32).collect();
     let net_cfg = TrafficConfig::default();
     let scaler = FeatureScaler::fit(&train_set.agents)?;
     let train = TrafficData::new(train_set, scaler.clone(), net_cfg.net.map_cells, &dev)?;
+    let t0 = Instant::now();
     let (rates, _) = label_scenes(&train, &all, &train.set.agents)?;
     let labelled_per_second = train.set.len() as f64 / t0.elapsed().as_secs_f64();
     eprintln!(
