@@ -84,6 +84,8 @@ struct Report {
     k: usize,
     samples_per_class: usize,
     pc_steps: usize,
+    /// (σ, mean ‖s_θ − s_Parzen‖ / mean ‖s_Parzen‖) of the prior score model.
+    prior_relative_error: Vec<(f64, f64)>,
 }
 
 fn main() -> candle_core::Result<()> {
@@ -168,6 +170,14 @@ fn main() -> candle_core::Result<()> {
         ("dlsm", clf("dlsm"), 1.0),
         ("total", clf("total"), 1.0),
     ];
+
+    // How well the prior itself knows the data at each noise level: its score against
+    // the Parzen score of all points, on every 20th point noised at σ (seeded).
+    let prior_errors = prior_error_profile(&prior, &points, args.common.seed)?;
+    eprintln!("prior score vs Parzen, mean ‖s_θ − s‖ / mean ‖s‖:");
+    for (sigma, e) in &prior_errors {
+        eprintln!("  σ = {sigma:<5}: {e:.3}");
+    }
 
     // Score errors on DLSM's grid at σ = 7.5 against Parzen scores.
     let grid = error_grid();
@@ -283,11 +293,44 @@ fn main() -> candle_core::Result<()> {
                 k: args.k,
                 samples_per_class: n_samples,
                 pc_steps: steps,
+                prior_relative_error: prior_errors,
             },
         )?;
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// Relative error of `prior`'s score against the Parzen score of `points`, on every 20th
+/// point noised at each σ of a fixed list.
+fn prior_error_profile(
+    prior: &dyn Score,
+    points: &Tensor,
+    seed: u64,
+) -> candle_core::Result<Vec<(f64, f64)>> {
+    use rand::SeedableRng;
+    let parzen = scoreguide::data::Parzen::new(points, "two moons")?;
+    let n = points.dim(0)?;
+    let idx = Tensor::arange_step(0u32, n as u32, 20, points.device())?;
+    let x0 = points.index_select(&idx, 0)?;
+    let m = x0.dim(0)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(31));
+    [10.0, 3.0, 1.0, 0.3, 0.1, 0.01]
+        .into_iter()
+        .map(|sigma: f64| {
+            let z = scoreguide::sde::randn(&mut rng, &[m, 2], points.device())?;
+            let x = (&x0 + (z * sigma)?)?;
+            let sig = Tensor::full(sigma as f32, m, points.device())?;
+            let truth = to_f64_rows(&parzen.score(&x, &sig)?)?;
+            let model = to_f64_rows(&prior.score(&x, &sig)?)?;
+            let (mut err, mut norm) = (0.0, 0.0);
+            for (t, s) in truth.chunks_exact(2).zip(model.chunks_exact(2)) {
+                err += (t[0] - s[0]).hypot(t[1] - s[1]);
+                norm += t[0].hypot(t[1]);
+            }
+            Ok((sigma, err / norm))
+        })
+        .collect()
 }
 
 fn print_table(rows: &[Method], k: usize) {
