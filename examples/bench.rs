@@ -14,7 +14,7 @@ use scoreguide::checkerboard::{dsm_batch, paper_sampler, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset};
 use scoreguide::guidance::{Guided, LogProb, Score};
 use scoreguide::nets::{ClassifierConfig, ParamStore};
-use scoreguide::runtime::{heun_step_ms, median_ms};
+use scoreguide::runtime::{heun_step_ms, measure_in_workers, median_ms};
 use scoreguide::samplers::initial_noise;
 use scoreguide::sde::SampleNoise;
 use scoreguide::train::Trainer;
@@ -159,30 +159,14 @@ fn main() -> candle_core::Result<()> {
         );
         return Ok(());
     }
-    let exe = std::env::current_exe().map_err(candle_core::Error::wrap)?;
-    let mut rows = Vec::new();
-    for &t in &args.threads {
-        eprintln!("measuring with {t} thread(s)…");
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["--worker", &t.to_string(), "--reps", &args.reps.to_string()])
-            .env("RAYON_NUM_THREADS", t.to_string());
-        if args.flush {
-            cmd.arg("--flush");
-        }
-        if let Some(p) = &args.stack {
-            cmd.arg("--stack").arg(p);
-        }
-        let out = cmd.output().map_err(candle_core::Error::wrap)?;
-        if !out.status.success() {
-            candle_core::bail!(
-                "worker with {t} threads failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let line = String::from_utf8_lossy(&out.stdout);
-        let timing: Timing = serde_json::from_str(line.trim()).map_err(candle_core::Error::wrap)?;
-        rows.push(timing);
+    let mut worker_args = vec!["--reps".to_string(), args.reps.to_string()];
+    if args.flush {
+        worker_args.push("--flush".into());
     }
+    if let Some(p) = &args.stack {
+        worker_args.extend(["--stack".to_string(), p.display().to_string()]);
+    }
+    let rows: Vec<Timing> = measure_in_workers(&args.threads, &worker_args)?;
     println!("checkerboard network: {} parameters", rows[0].params);
     println!("| threads | train step, batch 1000 (ms) | Heun step, batch 10k (ms) | fwd + ∇x, batch 1000 (ms) | guided Heun step, 1 classifier (ms) | same, autograd ∇x (ms) |");
     println!("|---|---|---|---|---|---|");

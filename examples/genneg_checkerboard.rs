@@ -7,7 +7,7 @@
 //!     cargo run --release --example genneg_checkerboard -- --quick
 //!     cargo run --release --example genneg_checkerboard -- --baseline out/checkerboard/baseline.safetensors
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use scoreguide::checkerboard::{
     label, load_baseline, paper_sampler, scatter_png, train_baseline, BaselineConfig,
@@ -27,7 +27,8 @@ use scoreguide::runtime::{device, heun_step_ms, set_threads, write_json};
 use scoreguide::samplers::{initial_noise, sample_many};
 use scoreguide::sde::SampleNoise;
 use scoreguide::train::{load_score_model, Checkpoint, Progress, Weights};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -59,6 +60,13 @@ struct Args {
     /// Skip the three ablations.
     #[arg(long)]
     no_ablations: bool,
+    /// Take iteration K's stack from `OUT/genneg_K.safetensors` when that file exists
+    /// (a run stopped after K iterations goes on from there; the draws and trainings of
+    /// later iterations are seeded by their number, so the result is the same). The
+    /// file must hold K classifiers on this baseline. The ablations need iteration 1's
+    /// samples, so resuming iteration 1 needs `--no-ablations`.
+    #[arg(long)]
+    resume: bool,
     /// Skip the distillations.
     #[arg(long)]
     no_distill: bool,
@@ -154,9 +162,12 @@ struct Report {
     iterations: Vec<IterationLog>,
 }
 
-#[derive(Serialize, Clone)]
+#[derive(Serialize, Deserialize, Clone)]
 struct IterationLog {
     iteration: usize,
+    /// The stack this iteration was read from with `--resume`, instead of drawn and trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resumed_from: Option<String>,
     drawn: usize,
     positives_found: usize,
     negatives_found: usize,
@@ -244,7 +255,26 @@ fn main() -> candle_core::Result<()> {
     let mut stacks = vec![stack0.clone()];
     let mut logs = Vec::new();
     let mut first: Option<Collected> = None;
+    let mut resuming = args.resume;
     for it in 1..=args.iterations {
+        let saved = args.out.join(format!("genneg_{it}.safetensors"));
+        // Resume only along an unbroken chain: a later file was built on other classifiers
+        // than the ones this run trains (and would be refused).
+        if resuming && saved.exists() {
+            if it == 1 && !args.no_ablations {
+                candle_core::bail!(
+                    "--resume would read iteration 1 from {}, but the ablations need its samples: add --no-ablations",
+                    saved.display()
+                );
+            }
+            let previous = stacks.last().expect("stack 0 exists");
+            let (stack, log) = resume_iteration(&saved, it, previous)?;
+            eprintln!("iteration {it}: resumed from {}", saved.display());
+            logs.push(log);
+            stacks.push(stack);
+            continue;
+        }
+        resuming = false;
         let current = stacks.last().expect("stack 0 exists").clone();
         let model = current.guided(&dev)?;
         let mut progress = Progress::new(&format!("iteration {it}: sampling"), budget(it));
@@ -259,14 +289,16 @@ fn main() -> candle_core::Result<()> {
             &mut |drawn, p, n| progress.update(drawn, &format!("{p} valid, {n} invalid")),
         )?;
         eprintln!("iteration {it}: {}", c.summary());
-        logs.push(IterationLog {
+        let log = IterationLog {
             iteration: it,
+            resumed_from: None,
             drawn: c.drawn,
             positives_found: c.positives_found,
             negatives_found: c.negatives_found,
             alpha: c.alpha,
             budget_exhausted: c.budget_exhausted,
-        });
+        };
+        logs.push(log.clone());
         let set = LabelledSet::from_collected(&c, ClassifierKind::IsBalanced)?;
         let cfg_it = ClassifierTrainConfig {
             train: scoreguide::train::TrainConfig {
@@ -292,9 +324,10 @@ fn main() -> candle_core::Result<()> {
             time_independent: None,
             tensors,
         });
-        let p = args.out.join(format!("genneg_{it}.safetensors"));
-        scoreguide::runtime::ensure_parent(&p)?;
-        next.to_checkpoint()?.save(&p)?;
+        scoreguide::runtime::ensure_parent(&saved)?;
+        let mut ck = next.to_checkpoint()?;
+        ck.set_meta(COLLECTION_META, &log)?;
+        ck.save(&saved)?;
         stacks.push(next);
         if it == 1 {
             first = Some(c);
@@ -455,6 +488,73 @@ fn main() -> candle_core::Result<()> {
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// Checkpoint metadata key holding an iteration's [`IterationLog`].
+const COLLECTION_META: &str = "genneg_checkerboard.collection";
+
+/// Iteration `it`'s stack read back from `path`, checked to be `previous` (this run's
+/// stack of iteration `it` − 1) plus one classifier, with the draw counts saved beside it (absent in files written before
+/// they were saved: then zeros, and the log says where the stack came from).
+fn resume_iteration(
+    path: &Path,
+    it: usize,
+    previous: &Stack,
+) -> candle_core::Result<(Stack, IterationLog)> {
+    let ck = Checkpoint::load(path)?;
+    let stack = Stack::from_checkpoint(&ck)?;
+    if stack.classifiers.len() != it {
+        candle_core::bail!(
+            "{} holds {} classifiers, iteration {it} needs {it}",
+            path.display(),
+            stack.classifiers.len()
+        );
+    }
+    let same_start = same_tensors(&stack.base, &previous.base)
+        && previous
+            .classifiers
+            .iter()
+            .zip(&stack.classifiers)
+            .all(|(a, b)| same_tensors(&a.tensors, &b.tensors));
+    if !same_start {
+        candle_core::bail!(
+            "{} was not built on this run's baseline and iterations 1…{}",
+            path.display(),
+            it - 1
+        );
+    }
+    let mut log = ck
+        .meta::<IterationLog>(COLLECTION_META)
+        .unwrap_or(IterationLog {
+            iteration: it,
+            resumed_from: None,
+            drawn: 0,
+            positives_found: 0,
+            negatives_found: 0,
+            alpha: f64::NAN,
+            budget_exhausted: false,
+        });
+    log.resumed_from = Some(path.display().to_string());
+    Ok((stack, log))
+}
+
+/// Whether two sets of named tensors are the same names, shapes and values.
+fn same_tensors(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|(name, x)| {
+            b.get(name).is_some_and(|y| {
+                x.shape() == y.shape()
+                    && (x - y)
+                        .and_then(|d| {
+                            d.abs()?
+                                .flatten_all()?
+                                .max(0)?
+                                .to_dtype(DType::F64)?
+                                .to_scalar::<f64>()
+                        })
+                        .is_ok_and(|m| m == 0.0)
+            })
+        })
 }
 
 /// Median time of one Heun step (two evaluations) at batch 10k, mid-grid.

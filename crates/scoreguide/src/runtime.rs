@@ -106,6 +106,39 @@ pub fn heun_step_ms(model: &dyn Score, x: &Tensor, s0: f64, s1: f64, reps: usize
     })
 }
 
+/// Runs this executable once per thread count, each in its own process (a thread pool
+/// cannot be resized once started): `--worker T` followed by `args`, with
+/// `RAYON_NUM_THREADS=T`; each worker prints its measurement as one JSON line, returned
+/// here in the order of `threads`. The benchmarks' way of comparing thread counts.
+pub fn measure_in_workers<T: serde::de::DeserializeOwned>(
+    threads: &[usize],
+    args: &[String],
+) -> Result<Vec<T>> {
+    let exe = std::env::current_exe().map_err(candle_core::Error::wrap)?;
+    let mut rows = Vec::new();
+    for &t in threads {
+        eprintln!("measuring with {t} thread(s)…");
+        let out = std::process::Command::new(&exe)
+            .args(["--worker", &t.to_string()])
+            .args(args)
+            .env("RAYON_NUM_THREADS", t.to_string())
+            .output()
+            .map_err(candle_core::Error::wrap)?;
+        if !out.status.success() {
+            bail!(
+                "worker with {t} threads failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().unwrap_or("");
+        rows.push(serde_json::from_str(line.trim()).map_err(|e| {
+            candle_core::Error::msg(format!("worker with {t} threads printed `{line}`: {e}"))
+        })?);
+    }
+    Ok(rows)
+}
+
 /// Flags every example shares (`#[command(flatten)]` them into an example's own).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {

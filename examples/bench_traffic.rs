@@ -1,0 +1,172 @@
+//! Speed of the traffic scene transformer (`SceneTransformerConfig::traffic`, as
+//! `genneg_traffic` trains it): a training step (DSM + backward + Adam + EMA at batch
+//! 256, maps encoded in the step), a sampling step (one Heun step = 2 evaluations at
+//! batch 256 on frozen weights) and the same step guided by one per-vehicle classifier
+//! of the base's size (the paper's Table 4: about 1.5× the base), each with 1 and 2 CPU
+//! threads in its own process. Prints medians; not a test (compare the ratios within
+//! one run: these machines are shared and noisy).
+//!
+//!     cargo run --release --example bench_traffic
+//!     cargo run --release --example bench_traffic -- --json out/bench_traffic.json
+
+use candle_core::{DType, Device};
+use clap::Parser;
+use scoreguide::data::{SceneConfig, SceneSet, Split};
+use scoreguide::nets::{ParamStore, SceneTransformer, SceneTransformerConfig};
+use scoreguide::runtime::{heun_step_ms, measure_in_workers};
+use scoreguide::traffic::{
+    train_score, AgentClassifier, FeatureScaler, TrafficConfig, TrafficData, TrafficModel,
+    TrafficStack,
+};
+use scoreguide::train::{Checkpoint, Progress};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    /// Thread counts to measure, each in its own process.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Timed repetitions per measurement (the median is reported; training steps are
+    /// timed as a run of this many).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Batch (scenes) for every measurement.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: measure in this process with this many threads and print JSON.
+    #[arg(long, hide = true)]
+    worker: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Timing {
+    threads: usize,
+    batch: usize,
+    /// Mean of a run of `reps` training steps (a run's set-up subtracted).
+    train_step_ms: f64,
+    sample_step_ms: f64,
+    /// Heun step guided by one per-vehicle classifier of the base's size.
+    guided_step_ms: f64,
+    params: usize,
+}
+
+fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Timing> {
+    let dev = Device::Cpu;
+    let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 16, batch.max(64), 0)?;
+    let scaler = FeatureScaler::fit(&set.agents)?;
+    let cfg = TrafficConfig {
+        batch,
+        ..TrafficConfig::default()
+    };
+    let data = TrafficData::new(set, scaler, cfg.net.map_cells, &dev)?;
+
+    // Training: the mean step of a run of `reps` steps, less a run of 3 (set-up, warm-up
+    // and the final checkpoint cancel).
+    let run = |iters: u64| -> candle_core::Result<(f64, Checkpoint)> {
+        let t0 = Instant::now();
+        let c = train_score(
+            &TrafficConfig {
+                iters,
+                ..cfg.clone()
+            },
+            &data,
+            &dev,
+            &mut Progress::hidden(),
+        )?;
+        Ok((t0.elapsed().as_secs_f64() * 1e3, c))
+    };
+    let (short, ckpt) = run(3)?;
+    let (long, _) = run(3 + reps as u64)?;
+    let train_step_ms = (long - short) / reps as f64;
+
+    // Sampling on frozen weights, as the examples do.
+    let base = TrafficModel::load(&ckpt, DType::F32, &dev)?;
+    let classifier = untrained_classifier(&cfg, &dev)?;
+    let idx: Vec<u32> = (0..batch as u32).collect();
+    let maps = data.maps_of(&idx)?;
+    let x = data.x.rows(&idx)?;
+    let stack = TrafficStack::new(&base);
+    let sample_step_ms = heun_step_ms(&stack.on_maps(&maps)?, &x, 1.0, 0.9, reps)?;
+    let guided = stack.with(&classifier);
+    let guided_step_ms = heun_step_ms(&guided.on_maps(&maps)?, &x, 1.0, 0.9, reps)?;
+    Ok(Timing {
+        threads,
+        batch,
+        train_step_ms,
+        sample_step_ms,
+        guided_step_ms,
+        params: base.params,
+    })
+}
+
+/// A per-vehicle classifier of the base's architecture with its initial weights (the
+/// time a guided step takes does not depend on what the classifier learnt).
+fn untrained_classifier(
+    base: &TrafficConfig,
+    dev: &Device,
+) -> candle_core::Result<AgentClassifier> {
+    let cfg = TrafficConfig {
+        net: SceneTransformerConfig {
+            out_per_agent: 1,
+            ..base.net
+        },
+        ..base.clone()
+    };
+    let store = ParamStore::new(1);
+    SceneTransformer::new(cfg.net, store.var_builder(DType::F32, dev))?;
+    let mut c = Checkpoint::new();
+    c.insert_section("ema", &store.tensors());
+    c.set_meta("traffic", &cfg)?;
+    AgentClassifier::load(&c, DType::F32, dev)
+}
+
+fn main() -> candle_core::Result<()> {
+    let args = Args::parse();
+    if let Some(t) = args.worker {
+        scoreguide::runtime::set_threads(Some(t));
+        let timing = measure(t, args.reps, args.batch)?;
+        println!(
+            "{}",
+            serde_json::to_string(&timing).expect("timing serialises")
+        );
+        return Ok(());
+    }
+    let rows: Vec<Timing> = measure_in_workers(
+        &args.threads,
+        &[
+            "--reps".into(),
+            args.reps.to_string(),
+            "--batch".into(),
+            args.batch.to_string(),
+        ],
+    )?;
+    println!(
+        "scene transformer: {} parameters, batch {} scenes of 12 vehicles",
+        rows[0].params, args.batch
+    );
+    println!(
+        "| threads | train step (ms) | Heun step (ms) | guided Heun step, 1 classifier (ms) |"
+    );
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} ({:.2}× base) |",
+            r.threads,
+            r.train_step_ms,
+            r.sample_step_ms,
+            r.guided_step_ms,
+            r.guided_step_ms / r.sample_step_ms
+        );
+    }
+    if let Some(p) = &args.json {
+        scoreguide::runtime::write_json(p, &rows)?;
+    }
+    Ok(())
+}
