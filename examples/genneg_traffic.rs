@@ -85,6 +85,11 @@ struct Args {
     /// Reuse the baseline, classifiers and distilled model found in the output directory.
     #[arg(long)]
     reuse: bool,
+    /// Networks read the road raster around each vehicle (`nets::MapProbe`) besides
+    /// attending to the map tokens. Applies to a baseline trained here; classifiers and
+    /// the distilled model take the baseline's architecture.
+    #[arg(long)]
+    map_probe: bool,
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -184,6 +189,11 @@ fn main() -> candle_core::Result<()> {
         batch: args.batch,
         seed,
         ..net_cfg
+    };
+    let cfg = if args.map_probe {
+        cfg.with_map_probe(&train.scaler, scene_cfg.half_size)
+    } else {
+        cfg
     };
     let n_draws = args.draws.unwrap_or(if q { 400 } else { 4_000 });
     let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });

@@ -8,18 +8,44 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use scoreguide::guidance::Score;
 use scoreguide::nets::{
-    NoiseNet, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
+    MapProbe, NoiseNet, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
 };
 use scoreguide::sde::{randn, Process};
 
 const B: usize = 3;
 
+/// A map probe whose 3 × 3 grids land inside the 32-cell maps for inputs of order 1.
+const PROBE: MapProbe = MapProbe {
+    scale: [3.0, 3.0],
+    offset: [15.5, 15.5],
+    side: 3,
+    spacing: 1.0,
+};
+
 fn setup(
     out_per_agent: usize,
     dtype: DType,
 ) -> (ParamStore, SceneTransformer, Tensor, Tensor, Tensor) {
+    setup_with(SceneTransformerConfig::traffic(out_per_agent), dtype)
+}
+
+/// The traffic network without and with a map probe.
+fn both_kinds(out_per_agent: usize) -> [SceneTransformerConfig; 2] {
+    let plain = SceneTransformerConfig::traffic(out_per_agent);
+    [
+        plain,
+        SceneTransformerConfig {
+            map_probe: Some(PROBE),
+            ..plain
+        },
+    ]
+}
+
+fn setup_with(
+    cfg: SceneTransformerConfig,
+    dtype: DType,
+) -> (ParamStore, SceneTransformer, Tensor, Tensor, Tensor) {
     let dev = Device::Cpu;
-    let cfg = SceneTransformerConfig::traffic(out_per_agent);
     let store = ParamStore::new(11);
     let net = SceneTransformer::new(cfg, store.var_builder(dtype, &dev)).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
@@ -40,14 +66,15 @@ fn setup(
 
 #[test]
 fn every_parameter_gets_a_gradient() {
-    for out in [7, 1] {
-        let (store, net, x, maps, c) = setup(out, DType::F32);
-        let tokens = net.map_encoder().forward(&maps).unwrap();
+    for cfg in [7, 1].into_iter().flat_map(both_kinds) {
+        let out = cfg.out_per_agent;
+        let (store, net, x, maps, c) = setup_with(cfg, DType::F32);
+        let tokens = net.encode_maps(&maps).unwrap();
         let y = net.forward(&x, &c, &tokens).unwrap();
         assert_eq!(y.dims(), &[B, 12 * out]);
         let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         common::assert_all_nonzero(&store, &grads, "scene transformer");
-        if out == 7 {
+        if out == 7 && cfg.map_probe.is_none() {
             eprintln!(
                 "scene transformer (score head): {} parameters",
                 store.num_params()
@@ -59,8 +86,14 @@ fn every_parameter_gets_a_gradient() {
 
 #[test]
 fn permuting_agents_permutes_the_output() {
-    let (_, net, x, maps, c) = setup(7, DType::F64);
-    let tokens = net.map_encoder().forward(&maps).unwrap();
+    for cfg in both_kinds(7) {
+        permutation_check(cfg);
+    }
+}
+
+fn permutation_check(cfg: SceneTransformerConfig) {
+    let (_, net, x, maps, c) = setup_with(cfg, DType::F64);
+    let tokens = net.encode_maps(&maps).unwrap();
     let perm: Vec<u32> = vec![5, 0, 11, 3, 7, 1, 10, 2, 9, 4, 8, 6];
     let idx = Tensor::new(perm.as_slice(), &Device::Cpu).unwrap();
     let permute = |t: &Tensor, f: usize| {
@@ -86,9 +119,17 @@ fn permuting_agents_permutes_the_output() {
 
 #[test]
 fn input_gradient_matches_finite_differences() {
-    // The per-agent classifier head summed: what guidance differentiates.
-    let (_, net, x, maps, c) = setup(1, DType::F64);
-    let tokens = net.map_encoder().forward(&maps).unwrap();
+    for cfg in both_kinds(1) {
+        gradient_check(cfg);
+    }
+}
+
+fn gradient_check(cfg: SceneTransformerConfig) {
+    // The per-agent classifier head summed: what guidance differentiates. (With the map
+    // probe the function is piecewise linear in the positions; a step of 1e-6 crosses a
+    // cell boundary with probability ~1e-5 per probe point.)
+    let (_, net, x, maps, c) = setup_with(cfg, DType::F64);
+    let tokens = net.encode_maps(&maps).unwrap();
     let f = |x: &Tensor| -> f64 {
         net.forward(x, &c, &tokens)
             .unwrap()
@@ -128,7 +169,7 @@ fn input_gradient_matches_finite_differences() {
 #[test]
 fn bound_maps_make_a_score_model() {
     let (_, net, x, maps, _) = setup(7, DType::F32);
-    let tokens = net.map_encoder().forward(&maps).unwrap();
+    let tokens = net.encode_maps(&maps).unwrap();
     let model = ScoreNet::new(
         net.bind(tokens),
         Precond::Eps {
@@ -151,7 +192,7 @@ fn bound_maps_make_a_score_model() {
 #[test]
 fn bad_shapes_are_refused() {
     let (_, net, x, maps, c) = setup(7, DType::F32);
-    let tokens = net.map_encoder().forward(&maps).unwrap();
+    let tokens = net.encode_maps(&maps).unwrap();
     let e = net
         .forward(&x.narrow(1, 0, 80).unwrap(), &c, &tokens)
         .err()
@@ -159,7 +200,7 @@ fn bad_shapes_are_refused() {
         .to_string();
     assert!(e.contains("12 agents × 7 features"), "{e}");
     let e = net
-        .forward(&x, &c, &tokens.narrow(0, 0, 2).unwrap())
+        .forward(&x, &c, &tokens.narrow(0, 2).unwrap())
         .err()
         .unwrap()
         .to_string();

@@ -50,4 +50,6 @@ pub use mlp::{ResMlp, ResMlpConfig};
 pub use params::ParamStore;
 pub use precond::{AnyNet, NoiseNet, Precond, ScoreNet};
 pub use toy::{ClassTerm, ToyClassifier, ToyMlp, ToyMlpConfig, ToyScore};
-pub use transformer::{BoundScene, MapEncoder, SceneTransformer, SceneTransformerConfig};
+pub use transformer::{
+    BoundScene, MapEncoder, MapProbe, SceneMaps, SceneTransformer, SceneTransformerConfig,
+};

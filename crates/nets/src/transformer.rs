@@ -2,8 +2,9 @@
 //! other with relative-position (RPE) attention and to map tokens with cross-attention.
 //!
 //! Input `[B, A·F]` (A agents of F features, the first two the position), a noise
-//! condition `[B]`, and map tokens `[B, T, H]` from [`MapEncoder`] (a small CNN). Per agent: an MLP
-//! encoder to `hidden` plus a time embedding; then `blocks` × (RPE self-attention,
+//! condition `[B]`, and the maps as [`SceneMaps`]: tokens `[B, T, H]` from [`MapEncoder`]
+//! (a small CNN) and, with a [`MapProbe`], the raster read around each agent. Per agent:
+//! an MLP encoder (of the features and the probe's values) to `hidden` plus a time embedding; then `blocks` × (RPE self-attention,
 //! cross-attention to the map, MLP), each pre-norm and residual; a 2-layer decoder to
 //! `out_per_agent` values per agent (`F` for a score, 1 for a per-agent classifier).
 //!
@@ -44,6 +45,92 @@ pub struct SceneTransformerConfig {
     /// head's size, shared by the heads (as Shaw et al.), which keeps the pairwise work
     /// at `A² · relative_dim` rather than `A² · hidden`.
     pub relative_dim: usize,
+    /// Road values read off the map raster around each agent, fed to its encoder beside
+    /// its features (off by default; see [`MapProbe`]).
+    #[serde(default)]
+    pub map_probe: Option<MapProbe>,
+}
+
+/// Reads the map raster (bilinearly, cell centres at integer positions) on a
+/// `side × side` grid of points around each agent, `spacing` cells apart, and gives the
+/// values to the agent's encoder. The cross-attention to map tokens sees the road at
+/// the tokens' coarse resolution only and must find the agent's own cell through
+/// attention; the probe tells the agent directly how far the road reaches around it,
+/// which is what staying on the road needs. The values are piecewise linear in the
+/// agent's position, so the input gradient exists almost everywhere; points off the
+/// map read 0 (not road).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MapProbe {
+    /// Raster column and row of the input position (x, y):
+    /// column = x · scale\[0\] + offset\[0\], row = y · scale\[1\] + offset\[1\].
+    pub scale: [f64; 2],
+    pub offset: [f64; 2],
+    pub side: usize,
+    pub spacing: f64,
+}
+
+impl MapProbe {
+    pub fn points(&self) -> usize {
+        self.side * self.side
+    }
+
+    /// `[side²]` column and row offsets of the grid, centred on the agent.
+    fn offsets(&self) -> (Vec<f32>, Vec<f32>) {
+        let centre = (self.side as f64 - 1.0) / 2.0;
+        let (mut dc, mut dr) = (Vec::new(), Vec::new());
+        for r in 0..self.side {
+            for c in 0..self.side {
+                dc.push(((c as f64 - centre) * self.spacing) as f32);
+                dr.push(((r as f64 - centre) * self.spacing) as f32);
+            }
+        }
+        (dc, dr)
+    }
+
+    /// Road values `[B, A, side²]` at the grid around `pos: [B, A, 2]` on `raster:
+    /// [B, cells²]` (row-major, one map per scene).
+    pub fn read(&self, pos: &Tensor, raster: &Tensor, cells: usize) -> Result<Tensor> {
+        let (b, a, _) = pos.dims3()?;
+        let k = self.points();
+        let (dev, dtype) = (pos.device(), pos.dtype());
+        let (dc, dr) = self.offsets();
+        let dc = Tensor::from_vec(dc, (1, 1, k), dev)?.to_dtype(dtype)?;
+        let dr = Tensor::from_vec(dr, (1, 1, k), dev)?.to_dtype(dtype)?;
+        let col = pos
+            .narrow(2, 0, 1)?
+            .affine(self.scale[0], self.offset[0])?
+            .broadcast_add(&dc)?;
+        let row = pos
+            .narrow(2, 1, 1)?
+            .affine(self.scale[1], self.offset[1])?
+            .broadcast_add(&dr)?;
+        let last = (cells - 1) as f64;
+        let within = |t: &Tensor| -> Result<Tensor> {
+            t.ge(0.0)?
+                .to_dtype(dtype)?
+                .mul(&t.le(last)?.to_dtype(dtype)?)
+        };
+        let inside = within(&col)?.mul(&within(&row)?)?;
+        // The cell's corner by a detached floor; the fractions carry the gradient.
+        let col = col.clamp(0.0, last - 1e-3)?;
+        let row = row.clamp(0.0, last - 1e-3)?;
+        let (c0, r0) = (col.detach().floor()?, row.detach().floor()?);
+        let (fc, fr) = ((&col - &c0)?, (&row - &r0)?);
+        let corner = (r0.affine(cells as f64, 0.0)? + c0)?
+            .to_dtype(DType::U32)?
+            .reshape((b, a * k))?;
+        let raster = raster.to_dtype(dtype)?;
+        let at = |shift: u32| -> Result<Tensor> {
+            let idx = (&corner + Tensor::full(shift, (b, a * k), dev)?)?;
+            raster.gather(&idx, 1)?.reshape((b, a, k))
+        };
+        let (v00, v01) = (at(0)?, at(1)?);
+        let (v10, v11) = (at(cells as u32)?, at(cells as u32 + 1)?);
+        let (gc, gr) = (fc.affine(-1.0, 1.0)?, fr.affine(-1.0, 1.0)?);
+        let top = ((v00 * &gc)? + (v01 * &fc)?)?;
+        let bottom = ((v10 * &gc)? + (v11 * &fc)?)?;
+        ((top * &gr)? + (bottom * &fr)?)? * inside
+    }
 }
 
 impl SceneTransformerConfig {
@@ -67,7 +154,13 @@ impl SceneTransformerConfig {
                 max_freq: 100.0,
             },
             relative_dim: 32,
+            map_probe: None,
         }
+    }
+
+    /// Inputs of the agent encoder: the features, and the probe's values if any.
+    fn encoder_inputs(&self) -> usize {
+        self.features + self.map_probe.map_or(0, |p| p.points())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -92,6 +185,12 @@ impl SceneTransformerConfig {
                 "scene transformer: time_scale must be positive, got {}",
                 self.time_scale
             );
+        }
+        if let Some(p) = &self.map_probe {
+            let finite = p.scale.iter().chain(&p.offset).all(|v| v.is_finite());
+            if p.side == 0 || !finite || !(p.spacing.is_finite() && p.spacing >= 0.0) {
+                bail!("scene transformer: bad map probe {p:?}");
+            }
         }
         self.time_embedding.validate()?;
         self.distance_embedding.validate()
@@ -435,7 +534,7 @@ impl SceneTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            encoder1: Dense::new(cfg.features, h, vb.pp("encoder1"))?,
+            encoder1: Dense::new(cfg.encoder_inputs(), h, vb.pp("encoder1"))?,
             encoder2: Dense::new(h, h, vb.pp("encoder2"))?,
             time: Dense::new(cfg.time_embedding.dim, h, vb.pp("time"))?,
             distance: Dense::new(
@@ -461,18 +560,31 @@ impl SceneTransformer {
         &self.cfg
     }
 
-    /// The map encoder: run it once per set of maps and reuse the tokens.
+    /// The map encoder (tokens only; [`SceneTransformer::encode_maps`] gives all the
+    /// network reads of a map).
     pub fn map_encoder(&self) -> &MapEncoder {
         &self.map
     }
 
-    /// `x: [B, A·F]`, `c_noise: [B]`, `tokens: [B, T, H]` → `[B, A·out_per_agent]`.
-    pub fn forward(&self, x: &Tensor, c_noise: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    /// What the network reads of the maps `[B, 1, c, c]`: run once per batch of maps and
+    /// reuse.
+    pub fn encode_maps(&self, maps: &Tensor) -> Result<SceneMaps> {
+        let tokens = self.map.forward(maps)?;
+        let raster = match self.cfg.map_probe {
+            Some(_) => Some(maps.flatten_from(1)?),
+            None => None,
+        };
+        Ok(SceneMaps { tokens, raster })
+    }
+
+    /// `x: [B, A·F]`, `c_noise: [B]`, `maps` of B scenes → `[B, A·out_per_agent]`.
+    pub fn forward(&self, x: &Tensor, c_noise: &Tensor, maps: &SceneMaps) -> Result<Tensor> {
         let (a, f, h) = (self.cfg.agents, self.cfg.features, self.cfg.hidden);
         let b = match x.dims() {
             &[b, d] if d == a * f => b,
             dims => bail!("scene transformer: input must be [batch, {}] ({a} agents × {f} features), got {dims:?}", a * f),
         };
+        let tokens = &maps.tokens;
         match tokens.dims() {
             &[tb, _, th] if tb == b && th == h => {}
             dims => bail!("scene transformer: map tokens must be [{b}, T, {h}], got {dims:?}"),
@@ -483,7 +595,25 @@ impl SceneTransformer {
             .time_embedding
             .forward(&(c_noise.to_dtype(x.dtype())? * self.cfg.time_scale)?)?; // [B, E]
         let t_agent = repeat_rows(&self.time.forward(&temb)?, a)?.reshape((b, a, h))?;
-        let enc = candle_nn::ops::silu(&self.encoder1.forward(&agents)?)?;
+        let encoder_in = match (&self.cfg.map_probe, &maps.raster) {
+            (None, _) => agents.clone(),
+            (Some(probe), Some(raster)) => {
+                let cells = self.cfg.map_cells;
+                if raster.dims() != [b, cells * cells] {
+                    bail!(
+                        "scene transformer: map raster must be [{b}, {}], got {:?}",
+                        cells * cells,
+                        raster.dims()
+                    );
+                }
+                let road = probe.read(&agents.narrow(2, 0, 2)?, raster, cells)?;
+                Tensor::cat(&[&agents, &road], 2)?
+            }
+            (Some(_), None) => {
+                bail!("scene transformer: the map probe needs the raster (use `encode_maps`)")
+            }
+        };
+        let enc = candle_nn::ops::silu(&self.encoder1.forward(&encoder_in)?)?;
         let mut hs = (self.encoder2.forward(&enc)? + t_agent)?;
 
         // Pairwise distances, smoothed at 0 so the diagonal has a finite gradient.
@@ -514,27 +644,55 @@ impl SceneTransformer {
             .reshape((b, a * self.cfg.out_per_agent))
     }
 
-    /// This network with one batch's map tokens bound, as a [`NoiseNet`] (what
-    /// [`crate::ScoreNet`] and the samplers take). `tokens: [B, T, H]`.
-    pub fn bind(&self, tokens: Tensor) -> BoundScene<'_> {
-        BoundScene { net: self, tokens }
+    /// This network with one batch's maps bound, as a [`NoiseNet`] (what
+    /// [`crate::ScoreNet`] and the samplers take).
+    pub fn bind(&self, maps: SceneMaps) -> BoundScene<'_> {
+        BoundScene { net: self, maps }
     }
 }
 
-/// A [`SceneTransformer`] with its map tokens fixed: see [`SceneTransformer::bind`].
+/// A batch's maps as a [`SceneTransformer`] reads them ([`SceneTransformer::encode_maps`]):
+/// the encoder's tokens `[B, T, H]` and, for a [`MapProbe`], the rasters `[B, c²]`.
+#[derive(Debug, Clone)]
+pub struct SceneMaps {
+    pub tokens: Tensor,
+    pub raster: Option<Tensor>,
+}
+
+impl SceneMaps {
+    /// Scenes `start .. start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            tokens: self.tokens.narrow(0, start, len)?,
+            raster: match &self.raster {
+                Some(r) => Some(r.narrow(0, start, len)?),
+                None => None,
+            },
+        })
+    }
+
+    /// The same in `dtype` (no copy if already so).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            tokens: self.tokens.to_dtype(dtype)?,
+            raster: match &self.raster {
+                Some(r) => Some(r.to_dtype(dtype)?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// A [`SceneTransformer`] with its maps fixed: see [`SceneTransformer::bind`].
 pub struct BoundScene<'a> {
     net: &'a SceneTransformer,
-    tokens: Tensor,
+    maps: SceneMaps,
 }
 
 impl NoiseNet for BoundScene<'_> {
     fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
-        let tokens = if self.tokens.dtype() == x.dtype() {
-            self.tokens.clone()
-        } else {
-            self.tokens.to_dtype(x.dtype())?
-        };
-        self.net.forward(x, c_noise, &tokens)
+        self.net
+            .forward(x, c_noise, &self.maps.to_dtype(x.dtype())?)
     }
 
     fn out_dim(&self) -> usize {
@@ -545,6 +703,63 @@ impl NoiseNet for BoundScene<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_probe_reads_the_raster_bilinearly() -> Result<()> {
+        let dev = Device::Cpu;
+        let cells = 8;
+        // value = column + 10 · row: bilinear interpolation reproduces it exactly.
+        let v: Vec<f64> = (0..cells * cells)
+            .map(|k| (k % cells) as f64 + 10.0 * (k / cells) as f64)
+            .collect();
+        let raster = Tensor::from_vec(v, (1, cells * cells), &dev)?;
+        let probe = MapProbe {
+            scale: [2.0, 1.0],
+            offset: [1.0, 3.0],
+            side: 3,
+            spacing: 0.5,
+        };
+        // The second agent's grid sticks out of the map at the right and the top.
+        let agents = [(1.2, 0.7), (3.1, -2.9)];
+        let flat: Vec<f64> = agents.iter().flat_map(|&(x, y)| [x, y]).collect();
+        let pos = candle_core::Var::from_vec(flat, (1, 2, 2), &dev)?;
+        let read = probe.read(pos.as_tensor(), &raster, cells)?;
+        let got = read.flatten_all()?.to_vec1::<f64>()?;
+        let mut inside_per_agent = [0.0; 2];
+        for (a, &(x, y)) in agents.iter().enumerate() {
+            for r in 0..3 {
+                for c in 0..3 {
+                    let col = x * 2.0 + 1.0 + (c as f64 - 1.0) * 0.5;
+                    let row = y + 3.0 + (r as f64 - 1.0) * 0.5;
+                    let inside = (0.0..=7.0).contains(&col) && (0.0..=7.0).contains(&row);
+                    let want = if inside { col + 10.0 * row } else { 0.0 };
+                    inside_per_agent[a] += f64::from(u8::from(inside));
+                    let k = a * 9 + r * 3 + c;
+                    assert!(
+                        (got[k] - want).abs() < 1e-9,
+                        "agent {a}, point ({r}, {c}): {} vs {want}",
+                        got[k]
+                    );
+                }
+            }
+        }
+        assert!(inside_per_agent[1] > 0.0 && inside_per_agent[1] < 9.0);
+        // d value / d x = 2 (scale) · 1 (per column), d value / d y = 1 · 10, inside only.
+        let grads = read.sum_all()?.backward()?;
+        let g = grads
+            .get(pos.as_tensor())
+            .expect("position gradient")
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        for a in 0..2 {
+            assert!((g[2 * a] - 2.0 * inside_per_agent[a]).abs() < 1e-9, "{g:?}");
+            assert!(
+                (g[2 * a + 1] - 10.0 * inside_per_agent[a]).abs() < 1e-9,
+                "{g:?}"
+            );
+        }
+        Ok(())
+    }
 
     /// The definition, term by term, on `[B, heads, A, A, d]` tensors.
     fn relative_attention_reference(

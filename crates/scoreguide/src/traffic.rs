@@ -7,7 +7,8 @@ use crate::data::{Dataset, SceneSet};
 use crate::guidance::{log_sigmoid, Gated, Guided, LogProb, Score};
 use crate::losses::{distillation, dsm, DsmWeighting};
 use crate::nets::{
-    BoundScene, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
+    BoundScene, MapProbe, ParamStore, Precond, SceneMaps, SceneTransformer, SceneTransformerConfig,
+    ScoreNet,
 };
 use crate::oracles::scene::VEHICLE_FEATURES;
 use crate::oracles::{check_scene, OrientedBox, RoadRaster, SceneVerdict};
@@ -130,6 +131,27 @@ impl Default for TrafficConfig {
 }
 
 impl TrafficConfig {
+    /// This configuration with the network reading the road around each vehicle
+    /// ([`MapProbe`]): a 5 × 5 grid one map cell apart (2 m on 32-cell maps of our
+    /// 64 m scenes), placed through `scaler`'s units on maps spanning ±`half_size` metres.
+    pub fn with_map_probe(mut self, scaler: &FeatureScaler, half_size: f64) -> Self {
+        let cell = 2.0 * half_size / self.net.map_cells as f64;
+        let axis = |k: usize| {
+            (
+                scaler.std[k] as f64 / cell,
+                (scaler.mean[k] as f64 + half_size) / cell - 0.5,
+            )
+        };
+        let ((sx, ox), (sy, oy)) = (axis(0), axis(1));
+        self.net.map_probe = Some(MapProbe {
+            scale: [sx, sy],
+            offset: [ox, oy],
+            side: 5,
+            spacing: 1.0,
+        });
+        self
+    }
+
     fn precond(&self) -> Precond {
         Precond::Eps {
             process: self.process.clone(),
@@ -241,8 +263,7 @@ fn fit_score(
         let idx = data.x.step_batch(cfg.batch, cfg.seed, step)?;
         let x0 = data.x.rows(&idx)?;
         let maps = data.maps_of(&idx)?;
-        let tokens = net.map_encoder().forward(&maps)?;
-        let model = ScoreNet::new(net.bind(tokens), cfg.precond())?;
+        let model = ScoreNet::new(net.bind(net.encode_maps(&maps)?), cfg.precond())?;
         let sigma = sigma_dist.sample_tensor(idx.len(), rng, device)?;
         let z = randn(rng, x0.dims(), device)?;
         match teacher {
@@ -294,8 +315,10 @@ impl TrafficModel {
 
     /// The score model for scenes on `maps` (`[B, 1, c, c]`, one per scene).
     pub fn on_maps(&self, maps: &Tensor) -> Result<ScoreNet<BoundScene<'_>>> {
-        let tokens = self.net.map_encoder().forward(maps)?;
-        ScoreNet::new(self.net.bind(tokens), self.config.precond())
+        ScoreNet::new(
+            self.net.bind(self.net.encode_maps(maps)?),
+            self.config.precond(),
+        )
     }
 }
 
@@ -470,16 +493,16 @@ impl AgentClassifier {
         })
     }
 
-    /// `[B, A]` logits for scenes on maps whose tokens are `tokens`.
+    /// `[B, A]` logits for scenes on `maps`.
     fn logits(
         net: &SceneTransformer,
         process: &Process,
         x: &Tensor,
         sigma: &Tensor,
-        tokens: &Tensor,
+        maps: &SceneMaps,
     ) -> Result<Tensor> {
         let (x_in, cond) = process_inputs(process, x, sigma)?;
-        net.forward(&x_in, &cond, tokens)
+        net.forward(&x_in, &cond, maps)
     }
 
     /// This classifier as a guidance term for scenes on `maps` (`[B, 1, c, c]`); `base`
@@ -491,7 +514,7 @@ impl AgentClassifier {
     ) -> Result<BoundClassifier<'a>> {
         Ok(BoundClassifier {
             classifier: self,
-            tokens: self.net.map_encoder().forward(maps)?,
+            maps: self.net.encode_maps(maps)?,
             denoiser: match self.sigma_clean {
                 Some(_) => Some(base.on_maps(maps)?),
                 None => None,
@@ -503,22 +526,22 @@ impl AgentClassifier {
 /// An [`AgentClassifier`] with one batch's maps bound: a [`LogProb`] term.
 pub struct BoundClassifier<'a> {
     classifier: &'a AgentClassifier,
-    tokens: Tensor,
+    maps: SceneMaps,
     denoiser: Option<ScoreNet<BoundScene<'a>>>,
 }
 
 impl LogProb for BoundClassifier<'_> {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         let c = self.classifier;
-        let tokens = self.tokens.to_dtype(x.dtype())?;
+        let maps = self.maps.to_dtype(x.dtype())?;
         let logits = match (&self.denoiser, c.sigma_clean) {
             (Some(d), Some(s)) => {
                 let x0 = d.denoise(x, sigma)?;
                 let clean =
                     Tensor::full(s, sigma.dims1()?, sigma.device())?.to_dtype(sigma.dtype())?;
-                AgentClassifier::logits(&c.net, &c.config.process, &x0, &clean, &tokens)?
+                AgentClassifier::logits(&c.net, &c.config.process, &x0, &clean, &maps)?
             }
-            _ => AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &tokens)?,
+            _ => AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &maps)?,
         };
         log_sigmoid(&logits)?.sum(1)
     }
@@ -777,14 +800,14 @@ pub fn train_agent_classifier(
         let rows = Tensor::from_slice(&idx, idx.len(), device)?;
         let x0 = set.x.rows(&idx)?;
         let scenes: Vec<u32> = idx.iter().map(|&i| set.scene_indices[i as usize]).collect();
-        let tokens = net.map_encoder().forward(&data.maps_of(&scenes)?)?;
+        let maps = net.encode_maps(&data.maps_of(&scenes)?)?;
         let sigma = match sigma_clean {
             Some(s) => Tensor::full(s as f32, idx.len(), device)?,
             None => sigma_dist.sample_tensor(idx.len(), rng, device)?,
         };
         let z = randn(rng, x0.dims(), device)?;
         let x = (&x0 + z.broadcast_mul(&sigma.unsqueeze(1)?)?)?;
-        let logits = AgentClassifier::logits(&net, &cfg.process, &x, &sigma, &tokens)?;
+        let logits = AgentClassifier::logits(&net, &cfg.process, &x, &sigma, &maps)?;
         let y = set.labels.index_select(&rows, 0)?;
         let w = set.weights.index_select(&rows, 0)?;
         // −[y log σ(l) + (1 − y) log σ(−l)] per (scene, vehicle).
