@@ -90,6 +90,10 @@ struct Args {
     /// the distilled model take the baseline's architecture.
     #[arg(long)]
     map_probe: bool,
+    /// Train the networks (and classifiers) at ln σ uniform from this σ to the process's
+    /// largest, instead of DDPM's uniform t (which rarely shows them small σ).
+    #[arg(long)]
+    log_uniform_sigma: Option<f64>,
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -194,6 +198,10 @@ fn main() -> candle_core::Result<()> {
         cfg.with_map_probe(&train.scaler, scene_cfg.half_size)
     } else {
         cfg
+    };
+    let cfg = match args.log_uniform_sigma {
+        Some(s) => cfg.with_log_uniform_sigma(s),
+        None => cfg,
     };
     let n_draws = args.draws.unwrap_or(if q { 400 } else { 4_000 });
     let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });

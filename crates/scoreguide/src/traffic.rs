@@ -115,6 +115,11 @@ pub struct TrafficConfig {
     pub iters: u64,
     pub lr: f64,
     pub seed: u64,
+    /// Noise levels seen in training (networks and classifiers); `None`: DDPM's t
+    /// uniform on [1e-3, 1], which puts little weight on the small σ where vehicles are
+    /// placed to within the road's margins.
+    #[serde(default)]
+    pub train_sigma: Option<SigmaDistribution>,
 }
 
 impl Default for TrafficConfig {
@@ -126,6 +131,7 @@ impl Default for TrafficConfig {
             iters: 20_000,
             lr: 5e-4,
             seed: 0,
+            train_sigma: None,
         }
     }
 }
@@ -158,13 +164,26 @@ impl TrafficConfig {
         }
     }
 
-    /// Training noise levels: t uniform on [1e-3, 1] through the VP process.
+    /// This configuration trained at ln σ uniform between `sigma_min` and the process's
+    /// σ(1): as much weight per octave of noise at 0.01 as at 10.
+    pub fn with_log_uniform_sigma(mut self, sigma_min: f64) -> Self {
+        self.train_sigma = Some(SigmaDistribution::LogUniform {
+            min: sigma_min,
+            max: self.process.sigma(1.0),
+        });
+        self
+    }
+
+    /// Training noise levels: `train_sigma`, else t uniform on [1e-3, 1] through the VP
+    /// process.
     fn sigma_distribution(&self) -> SigmaDistribution {
-        SigmaDistribution::UniformT {
-            process: self.process.clone(),
-            t_min: 1e-3,
-            t_max: 1.0,
-        }
+        self.train_sigma
+            .clone()
+            .unwrap_or_else(|| SigmaDistribution::UniformT {
+                process: self.process.clone(),
+                t_min: 1e-3,
+                t_max: 1.0,
+            })
     }
 }
 
