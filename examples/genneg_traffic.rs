@@ -95,6 +95,10 @@ struct Args {
     /// the distilled model take the baseline's architecture.
     #[arg(long)]
     map_probe: bool,
+    /// Networks see a sinusoidal embedding of each vehicle's position (`nets::
+    /// SceneTransformerConfig::position_embedding`). Applies like `--map-probe`.
+    #[arg(long)]
+    position_embedding: bool,
     /// Train the networks (and classifiers) at ln σ uniform from this σ to the process's
     /// largest, instead of DDPM's uniform t (which rarely shows them small σ).
     #[arg(long)]
@@ -201,6 +205,11 @@ fn main() -> candle_core::Result<()> {
     };
     let cfg = if args.map_probe {
         cfg.with_map_probe(&train.scaler, scene_cfg.half_size)
+    } else {
+        cfg
+    };
+    let cfg = if args.position_embedding {
+        cfg.with_position_embedding()
     } else {
         cfg
     };

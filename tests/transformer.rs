@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use scoreguide::guidance::Score;
 use scoreguide::nets::{
     MapProbe, NoiseNet, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
+    SinusoidalEmbedding,
 };
 use scoreguide::sde::{randn, Process};
 
@@ -29,13 +30,17 @@ fn setup(
     setup_with(SceneTransformerConfig::traffic(out_per_agent), dtype)
 }
 
-/// The traffic network without and with a map probe.
+/// The traffic network without and with a map probe and a position embedding.
 fn both_kinds(out_per_agent: usize) -> [SceneTransformerConfig; 2] {
     let plain = SceneTransformerConfig::traffic(out_per_agent);
     [
         plain,
         SceneTransformerConfig {
             map_probe: Some(PROBE),
+            position_embedding: Some(SinusoidalEmbedding {
+                dim: 16,
+                max_freq: 100.0,
+            }),
             ..plain
         },
     ]

@@ -49,6 +49,12 @@ pub struct SceneTransformerConfig {
     /// its features (off by default; see [`MapProbe`]).
     #[serde(default)]
     pub map_probe: Option<MapProbe>,
+    /// Sinusoidal embedding of each agent's x and y (input units) fed to its encoder:
+    /// an MLP of raw coordinates varies slowly with position (spectral bias), so without
+    /// it an agent can neither resolve lane-scale offsets nor match the map tokens'
+    /// position encoding in cross-attention. Off by default.
+    #[serde(default)]
+    pub position_embedding: Option<SinusoidalEmbedding>,
 }
 
 /// Reads the map raster (bilinearly, cell centres at integer positions) on a
@@ -155,12 +161,16 @@ impl SceneTransformerConfig {
             },
             relative_dim: 32,
             map_probe: None,
+            position_embedding: None,
         }
     }
 
-    /// Inputs of the agent encoder: the features, and the probe's values if any.
+    /// Inputs of the agent encoder: the features, the probe's values and the position
+    /// embedding, if any.
     fn encoder_inputs(&self) -> usize {
-        self.features + self.map_probe.map_or(0, |p| p.points())
+        self.features
+            + self.map_probe.map_or(0, |p| p.points())
+            + self.position_embedding.map_or(0, |e| 2 * e.dim)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -191,6 +201,9 @@ impl SceneTransformerConfig {
             if p.side == 0 || !finite || !(p.spacing.is_finite() && p.spacing >= 0.0) {
                 bail!("scene transformer: bad map probe {p:?}");
             }
+        }
+        if let Some(e) = &self.position_embedding {
+            e.validate()?;
         }
         self.time_embedding.validate()?;
         self.distance_embedding.validate()
@@ -595,8 +608,9 @@ impl SceneTransformer {
             .time_embedding
             .forward(&(c_noise.to_dtype(x.dtype())? * self.cfg.time_scale)?)?; // [B, E]
         let t_agent = repeat_rows(&self.time.forward(&temb)?, a)?.reshape((b, a, h))?;
-        let encoder_in = match (&self.cfg.map_probe, &maps.raster) {
-            (None, _) => agents.clone(),
+        let mut encoder_in = vec![agents.clone()];
+        match (&self.cfg.map_probe, &maps.raster) {
+            (None, _) => {}
             (Some(probe), Some(raster)) => {
                 let cells = self.cfg.map_cells;
                 if raster.dims() != [b, cells * cells] {
@@ -606,13 +620,19 @@ impl SceneTransformer {
                         raster.dims()
                     );
                 }
-                let road = probe.read(&agents.narrow(2, 0, 2)?, raster, cells)?;
-                Tensor::cat(&[&agents, &road], 2)?
+                encoder_in.push(probe.read(&agents.narrow(2, 0, 2)?, raster, cells)?);
             }
             (Some(_), None) => {
                 bail!("scene transformer: the map probe needs the raster (use `encode_maps`)")
             }
-        };
+        }
+        if let Some(pe) = &self.cfg.position_embedding {
+            for axis in 0..2 {
+                let coord = agents.narrow(2, axis, 1)?.flatten_all()?;
+                encoder_in.push(pe.forward(&coord)?.reshape((b, a, pe.dim))?);
+            }
+        }
+        let encoder_in = Tensor::cat(&encoder_in, 2)?;
         let enc = candle_nn::ops::silu(&self.encoder1.forward(&encoder_in)?)?;
         let mut hs = (self.encoder2.forward(&enc)? + t_agent)?;
 
