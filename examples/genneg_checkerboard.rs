@@ -168,6 +168,14 @@ struct IterationLog {
     /// The stack this iteration was read from with `--resume`, instead of drawn and trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     resumed_from: Option<String>,
+    /// What the iteration drew; absent for an iteration resumed from a file written
+    /// before the draw counts were saved with the stack.
+    #[serde(flatten)]
+    collection: Option<CollectionLog>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct CollectionLog {
     drawn: usize,
     positives_found: usize,
     negatives_found: usize,
@@ -292,11 +300,13 @@ fn main() -> candle_core::Result<()> {
         let log = IterationLog {
             iteration: it,
             resumed_from: None,
-            drawn: c.drawn,
-            positives_found: c.positives_found,
-            negatives_found: c.negatives_found,
-            alpha: c.alpha,
-            budget_exhausted: c.budget_exhausted,
+            collection: Some(CollectionLog {
+                drawn: c.drawn,
+                positives_found: c.positives_found,
+                negatives_found: c.negatives_found,
+                alpha: c.alpha,
+                budget_exhausted: c.budget_exhausted,
+            }),
         };
         logs.push(log.clone());
         let set = LabelledSet::from_collected(&c, ClassifierKind::IsBalanced)?;
@@ -494,8 +504,9 @@ fn main() -> candle_core::Result<()> {
 const COLLECTION_META: &str = "genneg_checkerboard.collection";
 
 /// Iteration `it`'s stack read back from `path`, checked to be `previous` (this run's
-/// stack of iteration `it` − 1) plus one classifier, with the draw counts saved beside it (absent in files written before
-/// they were saved: then zeros, and the log says where the stack came from).
+/// stack of iteration `it` − 1) plus one classifier, with the draw counts saved in it
+/// (absent from files written before they were saved; the log says where the stack came
+/// from either way).
 fn resume_iteration(
     path: &Path,
     it: usize,
@@ -528,11 +539,7 @@ fn resume_iteration(
         .unwrap_or(IterationLog {
             iteration: it,
             resumed_from: None,
-            drawn: 0,
-            positives_found: 0,
-            negatives_found: 0,
-            alpha: f64::NAN,
-            budget_exhausted: false,
+            collection: None,
         });
     log.resumed_from = Some(path.display().to_string());
     Ok((stack, log))
