@@ -4,9 +4,11 @@
 //! Input `[B, A·F]` (A agents of F features, the first two the position), a noise
 //! condition `[B]`, and the maps as [`SceneMaps`]: tokens `[B, T, H]` from [`MapEncoder`]
 //! (a small CNN) and, with a [`MapProbe`], the raster read around each agent. Per agent:
-//! an MLP encoder (of the features and the probe's values) to `hidden` plus a time embedding; then `blocks` × (RPE self-attention,
-//! cross-attention to the map, MLP), each pre-norm and residual; a 2-layer decoder to
-//! `out_per_agent` values per agent (`F` for a score, 1 for a per-agent classifier).
+//! an MLP encoder (of the features, and optionally the probe's values and a sinusoidal
+//! code of the position) to `hidden` plus a time embedding; then `blocks` × (RPE
+//! self-attention, cross-attention to the map, MLP), each pre-norm and residual; a
+//! 2-layer decoder to `out_per_agent` values per agent (`F` for a score, 1 for a
+//! per-agent classifier).
 //!
 //! RPE attention (Shaw et al. 2018), per head, with e_ij an embedding of the pairwise
 //! distance d_ij and the time:
