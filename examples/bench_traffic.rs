@@ -67,8 +67,8 @@ fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Tim
     };
     let data = TrafficData::new(set, scaler, cfg.net.map_cells, &dev)?;
 
-    // Training: the mean step of a run of `reps` steps, less a run of 3 (set-up, warm-up
-    // and the final checkpoint cancel).
+    // Training: the mean step of a run of 3 + `reps` steps less a run of 3 (set-up and
+    // the final checkpoint cancel), after a run that warms the allocator up.
     let run = |iters: u64| -> candle_core::Result<(f64, Checkpoint)> {
         let t0 = Instant::now();
         let c = train_score(
@@ -82,7 +82,8 @@ fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Tim
         )?;
         Ok((t0.elapsed().as_secs_f64() * 1e3, c))
     };
-    let (short, ckpt) = run(3)?;
+    let (_, ckpt) = run(3)?; // warm-up: first-touch allocation and page faults
+    let (short, _) = run(3)?;
     let (long, _) = run(3 + reps as u64)?;
     let train_step_ms = (long - short) / reps as f64;
 
