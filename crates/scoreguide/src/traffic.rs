@@ -288,6 +288,7 @@ fn fit_score(
         ..TrainConfig::default()
     };
     let sigma_dist = cfg.sigma_distribution();
+    sigma_dist.validate()?;
     let mut trainer = Trainer::new(store, train)?;
     trainer.run(cfg.iters, progress, |step, rng| {
         let idx = data.x.step_batch(cfg.batch, cfg.seed, step)?;
@@ -824,6 +825,7 @@ pub fn train_agent_classifier(
         ..TrainConfig::default()
     };
     let sigma_dist = cfg.sigma_distribution();
+    sigma_dist.validate()?;
     let mut trainer = Trainer::new(store, train)?;
     trainer.run(iters, progress, |step, rng| {
         let idx = set.x.step_batch(cfg.batch, seed, step)?;
