@@ -58,6 +58,9 @@ struct Timing {
 }
 
 fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Timing> {
+    if batch == 0 || reps == 0 {
+        candle_core::bail!("--batch and --reps must be positive, got {batch} and {reps}");
+    }
     let dev = Device::Cpu;
     let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 16, batch.max(64), 0)?;
     let scaler = FeatureScaler::fit(&set.agents)?;
