@@ -14,7 +14,7 @@
 //! cargo run --release --example genneg_traffic -- --json out/genneg_traffic/result.json
 //! ```
 
-use candle_core::DType;
+use candle_core::{DType, Result};
 use clap::Parser;
 use scoreguide::data::{SceneConfig, SceneSet, Split};
 use scoreguide::plot::save_grid;
@@ -28,7 +28,7 @@ use scoreguide::traffic::{
 };
 use scoreguide::train::{Checkpoint, Progress};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[global_allocator]
@@ -106,6 +106,13 @@ struct Args {
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Smallest distance between two generated vehicles, metres (the data, not a limit
+    /// on samples: the oracle counts only overlaps). Runs before 2026-11-24 used 0.5.
+    #[arg(long, default_value_t = SceneConfig::default().gap)]
+    gap: f64,
+    /// Drivable shoulder beyond the outer lanes, metres. Runs before 2026-11-24 used 0.
+    #[arg(long, default_value_t = SceneConfig::default().shoulder)]
+    shoulder: f64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -113,6 +120,30 @@ struct Args {
 /// Noise level at which the time-independent ablation's classifier is trained (on
 /// nearly clean scenes) and evaluated (on the base model's one-step estimate).
 const SIGMA_CLEAN: f64 = 0.01;
+
+/// Metadata key under which a baseline records the scene generator it was trained on.
+const SCENE_CONFIG_KEY: &str = "genneg_traffic.scene_config";
+
+/// A baseline checkpoint, refused if it records a scene generator other than this run's
+/// (its feature scaler and what it learnt belong to that data).
+fn load_baseline(path: &Path, scene_cfg: &SceneConfig) -> Result<Checkpoint> {
+    let c = Checkpoint::load(path)?;
+    if c.metadata.contains_key(SCENE_CONFIG_KEY) {
+        let trained_on: SceneConfig = c.meta(SCENE_CONFIG_KEY)?;
+        if trained_on != *scene_cfg {
+            candle_core::bail!(
+                "baseline {} was trained on scenes {trained_on:?}, this run generates {scene_cfg:?}; pass the matching --gap / --shoulder",
+                path.display()
+            );
+        }
+    } else {
+        eprintln!(
+            "note: baseline {} does not record its scene generator (saved before 2026-11-24: gap 0.5, no shoulder); assuming it matches this run's",
+            path.display()
+        );
+    }
+    Ok(c)
+}
 
 /// One row of Table 1 (and of the JSON).
 #[derive(Serialize)]
@@ -155,7 +186,11 @@ fn main() -> candle_core::Result<()> {
     let n_samples = args.samples.unwrap_or(if q { 200 } else { 2_000 });
     let steps = args.steps.unwrap_or(if q { 32 } else { 64 });
     let seed = args.common.seed;
-    let scene_cfg = SceneConfig::default();
+    let scene_cfg = SceneConfig {
+        gap: args.gap,
+        shoulder: args.shoulder,
+        ..SceneConfig::default()
+    };
 
     // Data: train and test splits on their own maps.
     let t0 = Instant::now();
@@ -222,18 +257,19 @@ fn main() -> candle_core::Result<()> {
     let n_distill_iters = args.distill_iters.unwrap_or(if q { 300 } else { 4_000 });
     let baseline_path = out.join("baseline.safetensors");
     let ckpt = match &args.baseline {
-        Some(p) => Checkpoint::load(p)?,
+        Some(p) => load_baseline(p, &scene_cfg)?,
         None if args.reuse && baseline_path.exists() => {
             eprintln!("reusing {}", baseline_path.display());
-            Checkpoint::load(&baseline_path)?
+            load_baseline(&baseline_path, &scene_cfg)?
         }
         None => {
-            let c = train_score(
+            let mut c = train_score(
                 &cfg,
                 &train,
                 &dev,
                 &mut Progress::new("baseline", cfg.iters as usize),
             )?;
+            c.set_meta(SCENE_CONFIG_KEY, &scene_cfg)?;
             c.save(out.join("baseline.safetensors"))?;
             c
         }

@@ -99,6 +99,60 @@ fn scene_sets_round_trip_and_bad_files_are_refused() {
 }
 
 #[test]
+fn vehicles_keep_the_gap_and_the_shoulder_is_drivable() {
+    use scoreguide::oracles::OrientedBox;
+    for (gap, shoulder) in [(2.0, 1.0), (0.5, 0.0)] {
+        let cfg = SceneConfig {
+            gap,
+            shoulder,
+            ..SceneConfig::default()
+        };
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..4 {
+            let map = generate_map(&cfg, &mut rng).unwrap();
+            let scene = generate_scene(&cfg, &map, &mut rng).unwrap();
+            let boxes: Vec<OrientedBox> = scene
+                .chunks_exact(VEHICLE_FEATURES)
+                .map(OrientedBox::from_features)
+                .collect();
+            // Grown by a little under half the gap, no two vehicles touch.
+            for (i, a) in boxes.iter().enumerate() {
+                for b in &boxes[i + 1..] {
+                    assert!(!a.grown(0.49 * gap).overlaps(&b.grown(0.49 * gap)));
+                }
+            }
+            // Points across each road: the lanes and the shoulder are road, a metre
+            // (two cells) beyond the shoulder is not, where no other road is near.
+            for road in &map.roads {
+                let (x, y, heading) = road.centre.at(road.centre.length() / 2.0);
+                let (nx, ny) = (-heading.sin(), heading.cos());
+                let others_far = |d: f64| {
+                    let (px, py) = (x + d * nx, y + d * ny);
+                    map.roads
+                        .iter()
+                        .filter(|r| *r != road)
+                        .all(|r| r.centre.distance(px, py) > r.half_width() + shoulder + 2.0)
+                };
+                let inside = road.half_width() + shoulder - 0.5;
+                let outside = road.half_width() + shoulder + 1.0;
+                for d in [inside, -inside] {
+                    let (px, py) = (x + d * nx, y + d * ny);
+                    if map.raster.half_size - px.abs().max(py.abs()) > 1.0 {
+                        assert!(map.raster.is_road(px, py), "{d} m from {road:?}");
+                    }
+                }
+                for d in [outside, -outside] {
+                    let (px, py) = (x + d * nx, y + d * ny);
+                    if others_far(d) && map.raster.half_size - px.abs().max(py.abs()) > 1.0 {
+                        assert!(!map.raster.is_road(px, py), "{d} m from {road:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn the_oracle_finds_what_is_put_there() {
     let cfg = SceneConfig::default();
     let mut rng = StdRng::seed_from_u64(5);

@@ -1,8 +1,9 @@
 //! Procedural traffic scenes: an open stand-in for the Gen-neG paper's private data set.
 //!
 //! A map is one of three road layouts — a straight road, a crossing of two roads, a
-//! curve — with one or two lanes of `lane_width` per direction, rasterised over a square
-//! of side `2 half_size` metres. A scene places `vehicles` vehicles on a map's lanes
+//! curve — with one or two lanes of `lane_width` per direction and a paved `shoulder`
+//! beyond the outer lanes (drivable, like the drivable area of real maps), rasterised over
+//! a square of side `2 half_size` metres. A scene places `vehicles` vehicles on a map's lanes
 //! (centred within their lane up to a small jitter, heading along it up to a few degrees,
 //! cars and vans of realistic sizes, a speed), rejecting any placement whose footprint
 //! overlaps another vehicle (with a gap) or leaves the road, so every generated scene is
@@ -20,7 +21,8 @@ use std::f64::consts::{PI, TAU};
 use std::path::Path;
 
 /// Sizes of the generator. The defaults: a 64 m × 64 m map at 0.5 m per cell, 3.5 m
-/// lanes, 12 vehicles at least 0.5 m apart.
+/// lanes with a 1 m shoulder, 12 vehicles at least 2 m apart (about the spacing of
+/// stopped traffic; moving traffic keeps more).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SceneConfig {
     pub half_size: f64,
@@ -29,6 +31,11 @@ pub struct SceneConfig {
     pub vehicles: usize,
     /// Smallest distance between two generated vehicles (metres).
     pub gap: f64,
+    /// Drivable width beyond the outermost lane's edge (metres); vehicles are placed in
+    /// lanes, so it is margin for the offroad check. Scene sets saved before it existed
+    /// had none.
+    #[serde(default)]
+    pub shoulder: f64,
 }
 
 impl Default for SceneConfig {
@@ -38,15 +45,20 @@ impl Default for SceneConfig {
             raster_cells: 128,
             lane_width: 3.5,
             vehicles: 12,
-            gap: 0.5,
+            gap: 2.0,
+            shoulder: 1.0,
         }
     }
 }
 
 impl SceneConfig {
     fn validate(&self) -> Result<()> {
-        if !(self.half_size > 0.0 && self.lane_width > 0.0 && self.gap >= 0.0) {
-            bail!("scene config: half_size and lane_width must be positive and gap non-negative, got {self:?}");
+        if !(self.half_size > 0.0
+            && self.lane_width > 0.0
+            && self.gap >= 0.0
+            && self.shoulder >= 0.0)
+        {
+            bail!("scene config: half_size and lane_width must be positive, gap and shoulder non-negative, got {self:?}");
         }
         if self.raster_cells == 0 || self.vehicles == 0 || self.vehicles > 64 {
             bail!("scene config: need raster_cells > 0 and 1..=64 vehicles, got {self:?}");
@@ -331,7 +343,7 @@ pub fn generate_map(cfg: &SceneConfig, rng: &mut StdRng) -> Result<RoadMap> {
         let raster = RoadRaster::from_fn(h, cfg.raster_cells, |x, y| {
             roads
                 .iter()
-                .any(|r| r.centre.distance(x, y) <= r.half_width())
+                .any(|r| r.centre.distance(x, y) <= r.half_width() + cfg.shoulder)
         });
         let map = RoadMap {
             kind,
