@@ -2,12 +2,12 @@
 //!
 //! A map is one of three road layouts — a straight road, a crossing of two roads, a
 //! curve — with one or two lanes of `lane_width` per direction and a paved `shoulder`
-//! beyond the outer lanes (drivable, like the drivable area of real maps), rasterised over
-//! a square of side `2 half_size` metres. A scene places `vehicles` vehicles on a map's lanes
-//! (centred within their lane up to a small jitter, heading along it up to a few degrees,
-//! cars and vans of realistic sizes, a speed), rejecting any placement whose footprint
-//! overlaps another vehicle (with a gap) or leaves the road, so every generated scene is
-//! valid under [`scoreguide_oracles::check_scene`]. Vehicles are in random order.
+//! beyond the outer lanes (drivable, like the drivable area of real maps), rasterised
+//! over a square of side `2 half_size` metres. A scene places `vehicles` vehicles on a
+//! map's lanes (centred within their lane up to a small jitter, heading along it up to a
+//! few degrees, cars and vans of realistic sizes, a speed), rejecting any placement whose
+//! footprint comes within `gap` of another vehicle or leaves the road, so every generated
+//! scene is valid under [`scoreguide_oracles::check_scene`]. Vehicles are in random order.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
