@@ -68,7 +68,7 @@ fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Tim
         batch,
         ..TrafficConfig::default()
     };
-    let data = TrafficData::new(set, scaler, cfg.net.map_cells, &dev)?;
+    let data = TrafficData::new(set, scaler, &cfg, &dev)?;
 
     // Training: the mean step of a run of 3 + `reps` steps less a run of 3 (set-up and
     // the final checkpoint cancel), after a run that warms the allocator up.

@@ -95,6 +95,11 @@ struct Args {
     /// the distilled model take the baseline's architecture.
     #[arg(long)]
     map_probe: bool,
+    /// Networks see the maps as rendered road images (road, lane centres, direction of
+    /// travel; `data::MapLayers::RoadAndLanes`) at 1 m per cell instead of the road
+    /// alone at 2 m. Applies like `--map-probe` (with which the probe reads all layers).
+    #[arg(long)]
+    lane_maps: bool,
     /// Networks see a sinusoidal embedding of each vehicle's position (`nets::
     /// SceneTransformerConfig::position_embedding`). Applies like `--map-probe`.
     #[arg(long)]
@@ -212,34 +217,22 @@ fn main() -> candle_core::Result<()> {
     train_set.save(out.join("scenes_train.safetensors"))?;
     test_set.save(out.join("scenes_test.safetensors"))?;
 
-    // The oracle's speed: label the training scenes (all valid by construction).
-    let all: Vec<u32> = (0..train_set.len() as u32).collect();
-    let net_cfg = TrafficConfig::default();
+    // The baseline's configuration: from the arguments, or a reused baseline's own
+    // (which decides how the maps are drawn for every network of the run).
     let scaler = FeatureScaler::fit(&train_set.agents)?;
-    let train = TrafficData::new(train_set, scaler.clone(), net_cfg.net.map_cells, &dev)?;
-    let t0 = Instant::now();
-    let (rates, _) = label_scenes(&train, &all, &train.set.agents)?;
-    let labelled_per_second = train.set.len() as f64 / t0.elapsed().as_secs_f64();
-    eprintln!(
-        "oracle: {} training scenes labelled, {:.2}% infracting, {:.0} scenes/s on one core",
-        rates.scenes,
-        100.0 * rates.infraction,
-        labelled_per_second
-    );
-    if rates.infraction > 0.0 {
-        candle_core::bail!("the generator made infracting scenes: {rates:?}");
-    }
-    let test = TrafficData::new(test_set, scaler, net_cfg.net.map_cells, &dev)?;
-
-    // Baseline.
     let cfg = TrafficConfig {
         iters: args.iters.unwrap_or(if q { 1_500 } else { 20_000 }),
         batch: args.batch,
         seed,
-        ..net_cfg
+        ..TrafficConfig::default()
+    };
+    let cfg = if args.lane_maps {
+        cfg.with_lane_maps()
+    } else {
+        cfg
     };
     let cfg = if args.map_probe {
-        cfg.with_map_probe(&train.scaler, scene_cfg.half_size)
+        cfg.with_map_probe(&scaler, scene_cfg.half_size)
     } else {
         cfg
     };
@@ -252,16 +245,43 @@ fn main() -> candle_core::Result<()> {
         Some(s) => cfg.with_log_uniform_sigma(s),
         None => cfg,
     };
+    let baseline_path = out.join("baseline.safetensors");
+    let reused = match &args.baseline {
+        Some(p) => Some(load_baseline(p, &scene_cfg)?),
+        None if args.reuse && baseline_path.exists() => {
+            eprintln!("reusing {}", baseline_path.display());
+            Some(load_baseline(&baseline_path, &scene_cfg)?)
+        }
+        None => None,
+    };
+    let data_cfg: TrafficConfig = match &reused {
+        Some(c) => c.meta("traffic")?,
+        None => cfg.clone(),
+    };
+
+    // The oracle's speed: label the training scenes (all valid by construction).
+    let all: Vec<u32> = (0..train_set.len() as u32).collect();
+    let train = TrafficData::new(train_set, scaler.clone(), &data_cfg, &dev)?;
+    let t0 = Instant::now();
+    let (rates, _) = label_scenes(&train, &all, &train.set.agents)?;
+    let labelled_per_second = train.set.len() as f64 / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "oracle: {} training scenes labelled, {:.2}% infracting, {:.0} scenes/s on one core",
+        rates.scenes,
+        100.0 * rates.infraction,
+        labelled_per_second
+    );
+    if rates.infraction > 0.0 {
+        candle_core::bail!("the generator made infracting scenes: {rates:?}");
+    }
+    let test = TrafficData::new(test_set, scaler, &data_cfg, &dev)?;
+
+    // Baseline.
     let n_draws = args.draws.unwrap_or(if q { 400 } else { 4_000 });
     let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });
     let n_distill_iters = args.distill_iters.unwrap_or(if q { 300 } else { 4_000 });
-    let baseline_path = out.join("baseline.safetensors");
-    let ckpt = match &args.baseline {
-        Some(p) => load_baseline(p, &scene_cfg)?,
-        None if args.reuse && baseline_path.exists() => {
-            eprintln!("reusing {}", baseline_path.display());
-            load_baseline(&baseline_path, &scene_cfg)?
-        }
+    let ckpt = match reused {
+        Some(c) => c,
         None => {
             let mut c = train_score(
                 &cfg,
@@ -270,7 +290,7 @@ fn main() -> candle_core::Result<()> {
                 &mut Progress::new("baseline", cfg.iters as usize),
             )?;
             c.set_meta(SCENE_CONFIG_KEY, &scene_cfg)?;
-            c.save(out.join("baseline.safetensors"))?;
+            c.save(&baseline_path)?;
             c
         }
     };

@@ -86,7 +86,7 @@ fn main() -> candle_core::Result<()> {
     if let Some(bad) = args.sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
         candle_core::bail!("--sigmas: {bad} is not a positive noise level");
     }
-    let data = TrafficData::new(set, model.scaler.clone(), model.config.net.map_cells, &dev)?;
+    let data = TrafficData::new(set, model.scaler.clone(), &model.config, &dev)?;
     let n = args.n.min(data.set.len());
     let idx: Vec<u32> = (0..n as u32).collect();
     let clean_m = model

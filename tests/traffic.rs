@@ -5,7 +5,7 @@
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use scoreguide::data::scenes::{generate_map, generate_scene, RoadKind};
-use scoreguide::data::{SceneConfig, SceneSet, Split};
+use scoreguide::data::{MapLayers, SceneConfig, SceneSet, Split};
 use scoreguide::oracles::scene::VEHICLE_FEATURES;
 use scoreguide::oracles::{check_scene, Oracle, SceneOracle};
 use scoreguide::train::Checkpoint;
@@ -51,6 +51,73 @@ fn generated_scenes_are_valid_and_varied() {
 }
 
 #[test]
+fn lane_layers_follow_the_generated_vehicles() {
+    let set = small_set(Split::Train, 5);
+    let dev = candle_core::Device::Cpu;
+    let cells = 64;
+    let maps = set
+        .render_maps(cells, MapLayers::RoadAndLanes, &dev)
+        .unwrap();
+    assert_eq!(maps.dims(), &[12, 4, cells, cells]);
+    // Layer 0 is the road fraction, as the road-only rendering.
+    let road = set.render_maps(cells, MapLayers::Road, &dev).unwrap();
+    let first = maps.narrow(1, 0, 1).unwrap();
+    let d = (first - &road).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    let v: Vec<f32> = maps.flatten_all().unwrap().to_vec1().unwrap();
+    let plane = cells * cells;
+    let at = |m: usize, layer: usize, k: usize| v[(m * 4 + layer) * plane + k];
+    let h = set.config.half_size;
+    let cell = 2.0 * h / cells as f64;
+    // At each vehicle's cell the lane layer is high (vehicles sit within 0.6 m of a
+    // lane centre, a cell centre within 0.71 m of the vehicle's) and the direction
+    // layers point along the vehicle; on road cells at large it is lower on average.
+    let (mut on_vehicles, mut aligned, mut n) = (0.0, 0, 0);
+    for i in 0..set.len() {
+        let m = set.map_index[i] as usize;
+        for veh in set.scene(i).chunks_exact(VEHICLE_FEATURES) {
+            let col = ((veh[0] as f64 + h) / cell) as usize;
+            let row = ((veh[1] as f64 + h) / cell) as usize;
+            let k = row * cells + col;
+            on_vehicles += at(m, 1, k) as f64;
+            let road = at(m, 0, k);
+            let along = (at(m, 2, k) * veh[4] + at(m, 3, k) * veh[5]) / road.max(1e-6);
+            aligned += usize::from(road > 0.0 && along > 0.9);
+            n += 1;
+        }
+    }
+    let on_vehicles = on_vehicles / n as f64;
+    let road_cells: Vec<(usize, usize)> = (0..12)
+        .flat_map(|m| (0..plane).map(move |k| (m, k)))
+        .filter(|&(m, k)| at(m, 0, k) > 0.99)
+        .collect();
+    let on_road = road_cells
+        .iter()
+        .map(|&(m, k)| at(m, 1, k) as f64)
+        .sum::<f64>()
+        / road_cells.len() as f64;
+    assert!(on_vehicles > 0.6, "lane layer at vehicles {on_vehicles}");
+    assert!(
+        on_vehicles > on_road + 0.15,
+        "at vehicles {on_vehicles}, on road {on_road}"
+    );
+    assert!(
+        aligned as f64 > 0.9 * n as f64,
+        "{aligned} of {n} vehicles along their lane's direction"
+    );
+
+    // A scene set without its lanes (saved before they were kept) draws the road only.
+    let mut old = set.clone();
+    old.lanes.clear();
+    assert!(old.render_maps(cells, MapLayers::Road, &dev).is_ok());
+    let e = old
+        .render_maps(cells, MapLayers::RoadAndLanes, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lanes"), "{e}");
+}
+
+#[test]
 fn generation_is_seeded_and_splits_differ() {
     let a = small_set(Split::Train, 3);
     assert_eq!(a, small_set(Split::Train, 3));
@@ -68,7 +135,14 @@ fn scene_sets_round_trip_and_bad_files_are_refused() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("scenes.safetensors");
     set.save(&path).unwrap();
+    assert!(set.lanes.iter().all(|l| !l.is_empty()));
     assert_eq!(SceneSet::load(&path).unwrap(), set);
+    // A set saved without lanes loads without them.
+    let mut old = set.clone();
+    old.lanes.clear();
+    let old_path = dir.join("old.safetensors");
+    old.save(&old_path).unwrap();
+    assert_eq!(SceneSet::load(&old_path).unwrap(), old);
     let maps = set.maps_tensor(32, &candle_core::Device::Cpu).unwrap();
     assert_eq!(maps.dims(), &[12, 1, 32, 32]);
     assert!(set.maps_tensor(30, &candle_core::Device::Cpu).is_err());
@@ -238,7 +312,9 @@ fn per_vehicle_training_sets_balance_and_weight() {
 
 /// A one-step baseline and classifier on a handful of scenes: enough to check the
 /// plumbing of guidance, not any quality.
-fn tiny_models() -> (
+fn tiny_models(
+    lane_maps: bool,
+) -> (
     scoreguide::traffic::TrafficData,
     Checkpoint,
     Checkpoint,
@@ -251,12 +327,18 @@ fn tiny_models() -> (
     let dev = candle_core::Device::Cpu;
     let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 4, 8, 0).unwrap();
     let scaler = FeatureScaler::fit(&set.agents).unwrap();
-    let data = TrafficData::new(set, scaler, 32, &dev).unwrap();
     let cfg = TrafficConfig {
         batch: 4,
         iters: 1,
         ..TrafficConfig::default()
     };
+    let cfg = if lane_maps {
+        cfg.with_lane_maps()
+            .with_map_probe(&scaler, set.config.half_size)
+    } else {
+        cfg
+    };
+    let data = TrafficData::new(set, scaler, &cfg, &dev).unwrap();
     let base = train_score(
         &cfg,
         &data,
@@ -292,15 +374,24 @@ fn tiny_models() -> (
 
 #[test]
 fn guided_scene_score_is_base_plus_classifier_gradient() {
+    // The road-only network, and one that sees lane maps through cross-attention and
+    // reads them around each vehicle with a probe.
+    for lane_maps in [false, true] {
+        check_guided_scene_score(lane_maps);
+    }
+}
+
+fn check_guided_scene_score(lane_maps: bool) {
     use candle_core::{DType, Tensor};
     use scoreguide::guidance::{LogProb, Score};
     use scoreguide::traffic::{AgentClassifier, TrafficModel, TrafficStack};
-    let (data, base, clf, ti) = tiny_models();
+    let (data, base, clf, ti) = tiny_models(lane_maps);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F64, &dev).unwrap();
-    for (name, c) in [("time-dependent", clf), ("time-independent", ti)] {
+    for (kind, c) in [("time-dependent", clf), ("time-independent", ti)] {
+        let name = format!("{kind} (lane maps: {lane_maps})");
         let clf = AgentClassifier::load(&c, DType::F64, &dev).unwrap();
-        assert_eq!(clf.sigma_clean.is_some(), name == "time-independent");
+        assert_eq!(clf.sigma_clean.is_some(), kind == "time-independent");
         let idx = [0u32, 1];
         let maps = data.maps_of(&idx).unwrap().to_dtype(DType::F64).unwrap();
         let x = data.x.rows(&idx).unwrap().to_dtype(DType::F64).unwrap();

@@ -30,8 +30,9 @@ fn setup(
     setup_with(SceneTransformerConfig::traffic(out_per_agent), dtype)
 }
 
-/// The traffic network without and with a map probe and a position embedding.
-fn both_kinds(out_per_agent: usize) -> [SceneTransformerConfig; 2] {
+/// The traffic network without and with a map probe and a position embedding, and one
+/// taking 4-layer maps at 64 cells (pooled to 32 for its tokens) read by a probe at 64.
+fn both_kinds(out_per_agent: usize) -> [SceneTransformerConfig; 3] {
     let plain = SceneTransformerConfig::traffic(out_per_agent);
     [
         plain,
@@ -40,6 +41,16 @@ fn both_kinds(out_per_agent: usize) -> [SceneTransformerConfig; 2] {
             position_embedding: Some(SinusoidalEmbedding {
                 dim: 16,
                 max_freq: 100.0,
+            }),
+            ..plain
+        },
+        SceneTransformerConfig {
+            map_channels: 4,
+            map_input_cells: Some(64),
+            map_probe: Some(MapProbe {
+                scale: [6.0, 6.0],
+                offset: [31.5, 31.5],
+                ..PROBE
             }),
             ..plain
         },
@@ -58,7 +69,8 @@ fn setup_with(
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let maps = randn(&mut rng, &[B, 1, 32, 32], &dev)
+    let side = cfg.map_input_side();
+    let maps = randn(&mut rng, &[B, cfg.map_channels, side, side], &dev)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
@@ -217,6 +229,30 @@ fn bad_shapes_are_refused() {
         .unwrap()
         .to_string();
     assert!(e.contains("[M, 1, 32, 32]"), "{e}");
+    // A network that takes 4-layer maps at 64 cells refuses road-only ones.
+    let lanes = both_kinds(7)[2];
+    let (_, lane_net, ..) = setup_with(lanes, DType::F32);
+    let e = lane_net.encode_maps(&maps).err().unwrap().to_string();
+    assert!(e.contains("[M, 4, 64, 64]"), "{e}");
+    for bad in [
+        SceneTransformerConfig {
+            map_input_cells: Some(48),
+            ..lanes
+        },
+        SceneTransformerConfig {
+            map_channels: 0,
+            ..lanes
+        },
+    ] {
+        let e = SceneTransformer::new(
+            bad,
+            ParamStore::new(0).var_builder(DType::F32, &Device::Cpu),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("map input side"), "{e}");
+    }
     let bad = SceneTransformerConfig {
         heads: 5,
         ..SceneTransformerConfig::traffic(7)

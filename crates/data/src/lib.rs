@@ -26,5 +26,5 @@ mod toy;
 pub use dataset::Dataset;
 pub use mixture::GaussianMixture;
 pub use parzen::Parzen;
-pub use scenes::{SceneConfig, SceneSet, Split};
+pub use scenes::{MapLayers, SceneConfig, SceneSet, Split};
 pub use toy::{checkerboard, checkerboard_with, two_moons};

@@ -68,7 +68,8 @@ impl SceneConfig {
 }
 
 /// A lane's or road's centreline.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "shape", rename_all = "snake_case")]
 pub enum Centreline {
     /// From `(x, y)` along heading `angle` for `length` metres.
     Line {
@@ -116,6 +117,12 @@ impl Centreline {
 
     /// Distance from `(px, py)` to the centreline.
     pub fn distance(&self, px: f64, py: f64) -> f64 {
+        self.nearest(px, py).0
+    }
+
+    /// Distance from `(px, py)` to the centreline and the centreline's heading at the
+    /// nearest point.
+    pub fn nearest(&self, px: f64, py: f64) -> (f64, f64) {
         match *self {
             Self::Line {
                 x,
@@ -125,7 +132,7 @@ impl Centreline {
             } => {
                 let (ux, uy) = (angle.cos(), angle.sin());
                 let t = ((px - x) * ux + (py - y) * uy).clamp(0.0, length);
-                (px - x - t * ux).hypot(py - y - t * uy)
+                ((px - x - t * ux).hypot(py - y - t * uy), angle)
             }
             Self::Arc {
                 cx,
@@ -138,11 +145,17 @@ impl Centreline {
                 // Inside the swept angle: the radial distance; else the nearer end.
                 let along = (sweep.signum() * (a - start)).rem_euclid(TAU);
                 if along <= sweep.abs() {
-                    ((px - cx).hypot(py - cy) - radius).abs()
+                    let (_, _, heading) = self.at(along * radius);
+                    (((px - cx).hypot(py - cy) - radius).abs(), heading)
                 } else {
-                    let (x0, y0, _) = self.at(0.0);
-                    let (x1, y1, _) = self.at(self.length());
-                    (px - x0).hypot(py - y0).min((px - x1).hypot(py - y1))
+                    let (x0, y0, h0) = self.at(0.0);
+                    let (x1, y1, h1) = self.at(self.length());
+                    let (d0, d1) = ((px - x0).hypot(py - y0), (px - x1).hypot(py - y1));
+                    if d0 <= d1 {
+                        (d0, h0)
+                    } else {
+                        (d1, h1)
+                    }
                 }
             }
         }
@@ -432,15 +445,82 @@ impl Split {
 /// Value of the `kind` metadata key of a saved scene set.
 const SCENE_SET_KIND: &str = "traffic-scenes";
 
+/// How maps are drawn for a network ([`SceneSet::render_maps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MapLayers {
+    /// One layer: the road fraction of each cell.
+    #[default]
+    Road,
+    /// Four layers, like a rendered road image (the paper's maps are 3-channel
+    /// renderings): the road fraction; lane centres (1 on a lane's centreline, falling
+    /// linearly to 0 at its edges); and the direction of travel of the nearest lane as
+    /// cos and sin, on the road only.
+    RoadAndLanes,
+}
+
+impl MapLayers {
+    pub fn channels(self) -> usize {
+        match self {
+            Self::Road => 1,
+            Self::RoadAndLanes => 4,
+        }
+    }
+}
+
 /// Scenes and the maps they are on: scene `i` is `agents[i·A·7 .. (i+1)·A·7]` on map
-/// `maps[map_index[i]]`.
+/// `maps[map_index[i]]`, whose lanes' centrelines are `lanes[map_index[i]]` (empty for
+/// scene sets saved before lanes were kept).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SceneSet {
     pub config: SceneConfig,
     pub maps: Vec<RoadRaster>,
     pub kinds: Vec<RoadKind>,
+    pub lanes: Vec<Vec<Centreline>>,
     pub map_index: Vec<u32>,
     pub agents: Vec<f32>,
+}
+
+/// A centreline as 6 numbers: (0, x, y, angle, length, 0) or (1, cx, cy, radius, start,
+/// sweep), so that lanes are saved as an exact f64 tensor.
+fn centreline_row(c: &Centreline) -> [f64; 6] {
+    match *c {
+        Centreline::Line {
+            x,
+            y,
+            angle,
+            length,
+        } => [0.0, x, y, angle, length, 0.0],
+        Centreline::Arc {
+            cx,
+            cy,
+            radius,
+            start,
+            sweep,
+        } => [1.0, cx, cy, radius, start, sweep],
+    }
+}
+
+fn centreline_from_row(r: &[f64]) -> Result<Centreline> {
+    if r.iter().any(|v| !v.is_finite()) {
+        bail!("a lane centreline holds a non-finite value: {r:?}");
+    }
+    match r[0] {
+        0.0 if r[4] >= 0.0 => Ok(Centreline::Line {
+            x: r[1],
+            y: r[2],
+            angle: r[3],
+            length: r[4],
+        }),
+        1.0 if r[3] > 0.0 => Ok(Centreline::Arc {
+            cx: r[1],
+            cy: r[2],
+            radius: r[3],
+            start: r[4],
+            sweep: r[5],
+        }),
+        _ => bail!("not a lane centreline: {r:?}"),
+    }
 }
 
 impl SceneSet {
@@ -472,6 +552,7 @@ impl SceneSet {
         Ok(Self {
             config: *cfg,
             kinds: road_maps.iter().map(|m| m.kind).collect(),
+            lanes: road_maps.iter().map(RoadMap::lanes).collect(),
             maps: road_maps.into_iter().map(|m| m.raster).collect(),
             map_index,
             agents,
@@ -529,8 +610,48 @@ impl SceneSet {
         Tensor::from_vec(v, (self.maps.len(), 1, cells, cells), device)
     }
 
+    /// The maps drawn as `layers` (see [`MapLayers`]), `[M, channels, cells, cells]`,
+    /// rows from y = −half_size up as in the raster. The road fraction is averaged down
+    /// from the raster (`cells` must divide its side); the lane layers are evaluated at
+    /// cell centres from the lanes' centrelines.
+    pub fn render_maps(&self, cells: usize, layers: MapLayers, device: &Device) -> Result<Tensor> {
+        let road = self.maps_tensor(cells, device)?;
+        if layers == MapLayers::Road {
+            return Ok(road);
+        }
+        if self.lanes.len() != self.maps.len() || self.lanes.iter().any(Vec::is_empty) {
+            bail!("scene maps: lane layers need the maps' lanes, which this scene set does not hold (saved before lanes were kept; generate it again)");
+        }
+        let road_v: Vec<f32> = road.flatten_all()?.to_vec1()?;
+        let (h, half_lane) = (self.config.half_size, self.config.lane_width / 2.0);
+        let side = 2.0 * h / cells as f64;
+        let plane = cells * cells;
+        let mut v = vec![0f32; self.maps.len() * 4 * plane];
+        for (m, lanes) in self.lanes.iter().enumerate() {
+            let out = &mut v[m * 4 * plane..(m + 1) * 4 * plane];
+            for k in 0..plane {
+                let (row, col) = (k / cells, k % cells);
+                let (x, y) = (
+                    -h + (col as f64 + 0.5) * side,
+                    -h + (row as f64 + 0.5) * side,
+                );
+                let (d, heading) = lanes
+                    .iter()
+                    .map(|l| l.nearest(x, y))
+                    .fold((f64::INFINITY, 0.0), |a, b| if b.0 < a.0 { b } else { a });
+                let on_road = road_v[m * plane + k];
+                out[k] = on_road;
+                out[plane + k] = (1.0 - d / half_lane).max(0.0) as f32;
+                out[2 * plane + k] = on_road * heading.cos() as f32;
+                out[3 * plane + k] = on_road * heading.sin() as f32;
+            }
+        }
+        Tensor::from_vec(v, (self.maps.len(), 4, cells, cells), device)
+    }
+
     /// Saves as one safetensors file (atomically): `agents` f32 [N, A, 7], `map_index`
-    /// u32 [N], `maps` u8 [M, cells, cells], the configuration and map kinds as metadata.
+    /// u32 [N], `maps` u8 [M, cells, cells], the lanes' centrelines `lanes` f64 [L, 6]
+    /// with their maps `lane_map` u32 [L], the configuration and map kinds as metadata.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let dev = Device::Cpu;
         let cells = self.config.raster_cells;
@@ -552,6 +673,25 @@ impl SceneSet {
             "maps".into(),
             Tensor::from_vec(raster, (self.maps.len(), cells, cells), &dev)?,
         );
+        if !self.lanes.is_empty() {
+            let rows: Vec<f64> = self
+                .lanes
+                .iter()
+                .flatten()
+                .flat_map(centreline_row)
+                .collect();
+            let owner: Vec<u32> = (0..self.lanes.len() as u32)
+                .flat_map(|m| std::iter::repeat_n(m, self.lanes[m as usize].len()))
+                .collect();
+            c.tensors.insert(
+                "lanes".into(),
+                Tensor::from_vec(rows, (owner.len(), 6), &dev)?,
+            );
+            c.tensors.insert(
+                "lane_map".into(),
+                Tensor::from_slice(&owner, owner.len(), &dev)?,
+            );
+        }
         c.save(path)
     }
 
@@ -608,6 +748,27 @@ impl SceneSet {
         if let Some(i) = agents.iter().position(|v| !v.is_finite()) {
             bail!("`agents` holds a non-finite value in scene {}", i / (a * f));
         }
+        let mut lanes = Vec::new();
+        if c.tensors.contains_key("lanes") {
+            let rows = get("lanes", DType::F64)?;
+            let owner = get("lane_map", DType::U32)?;
+            let (l, six) = rows.dims2()?;
+            if six != 6 || owner.dims() != [l] {
+                bail!(
+                    "`lanes` is {:?} with `lane_map` {:?}, expected [L, 6] and [L]",
+                    rows.dims(),
+                    owner.dims()
+                );
+            }
+            let rows: Vec<f64> = rows.flatten_all()?.to_vec1()?;
+            lanes = vec![Vec::new(); m];
+            for (r, &o) in rows.chunks_exact(6).zip(&owner.to_vec1::<u32>()?) {
+                let Some(list) = lanes.get_mut(o as usize) else {
+                    bail!("`lane_map` refers to map {o} of {m}");
+                };
+                list.push(centreline_from_row(r)?);
+            }
+        }
         let raster: Vec<u8> = maps.flatten_all()?.to_vec1()?;
         let maps = raster
             .chunks_exact(cells * cells)
@@ -621,6 +782,7 @@ impl SceneSet {
             config,
             maps,
             kinds,
+            lanes,
             map_index,
             agents,
         })

@@ -33,9 +33,17 @@ pub struct SceneTransformerConfig {
     pub hidden: usize,
     pub heads: usize,
     pub blocks: usize,
-    /// Side of the map raster the encoder takes (`[M, 1, map_cells, map_cells]`); the
-    /// encoder halves it twice, so it must be a multiple of 4.
+    /// Side of the raster the map encoder's CNN takes; it halves it twice (to
+    /// `(map_cells/4)²` tokens), so it must be a multiple of 4.
     pub map_cells: usize,
+    /// Layers of the map input (1: the road only; see `scoreguide_data::MapLayers`).
+    #[serde(default = "one_layer")]
+    pub map_channels: usize,
+    /// Side of the map input when finer than `map_cells` (a multiple of it): the encoder
+    /// averages it down to `map_cells`, a [`MapProbe`] reads it at full resolution.
+    /// `None`: the input is `map_cells` per side.
+    #[serde(default)]
+    pub map_input_cells: Option<usize>,
     pub time_embedding: SinusoidalEmbedding,
     /// Multiplies the noise condition before its embedding: VP's condition is 999 t, and
     /// the embedding's frequencies (1 … max_freq) suit a condition of order 1, so the
@@ -57,6 +65,10 @@ pub struct SceneTransformerConfig {
     /// position encoding in cross-attention. Off by default.
     #[serde(default)]
     pub position_embedding: Option<SinusoidalEmbedding>,
+}
+
+fn one_layer() -> usize {
+    1
 }
 
 /// Reads the map raster (bilinearly, cell centres at integer positions) on a
@@ -95,10 +107,19 @@ impl MapProbe {
         (dc, dr)
     }
 
-    /// Road values `[B, A, side²]` at the grid around `pos: [B, A, 2]` on `raster:
-    /// [B, cells²]` (row-major, one map per scene).
+    /// Map values `[B, A, channels · side²]` (channel-major) at the grid around `pos:
+    /// [B, A, 2]` on `raster: [B, channels · cells²]` (each channel row-major, one map
+    /// per scene).
     pub fn read(&self, pos: &Tensor, raster: &Tensor, cells: usize) -> Result<Tensor> {
         let (b, a, _) = pos.dims3()?;
+        let plane = cells * cells;
+        let channels = raster.dim(1)? / plane;
+        if channels == 0 || raster.dims() != [b, channels * plane] {
+            bail!(
+                "map probe: raster must be [{b}, channels · {plane}], got {:?}",
+                raster.dims()
+            );
+        }
         let k = self.points();
         let (dev, dtype) = (pos.device(), pos.dtype());
         let (dc, dr) = self.offsets();
@@ -128,16 +149,34 @@ impl MapProbe {
             .to_dtype(DType::U32)?
             .reshape((b, a * k))?;
         let raster = raster.to_dtype(dtype)?;
-        let at = |shift: u32| -> Result<Tensor> {
-            let idx = (&corner + Tensor::full(shift, (b, a * k), dev)?)?;
-            raster.gather(&idx, 1)?.reshape((b, a, k))
-        };
-        let (v00, v01) = (at(0)?, at(1)?);
-        let (v10, v11) = (at(cells as u32)?, at(cells as u32 + 1)?);
         let (gc, gr) = (fc.affine(-1.0, 1.0)?, fr.affine(-1.0, 1.0)?);
-        let top = ((v00 * &gc)? + (v01 * &fc)?)?;
-        let bottom = ((v10 * &gc)? + (v11 * &fc)?)?;
-        ((top * &gr)? + (bottom * &fr)?)? * inside
+        // One gather for the four corners of every channel (gather wants the whole,
+        // contiguous raster): index layout [B, channel, corner, A·k].
+        let mut shifts = Vec::with_capacity(4 * channels);
+        for ch in 0..channels {
+            let base = (ch * plane) as u32;
+            for corner_shift in [0, 1, cells as u32, cells as u32 + 1] {
+                shifts.push((&corner + Tensor::full(base + corner_shift, (b, a * k), dev)?)?);
+            }
+        }
+        let v = raster
+            .gather(&Tensor::cat(&shifts, 1)?, 1)?
+            .reshape((b, channels, 4, a, k))?;
+        let at = |i: usize| v.narrow(2, i, 1)?.squeeze(2); // [B, C, A, k]
+        let (gc, fc, gr, fr) = (
+            gc.unsqueeze(1)?,
+            fc.unsqueeze(1)?,
+            gr.unsqueeze(1)?,
+            fr.unsqueeze(1)?,
+        );
+        let top = (at(0)?.broadcast_mul(&gc)? + at(1)?.broadcast_mul(&fc)?)?;
+        let bottom = (at(2)?.broadcast_mul(&gc)? + at(3)?.broadcast_mul(&fc)?)?;
+        let values = (top.broadcast_mul(&gr)? + bottom.broadcast_mul(&fr)?)?
+            .broadcast_mul(&inside.unsqueeze(1)?)?; // [B, C, A, k]
+        values
+            .permute((0, 2, 1, 3))?
+            .contiguous()?
+            .reshape((b, a, channels * k))
     }
 }
 
@@ -152,6 +191,8 @@ impl SceneTransformerConfig {
             heads: 4,
             blocks: 2,
             map_cells: 32,
+            map_channels: 1,
+            map_input_cells: None,
             time_embedding: SinusoidalEmbedding {
                 dim: 64,
                 max_freq: 1000.0,
@@ -171,8 +212,13 @@ impl SceneTransformerConfig {
     /// embedding, if any.
     fn encoder_inputs(&self) -> usize {
         self.features
-            + self.map_probe.map_or(0, |p| p.points())
+            + self.map_probe.map_or(0, |p| p.points() * self.map_channels)
             + self.position_embedding.map_or(0, |e| 2 * e.dim)
+    }
+
+    /// Side of the map input (`[M, map_channels, side, side]`).
+    pub fn map_input_side(&self) -> usize {
+        self.map_input_cells.unwrap_or(self.map_cells)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -190,6 +236,14 @@ impl SceneTransformerConfig {
             bail!(
                 "scene transformer: map_cells must be a multiple of 4, got {}",
                 self.map_cells
+            );
+        }
+        let input = self.map_input_side();
+        if self.map_channels == 0 || input % self.map_cells != 0 {
+            bail!(
+                "scene transformer: need map_channels > 0 and a map input side ({input}) that is a multiple of map_cells ({}), got {} channels",
+                self.map_cells,
+                self.map_channels
             );
         }
         if !(self.time_scale > 0.0 && self.time_scale.is_finite()) {
@@ -413,13 +467,15 @@ struct Block {
 /// The map encoder: a two-layer CNN whose convolutions have kernel = stride = 2
 /// (non-overlapping 2×2 patches, each layer a matmul over patches — candle's CPU conv2d
 /// backward pass cost more than the whole transformer), SiLU after each, from a
-/// `[M, 1, c, c]` raster to `(c/4)²` tokens of `hidden` values, plus a fixed 2-D
-/// sinusoidal position encoding, then a layer norm.
+/// `[M, C, c, c]` raster (averaged down first from a finer input) to `(c/4)²` tokens of
+/// `hidden` values, plus a fixed 2-D sinusoidal position encoding, then a layer norm.
 pub struct MapEncoder {
     conv1: Dense,
     conv2: Dense,
     norm: LayerNorm,
     cells: usize,
+    channels: usize,
+    input: usize,
     hidden: usize,
 }
 
@@ -436,30 +492,41 @@ impl MapEncoder {
     pub fn new(cfg: &SceneTransformerConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         Ok(Self {
-            conv1: Dense::new(4, cfg.hidden / 2, vb.pp("conv1"))?,
+            conv1: Dense::new(4 * cfg.map_channels, cfg.hidden / 2, vb.pp("conv1"))?,
             conv2: Dense::new(4 * (cfg.hidden / 2), cfg.hidden, vb.pp("conv2"))?,
             norm: LayerNorm::new(cfg.hidden, vb.pp("norm"))?,
             cells: cfg.map_cells,
+            channels: cfg.map_channels,
+            input: cfg.map_input_side(),
             hidden: cfg.hidden,
         })
     }
 
-    /// `[M, 1, c, c]` rasters → `[M, (c/4)², hidden]` tokens.
+    /// `[M, C, s, s]` maps (s the input side) → `[M, (c/4)², hidden]` tokens.
     pub fn forward(&self, maps: &Tensor) -> Result<Tensor> {
         let (m, ch, rows, cols) = maps.dims4()?;
-        if (ch, rows, cols) != (1, self.cells, self.cells) {
+        if (ch, rows, cols) != (self.channels, self.input, self.input) {
             bail!(
-                "map encoder: maps must be [M, 1, {c}, {c}], got {:?}",
+                "map encoder: maps must be [M, {}, {s}, {s}], got {:?}",
+                self.channels,
                 maps.dims(),
-                c = self.cells
+                s = self.input
             );
         }
-        let x = maps.reshape((m, rows, cols, 1))?;
+        let (cells, factor) = (self.cells, self.input / self.cells);
+        let pooled = if factor > 1 {
+            maps.reshape((m, ch, cells, factor, cells, factor))?
+                .mean(5)?
+                .mean(3)?
+        } else {
+            maps.clone()
+        };
+        let x = pooled.permute((0, 2, 3, 1))?.contiguous()?; // [M, c, c, C]
         let f = candle_nn::ops::silu(&self.conv1.forward(&patches_2x2(&x)?)?)?;
         let f = candle_nn::ops::silu(&self.conv2.forward(&patches_2x2(&f)?)?)?; // [M, c/4, c/4, H]
-        let (r, c) = (rows / 4, cols / 4);
-        let tokens = f.reshape((m, r * c, self.hidden))?;
-        let pos = position_encoding_2d(r, c, self.hidden, maps.dtype(), maps.device())?;
+        let side = cells / 4;
+        let tokens = f.reshape((m, side * side, self.hidden))?;
+        let pos = position_encoding_2d(side, side, self.hidden, maps.dtype(), maps.device())?;
         self.norm.forward(&tokens.broadcast_add(&pos)?)
     }
 
@@ -581,8 +648,8 @@ impl SceneTransformer {
         &self.map
     }
 
-    /// What the network reads of the maps `[B, 1, c, c]`: run once per batch of maps and
-    /// reuse.
+    /// What the network reads of the maps `[B, C, s, s]` (see
+    /// [`SceneTransformerConfig::map_input_side`]): run once per batch of maps and reuse.
     pub fn encode_maps(&self, maps: &Tensor) -> Result<SceneMaps> {
         let tokens = self.map.forward(maps)?;
         let raster = match self.cfg.map_probe {
@@ -614,11 +681,11 @@ impl SceneTransformer {
         match (&self.cfg.map_probe, &maps.raster) {
             (None, _) => {}
             (Some(probe), Some(raster)) => {
-                let cells = self.cfg.map_cells;
-                if raster.dims() != [b, cells * cells] {
+                let cells = self.cfg.map_input_side();
+                let values = self.cfg.map_channels * cells * cells;
+                if raster.dims() != [b, values] {
                     bail!(
-                        "scene transformer: map raster must be [{b}, {}], got {:?}",
-                        cells * cells,
+                        "scene transformer: map raster must be [{b}, {values}], got {:?}",
                         raster.dims()
                     );
                 }
@@ -674,7 +741,7 @@ impl SceneTransformer {
 }
 
 /// A batch's maps as a [`SceneTransformer`] reads them ([`SceneTransformer::encode_maps`]):
-/// the encoder's tokens `[B, T, H]` and, for a [`MapProbe`], the rasters `[B, c²]`.
+/// the encoder's tokens `[B, T, H]` and, for a [`MapProbe`], the rasters `[B, C·s²]`.
 #[derive(Debug, Clone)]
 pub struct SceneMaps {
     pub tokens: Tensor,
@@ -728,13 +795,24 @@ mod tests {
 
     #[test]
     fn map_probe_reads_the_raster_bilinearly() -> Result<()> {
+        // One layer, and two (the second an affine function of the first: -3 v + 5).
+        for channels in [1, 2] {
+            probe_check(channels)?;
+        }
+        Ok(())
+    }
+
+    fn probe_check(channels: usize) -> Result<()> {
         let dev = Device::Cpu;
         let cells = 8;
+        let plane = cells * cells;
         // value = column + 10 · row: bilinear interpolation reproduces it exactly.
-        let v: Vec<f64> = (0..cells * cells)
-            .map(|k| (k % cells) as f64 + 10.0 * (k / cells) as f64)
+        let linear = |k: usize| (k % cells) as f64 + 10.0 * (k / cells) as f64;
+        let layer = |ch: usize, value: f64| if ch == 0 { value } else { -3.0 * value + 5.0 };
+        let v: Vec<f64> = (0..channels * plane)
+            .map(|i| layer(i / plane, linear(i % plane)))
             .collect();
-        let raster = Tensor::from_vec(v, (1, cells * cells), &dev)?;
+        let raster = Tensor::from_vec(v, (1, channels * plane), &dev)?;
         let probe = MapProbe {
             scale: [2.0, 1.0],
             offset: [1.0, 3.0],
@@ -746,6 +824,7 @@ mod tests {
         let flat: Vec<f64> = agents.iter().flat_map(|&(x, y)| [x, y]).collect();
         let pos = candle_core::Var::from_vec(flat, (1, 2, 2), &dev)?;
         let read = probe.read(pos.as_tensor(), &raster, cells)?;
+        assert_eq!(read.dims(), &[1, 2, channels * 9]);
         let got = read.flatten_all()?.to_vec1::<f64>()?;
         let mut inside_per_agent = [0.0; 2];
         for (a, &(x, y)) in agents.iter().enumerate() {
@@ -754,19 +833,29 @@ mod tests {
                     let col = x * 2.0 + 1.0 + (c as f64 - 1.0) * 0.5;
                     let row = y + 3.0 + (r as f64 - 1.0) * 0.5;
                     let inside = (0.0..=7.0).contains(&col) && (0.0..=7.0).contains(&row);
-                    let want = if inside { col + 10.0 * row } else { 0.0 };
                     inside_per_agent[a] += f64::from(u8::from(inside));
-                    let k = a * 9 + r * 3 + c;
-                    assert!(
-                        (got[k] - want).abs() < 1e-9,
-                        "agent {a}, point ({r}, {c}): {} vs {want}",
-                        got[k]
-                    );
+                    for ch in 0..channels {
+                        let want = if inside {
+                            layer(ch, col + 10.0 * row)
+                        } else {
+                            0.0
+                        };
+                        let k = (a * channels + ch) * 9 + r * 3 + c;
+                        assert!(
+                            (got[k] - want).abs() < 1e-9,
+                            "agent {a}, channel {ch}, point ({r}, {c}): {} vs {want}",
+                            got[k]
+                        );
+                    }
                 }
             }
         }
         assert!(inside_per_agent[1] > 0.0 && inside_per_agent[1] < 9.0);
-        // d value / d x = 2 (scale) · 1 (per column), d value / d y = 1 · 10, inside only.
+        // d value / d x = 2 (scale) · 1 (per column), d value / d y = 1 · 10, inside
+        // only; the second layer's derivatives are −3 times those.
+        let per_layer: f64 = (0..channels)
+            .map(|ch| if ch == 0 { 1.0 } else { -3.0 })
+            .sum();
         let grads = read.sum_all()?.backward()?;
         let g = grads
             .get(pos.as_tensor())
@@ -774,11 +863,9 @@ mod tests {
             .flatten_all()?
             .to_vec1::<f64>()?;
         for a in 0..2 {
-            assert!((g[2 * a] - 2.0 * inside_per_agent[a]).abs() < 1e-9, "{g:?}");
-            assert!(
-                (g[2 * a + 1] - 10.0 * inside_per_agent[a]).abs() < 1e-9,
-                "{g:?}"
-            );
+            let want = per_layer * inside_per_agent[a];
+            assert!((g[2 * a] - 2.0 * want).abs() < 1e-9, "{g:?}");
+            assert!((g[2 * a + 1] - 10.0 * want).abs() < 1e-9, "{g:?}");
         }
         Ok(())
     }

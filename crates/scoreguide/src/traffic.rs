@@ -3,7 +3,7 @@
 //! with DSM), map-conditioned sampling, scene-level infraction rates, and rendering of
 //! scenes with their infracting vehicles highlighted, like the paper's Fig. 1.
 
-use crate::data::{Dataset, SceneSet};
+use crate::data::{Dataset, MapLayers, SceneSet};
 use crate::guidance::{log_sigmoid, Gated, Guided, LogProb, Score};
 use crate::losses::{distillation, dsm, DsmWeighting};
 use crate::nets::{
@@ -120,6 +120,9 @@ pub struct TrafficConfig {
     /// placed to within the road's margins.
     #[serde(default)]
     pub train_sigma: Option<SigmaDistribution>,
+    /// How the maps are drawn for the networks (`net.map_channels` layers).
+    #[serde(default)]
+    pub map_layers: MapLayers,
 }
 
 impl Default for TrafficConfig {
@@ -132,16 +135,29 @@ impl Default for TrafficConfig {
             lr: 5e-4,
             seed: 0,
             train_sigma: None,
+            map_layers: MapLayers::Road,
         }
     }
 }
 
 impl TrafficConfig {
-    /// This configuration with the network reading the road around each vehicle
-    /// ([`MapProbe`]): a 5 × 5 grid one map cell apart (2 m on 32-cell maps of our
-    /// 64 m scenes), placed through `scaler`'s units on maps spanning ±`half_size` metres.
+    /// This configuration with the networks seeing the maps as rendered road images
+    /// ([`MapLayers::RoadAndLanes`]: road, lane centres, direction of travel) at 64 cells
+    /// per side (1 m on our 64 m scenes; the map encoder averages them to its 32).
+    /// Apply before [`TrafficConfig::with_map_probe`], which then reads them at 1 m.
+    pub fn with_lane_maps(mut self) -> Self {
+        self.map_layers = MapLayers::RoadAndLanes;
+        self.net.map_channels = MapLayers::RoadAndLanes.channels();
+        self.net.map_input_cells = Some(2 * self.net.map_cells);
+        self
+    }
+
+    /// This configuration with the network reading the map around each vehicle
+    /// ([`MapProbe`]): a 5 × 5 grid one map input cell apart (2 m on 32-cell maps of our
+    /// 64 m scenes, 1 m with [`TrafficConfig::with_lane_maps`]), placed through
+    /// `scaler`'s units on maps spanning ±`half_size` metres.
     pub fn with_map_probe(mut self, scaler: &FeatureScaler, half_size: f64) -> Self {
-        let cell = 2.0 * half_size / self.net.map_cells as f64;
+        let cell = 2.0 * half_size / self.net.map_input_side() as f64;
         let axis = |k: usize| {
             (
                 scaler.std[k] as f64 / cell,
@@ -198,8 +214,8 @@ impl TrafficConfig {
     }
 }
 
-/// Scenes ready for a model: standardised vehicles `[N, A·7]`, map rasters
-/// `[M, 1, c, c]`, and which map each scene is on.
+/// Scenes ready for a model: standardised vehicles `[N, A·7]`, maps drawn as the
+/// model's configuration asks (`[M, C, s, s]`), and which map each scene is on.
 pub struct TrafficData {
     pub set: SceneSet,
     pub scaler: FeatureScaler,
@@ -209,13 +225,21 @@ pub struct TrafficData {
 }
 
 impl TrafficData {
-    /// `map_cells` is the network's map side (`SceneTransformerConfig::map_cells`).
+    /// The maps are drawn for networks of `cfg` (its layers, at its input side).
     pub fn new(
         set: SceneSet,
         scaler: FeatureScaler,
-        map_cells: usize,
+        cfg: &TrafficConfig,
         device: &Device,
     ) -> Result<Self> {
+        if cfg.net.map_channels != cfg.map_layers.channels() {
+            bail!(
+                "traffic config: {:?} maps have {} layers, the network takes {}",
+                cfg.map_layers,
+                cfg.map_layers.channels(),
+                cfg.net.map_channels
+            );
+        }
         let x = Tensor::from_vec(
             scaler.normalize(&set.agents),
             (set.len(), set.scene_dim()),
@@ -223,14 +247,14 @@ impl TrafficData {
         )?;
         Ok(Self {
             x: Dataset::new(x, "traffic scenes")?,
-            maps: set.maps_tensor(map_cells, device)?,
+            maps: set.render_maps(cfg.net.map_input_side(), cfg.map_layers, device)?,
             map_index: Tensor::from_slice(&set.map_index, set.len(), device)?,
             scaler,
             set,
         })
     }
 
-    /// The maps of the scenes `idx`, `[len, 1, c, c]`.
+    /// The maps of the scenes `idx`, `[len, C, s, s]`.
     pub fn maps_of(&self, idx: &[u32]) -> Result<Tensor> {
         let which = self
             .map_index
@@ -344,7 +368,7 @@ impl TrafficModel {
         })
     }
 
-    /// The score model for scenes on `maps` (`[B, 1, c, c]`, one per scene).
+    /// The score model for scenes on `maps` (`[B, C, s, s]`, one per scene).
     pub fn on_maps(&self, maps: &Tensor) -> Result<ScoreNet<BoundScene<'_>>> {
         ScoreNet::new(
             self.net.bind(self.net.encode_maps(maps)?),
@@ -536,7 +560,7 @@ impl AgentClassifier {
         net.forward(&x_in, &cond, maps)
     }
 
-    /// This classifier as a guidance term for scenes on `maps` (`[B, 1, c, c]`); `base`
+    /// This classifier as a guidance term for scenes on `maps` (`[B, C, s, s]`); `base`
     /// gives the one-step estimate a time-independent classifier looks at.
     pub fn on_maps<'a>(
         &'a self,
