@@ -23,8 +23,8 @@ use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
     distill, draw_scenes, label_scenes, r_elbo, sample_scenes, scene_panel, train_agent_classifier,
-    train_score, AgentClassifier, AgentLabelled, FeatureScaler, TrafficConfig, TrafficData,
-    TrafficModel, TrafficStack, Weighting,
+    train_more, train_score, AgentClassifier, AgentLabelled, FeatureScaler, TrafficConfig,
+    TrafficData, TrafficModel, TrafficStack, Weighting,
 };
 use scoreguide::train::{Checkpoint, Progress};
 use serde::Serialize;
@@ -80,6 +80,11 @@ struct Args {
     /// Distillation iterations (default 4,000; 300 with --quick).
     #[arg(long)]
     distill_iters: Option<u64>,
+    /// Also train the baseline this many more steps on the data from its own weights
+    /// (the distillation's warm start, DSM instead of the teacher's targets) and
+    /// evaluate it as `baseline_more`: the control for the distilled model's extra steps.
+    #[arg(long)]
+    control_iters: Option<u64>,
     /// Skip the distillation.
     #[arg(long)]
     no_distill: bool,
@@ -425,9 +430,34 @@ fn main() -> candle_core::Result<()> {
         _ => None,
     };
 
+    // The control: as many more steps of plain training as the distillation took.
+    let control = match args.control_iters {
+        None => None,
+        Some(n) => {
+            let path = out.join("baseline_more.safetensors");
+            let c = if args.reuse && path.exists() {
+                eprintln!("reusing {}", path.display());
+                Checkpoint::load(&path)?
+            } else {
+                let ccfg = TrafficConfig {
+                    iters: n,
+                    ..baseline.config.clone()
+                };
+                let mut progress = Progress::new("baseline, more steps", n as usize);
+                let c = train_more(&ccfg, &ckpt, &train, &dev, &mut progress)?;
+                c.save(&path)?;
+                c
+            };
+            Some(TrafficModel::load(&c, DType::F32, &dev)?)
+        }
+    };
+
     // Evaluation on the test split's maps.
     let mut models: Vec<(String, TrafficStack)> =
         vec![("baseline".into(), TrafficStack::new(&baseline))];
+    if let Some(c) = &control {
+        models.push(("baseline_more".into(), TrafficStack::new(c)));
+    }
     for k in 1..=classifiers.len() {
         let stack = classifiers[..k]
             .iter()

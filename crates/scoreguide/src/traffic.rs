@@ -288,6 +288,19 @@ pub fn distill(
     fit_score(cfg, data, Some(teacher), Some(init), device, progress)
 }
 
+/// Trains the baseline `cfg.iters` more steps on the data from its own (EMA) weights,
+/// with the same warm start as [`distill`]: the control that separates what
+/// distillation adds from what extra training steps add.
+pub fn train_more(
+    cfg: &TrafficConfig,
+    init: &Checkpoint,
+    data: &TrafficData,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    fit_score(cfg, data, None, Some(init), device, progress)
+}
+
 fn fit_score(
     cfg: &TrafficConfig,
     data: &TrafficData,
@@ -299,10 +312,7 @@ fn fit_score(
     let store = ParamStore::new(cfg.seed);
     let net = SceneTransformer::new(cfg.net, store.var_builder(DType::F32, device))?;
     if let Some(c) = init {
-        store.assign(
-            &c.section("ema"),
-            "distillation's initial (baseline) weights",
-        )?;
+        store.assign(&c.section("ema"), "the initial (baseline) weights")?;
     }
     let train = TrainConfig {
         lr: cfg.lr,
