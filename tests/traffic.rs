@@ -333,8 +333,30 @@ fn tiny_models(
         ..TrafficConfig::default()
     };
     let cfg = if lane_maps {
-        cfg.with_lane_maps()
+        let probe_last = cfg
+            .clone()
+            .with_lane_maps()
+            .with_map_probe(&scaler, set.config.half_size);
+        let probe_first = cfg
             .with_map_probe(&scaler, set.config.half_size)
+            .with_lane_maps();
+        // The probe's 1 m grid lands on the same points whichever comes first (but for
+        // its spacing, kept in metres: 2 m on the road-only maps stays 2 m).
+        let (a, b) = (
+            probe_last.net.map_probe.unwrap(),
+            probe_first.net.map_probe.unwrap(),
+        );
+        for axis in 0..2 {
+            assert!(
+                (a.scale[axis] - b.scale[axis]).abs() < 1e-9,
+                "{a:?} vs {b:?}"
+            );
+            assert!(
+                (a.offset[axis] - b.offset[axis]).abs() < 1e-9,
+                "{a:?} vs {b:?}"
+            );
+        }
+        probe_last
     } else {
         cfg
     };

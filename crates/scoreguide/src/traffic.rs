@@ -144,11 +144,23 @@ impl TrafficConfig {
     /// This configuration with the networks seeing the maps as rendered road images
     /// ([`MapLayers::RoadAndLanes`]: road, lane centres, direction of travel) at 64 cells
     /// per side (1 m on our 64 m scenes; the map encoder averages them to its 32).
-    /// Apply before [`TrafficConfig::with_map_probe`], which then reads them at 1 m.
+    /// A probe added after this ([`TrafficConfig::with_map_probe`]) reads a grid 1 m
+    /// apart; one added before keeps its grid in metres (2 m apart).
     pub fn with_lane_maps(mut self) -> Self {
+        let before = self.net.map_input_side() as f64;
         self.map_layers = MapLayers::RoadAndLanes;
         self.net.map_channels = MapLayers::RoadAndLanes.channels();
         self.net.map_input_cells = Some(2 * self.net.map_cells);
+        let k = self.net.map_input_side() as f64 / before;
+        if let Some(p) = &mut self.net.map_probe {
+            // Cell centres sit at integer positions: column c at side n is at
+            // (c + ½)·k − ½ at side k·n.
+            for axis in 0..2 {
+                p.scale[axis] *= k;
+                p.offset[axis] = (p.offset[axis] + 0.5) * k - 0.5;
+            }
+            p.spacing *= k;
+        }
         self
     }
 
