@@ -22,9 +22,10 @@ use scoreguide::runtime::{heun_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
-    distill, draw_scenes, label_scenes, r_elbo, sample_scenes, scene_panel, train_agent_classifier,
-    train_more, train_score, AgentClassifier, AgentLabelled, FeatureScaler, TrafficConfig,
-    TrafficData, TrafficModel, TrafficStack, Weighting,
+    check_agent_classifier, distill, draw_scenes, label_scenes, r_elbo, sample_scenes, scene_panel,
+    train_agent_classifier, train_more, train_score, AgentClassifier, AgentLabelled,
+    ClassifierCheck, FeatureScaler, TrafficConfig, TrafficData, TrafficModel, TrafficStack,
+    Weighting,
 };
 use scoreguide::train::{Checkpoint, Progress};
 use serde::Serialize;
@@ -74,6 +75,11 @@ struct Args {
     /// Classifier training iterations (default 3,000; 300 with --quick).
     #[arg(long)]
     classifier_iters: Option<u64>,
+    /// Scenes drawn per iteration, apart from the classifier's, to check each classifier
+    /// on (mean P(valid) and ROC AUC by noise level; default 500, 100 with --quick; 0
+    /// skips the check).
+    #[arg(long)]
+    check_draws: Option<usize>,
     /// Skip the ablations (w/o IS, imbalanced, time-independent).
     #[arg(long)]
     no_ablations: bool,
@@ -113,6 +119,11 @@ struct Args {
     /// largest, instead of DDPM's uniform t (which rarely shows them small σ).
     #[arg(long)]
     log_uniform_sigma: Option<f64>,
+    /// Train the classifiers at ln σ uniform from this σ to the process's largest instead
+    /// of at the baseline's training noise levels (DDPM's uniform t draws σ < 0.1, where
+    /// a vehicle's place within its lane is decided, in under 3% of steps).
+    #[arg(long)]
+    classifier_log_uniform_sigma: Option<f64>,
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -162,6 +173,8 @@ struct Row {
     collision_rate: f64,
     offroad_rate: f64,
     infraction_rate: f64,
+    /// Fraction of vehicles infracting.
+    vehicle_infraction_rate: f64,
     r_elbo: f64,
     step_ms: f64,
     params: usize,
@@ -173,6 +186,36 @@ struct Report {
     train_scenes: usize,
     test_scenes: usize,
     labelled_per_second: f64,
+    /// Each classifier's check on scenes held out from its training.
+    classifier_checks: Vec<CheckReport>,
+}
+
+#[derive(Serialize)]
+struct CheckReport {
+    name: String,
+    scenes: usize,
+    rows: Vec<ClassifierCheck>,
+}
+
+/// Noise levels (standardised units) at which classifiers are checked.
+const CHECK_SIGMAS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
+
+fn print_check(name: &str, scenes: usize, rows: &[ClassifierCheck]) {
+    let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
+    eprintln!("{name} classifier on {scenes} held-out draws: mean P(valid) for valid / colliding / offroad vehicles, ROC AUC valid vs colliding / offroad");
+    eprintln!("| σ | P valid | P colliding | P offroad | AUC collision | AUC offroad |");
+    eprintln!("|---|---|---|---|---|---|");
+    for r in rows {
+        eprintln!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.sigma,
+            f(r.p_valid[0]),
+            f(r.p_valid[1]),
+            f(r.p_valid[2]),
+            f(r.auc_collision),
+            f(r.auc_offroad)
+        );
+    }
 }
 
 /// Per-feature mean ± std of scenes, in metres.
@@ -283,6 +326,7 @@ fn main() -> candle_core::Result<()> {
 
     // Baseline.
     let n_draws = args.draws.unwrap_or(if q { 400 } else { 4_000 });
+    let n_check_draws = args.check_draws.unwrap_or(if q { 100 } else { 500 });
     let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });
     let n_distill_iters = args.distill_iters.unwrap_or(if q { 300 } else { 4_000 });
     let ckpt = match reused {
@@ -307,11 +351,21 @@ fn main() -> candle_core::Result<()> {
     }
     let sigmas = append_zero(karras(steps, args.sigma_min, sigma_max, 7.0)?);
     let sampler = Sampler::Heun(HeunOptions::default());
+    // The classifiers' settings: the baseline's network and process, their own noise
+    // levels if asked.
+    let classifier_cfg = match args.classifier_log_uniform_sigma {
+        Some(s) if !(s > 0.0 && s < sigma_max) => {
+            candle_core::bail!("--classifier-log-uniform-sigma {s} must be in (0, {sigma_max})")
+        }
+        Some(s) => baseline.config.clone().with_log_uniform_sigma(s),
+        None => baseline.config.clone(),
+    };
 
     // Gen-neG iterations: draw from the current stack on training maps, label, train a
     // per-vehicle IS-balanced classifier, stack it. The ablations reuse iteration 1's draws.
     let mut classifiers: Vec<AgentClassifier> = Vec::new();
     let mut ablations: Vec<(String, AgentClassifier)> = Vec::new();
+    let mut checks: Vec<CheckReport> = Vec::new();
     let file_of = |it: usize, name: &str| {
         out.join(if name == "genneg" {
             format!("genneg_{it}.safetensors")
@@ -331,6 +385,10 @@ fn main() -> candle_core::Result<()> {
                 Some(SIGMA_CLEAN),
             ));
         }
+        let stack = classifiers
+            .iter()
+            .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
+            .gated(args.guidance_sigma_max);
         let mut trained: Vec<(String, Checkpoint)> = Vec::new();
         if args.reuse && kinds.iter().all(|(n, _, _)| file_of(it, n).exists()) {
             for (name, _, _) in &kinds {
@@ -339,10 +397,6 @@ fn main() -> candle_core::Result<()> {
             }
         } else {
             let drawn = {
-                let stack = classifiers
-                    .iter()
-                    .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
-                    .gated(args.guidance_sigma_max);
                 let mut progress = Progress::new(&format!("iteration {it}: drawing"), n_draws);
                 draw_scenes(
                     &stack,
@@ -371,7 +425,7 @@ fn main() -> candle_core::Result<()> {
                     set.kept.0, set.kept.1, set.alpha
                 );
                 let c = train_agent_classifier(
-                    &baseline.config,
+                    &classifier_cfg,
                     &set,
                     &train,
                     n_classifier_iters,
@@ -387,8 +441,44 @@ fn main() -> candle_core::Result<()> {
                 trained.push((name, c));
             }
         }
+        // The check set: more scenes from the same stack, apart from the training draws.
+        let check_set = match n_check_draws {
+            0 => None,
+            n => {
+                let mut progress = Progress::new(&format!("iteration {it}: check draws"), n);
+                Some(draw_scenes(
+                    &stack,
+                    &train,
+                    n,
+                    &sampler,
+                    &sigmas,
+                    seed.wrapping_add(200 + it as u64),
+                    500,
+                    &mut |d| progress.update(d, "scenes"),
+                )?)
+            }
+        };
+        drop(stack);
         for (name, c) in trained {
             let clf = AgentClassifier::load(&c, DType::F32, &dev)?;
+            if let Some(check) = &check_set {
+                let rows = check_agent_classifier(
+                    &clf,
+                    &baseline,
+                    check,
+                    &train,
+                    &CHECK_SIGMAS,
+                    seed.wrapping_add(300 + it as u64),
+                    500,
+                )?;
+                let name = format!("{name}_{it}");
+                print_check(&name, check.verdicts.len(), &rows);
+                checks.push(CheckReport {
+                    name,
+                    scenes: check.verdicts.len(),
+                    rows,
+                });
+            }
             if name == "genneg" {
                 classifiers.push(clf);
             } else {
@@ -503,10 +593,13 @@ fn main() -> candle_core::Result<()> {
         };
         let elbo = r_elbo(model, &test, 8, seed.wrapping_add(11), 500)?;
         eprintln!(
-            "{name}: {:.2}% infractions ({:.2}% collision, {:.2}% offroad), r-ELBO {elbo:.3}, {} scenes in {:.0}s",
+            "{name}: {:.2}% infractions ({:.2}% collision, {:.2}% offroad; vehicles {:.2}% / {:.2}% / {:.2}%), r-ELBO {elbo:.3}, {} scenes in {:.0}s",
             100.0 * rates.infraction,
             100.0 * rates.collision,
             100.0 * rates.offroad,
+            100.0 * rates.vehicle_infraction,
+            100.0 * rates.vehicle_collision,
+            100.0 * rates.vehicle_offroad,
             rates.scenes,
             t0.elapsed().as_secs_f64()
         );
@@ -523,6 +616,7 @@ fn main() -> candle_core::Result<()> {
             collision_rate: rates.collision,
             offroad_rate: rates.offroad,
             infraction_rate: rates.infraction,
+            vehicle_infraction_rate: rates.vehicle_infraction,
             r_elbo: elbo,
             step_ms,
             params: model.params(),
@@ -541,16 +635,17 @@ fn main() -> candle_core::Result<()> {
     eprintln!("wrote {}", out.join("scenes.png").display());
 
     println!(
-        "| model | collision % | offroad % | infraction % | r-ELBO | step ms (batch 500) | params |"
+        "| model | collision % | offroad % | infraction % | vehicles infracting % | r-ELBO | step ms (batch 500) | params |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {} |",
             r.name,
             100.0 * r.collision_rate,
             100.0 * r.offroad_rate,
             100.0 * r.infraction_rate,
+            100.0 * r.vehicle_infraction_rate,
             r.r_elbo,
             r.step_ms,
             r.params
@@ -564,6 +659,7 @@ fn main() -> candle_core::Result<()> {
                 train_scenes: train.set.len(),
                 test_scenes: test.set.len(),
                 labelled_per_second,
+                classifier_checks: checks,
             },
         )?;
     }

@@ -444,3 +444,106 @@ fn check_guided_scene_score(lane_maps: bool) {
         }
     }
 }
+
+#[test]
+fn vehicle_rates_count_vehicles_and_scene_rates_scenes() {
+    use scoreguide::traffic::{label_scenes, FeatureScaler, TrafficConfig, TrafficData};
+    let dev = candle_core::Device::Cpu;
+    let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 2, 4, 3).unwrap();
+    let scaler = FeatureScaler::fit(&set.agents).unwrap();
+    let data = TrafficData::new(set, scaler, &TrafficConfig::default(), &dev).unwrap();
+    let mut agents = data.set.agents.clone();
+    // Scene 1: vehicles 0 and 5 off the map (far apart, so no collision between them).
+    let dim = data.set.scene_dim();
+    agents[dim] = 500.0;
+    agents[dim + 5 * 7] = -500.0;
+    let idx: Vec<u32> = (0..4).collect();
+    let (r, verdicts) = label_scenes(&data, &idx, &agents).unwrap();
+    assert_eq!(verdicts[1].offroad, 1 | (1 << 5));
+    assert_eq!((r.offroad, r.infraction, r.collision), (0.25, 0.25, 0.0));
+    assert!((r.vehicle_offroad - 2.0 / 48.0).abs() < 1e-12, "{r:?}");
+    assert_eq!(r.vehicle_infraction, r.vehicle_offroad);
+    assert_eq!(r.vehicle_collision, 0.0);
+}
+
+#[test]
+fn classifier_check_groups_vehicles_by_verdict() {
+    use candle_core::{DType, Tensor};
+    use scoreguide::metrics::roc_auc;
+    use scoreguide::oracles::SceneVerdict;
+    use scoreguide::traffic::{check_agent_classifier, AgentClassifier, Drawn, TrafficModel};
+    let (data, base, clf, _) = tiny_models(true);
+    let dev = candle_core::Device::Cpu;
+    let base = TrafficModel::load(&base, DType::F32, &dev).unwrap();
+    let clf = AgentClassifier::load(&clf, DType::F32, &dev).unwrap();
+    let idx: Vec<u32> = vec![0, 1, 2];
+    let x = data.x.rows(&idx).unwrap();
+    // Scene 0: vehicle 0 colliding; scene 2: vehicle 3 offroad and colliding.
+    let mut verdicts = vec![SceneVerdict::default(); 3];
+    verdicts[0].collision = 1;
+    verdicts[2].collision = 1 << 3;
+    verdicts[2].offroad = 1 << 3;
+    let drawn = Drawn {
+        x: x.flatten_all().unwrap().to_vec1().unwrap(),
+        scene_indices: idx.clone(),
+        verdicts,
+        scene_alpha: 1.0 / 3.0,
+    };
+    // At a negligible σ the check sees the clean scenes: compare with the logits.
+    let tiny = 1e-12;
+    let rows = check_agent_classifier(&clf, &base, &drawn, &data, &[tiny, 0.5], 4, 2).unwrap();
+    assert_eq!(rows.len(), 2);
+    let sigma = Tensor::full(tiny as f32, 3, &dev).unwrap();
+    let logits: Vec<Vec<f32>> = clf
+        .on_maps(&data.maps_of(&idx).unwrap(), &base)
+        .unwrap()
+        .logits(&x, &sigma)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let p = |l: f32| 1.0 / (1.0 + (-(l as f64)).exp());
+    let valid: Vec<f64> = (0..3)
+        .flat_map(|i| (0..12).map(move |a| (i, a)))
+        .filter(|&(i, a)| !((i == 0 && a == 0) || (i == 2 && a == 3)))
+        .map(|(i, a)| logits[i][a] as f64)
+        .collect();
+    assert_eq!(valid.len(), 34);
+    let r = &rows[0];
+    let mean_valid = valid.iter().map(|&l| p(l as f32)).sum::<f64>() / 34.0;
+    assert!((r.p_valid[0].unwrap() - mean_valid).abs() < 1e-5, "{r:?}");
+    let colliding = [logits[0][0] as f64, logits[2][3] as f64];
+    let mean_colliding = (p(logits[0][0]) + p(logits[2][3])) / 2.0;
+    assert!(
+        (r.p_valid[1].unwrap() - mean_colliding).abs() < 1e-5,
+        "{r:?}"
+    );
+    assert!(
+        (r.p_valid[2].unwrap() - p(logits[2][3])).abs() < 1e-5,
+        "{r:?}"
+    );
+    let auc = roc_auc(&valid, &colliding).unwrap();
+    assert!(
+        (r.auc_collision.unwrap() - auc).abs() < 1e-9,
+        "{r:?} vs {auc}"
+    );
+    // Noise changes what the classifier sees; every figure stays a probability.
+    let noisy = &rows[1];
+    assert_eq!(noisy.sigma, 0.5);
+    for v in noisy
+        .p_valid
+        .iter()
+        .chain([&noisy.auc_collision, &noisy.auc_offroad])
+    {
+        let v = v.unwrap();
+        assert!((0.0..=1.0).contains(&v), "{noisy:?}");
+    }
+    // No offroad vehicle: no offroad figures, not a made-up one.
+    let mut none_off = drawn;
+    none_off.verdicts[2].offroad = 0;
+    let rows = check_agent_classifier(&clf, &base, &none_off, &data, &[0.1], 4, 8).unwrap();
+    assert_eq!((rows[0].p_valid[2], rows[0].auc_offroad), (None, None));
+    let e = check_agent_classifier(&clf, &base, &none_off, &data, &[f64::NAN], 4, 8)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("σ must be positive"), "{e}");
+}

@@ -10,6 +10,7 @@
 //! * [`prdc`], [`prdc_classwise`]: precision, recall, density, coverage.
 //! * [`score_errors`]: DLSM's D_P and D_L between estimated and true scores.
 //! * [`read_npy`]: 2-D `.npy` arrays (f32 / f64).
+//! * [`roc_auc`]: area under the ROC curve of a scorer (a classifier's check).
 //!
 //! The set metrics take row-major `f64` slices with the row width `d`, and reject NaN,
 //! ragged or too-small inputs with an error naming the input.
@@ -25,6 +26,7 @@
 //! assert!((r.ci95.0 - 0.038130).abs() < 1e-5 && (r.ci95.1 - 0.065314).abs() < 1e-5);
 //! ```
 
+mod auc;
 mod fid;
 mod infraction;
 mod likelihood;
@@ -34,6 +36,7 @@ mod prdc;
 mod rows;
 mod score_error;
 
+pub use auc::roc_auc;
 pub use fid::{fid, frechet_distance, mean_and_covariance, symmetric_eigen};
 
 pub use infraction::{infraction_rate, parallel_samples_needed, Rate};

@@ -163,7 +163,7 @@ impl RoadRaster {
 }
 
 /// Per-vehicle verdicts of one scene.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SceneVerdict {
     /// Bit i is set when vehicle i overlaps another vehicle.
     pub collision: u64,

@@ -433,13 +433,18 @@ pub fn sample_scenes(
 }
 
 /// Scene-level rates: the fraction of scenes with a collision, with a vehicle off the
-/// road, and with either.
+/// road, and with either; and the fraction of vehicles infracting (a scene rate near 1
+/// can hide large changes in how many of its vehicles are wrong).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct SceneRates {
     pub collision: f64,
     pub offroad: f64,
     pub infraction: f64,
     pub scenes: usize,
+    /// Vehicles colliding / off the road / either, over all vehicles.
+    pub vehicle_collision: f64,
+    pub vehicle_offroad: f64,
+    pub vehicle_infraction: f64,
 }
 
 /// Labels `agents` (scene i on map `data.set.map_of(scene_indices[i])`).
@@ -464,12 +469,23 @@ pub fn label_scenes(
     let n = verdicts.len().max(1) as f64;
     let frac =
         |f: &dyn Fn(&SceneVerdict) -> bool| verdicts.iter().filter(|v| f(v)).count() as f64 / n;
+    let vehicles = n * (dim / VEHICLE_FEATURES).max(1) as f64;
+    let per_vehicle = |f: &dyn Fn(&SceneVerdict) -> u64| {
+        verdicts
+            .iter()
+            .map(|v| f(v).count_ones() as f64)
+            .sum::<f64>()
+            / vehicles
+    };
     Ok((
         SceneRates {
             collision: frac(&|v| v.collision != 0),
             offroad: frac(&|v| v.offroad != 0),
             infraction: frac(&|v| !v.is_valid()),
             scenes: verdicts.len(),
+            vehicle_collision: per_vehicle(&|v| v.collision),
+            vehicle_offroad: per_vehicle(&|v| v.offroad),
+            vehicle_infraction: per_vehicle(&|v| v.infracting()),
         },
         verdicts,
     ))
@@ -607,21 +623,116 @@ pub struct BoundClassifier<'a> {
     denoiser: Option<ScoreNet<BoundScene<'a>>>,
 }
 
-impl LogProb for BoundClassifier<'_> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+impl BoundClassifier<'_> {
+    /// `[B, A]` logits of "vehicle a is valid" for scenes `x` (standardised) at noise
+    /// levels `sigma` (`[B]`).
+    pub fn logits(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         let c = self.classifier;
         let maps = self.maps.to_dtype(x.dtype())?;
-        let logits = match (&self.denoiser, c.sigma_clean) {
+        match (&self.denoiser, c.sigma_clean) {
             (Some(d), Some(s)) => {
                 let x0 = d.denoise(x, sigma)?;
                 let clean =
                     Tensor::full(s, sigma.dims1()?, sigma.device())?.to_dtype(sigma.dtype())?;
-                AgentClassifier::logits(&c.net, &c.config.process, &x0, &clean, &maps)?
+                AgentClassifier::logits(&c.net, &c.config.process, &x0, &clean, &maps)
             }
-            _ => AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &maps)?,
-        };
-        log_sigmoid(&logits)?.sum(1)
+            _ => AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &maps),
+        }
     }
+}
+
+impl LogProb for BoundClassifier<'_> {
+    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+        log_sigmoid(&self.logits(x, sigma)?)?.sum(1)
+    }
+}
+
+/// How well a per-vehicle classifier tells valid vehicles from infracting ones at one
+/// noise level, on labelled scenes it was not trained on: its mean P(valid) for valid,
+/// colliding and offroad vehicles, and the ROC AUC of its logit for valid against
+/// colliding and against offroad vehicles (`None` where a group is empty).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassifierCheck {
+    pub sigma: f64,
+    pub p_valid: [Option<f64>; 3],
+    pub auc_collision: Option<f64>,
+    pub auc_offroad: Option<f64>,
+}
+
+/// [`ClassifierCheck`]s of `classifier` at each of `sigmas` on the scenes of `drawn`
+/// (on `data`'s maps), each scene noised once per σ (seeded), in batches of `batch`.
+/// Guidance acts through the classifier at every σ of the sampling grid: one that
+/// cannot tell an offroad vehicle at the small σ where the last steps place vehicles
+/// cannot steer it back.
+pub fn check_agent_classifier(
+    classifier: &AgentClassifier,
+    base: &TrafficModel,
+    drawn: &Drawn,
+    data: &TrafficData,
+    sigmas: &[f64],
+    seed: u64,
+    batch: usize,
+) -> Result<Vec<ClassifierCheck>> {
+    let scenes = drawn.verdicts.len();
+    if scenes == 0 {
+        bail!("classifier check: no scenes drawn");
+    }
+    let dim = drawn.x.len() / scenes;
+    let agents = dim / VEHICLE_FEATURES;
+    let device = data.maps.device();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(sigmas.len());
+    for &s in sigmas {
+        if !(s.is_finite() && s > 0.0) {
+            bail!("classifier check: σ must be positive, got {s}");
+        }
+        let mut logits: Vec<f32> = Vec::with_capacity(scenes * agents);
+        for start in (0..scenes).step_by(batch.max(1)) {
+            let end = (start + batch.max(1)).min(scenes);
+            let n = end - start;
+            let x0 = Tensor::from_slice(&drawn.x[start * dim..end * dim], (n, dim), device)?;
+            let z = randn(&mut rng, x0.dims(), device)?;
+            let x = (x0 + z.affine(s, 0.0)?)?;
+            let sigma = Tensor::full(s as f32, n, device)?;
+            let bound =
+                classifier.on_maps(&data.maps_of(&drawn.scene_indices[start..end])?, base)?;
+            logits.extend(bound.logits(&x, &sigma)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        // Vehicles by group: valid, colliding, offroad (a vehicle can be both).
+        let mut groups: [Vec<f64>; 3] = Default::default();
+        for (i, v) in drawn.verdicts.iter().enumerate() {
+            for a in 0..agents {
+                let l = logits[i * agents + a] as f64;
+                let bit = 1u64 << a;
+                if v.infracting() & bit == 0 {
+                    groups[0].push(l);
+                }
+                if v.collision & bit != 0 {
+                    groups[1].push(l);
+                }
+                if v.offroad & bit != 0 {
+                    groups[2].push(l);
+                }
+            }
+        }
+        let mean_p = |g: &[f64]| {
+            (!g.is_empty())
+                .then(|| g.iter().map(|l| 1.0 / (1.0 + (-l).exp())).sum::<f64>() / g.len() as f64)
+        };
+        let auc = |g: &[f64]| -> Result<Option<f64>> {
+            if g.is_empty() || groups[0].is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(crate::metrics::roc_auc(&groups[0], g)?))
+        };
+        out.push(ClassifierCheck {
+            sigma: s,
+            p_valid: [mean_p(&groups[0]), mean_p(&groups[1]), mean_p(&groups[2])],
+            auc_collision: auc(&groups[1])?,
+            auc_offroad: auc(&groups[2])?,
+        });
+    }
+    Ok(out)
 }
 
 /// A baseline plus stacked classifiers (weight 1 each): Gen-neG iteration k has k.
