@@ -92,7 +92,7 @@ fn measure(
     // Sampling uses frozen weights, as the examples do.
     let frozen = cfg
         .model
-        .build(&store.frozen_var_builder(DType::F32, &dev))?;
+        .build(&store.frozen_var_builder(DType::F32, &dev)?)?;
     let (_, sigmas) = paper_sampler(100)?;
     let mut noise = SampleNoise::new(0, 0, 10_000);
     let x = initial_noise(&mut noise, &[10_000, 2], 1.0, DType::F32, &dev)?;
@@ -100,8 +100,9 @@ fn measure(
     let mut sample_step_ms = heun_step_ms(&frozen, &x, s0, s1, reps.min(10))?;
     let cstore = ParamStore::new(1);
     ClassifierConfig::checkerboard().build(&cstore.var_builder(DType::F32, &dev))?;
-    let classifier =
-        || ClassifierConfig::checkerboard().build(&cstore.frozen_var_builder(DType::F32, &dev));
+    let classifier = || -> candle_core::Result<_> {
+        ClassifierConfig::checkerboard().build(&cstore.frozen_var_builder(DType::F32, &dev)?)
+    };
     let (guided_step_ms, guided_autograd_step_ms) = match stack {
         None => {
             let guided = Guided::new(&frozen).with(1.0, classifier()?);

@@ -126,7 +126,7 @@ fn untrained_classifier(
     let store = ParamStore::new(1);
     SceneTransformer::new(cfg.net, store.var_builder(DType::F32, dev))?;
     let mut c = Checkpoint::new();
-    c.insert_section("ema", &store.tensors());
+    c.insert_section("ema", &store.tensors()?);
     c.set_meta("traffic", &cfg)?;
     AgentClassifier::load(&c, DType::F32, dev)
 }

@@ -70,7 +70,7 @@ fn main() -> candle_core::Result<()> {
         out_dim: 2,
     };
     net_cfg.build(&store.var_builder(DType::F32, &dev))?;
-    let prior = ToyScore(net_cfg.build(&store.frozen_var_builder(DType::F32, &dev))?);
+    let prior = ToyScore(net_cfg.build(&store.frozen_var_builder(DType::F32, &dev)?)?);
     let loss = if which == "ce" {
         ClassifierLoss::CrossEntropy
     } else {

@@ -205,6 +205,7 @@ fn checkpoints_of_another_architecture_are_rejected() {
         .unwrap();
     let before: Vec<_> = store
         .tensors()
+        .unwrap()
         .values()
         .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         .collect();
@@ -213,6 +214,7 @@ fn checkpoints_of_another_architecture_are_rejected() {
     assert!(e.contains("shape"), "{e}");
     let after: Vec<_> = store
         .tensors()
+        .unwrap()
         .values()
         .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         .collect();

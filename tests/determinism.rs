@@ -68,7 +68,11 @@ fn same_seed_same_initial_weights_and_different_seed_different() {
     let w = |seed| {
         let s = ParamStore::new(seed);
         cfg.build(&s.var_builder(DType::F32, &Device::Cpu)).unwrap();
-        s.tensors().values().flat_map(bits).collect::<Vec<_>>()
+        s.tensors()
+            .unwrap()
+            .values()
+            .flat_map(bits)
+            .collect::<Vec<_>>()
     };
     assert_eq!(w(5), w(5));
     assert_ne!(w(5), w(6));
@@ -85,7 +89,7 @@ fn resume_equals_no_interruption() {
             dsm_batch(&model, &data, &cfg, s, r)
         })
         .unwrap();
-    let final_full: Vec<Vec<u32>> = store.tensors().values().map(bits).collect();
+    let final_full: Vec<Vec<u32>> = store.tensors().unwrap().values().map(bits).collect();
     let ema_full: Vec<Vec<u32>> = trainer.ema().shadow.values().map(bits).collect();
 
     // Interrupted halfway, through a checkpoint file, into a fresh process state.
@@ -121,7 +125,12 @@ fn resume_equals_no_interruption() {
         losses_full.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
     );
     assert_eq!(
-        store2.tensors().values().map(bits).collect::<Vec<_>>(),
+        store2
+            .tensors()
+            .unwrap()
+            .values()
+            .map(bits)
+            .collect::<Vec<_>>(),
         final_full
     );
     assert_eq!(
@@ -160,9 +169,21 @@ fn same_seed_same_samples_independent_of_batch_size() {
     let a = draw(1, 50);
     assert_eq!(bits(&a), bits(&draw(1, 50)));
     assert_ne!(bits(&a), bits(&draw(2, 50)));
-    // Per-sample noise streams: batch size changes nothing but float summation order.
+    // Per-sample noise streams: batch size changes nothing but float summation order,
+    // whose rounding grows with the values (and with the CPU's matmul kernel: AVX2 and
+    // AVX-512 block the sums differently): 1e-4 of the largest value.
     let diff = common::max_abs_diff(&a, &draw(1, 7));
-    assert!(diff < 1e-4, "batch size changed samples by {diff}");
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        diff < 1e-4 * scale.max(1.0),
+        "batch size changed samples by {diff} (largest value {scale})"
+    );
 }
 
 #[test]

@@ -60,7 +60,7 @@ fn classifier_input_gradient_matches_autograd() {
     };
     cfg.build(&store.var_builder(DType::F64, &dev)).unwrap();
     let clf = ToyClassifier(
-        cfg.build(&store.frozen_var_builder(DType::F64, &dev))
+        cfg.build(&store.frozen_var_builder(DType::F64, &dev).unwrap())
             .unwrap(),
     );
     let (x0, _, sigma, _) = inputs(&dev);

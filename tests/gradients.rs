@@ -200,7 +200,7 @@ fn hand_written_classifier_input_gradient_matches_autograd() {
         .build(&store.var_builder(DType::F32, &dev))
         .unwrap();
     let clf = ClassifierConfig::checkerboard()
-        .build(&store.frozen_var_builder(DType::F32, &dev))
+        .build(&store.frozen_var_builder(DType::F32, &dev).unwrap())
         .unwrap();
     let fast = clf
         .input_gradient(&x, &sigma)

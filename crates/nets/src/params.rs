@@ -80,9 +80,9 @@ impl ParamStore {
     /// A builder over detached copies of the current values: a model built from it has
     /// no trainable parameter, so a backward pass through it computes only input
     /// gradients (what guidance and sampling need).
-    pub fn frozen_var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let ts: HashMap<String, Tensor> = self.tensors().into_iter().collect();
-        VarBuilder::from_tensors(ts, dtype, device)
+    pub fn frozen_var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let ts: HashMap<String, Tensor> = self.tensors()?.into_iter().collect();
+        Ok(VarBuilder::from_tensors(ts, dtype, device))
     }
 
     /// The parameters, sorted by name.
@@ -91,11 +91,12 @@ impl ParamStore {
         g.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// Detached copies of the current values, sorted by name.
-    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+    /// Detached copies of the current values, sorted by name: a snapshot (a detached
+    /// tensor alone would share the variable's storage and follow later updates).
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let g = self.vars.lock().expect("parameter store lock poisoned");
         g.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
             .collect()
     }
 

@@ -211,7 +211,7 @@ pub fn load_frozen<T>(
     }
     store.assign(&section, &format!("{what}: `{}` weights", weights.prefix()))?;
     Ok((
-        build(&store.frozen_var_builder(dtype, device))?,
+        build(&store.frozen_var_builder(dtype, device)?)?,
         store.num_params(),
     ))
 }

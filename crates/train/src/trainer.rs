@@ -187,7 +187,7 @@ impl Trainer {
     /// checkpoint; callers add the model description (`model` metadata) and anything else.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
         let mut c = Checkpoint::new();
-        c.insert_section("model", &self.store.tensors());
+        c.insert_section("model", &self.store.tensors()?);
         c.insert_section("ema", &self.ema.shadow);
         c.insert_section("adam.m", &self.adam.m);
         c.insert_section("adam.v", &self.adam.v);
