@@ -22,10 +22,10 @@ use scoreguide::runtime::{heun_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
-    check_agent_classifier, distill, draw_scenes, label_scenes, r_elbo, sample_scenes, scene_panel,
-    train_agent_classifier, train_more, train_score, AgentClassifier, AgentLabelled,
-    ClassifierCheck, FeatureScaler, TrafficConfig, TrafficData, TrafficModel, TrafficStack,
-    Weighting,
+    check_agent_classifier, distill, draw_scenes, label_scenes, offroad_pull, r_elbo,
+    sample_scenes, scene_panel, train_agent_classifier, train_more, train_score,
+    train_score_resumable, AgentClassifier, AgentLabelled, ClassifierCheck, FeatureScaler,
+    OffroadPull, TrafficConfig, TrafficData, TrafficModel, TrafficStack, Weighting,
 };
 use scoreguide::train::{Checkpoint, Progress};
 use serde::Serialize;
@@ -124,6 +124,11 @@ struct Args {
     /// a vehicle's place within its lane is decided, in under 3% of steps).
     #[arg(long)]
     classifier_log_uniform_sigma: Option<f64>,
+    /// Save the baseline's whole training state every this many steps to
+    /// `baseline.partial.safetensors` in the output directory (0: never); with
+    /// `--reuse`, a run finds it and continues exactly where it stopped.
+    #[arg(long, default_value_t = 1000)]
+    save_every: u64,
     /// Reuse this baseline checkpoint instead of training one.
     #[arg(long)]
     baseline: Option<PathBuf>,
@@ -195,6 +200,7 @@ struct CheckReport {
     name: String,
     scenes: usize,
     rows: Vec<ClassifierCheck>,
+    offroad_pull: Vec<OffroadPull>,
 }
 
 /// Noise levels (standardised units) at which classifiers are checked.
@@ -332,14 +338,41 @@ fn main() -> candle_core::Result<()> {
     let ckpt = match reused {
         Some(c) => c,
         None => {
-            let mut c = train_score(
-                &cfg,
-                &train,
-                &dev,
-                &mut Progress::new("baseline", cfg.iters as usize),
-            )?;
+            let partial_path = out.join("baseline.partial.safetensors");
+            let resume = match args.reuse && partial_path.exists() {
+                true => {
+                    let c = load_baseline(&partial_path, &scene_cfg)?;
+                    eprintln!(
+                        "resuming the baseline from {} (step {})",
+                        partial_path.display(),
+                        c.meta::<u64>("step")?
+                    );
+                    Some(c)
+                }
+                false => None,
+            };
+            let mut progress = Progress::new("baseline", cfg.iters as usize);
+            let mut c = match args.save_every {
+                0 => train_score(&cfg, &train, &dev, &mut progress)?,
+                every => train_score_resumable(
+                    &cfg,
+                    &train,
+                    resume.as_ref(),
+                    every,
+                    &mut |c| {
+                        let mut c = c.clone();
+                        c.set_meta(SCENE_CONFIG_KEY, &scene_cfg)?;
+                        c.save(&partial_path)
+                    },
+                    &dev,
+                    &mut progress,
+                )?,
+            };
             c.set_meta(SCENE_CONFIG_KEY, &scene_cfg)?;
             c.save(&baseline_path)?;
+            if partial_path.exists() {
+                std::fs::remove_file(&partial_path)?;
+            }
             c
         }
     };
@@ -360,6 +393,13 @@ fn main() -> candle_core::Result<()> {
         Some(s) => baseline.config.clone().with_log_uniform_sigma(s),
         None => baseline.config.clone(),
     };
+
+    // How far the map probe reads from a vehicle's centre, metres (0 without a probe):
+    // an offroad vehicle farther than this sees the road only through the map tokens.
+    let probe_reach_m = baseline.config.net.map_probe.map_or(0.0, |p| {
+        let cell = 2.0 * scene_cfg.half_size / baseline.config.net.map_input_side() as f64;
+        p.spacing * (p.side - 1) as f64 / 2.0 * cell
+    });
 
     // Gen-neG iterations: draw from the current stack on training maps, label, train a
     // per-vehicle IS-balanced classifier, stack it. The ablations reuse iteration 1's draws.
@@ -473,10 +513,21 @@ fn main() -> candle_core::Result<()> {
                 )?;
                 let name = format!("{name}_{it}");
                 print_check(&name, check.verdicts.len(), &rows);
+                let mut pulls = Vec::new();
+                for s in [0.01, 0.1] {
+                    let p = offroad_pull(&clf, &baseline, check, &train, s, probe_reach_m, 100)?;
+                    let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
+                    eprintln!(
+                        "{name} pull on offroad vehicles at σ = {s}: {} with the centre on the road; {} within {probe_reach_m} m of it (cos to the road {}, |∇| {} /m), {} beyond (cos {}, |∇| {} /m); median distance {} m",
+                        p.centre_on_road, p.near, f(p.cos_near), f(p.pull_near), p.far, f(p.cos_far), f(p.pull_far), f(p.median_distance_m)
+                    );
+                    pulls.push(p);
+                }
                 checks.push(CheckReport {
                     name,
                     scenes: check.verdicts.len(),
                     rows,
+                    offroad_pull: pulls,
                 });
             }
             if name == "genneg" {

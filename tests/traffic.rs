@@ -547,3 +547,159 @@ fn classifier_check_groups_vehicles_by_verdict() {
         .unwrap();
     assert!(e.to_string().contains("σ must be positive"), "{e}");
 }
+
+#[test]
+fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
+    use scoreguide::traffic::{
+        train_score, train_score_resumable, FeatureScaler, TrafficConfig, TrafficData,
+    };
+    let dev = candle_core::Device::Cpu;
+    let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 2, 8, 5).unwrap();
+    let scaler = FeatureScaler::fit(&set.agents).unwrap();
+    let cfg = TrafficConfig {
+        batch: 4,
+        iters: 5,
+        ..TrafficConfig::default()
+    };
+    let data = TrafficData::new(set, scaler, &cfg, &dev).unwrap();
+    let hidden = &mut scoreguide::train::Progress::hidden();
+    let whole = train_score(&cfg, &data, &dev, hidden).unwrap();
+    // Saved every 2 steps: states after steps 2, 4 and 5.
+    let mut saved: Vec<Checkpoint> = Vec::new();
+    let staged = train_score_resumable(
+        &cfg,
+        &data,
+        None,
+        2,
+        &mut |c| {
+            saved.push(c.clone());
+            Ok(())
+        },
+        &dev,
+        hidden,
+    )
+    .unwrap();
+    let steps: Vec<u64> = saved.iter().map(|c| c.meta("step").unwrap()).collect();
+    assert_eq!(steps, vec![2, 4, 5]);
+    // Interrupted after step 2 and resumed (saving every 3 from there: at 3 and 5).
+    let resumed = train_score_resumable(
+        &cfg,
+        &data,
+        Some(&saved[0]),
+        3,
+        &mut |_| Ok(()),
+        &dev,
+        hidden,
+    )
+    .unwrap();
+    for c in [&staged, &resumed] {
+        assert_eq!(c.meta::<u64>("step").unwrap(), 5);
+        for prefix in ["model", "ema", "adam.m", "adam.v"] {
+            let (a, b) = (whole.section(prefix), c.section(prefix));
+            assert_eq!(a.len(), b.len());
+            for (name, t) in &a {
+                let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(x, y, "{prefix}.{name} differs from the uninterrupted run");
+            }
+        }
+    }
+    // A state of another configuration, or one past the end, is refused by name.
+    let other = TrafficConfig {
+        lr: 1e-3,
+        ..cfg.clone()
+    };
+    let e = train_score_resumable(
+        &other,
+        &data,
+        Some(&saved[0]),
+        2,
+        &mut |_| Ok(()),
+        &dev,
+        hidden,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("resumed baseline"), "{e}");
+    let short = TrafficConfig {
+        iters: 3,
+        ..cfg.clone()
+    };
+    let e = train_score_resumable(
+        &short,
+        &data,
+        Some(&saved[1]),
+        2,
+        &mut |_| Ok(()),
+        &dev,
+        hidden,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("done 4 steps"), "{e}");
+    let e = train_score_resumable(&cfg, &data, None, 0, &mut |_| Ok(()), &dev, hidden)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("save_every"), "{e}");
+}
+
+#[test]
+fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
+    use candle_core::DType;
+    use scoreguide::oracles::RoadRaster;
+    use scoreguide::traffic::{
+        nearest_road_cell, offroad_pull, AgentClassifier, Drawn, TrafficModel,
+    };
+    // Road on the left half of a 4 × 4 m map of 1 m cells.
+    let map = RoadRaster::from_fn(2.0, 4, |x, _| x < 0.0);
+    assert_eq!(nearest_road_cell(&map, 1.7, 1.2), Some((-0.5, 1.5)));
+    assert_eq!(nearest_road_cell(&map, -1.2, -0.3), Some((-1.5, -0.5)));
+    assert_eq!(
+        nearest_road_cell(&RoadRaster::from_fn(2.0, 4, |_, _| false), 0.0, 0.0),
+        None
+    );
+
+    let (data, base, clf, _) = tiny_models(true);
+    let dev = candle_core::Device::Cpu;
+    let base = TrafficModel::load(&base, DType::F32, &dev).unwrap();
+    let clf = AgentClassifier::load(&clf, DType::F32, &dev).unwrap();
+    let idx: Vec<u32> = vec![0, 1];
+    let mut agents = data.set.agents[..2 * data.set.scene_dim()].to_vec();
+    // Scene 1, vehicle 1: moved to the first off-road cell of its map, far from the
+    // vehicles; scene 0, vehicle 0: marked offroad where it stands (on the road).
+    let map1 = data.set.map_of(1);
+    let off = (0..map1.road.len()).find(|&i| !map1.road[i]).unwrap();
+    let side = map1.cell_size();
+    let (ox, oy) = (
+        -map1.half_size + ((off % map1.cells) as f64 + 0.5) * side,
+        -map1.half_size + ((off / map1.cells) as f64 + 0.5) * side,
+    );
+    let k = data.set.scene_dim() + 7;
+    agents[k] = ox as f32;
+    agents[k + 1] = oy as f32;
+    let (rx, ry) = nearest_road_cell(map1, ox, oy).unwrap();
+    let distance = (rx - ox).hypot(ry - oy);
+    let mut verdicts = vec![scoreguide::oracles::SceneVerdict::default(); 2];
+    verdicts[0].offroad = 1;
+    verdicts[1].offroad = 1 << 1;
+    let drawn = Drawn {
+        x: base.scaler.normalize(&agents),
+        scene_indices: idx,
+        verdicts,
+        scene_alpha: 0.0,
+    };
+    let near_m = distance + 1.0;
+    let p = offroad_pull(&clf, &base, &drawn, &data, 0.01, near_m, 1).unwrap();
+    assert_eq!((p.centre_on_road, p.near, p.far), (1, 1, 0), "{p:?}");
+    assert!(
+        (p.median_distance_m.unwrap() - distance).abs() < 1e-3,
+        "{p:?}"
+    );
+    let cos = p.cos_near.unwrap();
+    assert!((-1.0 - 1e-9..=1.0 + 1e-9).contains(&cos), "{p:?}");
+    assert!(p.pull_near.unwrap() >= 0.0 && p.cos_far.is_none());
+    // Closer than the vehicle's distance: the same vehicle counts as far.
+    let p = offroad_pull(&clf, &base, &drawn, &data, 0.01, distance / 2.0, 8).unwrap();
+    assert_eq!((p.near, p.far), (0, 1), "{p:?}");
+    assert!(offroad_pull(&clf, &base, &drawn, &data, -1.0, 1.0, 8).is_err());
+}

@@ -283,7 +283,68 @@ pub fn train_score(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    fit_score(cfg, data, None, None, device, progress)
+    fit_score(cfg, data, None, None, None, device, progress)
+}
+
+/// [`train_score`] in stages that survive an interruption: every `save_every` steps the
+/// whole training state (weights, EMA, Adam moments, step, configuration and scaler) is
+/// passed to `save` (write it atomically: `Checkpoint::save` does), and a state saved so
+/// is continued with `resume`. Each step's randomness depends on the step alone, so the
+/// result is the uninterrupted run's to the bit. `resume` must come from this
+/// configuration (up to `iters`, so a run can also be extended) and data's scaler.
+pub fn train_score_resumable(
+    cfg: &TrafficConfig,
+    data: &TrafficData,
+    resume: Option<&Checkpoint>,
+    save_every: u64,
+    save: &mut dyn FnMut(&Checkpoint) -> Result<()>,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    if save_every == 0 {
+        bail!("baseline training: save_every must be at least 1 step");
+    }
+    if let Some(c) = resume {
+        let saved: TrafficConfig = c.meta("traffic")?;
+        if (TrafficConfig {
+            iters: cfg.iters,
+            ..saved.clone()
+        }) != *cfg
+        {
+            bail!("resumed baseline: the checkpoint was trained with {saved:?}, this run asks for {cfg:?}");
+        }
+        let scaler: FeatureScaler = c.meta("scaler")?;
+        if scaler != data.scaler {
+            bail!("resumed baseline: the checkpoint's feature scaler is not this data's (other training scenes)");
+        }
+        let step: u64 = c.meta("step")?;
+        if step > cfg.iters {
+            bail!(
+                "resumed baseline: the checkpoint has done {step} steps, more than the {} asked for",
+                cfg.iters
+            );
+        }
+    }
+    fit_score(
+        cfg,
+        data,
+        None,
+        None,
+        Some(Staged {
+            resume,
+            save_every,
+            save,
+        }),
+        device,
+        progress,
+    )
+}
+
+/// Resuming and periodic saving for [`fit_score`].
+struct Staged<'a, 'b> {
+    resume: Option<&'a Checkpoint>,
+    save_every: u64,
+    save: &'b mut dyn FnMut(&Checkpoint) -> Result<()>,
 }
 
 /// Distils a Gen-neG stack into one network of the baseline's architecture (paper Eq.
@@ -297,7 +358,7 @@ pub fn distill(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    fit_score(cfg, data, Some(teacher), Some(init), device, progress)
+    fit_score(cfg, data, Some(teacher), Some(init), None, device, progress)
 }
 
 /// Trains the baseline `cfg.iters` more steps on the data from its own (EMA) weights,
@@ -310,7 +371,7 @@ pub fn train_more(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    fit_score(cfg, data, None, Some(init), device, progress)
+    fit_score(cfg, data, None, Some(init), None, device, progress)
 }
 
 fn fit_score(
@@ -318,6 +379,7 @@ fn fit_score(
     data: &TrafficData,
     teacher: Option<&TrafficStack>,
     init: Option<&Checkpoint>,
+    mut staged: Option<Staged>,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
@@ -336,7 +398,16 @@ fn fit_score(
     let sigma_dist = cfg.sigma_distribution();
     sigma_dist.validate()?;
     let mut trainer = Trainer::new(store, train)?;
-    trainer.run(cfg.iters, progress, |step, rng| {
+    if let Some(c) = staged.as_ref().and_then(|s| s.resume) {
+        trainer.restore(c)?;
+    }
+    let state = |trainer: &Trainer| -> Result<Checkpoint> {
+        let mut c = trainer.checkpoint()?;
+        c.set_meta("traffic", cfg)?;
+        c.set_meta("scaler", &data.scaler)?;
+        Ok(c)
+    };
+    let mut step_loss = |step: u64, rng: &mut rand::rngs::StdRng| {
         let idx = data.x.step_batch(cfg.batch, cfg.seed, step)?;
         let x0 = data.x.rows(&idx)?;
         let maps = data.maps_of(&idx)?;
@@ -354,11 +425,20 @@ fn fit_score(
                 DsmWeighting::SigmaSquared,
             ),
         }
-    })?;
-    let mut c = trainer.checkpoint()?;
-    c.set_meta("traffic", cfg)?;
-    c.set_meta("scaler", &data.scaler)?;
-    Ok(c)
+    };
+    match &mut staged {
+        None => {
+            trainer.run(cfg.iters, progress, &mut step_loss)?;
+        }
+        Some(st) => {
+            while trainer.steps_done() < cfg.iters {
+                let until = (trainer.steps_done() / st.save_every + 1) * st.save_every;
+                trainer.run(until.min(cfg.iters), progress, &mut step_loss)?;
+                (st.save)(&state(&trainer)?)?;
+            }
+        }
+    }
+    state(&trainer)
 }
 
 /// A frozen traffic score model (EMA weights) and its feature scaler.
@@ -733,6 +813,150 @@ pub fn check_agent_classifier(
         });
     }
     Ok(out)
+}
+
+/// Where a classifier's guidance pulls the offroad vehicles of some labelled scenes:
+/// for each whose centre is off the road, the distance to the nearest road cell and
+/// the cosine between the position part of ∇x log C (in metres) and the way to that
+/// cell, split at `near_m` (the map probe's reach).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OffroadPull {
+    pub sigma: f64,
+    /// Offroad vehicles whose centre is on the road (only the footprint is off).
+    pub centre_on_road: usize,
+    /// Offroad vehicles with the centre within / beyond `near_m` of the road.
+    pub near: usize,
+    pub far: usize,
+    pub near_m: f64,
+    /// Median distance of the off-road centres from the road, metres.
+    pub median_distance_m: Option<f64>,
+    /// Mean cosine between the pull and the way to the road (1: straight back to it).
+    pub cos_near: Option<f64>,
+    pub cos_far: Option<f64>,
+    /// Median length of the pull, per metre.
+    pub pull_near: Option<f64>,
+    pub pull_far: Option<f64>,
+}
+
+/// The centre of the road cell of `map` nearest to `(x, y)`, if the map has road.
+pub fn nearest_road_cell(map: &RoadRaster, x: f64, y: f64) -> Option<(f64, f64)> {
+    let side = map.cell_size();
+    let mut best: Option<(f64, (f64, f64))> = None;
+    for (i, _) in map.road.iter().enumerate().filter(|(_, &r)| r) {
+        let cx = -map.half_size + ((i % map.cells) as f64 + 0.5) * side;
+        let cy = -map.half_size + ((i / map.cells) as f64 + 0.5) * side;
+        let d = (cx - x).powi(2) + (cy - y).powi(2);
+        if best.is_none_or(|(b, _)| d < b) {
+            best = Some((d, (cx, cy)));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// [`OffroadPull`] of `classifier` at noise level `sigma`, evaluated on the clean
+/// scenes of `drawn` (on `data`'s maps), in batches of `batch`.
+pub fn offroad_pull(
+    classifier: &AgentClassifier,
+    base: &TrafficModel,
+    drawn: &Drawn,
+    data: &TrafficData,
+    sigma: f64,
+    near_m: f64,
+    batch: usize,
+) -> Result<OffroadPull> {
+    let scenes = drawn.verdicts.len();
+    if scenes == 0 {
+        bail!("offroad pull: no scenes drawn");
+    }
+    if !(sigma > 0.0 && near_m >= 0.0) {
+        bail!("offroad pull: σ must be positive and near_m not negative, got {sigma} and {near_m}");
+    }
+    let dim = drawn.x.len() / scenes;
+    let agents = dim / VEHICLE_FEATURES;
+    let device = data.maps.device();
+    let scaler = &base.scaler;
+    let metres = base.scaler.denormalize(&drawn.x);
+    let (mut on_road, mut dist) = (0, Vec::new());
+    // (cosine, |pull|) of the vehicles within and beyond `near_m`.
+    let mut near: Vec<(f64, f64)> = Vec::new();
+    let mut far: Vec<(f64, f64)> = Vec::new();
+    for start in (0..scenes).step_by(batch.max(1)) {
+        let end = (start + batch.max(1)).min(scenes);
+        if drawn.verdicts[start..end].iter().all(|v| v.offroad == 0) {
+            continue;
+        }
+        let n = end - start;
+        let x = candle_core::Var::from_tensor(&Tensor::from_slice(
+            &drawn.x[start * dim..end * dim],
+            (n, dim),
+            device,
+        )?)?;
+        let sig = Tensor::full(sigma as f32, n, device)?;
+        let bound = classifier.on_maps(&data.maps_of(&drawn.scene_indices[start..end])?, base)?;
+        let lp = bound.log_prob(x.as_tensor(), &sig)?.sum_all()?;
+        let grads = lp.backward()?;
+        let g: Vec<f32> = match grads.get(x.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1()?,
+            None => bail!("offroad pull: the classifier's log C does not depend on the scenes"),
+        };
+        for i in start..end {
+            let v = &drawn.verdicts[i];
+            let map = data.set.map_of(drawn.scene_indices[i] as usize);
+            for a in (0..agents).filter(|a| v.offroad & (1 << a) != 0) {
+                let k = (i - start) * dim + a * VEHICLE_FEATURES;
+                let (px, py) = (
+                    metres[i * dim + a * VEHICLE_FEATURES] as f64,
+                    metres[i * dim + a * VEHICLE_FEATURES + 1] as f64,
+                );
+                if map.is_road(px, py) {
+                    on_road += 1;
+                    continue;
+                }
+                let Some((rx, ry)) = nearest_road_cell(map, px, py) else {
+                    continue;
+                };
+                // ∂/∂metres = ∂/∂standardised ÷ std.
+                let gx = g[k] as f64 / scaler.std[0] as f64;
+                let gy = g[k + 1] as f64 / scaler.std[1] as f64;
+                let (dx, dy) = (rx - px, ry - py);
+                let d = dx.hypot(dy);
+                let len = gx.hypot(gy);
+                let cos = if len > 0.0 {
+                    (gx * dx + gy * dy) / (len * d)
+                } else {
+                    0.0
+                };
+                dist.push(d);
+                if d <= near_m {
+                    near.push((cos, len))
+                } else {
+                    far.push((cos, len))
+                }
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| -> Option<f64> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    };
+    let mean = |v: &[(f64, f64)]| {
+        (!v.is_empty()).then(|| v.iter().map(|p| p.0).sum::<f64>() / v.len() as f64)
+    };
+    Ok(OffroadPull {
+        sigma,
+        centre_on_road: on_road,
+        near: near.len(),
+        far: far.len(),
+        near_m,
+        median_distance_m: median(dist),
+        cos_near: mean(&near),
+        cos_far: mean(&far),
+        pull_near: median(near.iter().map(|p| p.1).collect()),
+        pull_far: median(far.iter().map(|p| p.1).collect()),
+    })
 }
 
 /// A baseline plus stacked classifiers (weight 1 each): Gen-neG iteration k has k.
