@@ -206,8 +206,13 @@ struct CheckReport {
 /// Noise levels (standardised units) at which classifiers are checked.
 const CHECK_SIGMAS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
 
+/// A figure to 3 decimals, or a dash where there is none (an empty group).
+fn or_dash(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |v| format!("{v:.3}"))
+}
+
 fn print_check(name: &str, scenes: usize, rows: &[ClassifierCheck]) {
-    let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
+    let f = or_dash;
     eprintln!("{name} classifier on {scenes} held-out draws: mean P(valid) for valid / colliding / offroad vehicles, ROC AUC valid vs colliding / offroad");
     eprintln!("| σ | P valid | P colliding | P offroad | AUC collision | AUC offroad |");
     eprintln!("|---|---|---|---|---|---|");
@@ -339,17 +344,16 @@ fn main() -> candle_core::Result<()> {
         Some(c) => c,
         None => {
             let partial_path = out.join("baseline.partial.safetensors");
-            let resume = match args.reuse && partial_path.exists() {
-                true => {
-                    let c = load_baseline(&partial_path, &scene_cfg)?;
-                    eprintln!(
-                        "resuming the baseline from {} (step {})",
-                        partial_path.display(),
-                        c.meta::<u64>("step")?
-                    );
-                    Some(c)
-                }
-                false => None,
+            let resume = if args.reuse && partial_path.exists() {
+                let c = load_baseline(&partial_path, &scene_cfg)?;
+                eprintln!(
+                    "resuming the baseline from {} (step {})",
+                    partial_path.display(),
+                    c.meta::<u64>("step")?
+                );
+                Some(c)
+            } else {
+                None
             };
             let mut progress = Progress::new("baseline", cfg.iters as usize);
             let mut c = match args.save_every {
@@ -516,7 +520,7 @@ fn main() -> candle_core::Result<()> {
                 let mut pulls = Vec::new();
                 for s in [0.01, 0.1] {
                     let p = offroad_pull(&clf, &baseline, check, &train, s, probe_reach_m, 100)?;
-                    let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
+                    let f = or_dash;
                     eprintln!(
                         "{name} pull on offroad vehicles at σ = {s}: {} with the centre on the road; {} within {probe_reach_m} m of it (cos to the road {}, |∇| {} /m), {} beyond (cos {}, |∇| {} /m); median distance {} m",
                         p.centre_on_road, p.near, f(p.cos_near), f(p.pull_near), p.far, f(p.cos_far), f(p.pull_far), f(p.median_distance_m)

@@ -173,13 +173,7 @@ fn same_seed_same_samples_independent_of_batch_size() {
     // whose rounding grows with the values (and with the CPU's matmul kernel: AVX2 and
     // AVX-512 block the sums differently): 1e-4 of the largest value.
     let diff = common::max_abs_diff(&a, &draw(1, 7));
-    let scale = a
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let scale = common::max_abs(&a);
     assert!(
         diff < 1e-4 * scale.max(1.0),
         "batch size changed samples by {diff} (largest value {scale})"

@@ -605,42 +605,25 @@ fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
         }
     }
     // A state of another configuration, or one past the end, is refused by name.
+    let mut refused = |cfg: &TrafficConfig, resume: Option<&Checkpoint>, every: u64| -> String {
+        train_score_resumable(cfg, &data, resume, every, &mut |_| Ok(()), &dev, hidden)
+            .expect_err("refused")
+            .to_string()
+    };
     let other = TrafficConfig {
         lr: 1e-3,
         ..cfg.clone()
     };
-    let e = train_score_resumable(
-        &other,
-        &data,
-        Some(&saved[0]),
-        2,
-        &mut |_| Ok(()),
-        &dev,
-        hidden,
-    )
-    .err()
-    .unwrap();
-    assert!(e.to_string().contains("resumed baseline"), "{e}");
+    let e = refused(&other, Some(&saved[0]), 2);
+    assert!(e.contains("resumed baseline"), "{e}");
     let short = TrafficConfig {
         iters: 3,
         ..cfg.clone()
     };
-    let e = train_score_resumable(
-        &short,
-        &data,
-        Some(&saved[1]),
-        2,
-        &mut |_| Ok(()),
-        &dev,
-        hidden,
-    )
-    .err()
-    .unwrap();
-    assert!(e.to_string().contains("done 4 steps"), "{e}");
-    let e = train_score_resumable(&cfg, &data, None, 0, &mut |_| Ok(()), &dev, hidden)
-        .err()
-        .unwrap();
-    assert!(e.to_string().contains("save_every"), "{e}");
+    let e = refused(&short, Some(&saved[1]), 2);
+    assert!(e.contains("done 4 steps"), "{e}");
+    let e = refused(&cfg, None, 0);
+    assert!(e.contains("save_every"), "{e}");
 }
 
 #[test]

@@ -23,11 +23,9 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
     (num / den).sqrt()
 }
 
-/// max |a − b| over all elements, in f64 whatever the tensors' dtype.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
+/// max |a| over all elements, in f64 whatever the tensor's dtype.
+pub fn max_abs(a: &Tensor) -> f64 {
+    a.abs()
         .unwrap()
         .max_all()
         .unwrap()
@@ -35,6 +33,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// max |a − b| over all elements, in f64 whatever the tensors' dtype.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs(&(a - b).unwrap())
 }
 
 /// Every element of an f64 tensor, flattened.

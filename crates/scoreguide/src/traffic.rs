@@ -903,11 +903,10 @@ pub fn offroad_pull(
             let v = &drawn.verdicts[i];
             let map = data.set.map_of(drawn.scene_indices[i] as usize);
             for a in (0..agents).filter(|a| v.offroad & (1 << a) != 0) {
-                let k = (i - start) * dim + a * VEHICLE_FEATURES;
-                let (px, py) = (
-                    metres[i * dim + a * VEHICLE_FEATURES] as f64,
-                    metres[i * dim + a * VEHICLE_FEATURES + 1] as f64,
-                );
+                // Vehicle a of scene i: in the whole set (metres) and in this batch (∇).
+                let at = i * dim + a * VEHICLE_FEATURES;
+                let k = at - start * dim;
+                let (px, py) = (metres[at] as f64, metres[at + 1] as f64);
                 if map.is_road(px, py) {
                     on_road += 1;
                     continue;
