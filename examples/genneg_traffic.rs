@@ -111,6 +111,11 @@ struct Args {
     /// alone at 2 m. Applies like `--map-probe` (with which the probe reads all layers).
     #[arg(long)]
     lane_maps: bool,
+    /// `--lane-maps` with a fifth layer: the distance to the road, clipped at 16 m
+    /// (`data::MapLayers::RoadLanesAndDistance`), so that the networks' gradient points
+    /// back to the road from vehicles far off it. Applies like `--map-probe`.
+    #[arg(long, conflicts_with = "lane_maps")]
+    distance_maps: bool,
     /// Networks see a sinusoidal embedding of each vehicle's position (`nets::
     /// SceneTransformerConfig::position_embedding`). Applies like `--map-probe`.
     #[arg(long)]
@@ -285,7 +290,9 @@ fn main() -> candle_core::Result<()> {
         seed,
         ..TrafficConfig::default()
     };
-    let cfg = if args.lane_maps {
+    let cfg = if args.distance_maps {
+        cfg.with_distance_maps()
+    } else if args.lane_maps {
         cfg.with_lane_maps()
     } else {
         cfg

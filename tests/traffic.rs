@@ -118,6 +118,55 @@ fn lane_layers_follow_the_generated_vehicles() {
 }
 
 #[test]
+fn distance_layer_is_zero_on_road_and_rises_off_it() {
+    let set = small_set(Split::Train, 5);
+    let dev = candle_core::Device::Cpu;
+    let cells = 64;
+    let maps = set
+        .render_maps(cells, MapLayers::RoadLanesAndDistance, &dev)
+        .unwrap();
+    assert_eq!(maps.dims(), &[12, 5, cells, cells]);
+    // The first four layers are the lane rendering's.
+    let lanes = set
+        .render_maps(cells, MapLayers::RoadAndLanes, &dev)
+        .unwrap();
+    let d = (maps.narrow(1, 0, 4).unwrap() - &lanes)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    let v: Vec<f32> = maps.flatten_all().unwrap().to_vec1().unwrap();
+    let plane = cells * cells;
+    let cell = 2.0 * set.config.half_size / cells as f64;
+    let reach = scoreguide_data::DISTANCE_LAYER_REACH_M;
+    for m in 0..12 {
+        let road = &v[m * 5 * plane..(m * 5 + 1) * plane];
+        let dist = &v[(m * 5 + 4) * plane..(m * 5 + 5) * plane];
+        for k in 0..plane {
+            assert!(
+                (0.0..=1.0).contains(&dist[k]),
+                "map {m} cell {k}: {}",
+                dist[k]
+            );
+            if road[k] == 1.0 {
+                assert_eq!(dist[k], 0.0, "map {m} cell {k} is road");
+            }
+            // Clipped distance is 1-Lipschitz in metres: neighbours differ by at most
+            // one cell side (plus half a raster cell from the block average).
+            if k % cells + 1 < cells {
+                let step = (dist[k + 1] - dist[k]).abs() as f64 * reach;
+                assert!(step <= 1.5 * cell + 1e-4, "map {m} cell {k}: step {step} m");
+            }
+        }
+        // Some cell is far from the road (every map has a corner off it).
+        let far = dist.iter().cloned().fold(0.0, f32::max);
+        assert!(far as f64 > 4.0 / reach, "map {m}: farthest {far}");
+    }
+}
+
+#[test]
 fn generation_is_seeded_and_splits_differ() {
     let a = small_set(Split::Train, 3);
     assert_eq!(a, small_set(Split::Train, 3));

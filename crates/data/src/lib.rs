@@ -26,5 +26,5 @@ mod toy;
 pub use dataset::Dataset;
 pub use mixture::GaussianMixture;
 pub use parzen::Parzen;
-pub use scenes::{MapLayers, SceneConfig, SceneSet, Split};
+pub use scenes::{MapLayers, SceneConfig, SceneSet, Split, DISTANCE_LAYER_REACH_M};
 pub use toy::{checkerboard, checkerboard_with, two_moons};

@@ -457,13 +457,23 @@ pub enum MapLayers {
     /// linearly to 0 at its edges); and the direction of travel of the nearest lane as
     /// cos and sin, on the road only.
     RoadAndLanes,
+    /// The four layers of `RoadAndLanes` and a fifth: the distance to the road,
+    /// divided by [`DISTANCE_LAYER_REACH_M`] and clipped at 1. The other layers are flat
+    /// off the road, so a network reading them at a vehicle far off it has no gradient
+    /// that points back; this one rises steadily away from the road.
+    RoadLanesAndDistance,
 }
+
+/// Distance from the road (metres) at which the distance layer of
+/// [`MapLayers::RoadLanesAndDistance`] saturates at 1: a quarter of our scenes' side.
+pub const DISTANCE_LAYER_REACH_M: f64 = 16.0;
 
 impl MapLayers {
     pub fn channels(self) -> usize {
         match self {
             Self::Road => 1,
             Self::RoadAndLanes => 4,
+            Self::RoadLanesAndDistance => 5,
         }
     }
 }
@@ -593,6 +603,19 @@ impl SceneSet {
     /// The maps as `[M, 1, cells, cells]` road fractions (1 on road), averaged down from
     /// the raster to `cells` per side (which must divide the raster's).
     pub fn maps_tensor(&self, cells: usize, device: &Device) -> Result<Tensor> {
+        self.averaged_down(cells, device, |map| {
+            map.road.iter().map(|&on| f64::from(u8::from(on))).collect()
+        })
+    }
+
+    /// `[M, 1, cells, cells]`: `per_cell`'s values on each map's raster, averaged over
+    /// blocks of raster cells to `cells` per side (which must divide the raster's).
+    fn averaged_down(
+        &self,
+        cells: usize,
+        device: &Device,
+        per_cell: impl Fn(&RoadRaster) -> Vec<f64>,
+    ) -> Result<Tensor> {
         let full = self.config.raster_cells;
         if cells == 0 || full % cells != 0 {
             bail!("scene maps: {cells} cells per side does not divide the raster's {full}");
@@ -600,25 +623,47 @@ impl SceneSet {
         let f = full / cells;
         let mut v = vec![0f32; self.maps.len() * cells * cells];
         for (m, map) in self.maps.iter().enumerate() {
-            for (k, &on) in map.road.iter().enumerate() {
-                if on {
-                    let (row, col) = (k / full / f, k % full / f);
-                    v[(m * cells + row) * cells + col] += 1.0 / (f * f) as f32;
-                }
+            for (k, value) in per_cell(map).into_iter().enumerate() {
+                let (row, col) = (k / full / f, k % full / f);
+                v[(m * cells + row) * cells + col] += (value / (f * f) as f64) as f32;
             }
         }
         Tensor::from_vec(v, (self.maps.len(), 1, cells, cells), device)
     }
 
     /// The maps drawn as `layers` (see [`MapLayers`]), `[M, channels, cells, cells]`,
-    /// rows from y = −half_size up as in the raster. The road fraction is averaged down
-    /// from the raster (`cells` must divide its side); the lane layers are evaluated at
-    /// cell centres from the lanes' centrelines.
+    /// rows from y = −half_size up as in the raster. The road fraction and the distance
+    /// layer are averaged down from the raster (`cells` must divide its side); the lane
+    /// layers are evaluated at cell centres from the lanes' centrelines.
     pub fn render_maps(&self, cells: usize, layers: MapLayers, device: &Device) -> Result<Tensor> {
         let road = self.maps_tensor(cells, device)?;
-        if layers == MapLayers::Road {
-            return Ok(road);
+        match layers {
+            MapLayers::Road => Ok(road),
+            MapLayers::RoadAndLanes => self.road_and_lane_layers(&road, cells, device),
+            MapLayers::RoadLanesAndDistance => Tensor::cat(
+                &[
+                    self.road_and_lane_layers(&road, cells, device)?,
+                    self.distance_layer(cells, device)?,
+                ],
+                1,
+            ),
         }
+    }
+
+    /// `[M, 1, cells, cells]`: the distance from each raster cell to the road over
+    /// [`DISTANCE_LAYER_REACH_M`], clipped at 1, averaged down to `cells` per side.
+    fn distance_layer(&self, cells: usize, device: &Device) -> Result<Tensor> {
+        self.averaged_down(cells, device, |map| {
+            map.distance_to_road()
+                .into_iter()
+                .map(|d| (d / DISTANCE_LAYER_REACH_M).min(1.0))
+                .collect()
+        })
+    }
+
+    /// `[M, 4, cells, cells]`: `road` (the road fraction) and the lane layers of
+    /// [`MapLayers::RoadAndLanes`].
+    fn road_and_lane_layers(&self, road: &Tensor, cells: usize, device: &Device) -> Result<Tensor> {
         if self.lanes.len() != self.maps.len() || self.lanes.iter().any(Vec::is_empty) {
             bail!("scene maps: lane layers need the maps' lanes, which this scene set does not hold (saved before lanes were kept; generate it again)");
         }

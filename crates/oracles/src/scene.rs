@@ -160,6 +160,84 @@ impl RoadRaster {
     pub fn road_fraction(&self) -> f64 {
         self.road.iter().filter(|&&r| r).count() as f64 / self.road.len() as f64
     }
+
+    /// Distance in metres from each cell's centre to the nearest road cell's centre
+    /// (row-major like `road`; 0 on road, infinite on a map without road): the exact
+    /// Euclidean distance transform, by the lower envelope of parabolas along columns
+    /// then rows (Felzenszwalb & Huttenlocher 2012), in O(cells²).
+    pub fn distance_to_road(&self) -> Vec<f64> {
+        let n = self.cells;
+        // Squared distances in cells; a large finite value stands for "no road" so
+        // the parabolas stay comparable, and anything at least that large is infinite.
+        let far = 4.0 * (n * n) as f64 + 1.0;
+        let mut sq: Vec<f64> = self
+            .road
+            .iter()
+            .map(|&r| if r { 0.0 } else { far })
+            .collect();
+        let mut line = vec![0f64; n];
+        for col in 0..n {
+            for row in 0..n {
+                line[row] = sq[row * n + col];
+            }
+            let out = squared_distance_1d(&line);
+            for row in 0..n {
+                sq[row * n + col] = out[row];
+            }
+        }
+        for row in 0..n {
+            let out = squared_distance_1d(&sq[row * n..(row + 1) * n]);
+            sq[row * n..(row + 1) * n].copy_from_slice(&out);
+        }
+        let side = self.cell_size();
+        sq.into_iter()
+            .map(|d| {
+                if d >= far {
+                    f64::INFINITY
+                } else {
+                    d.sqrt() * side
+                }
+            })
+            .collect()
+    }
+}
+
+/// `out[q] = min_p (q − p)² + f[p]`, the 1-D squared distance transform of `f`.
+fn squared_distance_1d(f: &[f64]) -> Vec<f64> {
+    let n = f.len();
+    let mut out = vec![0f64; n];
+    if n == 0 {
+        return out;
+    }
+    // Parabola apexes of the lower envelope and the boundaries between them.
+    let mut apex = vec![0usize; n];
+    let mut bound = vec![0f64; n + 1];
+    let mut k = 0;
+    bound[0] = f64::NEG_INFINITY;
+    bound[1] = f64::INFINITY;
+    let cross = |q: usize, p: usize| {
+        ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64)) / (2.0 * (q as f64 - p as f64))
+    };
+    for q in 1..n {
+        let mut s = cross(q, apex[k]);
+        while s <= bound[k] {
+            k -= 1;
+            s = cross(q, apex[k]);
+        }
+        k += 1;
+        apex[k] = q;
+        bound[k] = s;
+        bound[k + 1] = f64::INFINITY;
+    }
+    k = 0;
+    for (q, o) in out.iter_mut().enumerate() {
+        while bound[k + 1] < q as f64 {
+            k += 1;
+        }
+        let d = q as f64 - apex[k] as f64;
+        *o = d * d + f[apex[k]];
+    }
+    out
 }
 
 /// Per-vehicle verdicts of one scene.
@@ -253,6 +331,32 @@ impl Oracle for SceneOracle<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn distance_to_road_is_the_nearest_road_cell(
+            cells in 1usize..12,
+            bits in proptest::collection::vec(0u8..5, 144),
+        ) {
+            // Sparse road (one cell in five) so that distances are long and varied.
+            let road: Vec<bool> = bits[..cells * cells].iter().map(|&b| b == 0).collect();
+            let map = RoadRaster { half_size: 3.0, cells, road };
+            let side = map.cell_size();
+            let got = map.distance_to_road();
+            for (i, &d) in got.iter().enumerate() {
+                let (r, c) = ((i / cells) as f64, (i % cells) as f64);
+                let want = (0..cells * cells)
+                    .filter(|&j| map.road[j])
+                    .map(|j| ((j / cells) as f64 - r).hypot((j % cells) as f64 - c) * side)
+                    .fold(f64::INFINITY, f64::min);
+                if want.is_infinite() {
+                    prop_assert!(d.is_infinite());
+                } else {
+                    prop_assert!((d - want).abs() < 1e-9, "cell {i}: {d} against {want}");
+                }
+            }
+        }
+    }
 
     fn boxed(cx: f64, cy: f64, length: f64, width: f64, heading: f64) -> OrientedBox {
         OrientedBox {

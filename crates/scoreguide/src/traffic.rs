@@ -146,10 +146,23 @@ impl TrafficConfig {
     /// per side (1 m on our 64 m scenes; the map encoder averages them to its 32).
     /// A probe added after this ([`TrafficConfig::with_map_probe`]) reads a grid 1 m
     /// apart; one added before keeps its grid in metres (2 m apart).
-    pub fn with_lane_maps(mut self) -> Self {
+    pub fn with_lane_maps(self) -> Self {
+        self.with_rendered_maps(MapLayers::RoadAndLanes)
+    }
+
+    /// [`TrafficConfig::with_lane_maps`] with a fifth layer, the clipped distance to the
+    /// road ([`MapLayers::RoadLanesAndDistance`]), whose gradient reaches vehicles far
+    /// off the road.
+    pub fn with_distance_maps(self) -> Self {
+        self.with_rendered_maps(MapLayers::RoadLanesAndDistance)
+    }
+
+    /// The maps drawn as `layers` at 64 cells per side (see
+    /// [`TrafficConfig::with_lane_maps`]).
+    fn with_rendered_maps(mut self, layers: MapLayers) -> Self {
         let before = self.net.map_input_side() as f64;
-        self.map_layers = MapLayers::RoadAndLanes;
-        self.net.map_channels = MapLayers::RoadAndLanes.channels();
+        self.map_layers = layers;
+        self.net.map_channels = layers.channels();
         self.net.map_input_cells = Some(2 * self.net.map_cells);
         let k = self.net.map_input_side() as f64 / before;
         if let Some(p) = &mut self.net.map_probe {

@@ -106,8 +106,10 @@ impl Ema {
             decay,
             shadow: vars
                 .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-                .collect(),
+                // A copy: a detached view would share the variable's storage and
+                // follow its updates, so the average would start from later weights.
+                .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
+                .collect::<Result<_>>()?,
             updates: 0,
         })
     }
@@ -159,4 +161,30 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn ema_starts_from_the_weights_it_was_made_with() -> Result<()> {
+        let var = Var::from_slice(&[1f32, 2.0], 2, &Device::Cpu)?;
+        let vars = vec![("w".to_string(), var.clone())];
+        let mut ema = Ema::new(&vars, 0.999)?;
+        var.set(&Tensor::new(&[11f32, 12.0], &Device::Cpu)?)?;
+        // The shadow kept the initial weights through the variable's update ...
+        assert_eq!(ema.shadow["w"].to_vec1::<f32>()?, [1.0, 2.0]);
+        // ... and the first update mixes them at its warm-up decay 1/10.
+        ema.update(&vars)?;
+        let got = ema.shadow["w"].to_vec1::<f32>()?;
+        for (g, want) in got
+            .iter()
+            .zip([0.1 * 1.0 + 0.9 * 11.0, 0.1 * 2.0 + 0.9 * 12.0])
+        {
+            assert!((g - want).abs() < 1e-5, "{got:?}");
+        }
+        Ok(())
+    }
 }
