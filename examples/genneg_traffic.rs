@@ -18,7 +18,7 @@ use candle_core::{DType, Result};
 use clap::Parser;
 use scoreguide::data::{SceneConfig, SceneSet, Split};
 use scoreguide::plot::save_grid;
-use scoreguide::runtime::{heun_step_ms, write_json, CommonArgs};
+use scoreguide::runtime::{sampler_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
@@ -34,6 +34,12 @@ use std::time::Instant;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SamplerKind {
+    Heun,
+    Ddpm,
+}
 
 #[derive(Parser)]
 #[command(
@@ -58,9 +64,17 @@ struct Args {
     /// Generated scenes per model, on the test split's maps (default 2,000; 200 with --quick).
     #[arg(long)]
     samples: Option<usize>,
-    /// Heun steps (default 64; 32 with --quick).
+    /// Sampling steps (default 64; 32 with --quick).
     #[arg(long)]
     steps: Option<usize>,
+    /// The sampler for every draw: Gen-neG's on training maps, the classifier checks'
+    /// and the evaluation's. `heun` is EDM's deterministic Heun (stochastic with
+    /// `--churn`), `ddpm` the ancestral sampler of the paper's DDPM (DDIM with η = 1).
+    #[arg(long, value_enum, default_value_t = SamplerKind::Heun)]
+    sampler: SamplerKind,
+    /// EDM's S_churn for `--sampler heun`: noise added back at every step (0: the ODE).
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
     /// Smallest σ of the sampling grid (standardised units; the last step denoises from
     /// here). At 0.01 the noise left is 0.2 m RMS in position, enough to put a vehicle
     /// that the data parks 0.1 m from the road's edge off the road.
@@ -98,7 +112,8 @@ struct Args {
     /// off when a classifier is not flat there).
     #[arg(long)]
     guidance_sigma_max: Option<f64>,
-    /// Reuse the baseline, classifiers and distilled model found in the output directory.
+    /// Reuse the baseline, classifiers and distilled model found in the output directory
+    /// (whatever sampler drew their training scenes).
     #[arg(long)]
     reuse: bool,
     /// Networks read the road raster around each vehicle (`nets::MapProbe`) besides
@@ -394,7 +409,19 @@ fn main() -> candle_core::Result<()> {
         candle_core::bail!("--sigma-min {} must be in (0, {sigma_max})", args.sigma_min);
     }
     let sigmas = append_zero(karras(steps, args.sigma_min, sigma_max, 7.0)?);
-    let sampler = Sampler::Heun(HeunOptions::default());
+    let sampler = match args.sampler {
+        _ if !(args.churn.is_finite() && args.churn >= 0.0) => {
+            candle_core::bail!("--churn {} must be finite and non-negative", args.churn)
+        }
+        SamplerKind::Ddpm if args.churn > 0.0 => {
+            candle_core::bail!("--churn applies to --sampler heun only")
+        }
+        SamplerKind::Heun => Sampler::Heun(HeunOptions {
+            churn: args.churn,
+            ..HeunOptions::default()
+        }),
+        SamplerKind::Ddpm => Sampler::DdpmAncestral,
+    };
     // The classifiers' settings: the baseline's network and process, their own noise
     // levels if asked.
     let classifier_cfg = match args.classifier_log_uniform_sigma {
@@ -651,7 +678,7 @@ fn main() -> candle_core::Result<()> {
             let b = idx.len().min(500);
             let score = model.on_maps(&test.maps_of(&idx[..b])?)?;
             let x = test.x.rows(&idx[..b])?;
-            heun_step_ms(&score, &x, 1.0, 0.9, 5)?
+            sampler_step_ms(&score, &sampler, &x, 1.0, 0.9, 5)?
         };
         let elbo = r_elbo(model, &test, 8, seed.wrapping_add(11), 500)?;
         eprintln!(

@@ -2,6 +2,8 @@
 
 use candle_core::{bail, Device, Result, Tensor};
 use scoreguide_guidance::Score;
+use scoreguide_samplers::Sampler;
+use scoreguide_sde::SampleNoise;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -99,6 +101,30 @@ pub fn heun_step_ms(model: &dyn Score, x: &Tensor, s0: f64, s1: f64, reps: usize
         let d2 = ((&x1 - model.denoise(&x1, &sv(s1)?)?)? / s1)?;
         // Force the lazy CPU work to finish inside the timed region.
         (x + ((d + d2)? * (0.5 * (s1 - s0)))?)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        Ok(())
+    })
+}
+
+/// Median time of one step of `sampler` from σ = `s0` to `s1` on the batch `x` (Heun: two
+/// denoiser evaluations; DDPM: one and fresh noise), the latency a table's "step ms" means
+/// whatever the sampler.
+pub fn sampler_step_ms(
+    model: &dyn Score,
+    sampler: &Sampler,
+    x: &Tensor,
+    s0: f64,
+    s1: f64,
+    reps: usize,
+) -> Result<f64> {
+    let n = x.dim(0)?;
+    let mut noise = SampleNoise::new(0, 0, n);
+    median_ms(reps, || {
+        // Force the lazy CPU work to finish inside the timed region.
+        sampler
+            .sample(model, x.clone(), &[s0, s1], &mut noise, None)?
             .sum_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_scalar::<f32>()?;
