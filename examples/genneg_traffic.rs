@@ -270,6 +270,20 @@ fn main() -> candle_core::Result<()> {
     let n_samples = args.samples.unwrap_or(if q { 200 } else { 2_000 });
     let steps = args.steps.unwrap_or(if q { 32 } else { 64 });
     let seed = args.common.seed;
+    // Checked before any data or training, so a bad flag costs nothing.
+    let sampler = match args.sampler {
+        _ if !(args.churn.is_finite() && args.churn >= 0.0) => {
+            candle_core::bail!("--churn {} must be finite and non-negative", args.churn)
+        }
+        SamplerKind::Ddpm if args.churn > 0.0 => {
+            candle_core::bail!("--churn applies to --sampler heun only")
+        }
+        SamplerKind::Heun => Sampler::Heun(HeunOptions {
+            churn: args.churn,
+            ..HeunOptions::default()
+        }),
+        SamplerKind::Ddpm => Sampler::DdpmAncestral,
+    };
     let scene_cfg = SceneConfig {
         gap: args.gap,
         shoulder: args.shoulder,
@@ -409,19 +423,6 @@ fn main() -> candle_core::Result<()> {
         candle_core::bail!("--sigma-min {} must be in (0, {sigma_max})", args.sigma_min);
     }
     let sigmas = append_zero(karras(steps, args.sigma_min, sigma_max, 7.0)?);
-    let sampler = match args.sampler {
-        _ if !(args.churn.is_finite() && args.churn >= 0.0) => {
-            candle_core::bail!("--churn {} must be finite and non-negative", args.churn)
-        }
-        SamplerKind::Ddpm if args.churn > 0.0 => {
-            candle_core::bail!("--churn applies to --sampler heun only")
-        }
-        SamplerKind::Heun => Sampler::Heun(HeunOptions {
-            churn: args.churn,
-            ..HeunOptions::default()
-        }),
-        SamplerKind::Ddpm => Sampler::DdpmAncestral,
-    };
     // The classifiers' settings: the baseline's network and process, their own noise
     // levels if asked.
     let classifier_cfg = match args.classifier_log_uniform_sigma {

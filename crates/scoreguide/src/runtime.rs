@@ -93,19 +93,8 @@ pub fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> 
 /// Median time of one Heun step from σ = `s0` to `s1` on the batch `x`: two denoiser
 /// evaluations and the update arithmetic (what a sampling step costs).
 pub fn heun_step_ms(model: &dyn Score, x: &Tensor, s0: f64, s1: f64, reps: usize) -> Result<f64> {
-    let n = x.dim(0)?;
-    let sv = |s: f64| Tensor::full(s as f32, n, x.device())?.to_dtype(x.dtype());
-    median_ms(reps, || {
-        let d = ((x - model.denoise(x, &sv(s0)?)?)? / s0)?;
-        let x1 = (x + (&d * (s1 - s0))?)?;
-        let d2 = ((&x1 - model.denoise(&x1, &sv(s1)?)?)? / s1)?;
-        // Force the lazy CPU work to finish inside the timed region.
-        (x + ((d + d2)? * (0.5 * (s1 - s0)))?)?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?;
-        Ok(())
-    })
+    let heun = Sampler::Heun(scoreguide_samplers::HeunOptions::default());
+    sampler_step_ms(model, &heun, x, s0, s1, reps)
 }
 
 /// Median time of one step of `sampler` from σ = `s0` to `s1` on the batch `x` (Heun: two
