@@ -41,6 +41,32 @@ enum SamplerKind {
     Ddpm,
 }
 
+/// The held-out split the models are evaluated on.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EvalSplit {
+    /// The test split: the numbers to report.
+    Test,
+    /// The validation split (maps of its own): for choosing settings such as
+    /// `--guidance-sigma-max` without looking at the test split.
+    Validation,
+}
+
+impl EvalSplit {
+    fn split(self) -> Split {
+        match self {
+            EvalSplit::Test => Split::Test,
+            EvalSplit::Validation => Split::Validation,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Test => "test",
+            EvalSplit::Validation => "validation",
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     about = "Traffic scenes: baseline diffusion model, collision / offroad / infraction rates"
@@ -61,9 +87,14 @@ struct Args {
     /// Training batch.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Generated scenes per model, on the test split's maps (default 2,000; 200 with --quick).
+    /// Generated scenes per model, on the evaluation split's maps (default 2,000; 200
+    /// with --quick).
     #[arg(long)]
     samples: Option<usize>,
+    /// The split the models are evaluated on (its own maps, a quarter as many as the
+    /// training split's).
+    #[arg(long, value_enum, default_value_t = EvalSplit::Test)]
+    eval_split: EvalSplit,
     /// Sampling steps (default 64; 32 with --quick).
     #[arg(long)]
     steps: Option<usize>,
@@ -210,6 +241,8 @@ struct Report {
     models: Vec<Row>,
     train_scenes: usize,
     test_scenes: usize,
+    /// The split `models` were evaluated on: "test" or "validation".
+    eval_split: &'static str,
     labelled_per_second: f64,
     /// Each classifier's check on scenes held out from its training.
     classifier_checks: Vec<CheckReport>,
@@ -295,20 +328,21 @@ fn main() -> candle_core::Result<()> {
     let train_set = SceneSet::generate(&scene_cfg, Split::Train, n_maps, n_train, seed)?;
     let test_set = SceneSet::generate(
         &scene_cfg,
-        Split::Test,
+        args.eval_split.split(),
         (n_maps / 4).max(1),
         n_samples,
         seed,
     )?;
     eprintln!(
-        "generated {} training scenes on {n_maps} maps and {} test scenes in {:.1}s",
+        "generated {} training scenes on {n_maps} maps and {} {} scenes in {:.1}s",
         train_set.len(),
         test_set.len(),
+        args.eval_split.name(),
         t0.elapsed().as_secs_f64()
     );
     scoreguide::runtime::ensure_parent(&out.join("x"))?;
     train_set.save(out.join("scenes_train.safetensors"))?;
-    test_set.save(out.join("scenes_test.safetensors"))?;
+    test_set.save(out.join(format!("scenes_{}.safetensors", args.eval_split.name())))?;
 
     // The baseline's configuration: from the arguments, or a reused baseline's own
     // (which decides how the maps are drawn for every network of the run).
@@ -748,6 +782,7 @@ fn main() -> candle_core::Result<()> {
                 models: rows,
                 train_scenes: train.set.len(),
                 test_scenes: test.set.len(),
+                eval_split: args.eval_split.name(),
                 labelled_per_second,
                 classifier_checks: checks,
             },
