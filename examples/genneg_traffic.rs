@@ -666,7 +666,7 @@ fn main() -> candle_core::Result<()> {
         }
     };
 
-    // Evaluation on the test split's maps.
+    // Evaluation on the held-out split's maps (test unless --eval-split says otherwise).
     let mut models: Vec<(String, TrafficStack)> =
         vec![("baseline".into(), TrafficStack::new(&baseline))];
     if let Some(c) = &control {
