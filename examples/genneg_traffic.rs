@@ -146,9 +146,20 @@ struct Args {
     /// teacher's guidance is switched off; a large rate drifts it away from there.
     #[arg(long)]
     distill_lr: Option<f64>,
+    /// Distil on this many scenes drawn from the teacher on training maps as well as on
+    /// the data (repeated so that they make up about half of the batches; 0: the data
+    /// alone, as in the paper's Eq. 12). Noised data seldom looks like the near-misses
+    /// the teacher corrects at small σ; the teacher's own samples are where its sampler
+    /// goes.
+    #[arg(long, default_value_t = 0)]
+    distill_draws: usize,
     /// Skip the distillation.
     #[arg(long)]
     no_distill: bool,
+    /// Evaluate only these models (comma-separated names of the table's rows, e.g.
+    /// `baseline,distilled`; default: all), to skip rows already measured.
+    #[arg(long, value_delimiter = ',')]
+    eval_models: Option<Vec<String>>,
     /// Switch every classifier off above this σ (guidance at large σ can throw samples
     /// off when a classifier is not flat there).
     #[arg(long)]
@@ -652,11 +663,37 @@ fn main() -> candle_core::Result<()> {
                 eprintln!("reusing {}", path.display());
                 Checkpoint::load(&path)?
             } else {
+                let with_draws = match args.distill_draws {
+                    0 => None,
+                    n => {
+                        let mut progress = Progress::new("distillation: teacher drawing", n);
+                        let drawn = draw_scenes(
+                            &teacher,
+                            &train,
+                            n,
+                            &sampler,
+                            &sigmas,
+                            seed.wrapping_add(300),
+                            500,
+                            &mut |d| progress.update(d, "scenes"),
+                        )?;
+                        eprintln!("distillation: teacher's {}", drawn.summary());
+                        let agents = baseline.scaler.denormalize(&drawn.x);
+                        let copies = (train.set.len() / n).max(1);
+                        Some(train.with_scenes(
+                            &drawn.scene_indices,
+                            &agents,
+                            copies,
+                            &dcfg,
+                            &dev,
+                        )?)
+                    }
+                };
                 let c = distill(
                     &dcfg,
                     &teacher,
                     &ckpt,
-                    &train,
+                    with_draws.as_ref().unwrap_or(&train),
                     &dev,
                     &mut Progress::new(&format!("distil {k}"), n_distill_iters as usize),
                 )?;
@@ -713,6 +750,16 @@ fn main() -> candle_core::Result<()> {
                 .with(c)
                 .gated(args.guidance_sigma_max),
         ));
+    }
+    if let Some(keep) = &args.eval_models {
+        if let Some(unknown) = keep.iter().find(|k| !models.iter().any(|(n, _)| n == *k)) {
+            let names: Vec<&str> = models.iter().map(|(n, _)| n.as_str()).collect();
+            candle_core::bail!(
+                "--eval-models: no model {unknown:?} in this run (it has {})",
+                names.join(", ")
+            );
+        }
+        models.retain(|(n, _)| keep.contains(n));
     }
     let idx: Vec<u32> = (0..test.set.len() as u32).collect();
     let dim = test.set.scene_dim();

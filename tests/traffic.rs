@@ -735,3 +735,58 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     assert_eq!((p.near, p.far), (0, 1), "{p:?}");
     assert!(offroad_pull(&clf, &base, &drawn, &data, -1.0, 1.0, 8).is_err());
 }
+
+#[test]
+fn appended_scenes_keep_their_maps_and_the_scaler() {
+    use scoreguide::traffic::{FeatureScaler, TrafficConfig, TrafficData};
+    let dev = candle_core::Device::Cpu;
+    let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 2, 4, 3).unwrap();
+    let scaler = FeatureScaler::fit(&set.agents).unwrap();
+    let cfg = TrafficConfig::default();
+    let data = TrafficData::new(set, scaler, &cfg, &dev).unwrap();
+    let dim = data.set.scene_dim();
+    // Scenes 3 and 0's vehicles, shifted 1 m, appended twice on those scenes' maps.
+    let picked = [3u32, 0];
+    let agents: Vec<f32> = picked
+        .iter()
+        .flat_map(|&i| data.set.scene(i as usize).iter().map(|v| v + 1.0))
+        .collect();
+    let more = data.with_scenes(&picked, &agents, 2, &cfg, &dev).unwrap();
+    assert_eq!(more.set.len(), 8);
+    assert_eq!(more.scaler, data.scaler);
+    let m = &data.set.map_index;
+    assert_eq!(&more.set.map_index[..4], &m[..]);
+    assert_eq!(&more.set.map_index[4..], &[m[3], m[0], m[3], m[0]]);
+    let x = more.x.rows(&[5, 7]).unwrap().to_vec2::<f32>().unwrap();
+    let want = data.scaler.normalize(&agents[dim..]);
+    assert_eq!(x[0], want);
+    assert_eq!(x[1], want);
+    // The maps come with the scenes.
+    let diff = (more.maps_of(&[4]).unwrap() - data.maps_of(&[3]).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    // Bad input is named.
+    let e = data
+        .with_scenes(&picked, &agents[..dim], 1, &cfg, &dev)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("appended scenes"), "{e}");
+    let e = data
+        .with_scenes(&[9, 0], &agents, 1, &cfg, &dev)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("scene index 9"), "{e}");
+    let mut nan = agents.clone();
+    nan[2] = f32::NAN;
+    let e = data
+        .with_scenes(&picked, &nan, 1, &cfg, &dev)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("NaN"), "{e}");
+}

@@ -279,6 +279,45 @@ impl TrafficData {
         })
     }
 
+    /// This data with `copies` copies of more scenes appended, scene k (`agents` in metres,
+    /// `[n · A · 7]` values) on the map of this data's scene `scene_indices[k]`, in the
+    /// same standardised units (the scaler is kept). For distilling where a teacher's own
+    /// samples go as well as on the data; `copies` sets their share of the batches.
+    pub fn with_scenes(
+        &self,
+        scene_indices: &[u32],
+        agents: &[f32],
+        copies: usize,
+        cfg: &TrafficConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let dim = self.set.scene_dim();
+        if agents.len() != scene_indices.len() * dim {
+            bail!(
+                "appended scenes: {} values for {} scenes of {dim}",
+                agents.len(),
+                scene_indices.len()
+            );
+        }
+        if agents.iter().any(|v| !v.is_finite()) {
+            bail!("appended scenes: the vehicles hold NaN or infinite values");
+        }
+        let mut set = self.set.clone();
+        for _ in 0..copies {
+            for &i in scene_indices {
+                let map = *self.set.map_index.get(i as usize).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "appended scenes: scene index {i} is not among the data's {} scenes",
+                        self.set.len()
+                    ))
+                })?;
+                set.map_index.push(map);
+            }
+            set.agents.extend_from_slice(agents);
+        }
+        Self::new(set, self.scaler.clone(), cfg, device)
+    }
+
     /// The maps of the scenes `idx`, `[len, C, s, s]`.
     pub fn maps_of(&self, idx: &[u32]) -> Result<Tensor> {
         let which = self
