@@ -432,6 +432,29 @@ fn main() -> candle_core::Result<()> {
     let n_check_draws = args.check_draws.unwrap_or(if q { 100 } else { 500 });
     let n_classifier_iters = args.classifier_iters.unwrap_or(if q { 300 } else { 3_000 });
     let n_distill_iters = args.distill_iters.unwrap_or(if q { 300 } else { 4_000 });
+    // Names checked before any training, so that a misspelt row fails fast.
+    for name in args.eval_models.iter().flatten() {
+        let iteration = name
+            .strip_prefix("genneg_")
+            .and_then(|k| k.parse::<usize>().ok());
+        let known = [
+            "baseline",
+            "baseline_more",
+            "distilled",
+            "wo_is",
+            "imbalanced",
+            "time_independent",
+        ];
+        if !known.contains(&name.as_str())
+            && !iteration.is_some_and(|k| (1..=args.iterations).contains(&k))
+        {
+            candle_core::bail!(
+                "--eval-models: {name:?} is not a row of the table ({}, or genneg_1 to genneg_{})",
+                known.join(", "),
+                args.iterations
+            );
+        }
+    }
     let ckpt = match reused {
         Some(c) => c,
         None => {
