@@ -504,20 +504,19 @@ fn main() -> candle_core::Result<()> {
     let sigmas = append_zero(karras(steps, args.sigma_min, sigma_max, 7.0)?);
     // The classifiers' settings: the baseline's network and process, their own noise
     // levels if asked.
-    let classifier_cfg = match args.classifier_log_uniform_sigma {
+    let with_sigma = |flag: &str, sigma: Option<f64>| match sigma {
         Some(s) if !(s > 0.0 && s < sigma_max) => {
-            candle_core::bail!("--classifier-log-uniform-sigma {s} must be in (0, {sigma_max})")
+            candle_core::bail!("--{flag} {s} must be in (0, {sigma_max})")
         }
-        Some(s) => baseline.config.clone().with_log_uniform_sigma(s),
-        None => baseline.config.clone(),
+        Some(s) => Ok(baseline.config.clone().with_log_uniform_sigma(s)),
+        None => Ok(baseline.config.clone()),
     };
-    let mut distill_cfg = match args.distill_log_uniform_sigma {
-        Some(s) if !(s > 0.0 && s < sigma_max) => {
-            candle_core::bail!("--distill-log-uniform-sigma {s} must be in (0, {sigma_max})")
-        }
-        Some(s) => baseline.config.clone().with_log_uniform_sigma(s),
-        None => baseline.config.clone(),
-    };
+    let classifier_cfg = with_sigma(
+        "classifier-log-uniform-sigma",
+        args.classifier_log_uniform_sigma,
+    )?;
+    // The distillation's settings likewise, and its own learning rate if asked.
+    let mut distill_cfg = with_sigma("distill-log-uniform-sigma", args.distill_log_uniform_sigma)?;
     if let Some(lr) = args.distill_lr {
         if !(lr > 0.0 && lr.is_finite()) {
             candle_core::bail!("--distill-lr {lr} must be a positive number");
@@ -703,13 +702,7 @@ fn main() -> candle_core::Result<()> {
                         eprintln!("distillation: teacher's {}", drawn.summary());
                         let agents = baseline.scaler.denormalize(&drawn.x);
                         let copies = (train.set.len() / n).max(1);
-                        Some(train.with_scenes(
-                            &drawn.scene_indices,
-                            &agents,
-                            copies,
-                            &dcfg,
-                            &dev,
-                        )?)
+                        Some(train.with_scenes(&drawn.scene_indices, &agents, copies)?)
                     }
                 };
                 let c = distill(

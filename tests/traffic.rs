@@ -751,7 +751,7 @@ fn appended_scenes_keep_their_maps_and_the_scaler() {
         .iter()
         .flat_map(|&i| data.set.scene(i as usize).iter().map(|v| v + 1.0))
         .collect();
-    let more = data.with_scenes(&picked, &agents, 2, &cfg, &dev).unwrap();
+    let more = data.with_scenes(&picked, &agents, 2).unwrap();
     assert_eq!(more.set.len(), 8);
     assert_eq!(more.scaler, data.scaler);
     let m = &data.set.map_index;
@@ -772,21 +772,12 @@ fn appended_scenes_keep_their_maps_and_the_scaler() {
         .unwrap();
     assert_eq!(diff, 0.0);
     // Bad input is named.
-    let e = data
-        .with_scenes(&picked, &agents[..dim], 1, &cfg, &dev)
-        .err()
-        .unwrap();
+    let e = data.with_scenes(&picked, &agents[..dim], 1).err().unwrap();
     assert!(e.to_string().contains("appended scenes"), "{e}");
-    let e = data
-        .with_scenes(&[9, 0], &agents, 1, &cfg, &dev)
-        .err()
-        .unwrap();
+    let e = data.with_scenes(&[9, 0], &agents, 1).err().unwrap();
     assert!(e.to_string().contains("scene index 9"), "{e}");
     let mut nan = agents.clone();
     nan[2] = f32::NAN;
-    let e = data
-        .with_scenes(&picked, &nan, 1, &cfg, &dev)
-        .err()
-        .unwrap();
+    let e = data.with_scenes(&picked, &nan, 1).err().unwrap();
     assert!(e.to_string().contains("NaN"), "{e}");
 }

@@ -281,15 +281,14 @@ impl TrafficData {
 
     /// This data with `copies` copies of more scenes appended, scene k (`agents` in metres,
     /// `[n · A · 7]` values) on the map of this data's scene `scene_indices[k]`, in the
-    /// same standardised units (the scaler is kept). For distilling where a teacher's own
-    /// samples go as well as on the data; `copies` sets their share of the batches.
+    /// same standardised units (the scaler is kept) and with the same rendered maps. For
+    /// distilling where a teacher's own samples go as well as on the data; `copies` sets
+    /// their share of the batches.
     pub fn with_scenes(
         &self,
         scene_indices: &[u32],
         agents: &[f32],
         copies: usize,
-        cfg: &TrafficConfig,
-        device: &Device,
     ) -> Result<Self> {
         let dim = self.set.scene_dim();
         if agents.len() != scene_indices.len() * dim {
@@ -302,20 +301,36 @@ impl TrafficData {
         if agents.iter().any(|v| !v.is_finite()) {
             bail!("appended scenes: the vehicles hold NaN or infinite values");
         }
-        let mut set = self.set.clone();
-        for _ in 0..copies {
-            for &i in scene_indices {
-                let map = *self.set.map_index.get(i as usize).ok_or_else(|| {
+        let maps = scene_indices
+            .iter()
+            .map(|&i| {
+                self.set.map_index.get(i as usize).copied().ok_or_else(|| {
                     candle_core::Error::Msg(format!(
                         "appended scenes: scene index {i} is not among the data's {} scenes",
                         self.set.len()
                     ))
-                })?;
-                set.map_index.push(map);
-            }
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let mut set = self.set.clone();
+        for _ in 0..copies {
+            set.map_index.extend_from_slice(&maps);
             set.agents.extend_from_slice(agents);
         }
-        Self::new(set, self.scaler.clone(), cfg, device)
+        // Only the new rows are standardised; the maps are shared, not drawn again.
+        let device = self.maps.device();
+        let added = Tensor::from_vec(
+            self.scaler.normalize(&set.agents[self.set.agents.len()..]),
+            (copies * scene_indices.len(), dim),
+            device,
+        )?;
+        Ok(Self {
+            x: Dataset::new(Tensor::cat(&[self.x.tensor(), &added], 0)?, self.x.name())?,
+            maps: self.maps.clone(),
+            map_index: Tensor::from_slice(&set.map_index, set.len(), device)?,
+            scaler: self.scaler.clone(),
+            set,
+        })
     }
 
     /// The maps of the scenes `idx`, `[len, C, s, s]`.
