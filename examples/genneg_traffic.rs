@@ -51,6 +51,15 @@ enum EvalSplit {
     Validation,
 }
 
+/// Whose scenes `--distill-draws` adds to the distillation's data.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DrawSource {
+    /// The teacher's: where its sampler ends up.
+    Teacher,
+    /// The baseline's: the infracting scenes the teacher's guidance has to correct.
+    Baseline,
+}
+
 impl EvalSplit {
     fn split(self) -> Split {
         match self {
@@ -153,6 +162,11 @@ struct Args {
     /// goes.
     #[arg(long, default_value_t = 0)]
     distill_draws: usize,
+    /// Which model draws the `--distill-draws` scenes. The baseline's scenes, noised
+    /// to small σ, are the states the teacher's guidance acts on (most infract); the
+    /// teacher's are mostly already corrected or left uncorrected.
+    #[arg(long, value_enum, default_value_t = DrawSource::Teacher)]
+    distill_draws_from: DrawSource,
     /// Skip the distillation.
     #[arg(long)]
     no_distill: bool,
@@ -688,9 +702,15 @@ fn main() -> candle_core::Result<()> {
                 let with_draws = match args.distill_draws {
                     0 => None,
                     n => {
-                        let mut progress = Progress::new("distillation: teacher drawing", n);
+                        let baseline_alone = TrafficStack::new(&baseline);
+                        let (who, source) = match args.distill_draws_from {
+                            DrawSource::Teacher => ("teacher", &teacher),
+                            DrawSource::Baseline => ("baseline", &baseline_alone),
+                        };
+                        let mut progress =
+                            Progress::new(&format!("distillation: {who} drawing"), n);
                         let drawn = draw_scenes(
-                            &teacher,
+                            source,
                             &train,
                             n,
                             &sampler,
@@ -699,7 +719,7 @@ fn main() -> candle_core::Result<()> {
                             500,
                             &mut |d| progress.update(d, "scenes"),
                         )?;
-                        eprintln!("distillation: teacher's {}", drawn.summary());
+                        eprintln!("distillation: {who}'s {}", drawn.summary());
                         let agents = baseline.scaler.denormalize(&drawn.x);
                         let copies = (train.set.len() / n).max(1);
                         Some(train.with_scenes(&drawn.scene_indices, &agents, copies)?)
