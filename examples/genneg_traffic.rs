@@ -155,11 +155,11 @@ struct Args {
     /// teacher's guidance is switched off; a large rate drifts it away from there.
     #[arg(long)]
     distill_lr: Option<f64>,
-    /// Distil on this many scenes drawn from the teacher on training maps as well as on
-    /// the data (repeated so that they make up about half of the batches; 0: the data
-    /// alone, as in the paper's Eq. 12). Noised data seldom looks like the near-misses
-    /// the teacher corrects at small σ; the teacher's own samples are where its sampler
-    /// goes.
+    /// Distil on this many scenes drawn on training maps (by the teacher, or as
+    /// `--distill-draws-from` says) as well as on the data (repeated so that they make
+    /// up about half of the batches; 0: the data alone, as in the paper's Eq. 12).
+    /// Noised data seldom looks like the near-misses the teacher corrects at small σ;
+    /// the teacher's own samples are where its sampler goes.
     #[arg(long, default_value_t = 0)]
     distill_draws: usize,
     /// Which model draws the `--distill-draws` scenes. The baseline's scenes, noised
@@ -340,6 +340,14 @@ fn main() -> candle_core::Result<()> {
     let steps = args.steps.unwrap_or(if q { 32 } else { 64 });
     let seed = args.common.seed;
     // Checked before any data or training, so a bad flag costs nothing.
+    if let Some(lr) = args.distill_lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            candle_core::bail!("--distill-lr {lr} must be a positive number");
+        }
+    }
+    if args.distill_draws == 0 && args.distill_draws_from == DrawSource::Baseline {
+        candle_core::bail!("--distill-draws-from baseline needs --distill-draws N (N > 0)");
+    }
     let sampler = match args.sampler {
         _ if !(args.churn.is_finite() && args.churn >= 0.0) => {
             candle_core::bail!("--churn {} must be finite and non-negative", args.churn)
@@ -532,9 +540,6 @@ fn main() -> candle_core::Result<()> {
     // The distillation's settings likewise, and its own learning rate if asked.
     let mut distill_cfg = with_sigma("distill-log-uniform-sigma", args.distill_log_uniform_sigma)?;
     if let Some(lr) = args.distill_lr {
-        if !(lr > 0.0 && lr.is_finite()) {
-            candle_core::bail!("--distill-lr {lr} must be a positive number");
-        }
         distill_cfg.lr = lr;
     }
 
