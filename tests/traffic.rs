@@ -605,11 +605,16 @@ fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
     let dev = candle_core::Device::Cpu;
     let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 2, 8, 5).unwrap();
     let scaler = FeatureScaler::fit(&set.agents).unwrap();
+    // The full run's network: lane maps read by the probe, whose scale and offset are
+    // floats that must come back from the saved configuration to the bit, or the state
+    // is refused as another configuration's.
     let cfg = TrafficConfig {
         batch: 4,
         iters: 5,
         ..TrafficConfig::default()
-    };
+    }
+    .with_lane_maps()
+    .with_map_probe(&scaler, set.config.half_size);
     let data = TrafficData::new(set, scaler, &cfg, &dev).unwrap();
     let hidden = &mut scoreguide::train::Progress::hidden();
     let whole = train_score(&cfg, &data, &dev, hidden).unwrap();
