@@ -22,8 +22,8 @@ use scoreguide::runtime::{sampler_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras};
 use scoreguide::traffic::{
-    check_agent_classifier, distill, draw_scenes, label_scenes, offroad_pull, r_elbo,
-    sample_scenes, scene_panel, train_agent_classifier, train_more, train_score,
+    check_agent_classifier, distill, distill_resumable, draw_scenes, label_scenes, offroad_pull,
+    r_elbo, sample_scenes, scene_panel, train_agent_classifier, train_more, train_score,
     train_score_resumable, AgentClassifier, AgentLabelled, ClassifierCheck, FeatureScaler,
     OffroadPull, TrafficConfig, TrafficData, TrafficModel, TrafficStack, Weighting,
 };
@@ -210,9 +210,11 @@ struct Args {
     /// a vehicle's place within its lane is decided, in under 3% of steps).
     #[arg(long)]
     classifier_log_uniform_sigma: Option<f64>,
-    /// Save the baseline's whole training state every this many steps to
-    /// `baseline.partial.safetensors` in the output directory (0: never); with
-    /// `--reuse`, a run finds it and continues exactly where it stopped.
+    /// Save the baseline's and the distillation's whole training state every this many
+    /// steps to `baseline.partial.safetensors` / `distilled.partial.safetensors` in the
+    /// output directory (0: never); with `--reuse`, a run finds it and continues exactly
+    /// where it stopped. A finished distillation of fewer than `--distill-iters` steps is
+    /// continued likewise.
     #[arg(long, default_value_t = 1000)]
     save_every: u64,
     /// Reuse this baseline checkpoint instead of training one.
@@ -255,6 +257,49 @@ fn load_baseline(path: &Path, scene_cfg: &SceneConfig) -> Result<Checkpoint> {
         );
     }
     Ok(c)
+}
+
+/// Metadata key under which a distilled model records its teacher.
+const DISTILL_TEACHER_KEY: &str = "genneg_traffic.distill_teacher";
+
+/// What a distillation was fitted to: continuing it is refused for another teacher or
+/// other data.
+#[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+struct DistillTeacher {
+    /// Gen-neG iterations stacked.
+    iterations: usize,
+    guidance_sigma_max: Option<f64>,
+    /// FNV-1a hashes of the classifiers' checkpoint files, iteration 1 first.
+    classifiers_fnv1a: Vec<u64>,
+    /// `--distill-draws` and whose they were.
+    draws: usize,
+    draws_from: String,
+}
+
+/// 64-bit FNV-1a: a stable fingerprint of a file's bytes.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Refuses a distilled checkpoint `c` (from `path`) made for a teacher other than `now`.
+fn check_teacher(c: &Checkpoint, path: &Path, now: &DistillTeacher) -> Result<()> {
+    if c.metadata.contains_key(DISTILL_TEACHER_KEY) {
+        let then: DistillTeacher = c.meta(DISTILL_TEACHER_KEY)?;
+        if then != *now {
+            candle_core::bail!(
+                "distilled model {} was distilled from {then:?}, this run's teacher is {now:?}; use another --out or drop --reuse",
+                path.display()
+            );
+        }
+    } else {
+        eprintln!(
+            "note: distilled model {} does not record its teacher (saved before 2026-12-04); assuming it is this run's {now:?}",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// One row of Table 1 (and of the JSON).
@@ -700,10 +745,56 @@ fn main() -> candle_core::Result<()> {
                 ..distill_cfg.clone()
             };
             let path = out.join("distilled.safetensors");
-            let c = if args.reuse && path.exists() {
-                eprintln!("reusing {}", path.display());
-                Checkpoint::load(&path)?
+            let partial_path = out.join("distilled.partial.safetensors");
+            let record = DistillTeacher {
+                iterations: k,
+                guidance_sigma_max: args.guidance_sigma_max,
+                classifiers_fnv1a: (1..=k)
+                    .map(|it| std::fs::read(file_of(it, "genneg")).map(|b| fnv1a(&b)))
+                    .collect::<std::io::Result<_>>()?,
+                draws: args.distill_draws,
+                draws_from: match (args.distill_draws, args.distill_draws_from) {
+                    (0, _) => "none",
+                    (_, DrawSource::Teacher) => "teacher",
+                    (_, DrawSource::Baseline) => "baseline",
+                }
+                .into(),
+            };
+            // A finished distillation of fewer steps than asked, or an interrupted one,
+            // is continued (the result is the uninterrupted run's).
+            // Of the finished and the interrupted one, the furthest that is not past
+            // `--distill-iters`, or else either (refused below as too far).
+            let mut found = Vec::new();
+            for p in [&path, &partial_path] {
+                if args.reuse && p.exists() {
+                    let c = Checkpoint::load(p)?;
+                    let step: u64 = c.meta("step")?;
+                    found.push((step > n_distill_iters, step, p.clone(), c));
+                }
+            }
+            found.sort_by_key(|(past, step, _, _)| (!*past, *step));
+            let found = found.pop().map(|(_, _, p, c)| (p, c));
+            let resume = match found {
+                Some((p, c)) => {
+                    check_teacher(&c, &p, &record)?;
+                    let step: u64 = c.meta("step")?;
+                    if step == n_distill_iters {
+                        Some((p, c, true))
+                    } else {
+                        eprintln!(
+                            "continuing the distillation in {} from step {step} to {n_distill_iters}",
+                            p.display()
+                        );
+                        Some((p, c, false))
+                    }
+                }
+                None => None,
+            };
+            let c = if let Some((p, c, true)) = resume {
+                eprintln!("reusing {}", p.display());
+                c
             } else {
+                let resume = resume.map(|(_, c, _)| c);
                 let with_draws = match args.distill_draws {
                     0 => None,
                     n => {
@@ -730,15 +821,35 @@ fn main() -> candle_core::Result<()> {
                         Some(train.with_scenes(&drawn.scene_indices, &agents, copies)?)
                     }
                 };
-                let c = distill(
-                    &dcfg,
-                    &teacher,
-                    &ckpt,
-                    with_draws.as_ref().unwrap_or(&train),
-                    &dev,
-                    &mut Progress::new(&format!("distil {k}"), n_distill_iters as usize),
-                )?;
+                let mut progress = Progress::new(&format!("distil {k}"), n_distill_iters as usize);
+                let data = with_draws.as_ref().unwrap_or(&train);
+                let mut c = match (args.save_every, &resume) {
+                    (0, None) => distill(&dcfg, &teacher, &ckpt, data, &dev, &mut progress)?,
+                    (every, _) => distill_resumable(
+                        &dcfg,
+                        &teacher,
+                        &ckpt,
+                        data,
+                        resume.as_ref(),
+                        if every == 0 {
+                            n_distill_iters.max(1)
+                        } else {
+                            every
+                        },
+                        &mut |c| {
+                            let mut c = c.clone();
+                            c.set_meta(DISTILL_TEACHER_KEY, &record)?;
+                            c.save(&partial_path)
+                        },
+                        &dev,
+                        &mut progress,
+                    )?,
+                };
+                c.set_meta(DISTILL_TEACHER_KEY, &record)?;
                 c.save(&path)?;
+                if partial_path.exists() {
+                    std::fs::remove_file(&partial_path)?;
+                }
                 c
             };
             Some(TrafficModel::load(&c, DType::F32, &dev)?)

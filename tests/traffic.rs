@@ -681,6 +681,105 @@ fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
 }
 
 #[test]
+fn distillation_extended_from_a_shorter_one_is_the_uninterrupted_run() {
+    use candle_core::DType;
+    use scoreguide::traffic::{
+        distill, distill_resumable, AgentClassifier, TrafficConfig, TrafficModel, TrafficStack,
+    };
+    let (data, base_ckpt, clf, _) = tiny_models(true);
+    let dev = candle_core::Device::Cpu;
+    let base = TrafficModel::load(&base_ckpt, DType::F32, &dev).unwrap();
+    let clf = AgentClassifier::load(&clf, DType::F32, &dev).unwrap();
+    let teacher = TrafficStack::new(&base).with(&clf).gated(Some(1.0));
+    let cfg = |iters| TrafficConfig {
+        iters,
+        ..base.config.clone()
+    };
+    let hidden = &mut scoreguide::train::Progress::hidden();
+    let whole = distill(&cfg(4), &teacher, &base_ckpt, &data, &dev, hidden).unwrap();
+    // A finished 2-step distillation, then extended to 4 steps (saving at 3 and 4).
+    let short = distill(&cfg(2), &teacher, &base_ckpt, &data, &dev, hidden).unwrap();
+    let mut saved = Vec::new();
+    let extended = distill_resumable(
+        &cfg(4),
+        &teacher,
+        &base_ckpt,
+        &data,
+        Some(&short),
+        1,
+        &mut |c| {
+            saved.push(c.meta::<u64>("step")?);
+            Ok(())
+        },
+        &dev,
+        hidden,
+    )
+    .unwrap();
+    assert_eq!(saved, vec![3, 4]);
+    for prefix in ["model", "ema", "adam.m", "adam.v"] {
+        let (a, b) = (whole.section(prefix), extended.section(prefix));
+        assert_eq!(a.len(), b.len());
+        for (name, t) in &a {
+            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(x, y, "{prefix}.{name} differs from the uninterrupted run");
+        }
+    }
+    // The distillation moved the student off the baseline (the test is not vacuous).
+    let moved = |c: &Checkpoint| -> f32 {
+        let (a, b) = (base_ckpt.section("ema"), c.section("ema"));
+        a.iter()
+            .map(|(n, t)| {
+                (t - &b[n])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .fold(0.0, f32::max)
+    };
+    assert!(moved(&whole) > 0.0);
+    // Past the end, or another configuration: refused by name.
+    let e = distill_resumable(
+        &cfg(1),
+        &teacher,
+        &base_ckpt,
+        &data,
+        Some(&short),
+        1,
+        &mut |_| Ok(()),
+        &dev,
+        hidden,
+    )
+    .expect_err("past the end")
+    .to_string();
+    assert!(
+        e.contains("resumed distillation") && e.contains("done 2 steps"),
+        "{e}"
+    );
+    let other = TrafficConfig { lr: 1e-3, ..cfg(4) };
+    let e = distill_resumable(
+        &other,
+        &teacher,
+        &base_ckpt,
+        &data,
+        Some(&short),
+        1,
+        &mut |_| Ok(()),
+        &dev,
+        hidden,
+    )
+    .expect_err("another configuration")
+    .to_string();
+    assert!(e.contains("resumed distillation"), "{e}");
+}
+
+#[test]
 fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     use candle_core::DType;
     use scoreguide::oracles::RoadRaster;

@@ -372,25 +372,7 @@ pub fn train_score_resumable(
         bail!("baseline training: save_every must be at least 1 step");
     }
     if let Some(c) = resume {
-        let saved: TrafficConfig = c.meta("traffic")?;
-        if (TrafficConfig {
-            iters: cfg.iters,
-            ..saved.clone()
-        }) != *cfg
-        {
-            bail!("resumed baseline: the checkpoint was trained with {saved:?}, this run asks for {cfg:?}");
-        }
-        let scaler: FeatureScaler = c.meta("scaler")?;
-        if scaler != data.scaler {
-            bail!("resumed baseline: the checkpoint's feature scaler is not this data's (other training scenes)");
-        }
-        let step: u64 = c.meta("step")?;
-        if step > cfg.iters {
-            bail!(
-                "resumed baseline: the checkpoint has done {step} steps, more than the {} asked for",
-                cfg.iters
-            );
-        }
+        check_resumable(c, cfg, data, "resumed baseline")?;
     }
     fit_score(
         cfg,
@@ -405,6 +387,36 @@ pub fn train_score_resumable(
         device,
         progress,
     )
+}
+
+/// Refuses to continue `c` unless it was trained with `cfg` (up to `iters`, so that a
+/// run can be extended), on `data`'s scaler, for no more than `cfg.iters` steps.
+fn check_resumable(
+    c: &Checkpoint,
+    cfg: &TrafficConfig,
+    data: &TrafficData,
+    what: &str,
+) -> Result<()> {
+    let saved: TrafficConfig = c.meta("traffic")?;
+    if (TrafficConfig {
+        iters: cfg.iters,
+        ..saved.clone()
+    }) != *cfg
+    {
+        bail!("{what}: the checkpoint was trained with {saved:?}, this run asks for {cfg:?}");
+    }
+    let scaler: FeatureScaler = c.meta("scaler")?;
+    if scaler != data.scaler {
+        bail!("{what}: the checkpoint's feature scaler is not this data's (other training scenes)");
+    }
+    let step: u64 = c.meta("step")?;
+    if step > cfg.iters {
+        bail!(
+            "{what}: the checkpoint has done {step} steps, more than the {} asked for",
+            cfg.iters
+        );
+    }
+    Ok(())
 }
 
 /// Resuming and periodic saving for [`fit_score`].
@@ -426,6 +438,46 @@ pub fn distill(
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
     fit_score(cfg, data, Some(teacher), Some(init), None, device, progress)
+}
+
+/// [`distill`] in stages that survive an interruption, and that can be extended: every
+/// `save_every` steps the whole training state is passed to `save`, and a state saved so
+/// (or a finished distillation of fewer than `cfg.iters` steps) is continued with
+/// `resume`. As for [`train_score_resumable`], the result is the uninterrupted run's to
+/// the bit (the learning rate is constant after its warm-up). The checkpoint does not
+/// record the teacher: the caller must check that `resume` was distilled from this
+/// `teacher` (e.g. by metadata of its own).
+#[allow(clippy::too_many_arguments)]
+pub fn distill_resumable(
+    cfg: &TrafficConfig,
+    teacher: &TrafficStack,
+    init: &Checkpoint,
+    data: &TrafficData,
+    resume: Option<&Checkpoint>,
+    save_every: u64,
+    save: &mut dyn FnMut(&Checkpoint) -> Result<()>,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    if save_every == 0 {
+        bail!("distillation: save_every must be at least 1 step");
+    }
+    if let Some(c) = resume {
+        check_resumable(c, cfg, data, "resumed distillation")?;
+    }
+    fit_score(
+        cfg,
+        data,
+        Some(teacher),
+        Some(init),
+        Some(Staged {
+            resume,
+            save_every,
+            save,
+        }),
+        device,
+        progress,
+    )
 }
 
 /// Trains the baseline `cfg.iters` more steps on the data from its own (EMA) weights,

@@ -11,6 +11,8 @@ pub struct Progress {
     start: Instant,
     last: Instant,
     last_pct: usize,
+    /// Units already done when this bar started (a resumed run's): left out of the rate.
+    base: Option<usize>,
     tty: bool,
     enabled: bool,
 }
@@ -35,6 +37,7 @@ impl Progress {
             start: now,
             last: now,
             last_pct: 0,
+            base: None,
             tty: std::io::stderr().is_terminal(),
             enabled: true,
         }
@@ -47,11 +50,24 @@ impl Progress {
         p
     }
 
+    /// Says that `done` units were finished before this bar's work began (a resumed
+    /// run), so that its rate and time left count only the units done since. Only the
+    /// first call before any [`Progress::update`] counts: a run continued in stages
+    /// calls it at every stage.
+    pub fn starting_at(&mut self, done: usize) {
+        if self.base.is_none() {
+            self.base = Some(done);
+            self.start = Instant::now();
+            self.last_pct = done * 100 / self.total;
+        }
+    }
+
     /// Reports that `done` of `total` units are finished.
     pub fn update(&mut self, done: usize, message: &str) {
         if !self.enabled {
             return;
         }
+        self.base.get_or_insert(0);
         let now = Instant::now();
         let pct = done * 100 / self.total;
         let due = if self.tty {
@@ -66,9 +82,10 @@ impl Progress {
         }
         self.last = now;
         self.last_pct = pct;
+        let since = done.saturating_sub(self.base.unwrap_or(0));
         let el = now.duration_since(self.start);
-        let rate = done as f64 / el.as_secs_f64().max(1e-9);
-        let eta = if done > 0 {
+        let rate = since as f64 / el.as_secs_f64().max(1e-9);
+        let eta = if since > 0 {
             fmt_dur(Duration::from_secs_f64(
                 (self.total - done.min(self.total)) as f64 / rate,
             ))

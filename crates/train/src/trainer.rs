@@ -171,6 +171,7 @@ impl Trainer {
     {
         let mut losses = Vec::new();
         let mut smooth = None::<f64>;
+        progress.starting_at(self.step as usize);
         while self.step < until {
             let mut rng = self.step_rng();
             let loss = loss_fn(self.step, &mut rng)?;
