@@ -648,15 +648,7 @@ fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
     .unwrap();
     for c in [&staged, &resumed] {
         assert_eq!(c.meta::<u64>("step").unwrap(), 5);
-        for prefix in ["model", "ema", "adam.m", "adam.v"] {
-            let (a, b) = (whole.section(prefix), c.section(prefix));
-            assert_eq!(a.len(), b.len());
-            for (name, t) in &a {
-                let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-                let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
-                assert_eq!(x, y, "{prefix}.{name} differs from the uninterrupted run");
-            }
-        }
+        assert_same_training_state(&whole, c);
     }
     // A state of another configuration, or one past the end, is refused by name.
     let mut refused = |cfg: &TrafficConfig, resume: Option<&Checkpoint>, every: u64| -> String {
@@ -716,15 +708,7 @@ fn distillation_extended_from_a_shorter_one_is_the_uninterrupted_run() {
     )
     .unwrap();
     assert_eq!(saved, vec![3, 4]);
-    for prefix in ["model", "ema", "adam.m", "adam.v"] {
-        let (a, b) = (whole.section(prefix), extended.section(prefix));
-        assert_eq!(a.len(), b.len());
-        for (name, t) in &a {
-            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
-            assert_eq!(x, y, "{prefix}.{name} differs from the uninterrupted run");
-        }
-    }
+    assert_same_training_state(&whole, &extended);
     // The distillation moved the student off the baseline (the test is not vacuous).
     let moved = |c: &Checkpoint| -> f32 {
         let (a, b) = (base_ckpt.section("ema"), c.section("ema"));
@@ -745,38 +729,41 @@ fn distillation_extended_from_a_shorter_one_is_the_uninterrupted_run() {
     };
     assert!(moved(&whole) > 0.0);
     // Past the end, or another configuration: refused by name.
-    let e = distill_resumable(
-        &cfg(1),
-        &teacher,
-        &base_ckpt,
-        &data,
-        Some(&short),
-        1,
-        &mut |_| Ok(()),
-        &dev,
-        hidden,
-    )
-    .expect_err("past the end")
-    .to_string();
+    let mut refused = |cfg: &TrafficConfig| -> String {
+        distill_resumable(
+            cfg,
+            &teacher,
+            &base_ckpt,
+            &data,
+            Some(&short),
+            1,
+            &mut |_| Ok(()),
+            &dev,
+            hidden,
+        )
+        .expect_err("refused")
+        .to_string()
+    };
+    let e = refused(&cfg(1));
     assert!(
         e.contains("resumed distillation") && e.contains("done 2 steps"),
         "{e}"
     );
-    let other = TrafficConfig { lr: 1e-3, ..cfg(4) };
-    let e = distill_resumable(
-        &other,
-        &teacher,
-        &base_ckpt,
-        &data,
-        Some(&short),
-        1,
-        &mut |_| Ok(()),
-        &dev,
-        hidden,
-    )
-    .expect_err("another configuration")
-    .to_string();
+    let e = refused(&TrafficConfig { lr: 1e-3, ..cfg(4) });
     assert!(e.contains("resumed distillation"), "{e}");
+}
+
+/// Weights, EMA and Adam moments of `b` are those of `a` to the bit.
+fn assert_same_training_state(a: &Checkpoint, b: &Checkpoint) {
+    for prefix in ["model", "ema", "adam.m", "adam.v"] {
+        let (a, b) = (a.section(prefix), b.section(prefix));
+        assert_eq!(a.len(), b.len(), "{prefix}");
+        for (name, t) in &a {
+            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(x, y, "{prefix}.{name} differs from the uninterrupted run");
+        }
+    }
 }
 
 #[test]

@@ -368,25 +368,42 @@ pub fn train_score_resumable(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    if save_every == 0 {
-        bail!("baseline training: save_every must be at least 1 step");
-    }
-    if let Some(c) = resume {
-        check_resumable(c, cfg, data, "resumed baseline")?;
-    }
-    fit_score(
+    fit_staged(
         cfg,
         data,
         None,
         None,
-        Some(Staged {
+        Staged {
             resume,
             save_every,
             save,
-        }),
+        },
+        "baseline",
         device,
         progress,
     )
+}
+
+/// [`fit_score`] with `staged` saving, after checking `staged.resume` ([`check_resumable`]);
+/// `what` names the run in errors ("baseline", "distillation").
+#[allow(clippy::too_many_arguments)]
+fn fit_staged(
+    cfg: &TrafficConfig,
+    data: &TrafficData,
+    teacher: Option<&TrafficStack>,
+    init: Option<&Checkpoint>,
+    staged: Staged,
+    what: &str,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    if staged.save_every == 0 {
+        bail!("{what}: save_every must be at least 1 step");
+    }
+    if let Some(c) = staged.resume {
+        check_resumable(c, cfg, data, &format!("resumed {what}"))?;
+    }
+    fit_score(cfg, data, teacher, init, Some(staged), device, progress)
 }
 
 /// Refuses to continue `c` unless it was trained with `cfg` (up to `iters`, so that a
@@ -459,22 +476,17 @@ pub fn distill_resumable(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    if save_every == 0 {
-        bail!("distillation: save_every must be at least 1 step");
-    }
-    if let Some(c) = resume {
-        check_resumable(c, cfg, data, "resumed distillation")?;
-    }
-    fit_score(
+    fit_staged(
         cfg,
         data,
         Some(teacher),
         Some(init),
-        Some(Staged {
+        Staged {
             resume,
             save_every,
             save,
-        }),
+        },
+        "distillation",
         device,
         progress,
     )
