@@ -761,9 +761,8 @@ fn main() -> candle_core::Result<()> {
                 .into(),
             };
             // A finished distillation of fewer steps than asked, or an interrupted one,
-            // is continued (the result is the uninterrupted run's).
-            // Of the finished and the interrupted one, the furthest that is not past
-            // `--distill-iters`, or else either (refused below as too far).
+            // is continued (the result is the uninterrupted run's): of the two, the
+            // furthest that is not past `--distill-iters`.
             let mut found = Vec::new();
             for p in [&path, &partial_path] {
                 if args.reuse && p.exists() {
@@ -778,6 +777,12 @@ fn main() -> candle_core::Result<()> {
                 Some((p, c)) => {
                     check_teacher(&c, &p, &record)?;
                     let step: u64 = c.meta("step")?;
+                    if step > n_distill_iters {
+                        candle_core::bail!(
+                            "distilled model {} has done {step} steps, more than --distill-iters {n_distill_iters}; pass --distill-iters {step} to evaluate it, or use another --out",
+                            p.display()
+                        );
+                    }
                     if step == n_distill_iters {
                         Some((p, c, true))
                     } else {
