@@ -214,7 +214,7 @@ struct Args {
     /// steps to `baseline.partial.safetensors` / `distilled.partial.safetensors` in the
     /// output directory (0: never); with `--reuse`, a run finds it and continues exactly
     /// where it stopped. A finished distillation of fewer than `--distill-iters` steps is
-    /// continued likewise.
+    /// continued likewise; one further along, or of another teacher, is refused.
     #[arg(long, default_value_t = 1000)]
     save_every: u64,
     /// Reuse this baseline checkpoint instead of training one.
@@ -761,21 +761,14 @@ fn main() -> candle_core::Result<()> {
                 .into(),
             };
             // A finished distillation of fewer steps than asked, or an interrupted one,
-            // is continued (the result is the uninterrupted run's): of the two, the
-            // furthest that is not past `--distill-iters`.
-            let mut found = Vec::new();
+            // is continued (the result is the uninterrupted run's), the further of the
+            // two. Both are checked first, as this run's saves overwrite them: one of
+            // another teacher, or further along than asked, is refused, not lost.
+            let mut found = None::<(u64, PathBuf, Checkpoint)>;
             for p in [&path, &partial_path] {
                 if args.reuse && p.exists() {
                     let c = Checkpoint::load(p)?;
-                    let step: u64 = c.meta("step")?;
-                    found.push((step > n_distill_iters, step, p.clone(), c));
-                }
-            }
-            found.sort_by_key(|(past, step, _, _)| (!*past, *step));
-            let found = found.pop().map(|(_, _, p, c)| (p, c));
-            let resume = match found {
-                Some((p, c)) => {
-                    check_teacher(&c, &p, &record)?;
+                    check_teacher(&c, p, &record)?;
                     let step: u64 = c.meta("step")?;
                     if step > n_distill_iters {
                         candle_core::bail!(
@@ -783,23 +776,30 @@ fn main() -> candle_core::Result<()> {
                             p.display()
                         );
                     }
-                    if step == n_distill_iters {
-                        Some((p, c, true))
-                    } else {
-                        eprintln!(
-                            "continuing the distillation in {} from step {step} to {n_distill_iters}",
-                            p.display()
-                        );
-                        Some((p, c, false))
+                    if found.as_ref().is_none_or(|(s, _, _)| step > *s) {
+                        found = Some((step, p.clone(), c));
                     }
+                }
+            }
+            let mut resume = None;
+            let reused = match found {
+                Some((step, p, c)) if step == n_distill_iters => {
+                    eprintln!("reusing {}", p.display());
+                    Some(c)
+                }
+                Some((step, p, c)) => {
+                    eprintln!(
+                        "continuing the distillation in {} from step {step} to {n_distill_iters}",
+                        p.display()
+                    );
+                    resume = Some(c);
+                    None
                 }
                 None => None,
             };
-            let c = if let Some((p, c, true)) = resume {
-                eprintln!("reusing {}", p.display());
+            let c = if let Some(c) = reused {
                 c
             } else {
-                let resume = resume.map(|(_, c, _)| c);
                 let with_draws = match args.distill_draws {
                     0 => None,
                     n => {

@@ -67,7 +67,7 @@ impl Progress {
         if !self.enabled {
             return;
         }
-        self.base.get_or_insert(0);
+        let base = *self.base.get_or_insert(0);
         let now = Instant::now();
         let pct = done * 100 / self.total;
         let due = if self.tty {
@@ -82,7 +82,7 @@ impl Progress {
         }
         self.last = now;
         self.last_pct = pct;
-        let since = done.saturating_sub(self.base.unwrap_or(0));
+        let since = done.saturating_sub(base);
         let el = now.duration_since(self.start);
         let rate = since as f64 / el.as_secs_f64().max(1e-9);
         let eta = if since > 0 {
