@@ -104,6 +104,10 @@ struct Args {
     /// training split's).
     #[arg(long, value_enum, default_value_t = EvalSplit::Test)]
     eval_split: EvalSplit,
+    /// Seed of the evaluation split's maps and scenes (default: --seed). Another value
+    /// draws a split no earlier run has looked at, for a result chosen on validation.
+    #[arg(long)]
+    eval_seed: Option<u64>,
     /// Sampling steps (default 64; 32 with --quick).
     #[arg(long)]
     steps: Option<usize>,
@@ -129,6 +133,10 @@ struct Args {
     /// Classifier training iterations (default 3,000; 300 with --quick).
     #[arg(long)]
     classifier_iters: Option<u64>,
+    /// Seed of Gen-neG's draws, classifier training and checks (default: --seed).
+    /// Another value repeats the iterations independently on the same data and baseline.
+    #[arg(long)]
+    genneg_seed: Option<u64>,
     /// Scenes drawn per iteration, apart from the classifier's, to check each classifier
     /// on (mean P(valid) and ROC AUC by noise level; default 500, 100 with --quick; 0
     /// skips the check).
@@ -259,6 +267,9 @@ fn load_baseline(path: &Path, scene_cfg: &SceneConfig) -> Result<Checkpoint> {
     Ok(c)
 }
 
+/// Metadata key under which a classifier records the seed of its draws and training.
+const GENNEG_SEED_KEY: &str = "genneg_traffic.genneg_seed";
+
 /// Metadata key under which a distilled model records its teacher.
 const DISTILL_TEACHER_KEY: &str = "genneg_traffic.distill_teacher";
 
@@ -384,6 +395,7 @@ fn main() -> candle_core::Result<()> {
     let n_samples = args.samples.unwrap_or(if q { 200 } else { 2_000 });
     let steps = args.steps.unwrap_or(if q { 32 } else { 64 });
     let seed = args.common.seed;
+    let genneg_seed = args.genneg_seed.unwrap_or(seed);
     // Checked before any data or training, so a bad flag costs nothing.
     if let Some(lr) = args.distill_lr {
         if !(lr > 0.0 && lr.is_finite()) {
@@ -420,7 +432,7 @@ fn main() -> candle_core::Result<()> {
         args.eval_split.split(),
         (n_maps / 4).max(1),
         n_samples,
-        seed,
+        args.eval_seed.unwrap_or(seed),
     )?;
     eprintln!(
         "generated {} training scenes on {n_maps} maps and {} {} scenes in {:.1}s",
@@ -626,8 +638,21 @@ fn main() -> candle_core::Result<()> {
         let mut trained: Vec<(String, Checkpoint)> = Vec::new();
         if args.reuse && kinds.iter().all(|(n, _, _)| file_of(it, n).exists()) {
             for (name, _, _) in &kinds {
-                eprintln!("iteration {it}: reusing {}", file_of(it, name).display());
-                trained.push((name.clone(), Checkpoint::load(file_of(it, name))?));
+                let path = file_of(it, name);
+                eprintln!("iteration {it}: reusing {}", path.display());
+                let c = Checkpoint::load(&path)?;
+                // Files saved before the key existed were all seeded by --seed.
+                let then = match c.metadata.contains_key(GENNEG_SEED_KEY) {
+                    true => c.meta(GENNEG_SEED_KEY)?,
+                    false => seed,
+                };
+                if then != genneg_seed {
+                    candle_core::bail!(
+                        "classifier {} was trained with Gen-neG seed {then}, this run's --genneg-seed is {genneg_seed}; use another --out or drop --reuse",
+                        path.display()
+                    );
+                }
+                trained.push((name.clone(), c));
             }
         } else {
             let drawn = {
@@ -638,7 +663,7 @@ fn main() -> candle_core::Result<()> {
                     n_draws,
                     &sampler,
                     &sigmas,
-                    seed.wrapping_add(100 + it as u64),
+                    genneg_seed.wrapping_add(100 + it as u64),
                     500,
                     &mut |d| progress.update(d, "scenes"),
                 )?
@@ -658,12 +683,12 @@ fn main() -> candle_core::Result<()> {
                     "iteration {it}: {name} classifier on {} valid + {} invalid vehicles (vehicle α = {:.4})",
                     set.kept.0, set.kept.1, set.alpha
                 );
-                let c = train_agent_classifier(
+                let mut c = train_agent_classifier(
                     &classifier_cfg,
                     &set,
                     &train,
                     n_classifier_iters,
-                    seed + it as u64,
+                    genneg_seed.wrapping_add(it as u64),
                     sigma_clean,
                     &dev,
                     &mut Progress::new(
@@ -671,6 +696,7 @@ fn main() -> candle_core::Result<()> {
                         n_classifier_iters as usize,
                     ),
                 )?;
+                c.set_meta(GENNEG_SEED_KEY, &genneg_seed)?;
                 c.save(file_of(it, &name))?;
                 trained.push((name, c));
             }
@@ -686,7 +712,7 @@ fn main() -> candle_core::Result<()> {
                     n,
                     &sampler,
                     &sigmas,
-                    seed.wrapping_add(200 + it as u64),
+                    genneg_seed.wrapping_add(200 + it as u64),
                     500,
                     &mut |d| progress.update(d, "scenes"),
                 )?)
@@ -702,7 +728,7 @@ fn main() -> candle_core::Result<()> {
                     check,
                     &train,
                     &CHECK_SIGMAS,
-                    seed.wrapping_add(300 + it as u64),
+                    genneg_seed.wrapping_add(300 + it as u64),
                     500,
                 )?;
                 let name = format!("{name}_{it}");
