@@ -335,6 +335,10 @@ struct Report {
     eval_scenes: usize,
     /// The split `models` were evaluated on: "test" or "validation".
     eval_split: &'static str,
+    /// `--seed` (data, baseline), `--genneg-seed` and `--eval-seed` as this run used them.
+    seed: u64,
+    genneg_seed: u64,
+    eval_seed: u64,
     labelled_per_second: f64,
     /// Each classifier's check on scenes held out from its training.
     classifier_checks: Vec<CheckReport>,
@@ -1037,6 +1041,9 @@ fn main() -> candle_core::Result<()> {
                 train_scenes: train.set.len(),
                 eval_scenes: test.set.len(),
                 eval_split: args.eval_split.name(),
+                seed,
+                genneg_seed,
+                eval_seed: args.eval_seed.unwrap_or(seed),
                 labelled_per_second,
                 classifier_checks: checks,
             },
