@@ -400,6 +400,7 @@ fn main() -> candle_core::Result<()> {
     let steps = args.steps.unwrap_or(if q { 32 } else { 64 });
     let seed = args.common.seed;
     let genneg_seed = args.genneg_seed.unwrap_or(seed);
+    let eval_seed = args.eval_seed.unwrap_or(seed);
     // Checked before any data or training, so a bad flag costs nothing.
     if let Some(lr) = args.distill_lr {
         if !(lr > 0.0 && lr.is_finite()) {
@@ -436,7 +437,7 @@ fn main() -> candle_core::Result<()> {
         args.eval_split.split(),
         (n_maps / 4).max(1),
         n_samples,
-        args.eval_seed.unwrap_or(seed),
+        eval_seed,
     )?;
     eprintln!(
         "generated {} training scenes on {n_maps} maps and {} {} scenes in {:.1}s",
@@ -811,21 +812,20 @@ fn main() -> candle_core::Result<()> {
                     }
                 }
             }
-            let mut resume = None;
-            let reused = match found {
+            // (a finished distillation to reuse, a saved state to continue from)
+            let (reused, resume) = match found {
                 Some((step, p, c)) if step == n_distill_iters => {
                     eprintln!("reusing {}", p.display());
-                    Some(c)
+                    (Some(c), None)
                 }
                 Some((step, p, c)) => {
                     eprintln!(
                         "continuing the distillation in {} from step {step} to {n_distill_iters}",
                         p.display()
                     );
-                    resume = Some(c);
-                    None
+                    (None, Some(c))
                 }
-                None => None,
+                None => (None, None),
             };
             let c = if let Some(c) = reused {
                 c
@@ -1043,7 +1043,7 @@ fn main() -> candle_core::Result<()> {
                 eval_split: args.eval_split.name(),
                 seed,
                 genneg_seed,
-                eval_seed: args.eval_seed.unwrap_or(seed),
+                eval_seed,
                 labelled_per_second,
                 classifier_checks: checks,
             },
