@@ -20,7 +20,7 @@ use scoreguide::data::{SceneConfig, SceneSet, Split};
 use scoreguide::plot::save_grid;
 use scoreguide::runtime::{sampler_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
-use scoreguide::sde::{append_zero, karras};
+use scoreguide::sde::{append_zero, karras, SigmaDistribution};
 use scoreguide::traffic::{
     check_agent_classifier, distill, distill_resumable, draw_scenes, label_scenes, offroad_pull,
     r_elbo, sample_scenes, scene_panel, train_agent_classifier, train_more, train_score,
@@ -355,6 +355,15 @@ struct CheckReport {
 /// Noise levels (standardised units) at which classifiers are checked.
 const CHECK_SIGMAS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
 
+/// Training noise levels as a person would name them on the command line.
+fn describe_sigma(d: &Option<SigmaDistribution>) -> String {
+    match d {
+        None => "DDPM t uniform (no flag)".to_string(),
+        Some(SigmaDistribution::LogUniform { min, .. }) => format!("ln σ uniform from {min}"),
+        Some(other) => format!("{other:?}"),
+    }
+}
+
 /// A figure to 3 decimals, or a dash where there is none (an empty group).
 fn or_dash(v: Option<f64>) -> String {
     v.map_or("–".to_string(), |v| format!("{v:.3}"))
@@ -655,6 +664,17 @@ fn main() -> candle_core::Result<()> {
                     candle_core::bail!(
                         "classifier {} was trained with Gen-neG seed {then}, this run's --genneg-seed is {genneg_seed}; use another --out or drop --reuse",
                         path.display()
+                    );
+                }
+                // A classifier trained at other noise levels than this command asks for
+                // would make its table rows lie about their command.
+                let fitted: TrafficConfig = c.meta("traffic")?;
+                if fitted.train_sigma != classifier_cfg.train_sigma {
+                    candle_core::bail!(
+                        "classifier {} was trained at noise levels {}, this run's --classifier-log-uniform-sigma asks for {}; use another --out or drop --reuse",
+                        path.display(),
+                        describe_sigma(&fitted.train_sigma),
+                        describe_sigma(&classifier_cfg.train_sigma)
                     );
                 }
                 trained.push((name.clone(), c));
