@@ -359,7 +359,9 @@ const CHECK_SIGMAS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
 fn describe_sigma(d: &Option<SigmaDistribution>) -> String {
     match d {
         None => "DDPM t uniform (no flag)".to_string(),
-        Some(SigmaDistribution::LogUniform { min, .. }) => format!("ln σ uniform from {min}"),
+        Some(SigmaDistribution::LogUniform { min, max }) => {
+            format!("ln σ uniform from {min} to {max:.4}")
+        }
         Some(other) => format!("{other:?}"),
     }
 }
