@@ -2,8 +2,11 @@
 //! `genneg_traffic` trains it): a training step (DSM + backward + Adam + EMA at batch
 //! 256, maps encoded in the step), a sampling step (one Heun step = 2 evaluations at
 //! batch 256 on frozen weights) and the same step guided by one per-vehicle classifier
-//! of the base's size (the paper's Table 4: about 1.5× the base), each with 1 and 2 CPU
-//! threads in its own process. Prints medians; not a test (compare the ratios within
+//! of the base's size (the paper's Table 4: about 1.5× the base), and a distillation step
+//! of that guided teacher (σ ln-uniform from 0.01, as `genneg_traffic
+//! --distill-log-uniform-sigma 0.01` trains it) with the classifier on every row and
+//! gated to σ ≤ 0.2 (`--guidance-sigma-max 0.2`: it runs on about a third of the rows),
+//! each with 1 and 2 CPU threads in its own process. Prints medians; not a test (compare the ratios within
 //! one run: these machines are shared and noisy).
 //!
 //!     cargo run --release --example bench_traffic
@@ -15,7 +18,7 @@ use scoreguide::data::{SceneConfig, SceneSet, Split};
 use scoreguide::nets::{ParamStore, SceneTransformer, SceneTransformerConfig};
 use scoreguide::runtime::{heun_step_ms, measure_in_workers};
 use scoreguide::traffic::{
-    train_score, AgentClassifier, FeatureScaler, TrafficConfig, TrafficData, TrafficModel,
+    distill, train_score, AgentClassifier, FeatureScaler, TrafficConfig, TrafficData, TrafficModel,
     TrafficStack,
 };
 use scoreguide::train::{Checkpoint, Progress};
@@ -54,6 +57,10 @@ struct Timing {
     sample_step_ms: f64,
     /// Heun step guided by one per-vehicle classifier of the base's size.
     guided_step_ms: f64,
+    /// Distillation step of that guided teacher, the classifier on every row.
+    distill_step_ms: f64,
+    /// The same with the classifier gated to σ ≤ 0.2.
+    distill_gated_step_ms: f64,
     params: usize,
 }
 
@@ -72,9 +79,8 @@ fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Tim
 
     // Training: the mean step of a run of 3 + `reps` steps less a run of 3 (set-up and
     // the final checkpoint cancel), after a run that warms the allocator up.
-    let run = |iters: u64| -> candle_core::Result<(f64, Checkpoint)> {
-        let t0 = Instant::now();
-        let c = train_score(
+    let (ckpt, train_step_ms) = step_ms(reps, |iters| {
+        train_score(
             &TrafficConfig {
                 iters,
                 ..cfg.clone()
@@ -82,13 +88,8 @@ fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Tim
             &data,
             &dev,
             &mut Progress::hidden(),
-        )?;
-        Ok((t0.elapsed().as_secs_f64() * 1e3, c))
-    };
-    let (_, ckpt) = run(3)?; // warm-up: first-touch allocation and page faults
-    let (short, _) = run(3)?;
-    let (long, _) = run(3 + reps as u64)?;
-    let train_step_ms = (long - short) / reps as f64;
+        )
+    })?;
 
     // Sampling on frozen weights, as the examples do.
     let base = TrafficModel::load(&ckpt, DType::F32, &dev)?;
@@ -100,14 +101,48 @@ fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Tim
     let sample_step_ms = heun_step_ms(&stack.on_maps(&maps)?, &x, 1.0, 0.9, reps)?;
     let guided = stack.with(&classifier);
     let guided_step_ms = heun_step_ms(&guided.on_maps(&maps)?, &x, 1.0, 0.9, reps)?;
+
+    let distill_cfg = cfg.clone().with_log_uniform_sigma(0.01);
+    let distill_ms = |teacher: &TrafficStack| {
+        step_ms(reps, |iters| {
+            let cfg = TrafficConfig {
+                iters,
+                ..distill_cfg.clone()
+            };
+            distill(&cfg, teacher, &ckpt, &data, &dev, &mut Progress::hidden())
+        })
+        .map(|(_, ms)| ms)
+    };
+    let distill_step_ms = distill_ms(&guided)?;
+    let distill_gated_step_ms = distill_ms(&stack.with(&classifier).gated(Some(0.2)))?;
     Ok(Timing {
         threads,
         batch,
         train_step_ms,
         sample_step_ms,
         guided_step_ms,
+        distill_step_ms,
+        distill_gated_step_ms,
         params: base.params,
     })
+}
+
+/// The mean step of `train(iters)`, a run of 3 + `reps` steps less a run of 3 (set-up
+/// and the final checkpoint cancel), after a run that warms the allocator up; and that
+/// warm-up run's checkpoint.
+fn step_ms(
+    reps: usize,
+    train: impl Fn(u64) -> candle_core::Result<Checkpoint>,
+) -> candle_core::Result<(Checkpoint, f64)> {
+    let run = |iters: u64| -> candle_core::Result<(f64, Checkpoint)> {
+        let t0 = Instant::now();
+        let c = train(iters)?;
+        Ok((t0.elapsed().as_secs_f64() * 1e3, c))
+    };
+    let (_, ckpt) = run(3)?; // warm-up: first-touch allocation and page faults
+    let (short, _) = run(3)?;
+    let (long, _) = run(3 + reps as u64)?;
+    Ok((ckpt, (long - short) / reps as f64))
 }
 
 /// A per-vehicle classifier of the base's architecture with its initial weights (the
@@ -156,17 +191,22 @@ fn main() -> candle_core::Result<()> {
         rows[0].params, args.batch
     );
     println!(
-        "| threads | train step (ms) | Heun step (ms) | guided Heun step, 1 classifier (ms) |"
+        "| threads | train step (ms) | Heun step (ms) | guided Heun step, 1 classifier (ms) \
+         | distillation step (ms) | distillation step, gated σ ≤ 0.2 (ms) |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} ({:.2}× base) |",
+            "| {} | {:.1} | {:.1} | {:.1} ({:.2}× base) | {:.1} ({:.2}× train) | {:.1} ({:.2}× train) |",
             r.threads,
             r.train_step_ms,
             r.sample_step_ms,
             r.guided_step_ms,
-            r.guided_step_ms / r.sample_step_ms
+            r.guided_step_ms / r.sample_step_ms,
+            r.distill_step_ms,
+            r.distill_step_ms / r.train_step_ms,
+            r.distill_gated_step_ms,
+            r.distill_gated_step_ms / r.train_step_ms
         );
     }
     if let Some(p) = &args.json {

@@ -495,6 +495,66 @@ fn check_guided_scene_score(lane_maps: bool) {
 }
 
 #[test]
+fn a_gated_stack_is_the_baseline_above_its_gate_and_guided_below() {
+    use candle_core::{DType, Tensor};
+    use scoreguide::guidance::{Gated, Guided, Score};
+    use scoreguide::traffic::{AgentClassifier, TrafficModel, TrafficStack};
+    let (data, base, clf, _) = tiny_models(true);
+    let dev = candle_core::Device::Cpu;
+    let base = TrafficModel::load(&base, DType::F64, &dev).unwrap();
+    let clf = AgentClassifier::load(&clf, DType::F64, &dev).unwrap();
+    let idx = [0u32, 1, 2, 3];
+    let maps = data.maps_of(&idx).unwrap().to_dtype(DType::F64).unwrap();
+    let x = data.x.rows(&idx).unwrap().to_dtype(DType::F64).unwrap();
+    let rows = |t: &Tensor| -> Vec<Vec<f64>> { t.to_vec2().unwrap() };
+    let denoised = |s: &dyn Score, sigma: &[f64]| {
+        rows(&s.denoise(&x, &Tensor::new(sigma, &dev).unwrap()).unwrap())
+    };
+    let gated = TrafficStack::new(&base).with(&clf).gated(Some(1.0));
+    let gated = gated.on_maps(&maps).unwrap();
+    let ungated = TrafficStack::new(&base).with(&clf);
+    let ungated = ungated.on_maps(&maps).unwrap();
+    let masked = Guided::new(base.on_maps(&maps).unwrap())
+        .with(1.0, Gated::new(clf.on_maps(&maps, &base).unwrap(), 1.0));
+    let base = base.on_maps(&maps).unwrap();
+
+    // Mixed noise levels (a distillation batch): rows 0 and 2 are gated in.
+    let mixed = [0.3, 2.0, 0.05, 5.0];
+    let (g, u, m, b) = (
+        denoised(&gated, &mixed),
+        denoised(&ungated, &mixed),
+        denoised(&masked, &mixed),
+        denoised(&base, &mixed),
+    );
+    for r in [1, 3] {
+        assert_eq!(
+            g[r], b[r],
+            "row {r} is above the gate: the baseline's, to the bit"
+        );
+    }
+    for r in [0, 2] {
+        assert_ne!(g[r], b[r], "row {r}: the classifier must act (not vacuous)");
+        for (k, (a, e)) in g[r].iter().zip(&u[r]).enumerate() {
+            assert!(
+                (a - e).abs() < 1e-12,
+                "row {r}, value {k}: {a} vs ungated {e}"
+            );
+        }
+    }
+    for (r, (gr, mr)) in g.iter().zip(&m).enumerate() {
+        for (k, (a, e)) in gr.iter().zip(mr).enumerate() {
+            assert!(
+                (a - e).abs() < 1e-12,
+                "row {r}, value {k}: {a} vs masked {e}"
+            );
+        }
+    }
+    // One noise level for the batch (a sampler's step): all rows in, or none.
+    assert_eq!(denoised(&gated, &[0.5; 4]), denoised(&ungated, &[0.5; 4]));
+    assert_eq!(denoised(&gated, &[3.0; 4]), denoised(&base, &[3.0; 4]));
+}
+
+#[test]
 fn vehicle_rates_count_vehicles_and_scene_rates_scenes() {
     use scoreguide::traffic::{label_scenes, FeatureScaler, TrafficConfig, TrafficData};
     let dev = candle_core::Device::Cpu;

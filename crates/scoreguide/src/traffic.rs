@@ -4,7 +4,7 @@
 //! scenes with their infracting vehicles highlighted, like the paper's Fig. 1.
 
 use crate::data::{Dataset, MapLayers, SceneSet};
-use crate::guidance::{log_sigmoid, Gated, Guided, LogProb, Score};
+use crate::guidance::{check_batch, grad_log_prob, log_sigmoid, per_sample, LogProb, Score};
 use crate::losses::{distillation, dsm, DsmWeighting};
 use crate::nets::{
     BoundScene, MapProbe, ParamStore, Precond, SceneMaps, SceneTransformer, SceneTransformerConfig,
@@ -1123,21 +1123,117 @@ impl<'a> TrafficStack<'a> {
     }
 
     /// The guided score for scenes on `maps`: s_θ + Σ_k ∇x log C_k.
-    pub fn on_maps(&self, maps: &Tensor) -> Result<Guided<'a>> {
-        let mut g = Guided::new(self.base.on_maps(maps)?);
-        for c in &self.classifiers {
-            let term = c.on_maps(maps, self.base)?;
-            g = match self.guidance_sigma_max {
-                Some(s) => g.with(1.0, Gated::new(term, s)),
-                None => g.with(1.0, term),
-            };
-        }
-        Ok(g)
+    pub fn on_maps(&self, maps: &Tensor) -> Result<StackScore<'a>> {
+        Ok(StackScore {
+            base: self.base.on_maps(maps)?,
+            model: self.base,
+            classifiers: self.classifiers.clone(),
+            bound: self
+                .classifiers
+                .iter()
+                .map(|c| {
+                    Ok((
+                        1.0,
+                        Box::new(c.on_maps(maps, self.base)?) as Box<dyn LogProb>,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+            maps: maps.clone(),
+            gate: self.guidance_sigma_max,
+        })
     }
 
     /// Parameters of the base and every classifier.
     pub fn params(&self) -> usize {
         self.base.params + self.classifiers.iter().map(|c| c.params).sum::<usize>()
+    }
+}
+
+/// A [`TrafficStack`] on one batch's maps, as a [`Score`]: s_θ + Σ_k ∇x log C_k.
+///
+/// With a gate the classifiers run only on the rows whose σ is at most the gate (the
+/// rows above it get the baseline's score exactly, as with [`Gated`](crate::guidance::Gated)): a sampler's
+/// batch shares one σ, so its steps above the gate cost the baseline's alone, and a
+/// distillation batch, whose σ is drawn per scene, pays for the classifiers on its
+/// gated rows only.
+pub struct StackScore<'a> {
+    base: ScoreNet<BoundScene<'a>>,
+    model: &'a TrafficModel,
+    classifiers: Vec<&'a AgentClassifier>,
+    /// The classifiers bound to the whole batch's maps (encoded once, for the steps
+    /// where every row is gated in).
+    bound: Vec<(f64, Box<dyn LogProb + 'a>)>,
+    maps: Tensor,
+    gate: Option<f64>,
+}
+
+impl StackScore<'_> {
+    /// Σ_k ∇x log C_k(x; σ), zero on the rows above the gate.
+    pub fn guidance(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+        check_batch(x, sigma)?;
+        let Some(gate) = self.gate.filter(|_| !self.bound.is_empty()) else {
+            return match self.bound.is_empty() {
+                true => x.zeros_like(),
+                false => grad_log_prob(&self.bound, x, sigma),
+            };
+        };
+        // Compared in σ's dtype, as `Gated` does.
+        let gate = match sigma.dtype() {
+            DType::F64 => gate,
+            _ => gate as f32 as f64,
+        };
+        let rows: Vec<u32> = sigma
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s <= gate)
+            .map(|(i, _)| i as u32)
+            .collect();
+        if rows.is_empty() {
+            return x.zeros_like();
+        }
+        if rows.len() == x.dim(0)? {
+            return grad_log_prob(&self.bound, x, sigma);
+        }
+        let idx = Tensor::from_vec(rows.clone(), rows.len(), x.device())?;
+        let maps = self.maps.index_select(&idx, 0)?;
+        let terms = self
+            .classifiers
+            .iter()
+            .map(|c| {
+                Ok((
+                    1.0,
+                    Box::new(c.on_maps(&maps, self.model)?) as Box<dyn LogProb>,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let g = grad_log_prob(
+            &terms,
+            &x.index_select(&idx, 0)?,
+            &sigma.index_select(&idx, 0)?,
+        )?;
+        x.zeros_like()?.index_add(&idx, &g, 0)
+    }
+}
+
+impl Score for StackScore<'_> {
+    fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+        let base = self.base.score(x, sigma)?;
+        if self.classifiers.is_empty() {
+            return Ok(base);
+        }
+        base + self.guidance(x, sigma)?
+    }
+
+    // The same sums as `Guided`'s, so an ungated step is that of `Guided` to the bit.
+    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+        let base = self.base.denoise(x, sigma)?;
+        if self.classifiers.is_empty() {
+            return Ok(base);
+        }
+        let s2 = per_sample(sigma, x)?.sqr()?;
+        base + self.guidance(x, sigma)?.broadcast_mul(&s2)?
     }
 }
 
