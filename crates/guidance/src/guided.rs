@@ -94,13 +94,34 @@ impl<L: LogProb> Gated<L> {
     }
 }
 
+/// Whether every entry of a 0/1 mask is 0 (so also for an empty batch).
+fn all_off(mask: &Tensor) -> Result<bool> {
+    if mask.elem_count() == 0 {
+        return Ok(true);
+    }
+    Ok(mask
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        == 0.0)
+}
+
+// A batch entirely above the gate (a sampler's step: one σ for all rows) skips the term.
 impl<L: LogProb> LogProb for Gated<L> {
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        self.term.log_prob(x, sigma)? * self.mask(sigma)?.to_dtype(x.dtype())?
+        let m = self.mask(sigma)?.to_dtype(x.dtype())?;
+        if all_off(&m)? {
+            return Ok(m);
+        }
+        self.term.log_prob(x, sigma)? * m
     }
 
     fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
         let m = self.mask(sigma)?.to_dtype(x.dtype())?.unsqueeze(1)?;
+        if all_off(&m)? {
+            return Ok(Some(x.zeros_like()?));
+        }
         Ok(match self.term.input_gradient(x, sigma)? {
             Some(g) => Some(g.broadcast_mul(&m)?),
             None => None,
@@ -239,6 +260,32 @@ mod tests {
             .log_prob(&x, &sigma)?
             .to_vec1::<f64>()?;
         assert_eq!(lp, vec![-2.5, 0.0, -1.0]);
+        Ok(())
+    }
+
+    /// Fails the test if evaluated.
+    struct MustNotRun;
+
+    impl LogProb for MustNotRun {
+        fn log_prob(&self, _x: &Tensor, _sigma: &Tensor) -> Result<Tensor> {
+            panic!("a term gated off on every row was evaluated")
+        }
+        fn input_gradient(&self, _x: &Tensor, _sigma: &Tensor) -> Result<Option<Tensor>> {
+            panic!("a term gated off on every row was evaluated")
+        }
+    }
+
+    #[test]
+    fn a_batch_wholly_above_the_gate_skips_the_term() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1.0f32, -2.0], [3.0, 0.5]], &dev)?;
+        let sigma = Tensor::new(&[2.0f32, 2.0], &dev)?;
+        let terms: Vec<(f64, Box<dyn LogProb>)> =
+            vec![(1.0, Box::new(Gated::new(MustNotRun, 1.0)))];
+        let g = grad_log_prob(&terms, &x, &sigma)?.to_vec2::<f32>()?;
+        assert_eq!(g, vec![vec![0.0, 0.0]; 2]);
+        let lp = Gated::new(MustNotRun, 1.0).log_prob(&x, &sigma)?;
+        assert_eq!(lp.to_vec1::<f32>()?, vec![0.0, 0.0]);
         Ok(())
     }
 }
