@@ -10,6 +10,7 @@
 //! one run: these machines are shared and noisy).
 //!
 //!     cargo run --release --example bench_traffic
+//!     cargo run --release --example bench_traffic -- --lane-maps   # the full run's network
 //!     cargo run --release --example bench_traffic -- --json out/bench_traffic.json
 
 use candle_core::{DType, Device};
@@ -41,6 +42,10 @@ struct Args {
     /// Batch (scenes) for every measurement.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// The full traffic run's network (`genneg_traffic --lane-maps --map-probe`): lane
+    /// maps through cross-attention, read around each vehicle by a probe.
+    #[arg(long)]
+    lane_maps: bool,
     #[arg(long)]
     json: Option<PathBuf>,
     /// Internal: measure in this process with this many threads and print JSON.
@@ -64,7 +69,12 @@ struct Timing {
     params: usize,
 }
 
-fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Timing> {
+fn measure(
+    threads: usize,
+    reps: usize,
+    batch: usize,
+    lane_maps: bool,
+) -> candle_core::Result<Timing> {
     if batch == 0 || reps == 0 {
         candle_core::bail!("--batch and --reps must be positive, got {batch} and {reps}");
     }
@@ -74,6 +84,12 @@ fn measure(threads: usize, reps: usize, batch: usize) -> candle_core::Result<Tim
     let cfg = TrafficConfig {
         batch,
         ..TrafficConfig::default()
+    };
+    let cfg = match lane_maps {
+        true => cfg
+            .with_lane_maps()
+            .with_map_probe(&scaler, set.config.half_size),
+        false => cfg,
     };
     let data = TrafficData::new(set, scaler, &cfg, &dev)?;
 
@@ -170,7 +186,7 @@ fn main() -> candle_core::Result<()> {
     let args = Args::parse();
     if let Some(t) = args.worker {
         scoreguide::runtime::set_threads(Some(t));
-        let timing = measure(t, args.reps, args.batch)?;
+        let timing = measure(t, args.reps, args.batch, args.lane_maps)?;
         println!(
             "{}",
             serde_json::to_string(&timing).expect("timing serialises")
@@ -184,11 +200,20 @@ fn main() -> candle_core::Result<()> {
             args.reps.to_string(),
             "--batch".into(),
             args.batch.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(args.lane_maps.then(|| "--lane-maps".to_string()))
+        .collect::<Vec<_>>(),
     )?;
     println!(
-        "scene transformer: {} parameters, batch {} scenes of 12 vehicles",
-        rows[0].params, args.batch
+        "scene transformer{}: {} parameters, batch {} scenes of 12 vehicles",
+        if args.lane_maps {
+            " (lane maps, map probe)"
+        } else {
+            " (road maps)"
+        },
+        rows[0].params,
+        args.batch
     );
     println!(
         "| threads | train step (ms) | Heun step (ms) | guided Heun step, 1 classifier (ms) \
