@@ -1128,16 +1128,7 @@ impl<'a> TrafficStack<'a> {
             base: self.base.on_maps(maps)?,
             model: self.base,
             classifiers: self.classifiers.clone(),
-            bound: self
-                .classifiers
-                .iter()
-                .map(|c| {
-                    Ok((
-                        1.0,
-                        Box::new(c.on_maps(maps, self.base)?) as Box<dyn LogProb>,
-                    ))
-                })
-                .collect::<Result<_>>()?,
+            bound: bind_classifiers(&self.classifiers, maps, self.base)?,
             maps: maps.clone(),
             gate: self.guidance_sigma_max,
         })
@@ -1152,10 +1143,10 @@ impl<'a> TrafficStack<'a> {
 /// A [`TrafficStack`] on one batch's maps, as a [`Score`]: s_θ + Σ_k ∇x log C_k.
 ///
 /// With a gate the classifiers run only on the rows whose σ is at most the gate (the
-/// rows above it get the baseline's score exactly, as with [`Gated`](crate::guidance::Gated)): a sampler's
-/// batch shares one σ, so its steps above the gate cost the baseline's alone, and a
-/// distillation batch, whose σ is drawn per scene, pays for the classifiers on its
-/// gated rows only.
+/// rows above it get the baseline's score exactly, as with
+/// [`Gated`](crate::guidance::Gated)): a sampler's batch shares one σ, so its steps above
+/// the gate cost the baseline's alone, and a distillation batch, whose σ is drawn per
+/// scene, pays for the classifiers on its gated rows only.
 pub struct StackScore<'a> {
     base: ScoreNet<BoundScene<'a>>,
     model: &'a TrafficModel,
@@ -1171,23 +1162,19 @@ impl StackScore<'_> {
     /// Σ_k ∇x log C_k(x; σ), zero on the rows above the gate.
     pub fn guidance(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
         check_batch(x, sigma)?;
-        let Some(gate) = self.gate.filter(|_| !self.bound.is_empty()) else {
-            return match self.bound.is_empty() {
-                true => x.zeros_like(),
-                false => grad_log_prob(&self.bound, x, sigma),
-            };
+        if self.bound.is_empty() {
+            return x.zeros_like();
+        }
+        let Some(gate) = self.gate else {
+            return grad_log_prob(&self.bound, x, sigma);
         };
-        // Compared in σ's dtype, as `Gated` does.
-        let gate = match sigma.dtype() {
-            DType::F64 => gate,
-            _ => gate as f32 as f64,
-        };
+        // The rows `Gated` keeps: σ ≤ gate compared in σ's dtype.
         let rows: Vec<u32> = sigma
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?
+            .le(gate)?
+            .to_vec1::<u8>()?
             .iter()
             .enumerate()
-            .filter(|(_, s)| **s <= gate)
+            .filter(|(_, keep)| **keep != 0)
             .map(|(i, _)| i as u32)
             .collect();
         if rows.is_empty() {
@@ -1196,18 +1183,13 @@ impl StackScore<'_> {
         if rows.len() == x.dim(0)? {
             return grad_log_prob(&self.bound, x, sigma);
         }
-        let idx = Tensor::from_vec(rows.clone(), rows.len(), x.device())?;
-        let maps = self.maps.index_select(&idx, 0)?;
-        let terms = self
-            .classifiers
-            .iter()
-            .map(|c| {
-                Ok((
-                    1.0,
-                    Box::new(c.on_maps(&maps, self.model)?) as Box<dyn LogProb>,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let n = rows.len();
+        let idx = Tensor::from_vec(rows, n, x.device())?;
+        let terms = bind_classifiers(
+            &self.classifiers,
+            &self.maps.index_select(&idx, 0)?,
+            self.model,
+        )?;
         let g = grad_log_prob(
             &terms,
             &x.index_select(&idx, 0)?,
@@ -1215,6 +1197,18 @@ impl StackScore<'_> {
         )?;
         x.zeros_like()?.index_add(&idx, &g, 0)
     }
+}
+
+/// Each classifier as a guidance term (weight 1) for scenes on `maps`.
+fn bind_classifiers<'a>(
+    classifiers: &[&'a AgentClassifier],
+    maps: &Tensor,
+    base: &'a TrafficModel,
+) -> Result<Vec<(f64, Box<dyn LogProb + 'a>)>> {
+    classifiers
+        .iter()
+        .map(|c| Ok((1.0, Box::new(c.on_maps(maps, base)?) as Box<dyn LogProb>)))
+        .collect()
 }
 
 impl Score for StackScore<'_> {
