@@ -12,6 +12,7 @@ use clap::Parser;
 use rand::SeedableRng;
 use scoreguide::checkerboard::{dsm_batch, paper_sampler, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset};
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::{Guided, LogProb, Score};
 use scoreguide::nets::{ClassifierConfig, ParamStore};
 use scoreguide::runtime::{heun_step_ms, measure_in_workers, median_ms};
@@ -66,7 +67,12 @@ struct Timing {
 struct AutogradOnly<L>(L);
 
 impl<L: LogProb> LogProb for AutogradOnly<L> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Tensor> {
+    fn log_prob_with(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        _cond: &Cond,
+    ) -> candle_core::Result<Tensor> {
         self.0.log_prob(x, sigma)
     }
 }
@@ -97,7 +103,7 @@ fn measure(
     let mut noise = SampleNoise::new(0, 0, 10_000);
     let x = initial_noise(&mut noise, &[10_000, 2], 1.0, DType::F32, &dev)?;
     let (s0, s1) = (sigmas[50], sigmas[51]);
-    let mut sample_step_ms = heun_step_ms(&frozen, &x, s0, s1, reps.min(10))?;
+    let mut sample_step_ms = heun_step_ms(&frozen, &x, &Cond::none(), s0, s1, reps.min(10))?;
     let cstore = ParamStore::new(1);
     ClassifierConfig::checkerboard().build(&cstore.var_builder(DType::F32, &dev))?;
     let classifier = || -> candle_core::Result<_> {
@@ -106,9 +112,19 @@ fn measure(
     let (guided_step_ms, guided_autograd_step_ms) = match stack {
         None => {
             let guided = Guided::new(&frozen).with(1.0, classifier()?);
-            let fast = heun_step_ms(&guided, &x, s0, s1, reps.min(10))?;
+            let fast = heun_step_ms(&guided, &x, &Cond::none(), s0, s1, reps.min(10))?;
             let guided = Guided::new(&frozen).with(1.0, AutogradOnly(classifier()?));
-            (fast, Some(heun_step_ms(&guided, &x, s0, s1, reps.min(10))?))
+            (
+                fast,
+                Some(heun_step_ms(
+                    &guided,
+                    &x,
+                    &Cond::none(),
+                    s0,
+                    s1,
+                    reps.min(10),
+                )?),
+            )
         }
         Some(path) => {
             // The stack's own base and classifiers (trained weights throughout); the
@@ -116,9 +132,16 @@ fn measure(
             let s = scoreguide::genneg::Stack::from_checkpoint(
                 &scoreguide::train::Checkpoint::load(path)?,
             )?;
-            sample_step_ms = heun_step_ms(&s.truncated(0).guided(&dev)?, &x, s0, s1, reps.min(10))?;
+            sample_step_ms = heun_step_ms(
+                &s.truncated(0).guided(&dev)?,
+                &x,
+                &Cond::none(),
+                s0,
+                s1,
+                reps.min(10),
+            )?;
             (
-                heun_step_ms(&s.guided(&dev)?, &x, s0, s1, reps.min(10))?,
+                heun_step_ms(&s.guided(&dev)?, &x, &Cond::none(), s0, s1, reps.min(10))?,
                 None,
             )
         }

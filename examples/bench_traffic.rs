@@ -16,11 +16,12 @@
 use candle_core::{DType, Device};
 use clap::Parser;
 use scoreguide::data::{SceneConfig, SceneSet, Split};
-use scoreguide::nets::{ParamStore, SceneTransformer, SceneTransformerConfig};
+use scoreguide::genneg::StackedClassifier;
+use scoreguide::nets::ParamStore;
 use scoreguide::runtime::{heun_step_ms, measure_in_workers};
 use scoreguide::traffic::{
-    distill, train_score, AgentClassifier, FeatureScaler, TrafficConfig, TrafficData, TrafficModel,
-    TrafficStack,
+    distill, load_agent_classifier, train_score, FeatureScaler, TrafficConfig, TrafficData,
+    TrafficModel,
 };
 use scoreguide::train::{Checkpoint, Progress};
 use serde::{Deserialize, Serialize};
@@ -111,15 +112,16 @@ fn measure(
     let base = TrafficModel::load(&ckpt, DType::F32, &dev)?;
     let classifier = untrained_classifier(&cfg, &dev)?;
     let idx: Vec<u32> = (0..batch as u32).collect();
-    let maps = data.maps_of(&idx)?;
+    let cond = data.cond_of(&idx)?;
     let x = data.x.rows(&idx)?;
-    let stack = TrafficStack::new(&base);
-    let sample_step_ms = heun_step_ms(&stack.on_maps(&maps)?, &x, 1.0, 0.9, reps)?;
-    let guided = stack.with(&classifier);
-    let guided_step_ms = heun_step_ms(&guided.on_maps(&maps)?, &x, 1.0, 0.9, reps)?;
+    let plain = base.stack().guided(&dev)?;
+    let sample_step_ms = heun_step_ms(&plain, &x, &cond, 1.0, 0.9, reps)?;
+    let one = std::slice::from_ref(&classifier);
+    let guided = base.with_classifiers(one, None).guided(&dev)?;
+    let guided_step_ms = heun_step_ms(&guided, &x, &cond, 1.0, 0.9, reps)?;
 
     let distill_cfg = cfg.clone().with_log_uniform_sigma(0.01);
-    let distill_ms = |teacher: &TrafficStack| {
+    let distill_ms = |teacher: &dyn scoreguide::guidance::Score| {
         step_ms(reps, |iters| {
             let cfg = TrafficConfig {
                 iters,
@@ -130,7 +132,7 @@ fn measure(
         .map(|(_, ms)| ms)
     };
     let distill_step_ms = distill_ms(&guided)?;
-    let distill_gated_step_ms = distill_ms(&stack.with(&classifier).gated(Some(0.2)))?;
+    let distill_gated_step_ms = distill_ms(&base.with_classifiers(one, Some(0.2)).guided(&dev)?)?;
     Ok(Timing {
         threads,
         batch,
@@ -166,20 +168,14 @@ fn step_ms(
 fn untrained_classifier(
     base: &TrafficConfig,
     dev: &Device,
-) -> candle_core::Result<AgentClassifier> {
-    let cfg = TrafficConfig {
-        net: SceneTransformerConfig {
-            out_per_agent: 1,
-            ..base.net
-        },
-        ..base.clone()
-    };
+) -> candle_core::Result<StackedClassifier> {
+    let cfg = base.classifier();
     let store = ParamStore::new(1);
-    SceneTransformer::new(cfg.net, store.var_builder(DType::F32, dev))?;
+    cfg.build(&store.var_builder(DType::F32, dev))?;
     let mut c = Checkpoint::new();
     c.insert_section("ema", &store.tensors()?);
-    c.set_meta("traffic", &cfg)?;
-    AgentClassifier::load(&c, DType::F32, dev)
+    c.set_meta("classifier", &cfg)?;
+    load_agent_classifier(&c)
 }
 
 fn main() -> candle_core::Result<()> {

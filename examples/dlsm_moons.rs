@@ -10,7 +10,7 @@
 use candle_core::{DType, Tensor};
 use clap::Parser;
 use scoreguide::data::Dataset;
-use scoreguide::guidance::{LogProb, Score};
+use scoreguide::guidance::{Cond, LogProb, Score};
 use scoreguide::metrics::{prdc, score_errors, Prdc};
 use scoreguide::moons::{
     class_parzen, error_grid, load_classifier, load_score, moons_data, pc_sampler, sample_class,
@@ -203,7 +203,7 @@ fn main() -> candle_core::Result<()> {
     let likelihood = |c: &ToyClassifier, class: u32, scale: f64| -> candle_core::Result<Vec<f64>> {
         let g = c
             .for_class(class)?
-            .input_gradient(&grid_t, &sig)?
+            .input_gradient(&grid_t, &sig, &Cond::none())?
             .expect("the toy classifier has a hand-written input gradient");
         Ok(to_f64_rows(&g)?.into_iter().map(|v| v * scale).collect())
     };

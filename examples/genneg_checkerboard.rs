@@ -15,8 +15,9 @@ use scoreguide::checkerboard::{
 use scoreguide::data::{checkerboard, Dataset};
 use scoreguide::genneg::{
     collect, distill, train_classifier, ClassifierKind, ClassifierTrainConfig, CollectConfig,
-    Collected, DistillConfig, LabelledSet, Stack, StackedClassifier,
+    DistillConfig, Draws, LabelledSet, Stack, StackedClassifier, Unconditioned,
 };
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::Score;
 use scoreguide::metrics::{
     mmd2_gaussian, negative_log_likelihood, parallel_samples_needed, NllConfig,
@@ -188,7 +189,7 @@ const DELTA: f64 = 1e-9;
 
 /// A model to evaluate: sampled in f32, NLL in f64.
 enum Model {
-    Stack(Stack),
+    Stack(Box<Stack>),
     Distilled(Checkpoint),
 }
 
@@ -252,7 +253,7 @@ fn main() -> candle_core::Result<()> {
     ccfg.train.seed = args.seed;
     let budget = |it: usize| if it == 1 { sz.first_budget } else { sz.budget };
     let collect_cfg = |it: usize| CollectConfig {
-        per_class: sz.per_class,
+        per_class: Some(sz.per_class),
         batch: 10_000,
         budget: budget(it),
         min_negatives: sz.min_negatives,
@@ -262,7 +263,7 @@ fn main() -> candle_core::Result<()> {
     // Gen-neG iterations.
     let mut stacks = vec![stack0.clone()];
     let mut logs = Vec::new();
-    let mut first: Option<Collected> = None;
+    let mut first: Option<Draws> = None;
     let mut resuming = args.resume;
     for it in 1..=args.iterations {
         let saved = args.out.join(format!("genneg_{it}.safetensors"));
@@ -290,7 +291,7 @@ fn main() -> candle_core::Result<()> {
             &model,
             &sampler,
             &sigmas,
-            &board,
+            &Unconditioned(&board),
             &[2],
             &collect_cfg(it),
             &dev,
@@ -302,14 +303,14 @@ fn main() -> candle_core::Result<()> {
             resumed_from: None,
             collection: Some(CollectionLog {
                 drawn: c.drawn,
-                positives_found: c.positives_found,
-                negatives_found: c.negatives_found,
-                alpha: c.alpha,
+                positives_found: c.valid_found,
+                negatives_found: c.invalid_found,
+                alpha: c.alpha(),
                 budget_exhausted: c.budget_exhausted,
             }),
         };
         logs.push(log.clone());
-        let set = LabelledSet::from_collected(&c, ClassifierKind::IsBalanced)?;
+        let set = LabelledSet::new(&c, ClassifierKind::IsBalanced)?;
         let cfg_it = ClassifierTrainConfig {
             train: scoreguide::train::TrainConfig {
                 seed: args.seed + it as u64,
@@ -317,8 +318,9 @@ fn main() -> candle_core::Result<()> {
             },
             ..ccfg.clone()
         };
-        let (_, tensors) = train_classifier(
+        let tensors = train_classifier(
             &set,
+            &Unconditioned(&board),
             true,
             &cfg_it,
             &dev,
@@ -326,12 +328,14 @@ fn main() -> candle_core::Result<()> {
                 &format!("iteration {it}: classifier"),
                 cfg_it.iters as usize,
             ),
-        )?;
+        )?
+        .weights();
         let mut next = current.clone();
         next.classifiers.push(StackedClassifier {
             config: cfg_it.model.clone(),
             weight: 1.0,
             time_independent: None,
+            gate: None,
             tensors,
         });
         scoreguide::runtime::ensure_parent(&saved)?;
@@ -352,7 +356,7 @@ fn main() -> candle_core::Result<()> {
             ("imbalanced", ClassifierKind::Imbalanced),
             ("time_independent", ClassifierKind::TimeIndependent),
         ] {
-            let set = LabelledSet::from_collected(c, kind)?;
+            let set = LabelledSet::new(c, kind)?;
             let cfg_a = ClassifierTrainConfig {
                 train: scoreguide::train::TrainConfig {
                     seed: args.seed + 1,
@@ -360,18 +364,21 @@ fn main() -> candle_core::Result<()> {
                 },
                 ..ccfg.clone()
             };
-            let (_, tensors) = train_classifier(
+            let tensors = train_classifier(
                 &set,
+                &Unconditioned(&board),
                 kind.time_dependent(),
                 &cfg_a,
                 &dev,
                 &mut Progress::new(&format!("ablation {name}"), cfg_a.iters as usize),
-            )?;
+            )?
+            .weights();
             let mut s = stack0.clone();
             s.classifiers.push(StackedClassifier {
                 config: cfg_a.model.clone(),
                 weight: 1.0,
                 time_independent: (!kind.time_dependent()).then_some(cfg_a.sigma_clean),
+                gate: None,
                 tensors,
             });
             ablations.push((name.to_string(), s));
@@ -393,9 +400,11 @@ fn main() -> candle_core::Result<()> {
         let ck = distill(
             &teacher,
             &train_data,
+            &|_| Ok(Cond::none()),
             &stacks[k].base_config,
             Some(&stacks[k].base),
             &dcfg,
+            None,
             &dev,
             &mut Progress::new(&format!("distil {k}"), dcfg.iters as usize),
         )?;
@@ -404,12 +413,17 @@ fn main() -> candle_core::Result<()> {
     }
 
     // Evaluation.
-    let mut models: Vec<(String, Model)> = vec![("baseline".into(), Model::Stack(stack0.clone()))];
+    let mut models: Vec<(String, Model)> =
+        vec![("baseline".into(), Model::Stack(Box::new(stack0.clone())))];
     for (k, s) in stacks.iter().enumerate().skip(1) {
-        models.push((format!("genneg_{k}"), Model::Stack(s.clone())));
+        models.push((format!("genneg_{k}"), Model::Stack(Box::new(s.clone()))));
     }
     models.extend(distilled.into_iter().map(|(n, c)| (n, Model::Distilled(c))));
-    models.extend(ablations.into_iter().map(|(n, s)| (n, Model::Stack(s))));
+    models.extend(
+        ablations
+            .into_iter()
+            .map(|(n, s)| (n, Model::Stack(Box::new(s)))),
+    );
 
     let held_nll = held_out
         .narrow(0, 0, sz.nll_points)?
@@ -435,6 +449,7 @@ fn main() -> candle_core::Result<()> {
         let x = sample_many(
             &sampler,
             score.as_ref(),
+            &Cond::none(),
             sz.samples,
             &[2],
             &sigmas,
@@ -570,7 +585,7 @@ fn step_time_ms(model: &dyn Score, sigmas: &[f64], dev: &Device) -> candle_core:
     let mut noise = SampleNoise::new(0, 0, n);
     let x = initial_noise(&mut noise, &[n, 2], 1.0, DType::F32, dev)?;
     let mid = sigmas.len() / 2;
-    heun_step_ms(model, &x, sigmas[mid], sigmas[mid + 1], 5)
+    heun_step_ms(model, &x, &Cond::none(), sigmas[mid], sigmas[mid + 1], 5)
 }
 
 fn print_table(rows: &[Row]) {

@@ -17,15 +17,17 @@
 use candle_core::{DType, Result};
 use clap::Parser;
 use scoreguide::data::{SceneConfig, SceneSet, Split};
+use scoreguide::genneg::{ClassifierKind, LabelledSet, Stack, StackedClassifier};
+use scoreguide::guidance::Score;
 use scoreguide::plot::save_grid;
 use scoreguide::runtime::{sampler_step_ms, write_json, CommonArgs};
 use scoreguide::samplers::{HeunOptions, Sampler};
 use scoreguide::sde::{append_zero, karras, SigmaDistribution};
 use scoreguide::traffic::{
-    check_agent_classifier, distill, distill_resumable, draw_scenes, label_scenes, offroad_pull,
-    r_elbo, sample_scenes, scene_panel, train_agent_classifier, train_more, train_score,
-    train_score_resumable, AgentClassifier, AgentLabelled, ClassifierCheck, FeatureScaler,
-    OffroadPull, TrafficConfig, TrafficData, TrafficModel, TrafficStack, Weighting,
+    check_agent_classifier, distill, distill_resumable, draw_scenes, label_scenes,
+    load_agent_classifier, offroad_pull, r_elbo, sample_scenes, scene_panel,
+    train_agent_classifier, train_more, train_score, train_score_resumable, ClassifierCheck,
+    FeatureScaler, JudgedScenes, OffroadPull, TrafficConfig, TrafficData, TrafficModel,
 };
 use scoreguide::train::{Checkpoint, Progress};
 use serde::Serialize;
@@ -625,8 +627,8 @@ fn main() -> candle_core::Result<()> {
 
     // Gen-neG iterations: draw from the current stack on training maps, label, train a
     // per-vehicle IS-balanced classifier, stack it. The ablations reuse iteration 1's draws.
-    let mut classifiers: Vec<AgentClassifier> = Vec::new();
-    let mut ablations: Vec<(String, AgentClassifier)> = Vec::new();
+    let mut classifiers: Vec<StackedClassifier> = Vec::new();
+    let mut ablations: Vec<(String, StackedClassifier)> = Vec::new();
     let mut checks: Vec<CheckReport> = Vec::new();
     let file_of = |it: usize, name: &str| {
         out.join(if name == "genneg" {
@@ -637,20 +639,19 @@ fn main() -> candle_core::Result<()> {
     };
     for it in 1..=args.iterations {
         // (name, training set, σ of a time-independent classifier)
-        let mut kinds = vec![("genneg".to_string(), Weighting::IsBalanced, None)];
+        let mut kinds = vec![("genneg".to_string(), ClassifierKind::IsBalanced, None)];
         if it == 1 && !args.no_ablations {
-            kinds.push(("wo_is".into(), Weighting::WithoutIs, None));
-            kinds.push(("imbalanced".into(), Weighting::Imbalanced, None));
+            kinds.push(("wo_is".into(), ClassifierKind::WithoutIs, None));
+            kinds.push(("imbalanced".into(), ClassifierKind::Imbalanced, None));
             kinds.push((
                 "time_independent".into(),
-                Weighting::IsBalanced,
+                ClassifierKind::TimeIndependent,
                 Some(SIGMA_CLEAN),
             ));
         }
-        let stack = classifiers
-            .iter()
-            .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
-            .gated(args.guidance_sigma_max);
+        let stack = baseline
+            .with_classifiers(&classifiers, args.guidance_sigma_max)
+            .guided(&dev)?;
         let mut trained: Vec<(String, Checkpoint)> = Vec::new();
         if args.reuse && kinds.iter().all(|(n, _, _)| file_of(it, n).exists()) {
             for (name, _, _) in &kinds {
@@ -696,7 +697,7 @@ fn main() -> candle_core::Result<()> {
                 )?
             };
             eprintln!("iteration {it}: {}", drawn.summary());
-            let (valid, invalid) = drawn.vehicle_counts();
+            let (valid, invalid) = (drawn.valid_found, drawn.invalid_found);
             if valid == 0 || invalid == 0 {
                 eprintln!(
                     "iteration {it}: {valid} valid and {invalid} invalid vehicles drawn: a classifier needs both; stopping Gen-neG after {} iteration(s)",
@@ -704,8 +705,8 @@ fn main() -> candle_core::Result<()> {
                 );
                 break;
             }
-            for (name, weighting, sigma_clean) in kinds {
-                let set = AgentLabelled::new(&drawn, weighting, &dev)?;
+            for (name, kind, sigma_clean) in kinds {
+                let set = LabelledSet::new(&drawn, kind)?;
                 eprintln!(
                     "iteration {it}: {name} classifier on {} valid + {} invalid vehicles (vehicle α = {:.4})",
                     set.kept.0, set.kept.1, set.alpha
@@ -746,8 +747,12 @@ fn main() -> candle_core::Result<()> {
             }
         };
         drop(stack);
+        let check_set = match check_set {
+            Some(drawn) => Some(JudgedScenes::new(drawn, &train)?),
+            None => None,
+        };
         for (name, c) in trained {
-            let clf = AgentClassifier::load(&c, DType::F32, &dev)?;
+            let clf = load_agent_classifier(&c)?;
             if let Some(check) = &check_set {
                 let rows = check_agent_classifier(
                     &clf,
@@ -759,7 +764,7 @@ fn main() -> candle_core::Result<()> {
                     500,
                 )?;
                 let name = format!("{name}_{it}");
-                print_check(&name, check.verdicts.len(), &rows);
+                print_check(&name, check.scenes(), &rows);
                 let mut pulls = Vec::new();
                 for s in [0.01, 0.1] {
                     let p = offroad_pull(&clf, &baseline, check, &train, s, probe_reach_m, 100)?;
@@ -772,7 +777,7 @@ fn main() -> candle_core::Result<()> {
                 }
                 checks.push(CheckReport {
                     name,
-                    scenes: check.verdicts.len(),
+                    scenes: check.scenes(),
                     rows,
                     offroad_pull: pulls,
                 });
@@ -789,10 +794,9 @@ fn main() -> candle_core::Result<()> {
     let distilled = match classifiers.len() {
         0 => None,
         k if !args.no_distill => {
-            let teacher = classifiers
-                .iter()
-                .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
-                .gated(args.guidance_sigma_max);
+            let teacher = baseline
+                .with_classifiers(&classifiers, args.guidance_sigma_max)
+                .guided(&dev)?;
             let dcfg = TrafficConfig {
                 iters: n_distill_iters,
                 ..distill_cfg.clone()
@@ -855,8 +859,8 @@ fn main() -> candle_core::Result<()> {
                 let with_draws = match args.distill_draws {
                     0 => None,
                     n => {
-                        let baseline_alone = TrafficStack::new(&baseline);
-                        let (who, source) = match args.distill_draws_from {
+                        let baseline_alone = baseline.stack().guided(&dev)?;
+                        let (who, source): (_, &dyn Score) = match args.distill_draws_from {
                             DrawSource::Teacher => ("teacher", &teacher),
                             DrawSource::Baseline => ("baseline", &baseline_alone),
                         };
@@ -873,9 +877,11 @@ fn main() -> candle_core::Result<()> {
                             &mut |d| progress.update(d, "scenes"),
                         )?;
                         eprintln!("distillation: {who}'s {}", drawn.summary());
-                        let agents = baseline.scaler.denormalize(&drawn.x);
+                        let agents = baseline
+                            .scaler
+                            .denormalize(&drawn.x.flatten_all()?.to_vec1::<f32>()?);
                         let copies = (train.set.len() / n).max(1);
-                        Some(train.with_scenes(&drawn.scene_indices, &agents, copies)?)
+                        Some(train.with_scenes(&drawn.keys, &agents, copies)?)
                     }
                 };
                 let mut progress = Progress::new(&format!("distil {k}"), n_distill_iters as usize);
@@ -937,28 +943,21 @@ fn main() -> candle_core::Result<()> {
     };
 
     // Evaluation on the held-out split's maps (test unless --eval-split says otherwise).
-    let mut models: Vec<(String, TrafficStack)> =
-        vec![("baseline".into(), TrafficStack::new(&baseline))];
+    let gate = args.guidance_sigma_max;
+    let mut models: Vec<(String, Stack)> = vec![("baseline".into(), baseline.stack())];
     if let Some(c) = &control {
-        models.push(("baseline_more".into(), TrafficStack::new(c)));
+        models.push(("baseline_more".into(), c.stack()));
     }
     for k in 1..=classifiers.len() {
-        let stack = classifiers[..k]
-            .iter()
-            .fold(TrafficStack::new(&baseline), |s, c| s.with(c))
-            .gated(args.guidance_sigma_max);
+        let stack = baseline.with_classifiers(&classifiers[..k], gate);
         models.push((format!("genneg_{k}"), stack));
     }
     if let Some(d) = &distilled {
-        models.push(("distilled".into(), TrafficStack::new(d)));
+        models.push(("distilled".into(), d.stack()));
     }
     for (name, c) in &ablations {
-        models.push((
-            name.clone(),
-            TrafficStack::new(&baseline)
-                .with(c)
-                .gated(args.guidance_sigma_max),
-        ));
+        let stack = baseline.with_classifiers(std::slice::from_ref(c), gate);
+        models.push((name.clone(), stack));
     }
     if let Some(keep) = &args.eval_models {
         if let Some(unknown) = keep.iter().find(|k| !models.iter().any(|(n, _)| n == *k)) {
@@ -974,11 +973,12 @@ fn main() -> candle_core::Result<()> {
     let dim = test.set.scene_dim();
     let mut rows = Vec::new();
     let mut panels = Vec::new();
-    for (name, model) in &models {
+    for (name, stack) in &models {
+        let model = stack.guided(&dev)?;
         let mut progress = Progress::new(&format!("{name}: sampling"), idx.len());
         let t0 = Instant::now();
         let scenes = sample_scenes(
-            model,
+            &model,
             &test,
             &idx,
             &sampler,
@@ -991,11 +991,12 @@ fn main() -> candle_core::Result<()> {
         eprintln!("{name}: features {}", feature_summary(&scenes)?);
         let step_ms = {
             let b = idx.len().min(500);
-            let score = model.on_maps(&test.maps_of(&idx[..b])?)?;
+            let cond = test.cond_of(&idx[..b])?;
             let x = test.x.rows(&idx[..b])?;
-            sampler_step_ms(&score, &sampler, &x, 1.0, 0.9, 5)?
+            sampler_step_ms(&model, &sampler, &x, &cond, 1.0, 0.9, 5)?
         };
-        let elbo = r_elbo(model, &test, 8, seed.wrapping_add(11), 500)?;
+        let process = &baseline.config.process;
+        let elbo = r_elbo(&model, process, &test, 8, seed.wrapping_add(11), 500)?;
         eprintln!(
             "{name}: {:.2}% infractions ({:.2}% collision, {:.2}% offroad; vehicles {:.2}% / {:.2}% / {:.2}%), r-ELBO {elbo:.3}, {} scenes in {:.0}s",
             100.0 * rates.infraction,
@@ -1023,7 +1024,7 @@ fn main() -> candle_core::Result<()> {
             vehicle_infraction_rate: rates.vehicle_infraction,
             r_elbo: elbo,
             step_ms,
-            params: model.params(),
+            params: stack.params(),
         });
     }
     eprintln!("data: features {}", feature_summary(&test.set.agents)?);

@@ -94,6 +94,7 @@ fn main() -> candle_core::Result<()> {
         .denormalize(&data.x.rows(&idx)?.flatten_all()?.to_vec1::<f32>()?);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(args.common.seed);
     let mut levels = Vec::new();
+    let score = model.stack().guided(&dev)?;
     println!("| σ | noisy position RMS (m) | x̂0 position RMS (m) | x̂0 heading RMS (°) | noisy collision / offroad / infraction % | x̂0 collision / offroad / infraction % |");
     println!("|---|---|---|---|---|---|");
     for &sigma in &args.sigmas {
@@ -101,9 +102,8 @@ fn main() -> candle_core::Result<()> {
         for chunk in idx.chunks(250) {
             let x0 = data.x.rows(chunk)?;
             let x = (&x0 + (randn(&mut rng, x0.dims(), &dev)? * sigma)?)?;
-            let score = model.on_maps(&data.maps_of(chunk)?)?;
             let s = Tensor::full(sigma as f32, chunk.len(), &dev)?;
-            let d = score.denoise(&x, &s)?;
+            let d = score.denoise_with(&x, &s, &data.cond_of(chunk)?)?;
             noisy.extend(
                 model
                     .scaler

@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use scoreguide::checkerboard::{dsm_batch, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset};
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::Score;
 use scoreguide::nets::{
     NetConfig, ParamStore, ResMlpConfig, ScoreModelConfig, SinusoidalEmbedding,
@@ -156,6 +157,7 @@ fn same_seed_same_samples_independent_of_batch_size() {
         sample_many(
             &sampler,
             &model,
+            &Cond::none(),
             50,
             &[2],
             &sigmas,

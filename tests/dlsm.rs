@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{flat_f64, max_abs_diff};
 use scoreguide::data::{GaussianMixture, Parzen};
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::{per_sample, LogProb, Score};
 use scoreguide::losses::{cross_entropy, dlsm, DsmWeighting};
 use scoreguide::nets::{ParamStore, ToyClassifier, ToyMlpConfig};
@@ -14,7 +15,7 @@ use scoreguide::nets::{ParamStore, ToyClassifier, ToyMlpConfig};
 /// The exact score of N(0, I) data at noise σ.
 struct StdNormal;
 impl Score for StdNormal {
-    fn score(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Tensor> {
+    fn score_with(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> candle_core::Result<Tensor> {
         x.neg()?
             .broadcast_div(&(per_sample(sigma, x)?.sqr()? + 1.0)?)
     }
@@ -66,7 +67,10 @@ fn classifier_input_gradient_matches_autograd() {
     let (x0, _, sigma, _) = inputs(&dev);
     for class in [0u32, 1] {
         let term = clf.for_class(class).unwrap();
-        let fast = term.input_gradient(&x0, &sigma).unwrap().unwrap();
+        let fast = term
+            .input_gradient(&x0, &sigma, &Cond::none())
+            .unwrap()
+            .unwrap();
         let xv = Var::from_tensor(&x0).unwrap();
         let lp = term.log_prob(xv.as_tensor(), &sigma).unwrap();
         let grads = lp.sum_all().unwrap().backward().unwrap();
@@ -214,7 +218,12 @@ struct MixturePosterior {
 }
 
 impl LogProb for MixturePosterior {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> candle_core::Result<Tensor> {
+    fn log_prob_with(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        _cond: &Cond,
+    ) -> candle_core::Result<Tensor> {
         let var = (sigma.sqr()? + self.s * self.s)?.unsqueeze(1)?;
         let logits = self
             .means

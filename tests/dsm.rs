@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use scoreguide::data::{Dataset, GaussianMixture};
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::Score;
 use scoreguide::losses::{dsm, DsmWeighting};
 use scoreguide::nets::{
@@ -59,6 +60,7 @@ fn dsm_recovers_the_score_of_a_gaussian() {
                 &x0,
                 &sigma,
                 &z,
+                &Cond::none(),
                 DsmWeighting::Edm { sigma_data: 1.0 },
             )
         })

@@ -8,10 +8,10 @@ use scoreguide::checkerboard::{dsm_batch, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset, GaussianMixture};
 use scoreguide::genneg::{
     collect, train_classifier, ClassifierKind, ClassifierTrainConfig, CollectConfig, DistillConfig,
-    LabelledSet, Stack, StackedClassifier,
+    Draws, LabelledSet, Stack, StackedClassifier, Unconditioned,
 };
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::{Guided, LogProb, Score};
-use scoreguide::losses::ClassWeights;
 use scoreguide::nets::{
     ClassifierConfig, NetConfig, ParamStore, ResMlpConfig, ScoreModelConfig, SinusoidalEmbedding,
 };
@@ -37,6 +37,7 @@ fn classifier_cfg(in_dim: usize, hidden: usize) -> ClassifierConfig {
     ClassifierConfig {
         net: small_mlp(in_dim, 1, hidden),
         sigma_data: 1.0,
+        process: None,
     }
 }
 
@@ -138,14 +139,24 @@ fn is_balanced_loss_recovers_the_bayes_classifier_of_the_true_prior() {
     cfg.train.ema_decay = 0.99;
     let probe = Tensor::new(&[[-1.0f32], [0.0], [1.0]], &dev).unwrap();
     let clean = Tensor::full(cfg.sigma_clean as f32, 3, &dev).unwrap();
-    let logits = |w: ClassWeights| -> Vec<f32> {
+    // A one-dimensional problem: the oracle is never asked (the set is labelled).
+    let oracle = scoreguide::oracles::from_fn(1, |_| true);
+    let logits = |(w_pos, w_neg): (f32, f32)| -> Vec<f32> {
+        let weights = (0..2 * n)
+            .map(|i| if i < n { w_pos } else { w_neg })
+            .collect::<Vec<_>>();
         let set = LabelledSet {
             x: x.clone(),
-            labels: labels.clone(),
-            weights: w,
+            keys: vec![0; 2 * n],
+            labels: labels.reshape((2 * n, 1)).unwrap(),
+            weights: Tensor::from_vec(weights, (2 * n, 1), &dev).unwrap(),
+            kept: (n, n),
+            alpha,
         };
-        let (c, _) = train_classifier(&set, false, &cfg, &dev, &mut Progress::hidden()).unwrap();
-        c.logits(&probe, &clean)
+        let task = Unconditioned(&oracle);
+        let t = train_classifier(&set, &task, false, &cfg, &dev, &mut Progress::hidden()).unwrap();
+        t.classifier
+            .logits(&probe, &clean, &Cond::none())
             .unwrap()
             .squeeze(1)
             .unwrap()
@@ -153,8 +164,8 @@ fn is_balanced_loss_recovers_the_bayes_classifier_of_the_true_prior() {
             .unwrap()
     };
     let prior = (alpha / (1.0 - alpha)).ln() as f32; // 1.386
-    let weighted = logits(ClassWeights::importance(alpha).unwrap());
-    let plain = logits(ClassWeights::UNIT);
+    let weighted = logits((alpha as f32, (1.0 - alpha) as f32));
+    let plain = logits((1.0, 1.0));
     for (k, xv) in [-1.0f32, 0.0, 1.0].iter().enumerate() {
         assert!(
             (weighted[k] - (prior + 2.0 * xv)).abs() < 0.3,
@@ -213,10 +224,10 @@ fn guidance_lowers_the_infraction_rate_of_an_undertrained_model_and_stacks_round
         &base,
         &sampler,
         &sigmas,
-        &board,
+        &Unconditioned(&board),
         &[2],
         &CollectConfig {
-            per_class: 1500,
+            per_class: Some(1500),
             batch: 2000,
             budget: 20_000,
             min_negatives: 200,
@@ -227,9 +238,9 @@ fn guidance_lowers_the_infraction_rate_of_an_undertrained_model_and_stacks_round
     )
     .unwrap();
     assert!(
-        collected.alpha > 0.05 && collected.alpha < 0.95,
+        collected.alpha() > 0.05 && collected.alpha() < 0.95,
         "α = {}",
-        collected.alpha
+        collected.alpha()
     );
     let mut ccfg = ClassifierTrainConfig {
         model: classifier_cfg(2, 64),
@@ -238,20 +249,35 @@ fn guidance_lowers_the_infraction_rate_of_an_undertrained_model_and_stacks_round
         ..Default::default()
     };
     ccfg.train.ema_decay = 0.99;
-    let set = LabelledSet::from_collected(&collected, ClassifierKind::IsBalanced).unwrap();
-    let (_, tensors) = train_classifier(&set, true, &ccfg, &dev, &mut Progress::hidden()).unwrap();
-    let mut stack = stack0.clone();
-    stack.classifiers.push(StackedClassifier {
-        config: ccfg.model.clone(),
-        weight: 1.0,
-        time_independent: None,
-        tensors,
-    });
+    let set = LabelledSet::new(&collected, ClassifierKind::IsBalanced).unwrap();
+    assert_eq!(set.kept, (1500, 1500));
+    let trained = train_classifier(
+        &set,
+        &Unconditioned(&board),
+        true,
+        &ccfg,
+        &dev,
+        &mut Progress::hidden(),
+    )
+    .unwrap();
+    let stack = stack0.with(StackedClassifier::from_checkpoint(&trained.checkpoint).unwrap());
     let guided = stack.guided(&dev).unwrap();
 
     let n = 2000;
     let draw = |m: &dyn Score| {
-        sample_many(&sampler, m, n, &[2], &sigmas, 77, n, &dev, &mut |_| {}).unwrap()
+        sample_many(
+            &sampler,
+            m,
+            &Cond::none(),
+            n,
+            &[2],
+            &sigmas,
+            77,
+            n,
+            &dev,
+            &mut |_| {},
+        )
+        .unwrap()
     };
     let rate = |x: &Tensor| {
         scoreguide::metrics::infraction_rate(&board, x)
@@ -311,9 +337,11 @@ fn distillation_reproduces_its_teacher() {
     let ck = scoreguide::genneg::distill(
         &teacher,
         &data,
+        &|_| Ok(Cond::none()),
         &student,
         None,
         &cfg,
+        None,
         &dev,
         &mut Progress::hidden(),
     )
@@ -344,7 +372,7 @@ fn collection_stops_at_the_budget_with_a_clear_message() {
     let sampler = Sampler::Heun(HeunOptions::default());
     let sigmas = append_zero(log_linear(15, 2e-3, 20.0).unwrap());
     let cfg = CollectConfig {
-        per_class: 500,
+        per_class: Some(500),
         batch: 500,
         budget: 1500,
         min_negatives: 400,
@@ -354,7 +382,7 @@ fn collection_stops_at_the_budget_with_a_clear_message() {
         &gm,
         &sampler,
         &sigmas,
-        &Checkerboard::default(),
+        &Unconditioned(&Checkerboard::default()),
         &[2],
         &cfg,
         &dev,
@@ -373,7 +401,7 @@ fn collection_stops_at_the_budget_with_a_clear_message() {
         &gm,
         &sampler,
         &sigmas,
-        &Checkerboard::default(),
+        &Unconditioned(&Checkerboard::default()),
         &[2],
         &cfg,
         &dev,
@@ -381,6 +409,48 @@ fn collection_stops_at_the_budget_with_a_clear_message() {
     )
     .unwrap();
     assert!(c.budget_exhausted && c.summary().contains("budget exhausted"));
-    assert_eq!(c.positives.dim(0).unwrap(), c.negatives.dim(0).unwrap());
     assert_eq!(c.drawn, 1500);
+    // Balanced down to the invalid samples found.
+    let set = LabelledSet::new(&c, ClassifierKind::IsBalanced).unwrap();
+    assert_eq!(set.kept, (c.invalid_found, c.invalid_found));
+    assert!(c.invalid_found > 0 && c.invalid_found < 500);
+}
+
+#[test]
+fn labelled_sets_balance_components_in_drawing_order() {
+    let dev = Device::Cpu;
+    // Three rows of three components: 6 valid, 3 invalid, so α = 2/3.
+    let valid = vec![true, false, true, true, true, false, true, true, false];
+    let x = Tensor::arange(0f32, 6.0, &dev)
+        .unwrap()
+        .reshape((3, 2))
+        .unwrap();
+    let draws = Draws::from_rows(x, vec![7, 8, 9], valid, 3).unwrap();
+    assert!((draws.alpha() - 2.0 / 3.0).abs() < 1e-12);
+    let w = |kind| {
+        let set = LabelledSet::new(&draws, kind).unwrap();
+        (
+            set.keys.clone(),
+            set.weights.to_vec2::<f32>().unwrap(),
+            set.kept,
+        )
+    };
+    let (a, b) = (2.0f32 / 3.0, 1.0f32 / 3.0);
+    // The first 3 valid and all 3 invalid components, weighted α and 1 − α.
+    let (keys, weights, kept) = w(ClassifierKind::IsBalanced);
+    assert_eq!(keys, vec![7, 8, 9]);
+    assert_eq!(kept, (3, 3));
+    assert_eq!(
+        weights,
+        vec![vec![a, b, a], vec![a, 0.0, b], vec![0.0, 0.0, b]]
+    );
+    let (_, weights, _) = w(ClassifierKind::WithoutIs);
+    assert_eq!(weights[1], vec![1.0, 0.0, 1.0]);
+    // Every component drawn, in its natural proportion.
+    let (_, weights, kept) = w(ClassifierKind::Imbalanced);
+    assert_eq!(kept, (6, 3));
+    assert!(weights.iter().flatten().all(|&w| w == 1.0));
+    // Labels follow the components.
+    let set = LabelledSet::new(&draws, ClassifierKind::IsBalanced).unwrap();
+    assert_eq!(set.labels.to_vec2::<f32>().unwrap()[0], vec![1.0, 0.0, 1.0]);
 }

@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::Score;
 use scoreguide::losses::{dsm, DsmWeighting};
 use scoreguide::nets::{
@@ -53,7 +54,15 @@ fn every_score_model_parameter_gets_a_gradient() {
         };
         let store = ParamStore::new(1);
         let model = cfg.build(&store.var_builder(DType::F32, &dev)).unwrap();
-        let loss = dsm(&model, &x0, &sigma, &z, DsmWeighting::SigmaSquared).unwrap();
+        let loss = dsm(
+            &model,
+            &x0,
+            &sigma,
+            &z,
+            &Cond::none(),
+            DsmWeighting::SigmaSquared,
+        )
+        .unwrap();
         common::assert_all_nonzero(&store, &loss.backward().unwrap(), &format!("{precond:?}"));
     }
 }
@@ -71,7 +80,9 @@ fn every_classifier_parameter_gets_a_gradient() {
         store.var_builder(DType::F32, &dev),
     )
     .unwrap();
-    let logits = net.forward(&x0, &sigma.log().unwrap()).unwrap();
+    let logits = net
+        .forward(&x0, &sigma.log().unwrap(), &Cond::none())
+        .unwrap();
     assert_eq!(logits.dims(), &[16, 1]);
     let loss = candle_nn::ops::sigmoid(&logits)
         .unwrap()
@@ -100,6 +111,7 @@ fn parameter_and_input_gradients_match_finite_differences() {
             &x0,
             &sigma,
             &z,
+            &Cond::none(),
             DsmWeighting::Edm { sigma_data: 1.0 },
         )
         .unwrap()
@@ -111,6 +123,7 @@ fn parameter_and_input_gradients_match_finite_differences() {
         &x0,
         &sigma,
         &z,
+        &Cond::none(),
         DsmWeighting::Edm { sigma_data: 1.0 },
     )
     .unwrap();
@@ -203,7 +216,7 @@ fn hand_written_classifier_input_gradient_matches_autograd() {
         .build(&store.frozen_var_builder(DType::F32, &dev).unwrap())
         .unwrap();
     let fast = clf
-        .input_gradient(&x, &sigma)
+        .input_gradient(&x, &sigma, &Cond::none())
         .unwrap()
         .expect("the residual MLP has a hand-written gradient");
     let xv = candle_core::Var::from_tensor(&x).unwrap();

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use scoreguide::data::GaussianMixture;
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::Score;
 use scoreguide::nets::{NoiseNet, Precond, ScoreNet};
 use scoreguide::sde::Process;
@@ -32,7 +33,7 @@ impl IdealNet {
 }
 
 impl NoiseNet for IdealNet {
-    fn forward(&self, x_in: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x_in: &Tensor, c_noise: &Tensor, _cond: &Cond) -> Result<Tensor> {
         let xs = x_in.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         let cs = c_noise.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let mut out = Vec::new();

@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use scoreguide::data::GaussianMixture;
+use scoreguide::guidance::Cond;
 use scoreguide::guidance::Score;
 use scoreguide::samplers::{
     initial_noise, probability_flow, HeunOptions, OdeSolver, PcOptions, Sampler,
@@ -203,7 +204,7 @@ fn probability_flow_maps_data_to_noise_and_back() {
         .rev()
         .collect::<Vec<_>>();
     let down = log_linear(300, 1e-3, 40.0).unwrap();
-    let z = probability_flow(&gm, data.clone(), &up, OdeSolver::Rk4, None).unwrap();
+    let z = probability_flow(&gm, data.clone(), &up, &Cond::none(), OdeSolver::Rk4, None).unwrap();
     // At σ = 40 the marginal is essentially N(mean, 40² I): data became noise.
     let (_, cov) = moments(&z);
     let data_cov = gm.covariance(0.0);
@@ -215,7 +216,7 @@ fn probability_flow_maps_data_to_noise_and_back() {
             row[i]
         );
     }
-    let back = probability_flow(&gm, z, &down, OdeSolver::Rk4, None).unwrap();
+    let back = probability_flow(&gm, z, &down, &Cond::none(), OdeSolver::Rk4, None).unwrap();
     let err = common::max_abs_diff(&back, &data);
     assert!(err < 1e-3, "round-trip error {err}");
 }

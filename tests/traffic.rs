@@ -295,10 +295,18 @@ fn the_oracle_finds_what_is_put_there() {
     assert_eq!(v.offroad, 1);
 }
 
+/// Each vehicle's validity, scene by scene (Gen-neG's labels of scenes).
+fn bits(verdicts: &[scoreguide::oracles::SceneVerdict]) -> Vec<bool> {
+    verdicts
+        .iter()
+        .flat_map(|v| (0..12).map(move |a| v.infracting() & (1 << a) == 0))
+        .collect()
+}
+
 #[test]
 fn per_vehicle_training_sets_balance_and_weight() {
+    use scoreguide::genneg::{ClassifierKind, Draws, LabelledSet};
     use scoreguide::oracles::SceneVerdict;
-    use scoreguide::traffic::{AgentLabelled, Drawn, Weighting};
     let dev = candle_core::Device::Cpu;
     // Three scenes of 12 vehicles: 2, 0 and 1 infracting vehicles (3 of 36).
     let verdicts = vec![
@@ -315,20 +323,19 @@ fn per_vehicle_training_sets_balance_and_weight() {
             offroad: 1 << 11,
         },
     ];
-    let drawn = Drawn {
-        x: (0..3 * 84).map(|i| i as f32).collect(),
-        scene_indices: vec![7, 8, 9],
-        verdicts,
-        scene_alpha: 1.0 / 3.0,
-    };
+    let x = candle_core::Tensor::arange(0f32, 3.0 * 84.0, &dev)
+        .unwrap()
+        .reshape((3, 84))
+        .unwrap();
+    let drawn = Draws::from_rows(x.clone(), vec![7, 8, 9], bits(&verdicts), 12).unwrap();
     let alpha = 33.0 / 36.0;
-    let is = AgentLabelled::new(&drawn, Weighting::IsBalanced, &dev).unwrap();
+    let is = LabelledSet::new(&drawn, ClassifierKind::IsBalanced).unwrap();
     assert_eq!(is.kept, (3, 3));
     assert!((is.alpha - alpha).abs() < 1e-12);
     let w: Vec<Vec<f32>> = is.weights.to_vec2().unwrap();
     let y: Vec<Vec<f32>> = is.labels.to_vec2().unwrap();
     // Scene 0: vehicles 0, 1 invalid (weight 1 − α), the first 3 valid ones kept (α).
-    assert_eq!(is.scene_indices, vec![7, 9]);
+    assert_eq!(is.keys, vec![7, 9]);
     assert!((w[0][0] as f64 - (1.0 - alpha)).abs() < 1e-6 && y[0][0] == 0.0);
     assert!((w[0][2] as f64 - alpha).abs() < 1e-6 && y[0][2] == 1.0);
     assert_eq!(w[0].iter().filter(|&&v| v > 0.0).count(), 5);
@@ -336,24 +343,15 @@ fn per_vehicle_training_sets_balance_and_weight() {
     assert_eq!(w[1].iter().filter(|&&v| v > 0.0).count(), 1);
     assert!(w[1][11] > 0.0 && y[1][11] == 0.0);
 
-    let plain = AgentLabelled::new(&drawn, Weighting::WithoutIs, &dev).unwrap();
+    let plain = LabelledSet::new(&drawn, ClassifierKind::WithoutIs).unwrap();
     let wp: Vec<Vec<f32>> = plain.weights.to_vec2().unwrap();
     assert!(wp.iter().flatten().all(|&v| v == 0.0 || v == 1.0));
-    let all = AgentLabelled::new(&drawn, Weighting::Imbalanced, &dev).unwrap();
+    let all = LabelledSet::new(&drawn, ClassifierKind::Imbalanced).unwrap();
     assert_eq!(all.kept, (33, 3));
-    assert_eq!(all.scene_indices.len(), 3);
+    assert_eq!(all.keys.len(), 3);
 
-    let none_bad = Drawn {
-        verdicts: vec![
-            SceneVerdict {
-                collision: 0,
-                offroad: 0
-            };
-            3
-        ],
-        ..drawn
-    };
-    let e = AgentLabelled::new(&none_bad, Weighting::IsBalanced, &dev)
+    let none_bad = Draws::from_rows(x, vec![7, 8, 9], vec![true; 36], 12).unwrap();
+    let e = LabelledSet::new(&none_bad, ClassifierKind::IsBalanced)
         .err()
         .unwrap();
     assert!(e.to_string().contains("0 invalid"), "{e}");
@@ -369,9 +367,10 @@ fn tiny_models(
     Checkpoint,
     Checkpoint,
 ) {
+    use scoreguide::genneg::Task;
+    use scoreguide::genneg::{ClassifierKind, Draws, LabelledSet};
     use scoreguide::traffic::{
-        train_agent_classifier, train_score, AgentLabelled, Drawn, FeatureScaler, TrafficConfig,
-        TrafficData, Weighting,
+        train_agent_classifier, train_score, FeatureScaler, TrafficConfig, TrafficData, TrafficTask,
     };
     let dev = candle_core::Device::Cpu;
     let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 4, 8, 0).unwrap();
@@ -421,21 +420,16 @@ fn tiny_models(
     let mut verdicts: Vec<scoreguide::oracles::SceneVerdict> = (0..data.set.len())
         .map(|i| check_scene(data.set.map_of(i), data.set.scene(i)))
         .collect();
+    let keys: Vec<u32> = (0..8).collect();
+    let x = data.x.rows(&keys).unwrap();
+    // The task labels each vehicle as the oracle does.
+    assert_eq!(
+        TrafficTask { data: &data }.label(&x, &keys).unwrap(),
+        bits(&verdicts)
+    );
     verdicts[0].collision = 1;
-    let drawn = Drawn {
-        x: data
-            .x
-            .rows(&(0..8).collect::<Vec<u32>>())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap(),
-        scene_indices: (0..8).collect(),
-        verdicts,
-        scene_alpha: 7.0 / 8.0,
-    };
-    let labelled = AgentLabelled::new(&drawn, Weighting::IsBalanced, &dev).unwrap();
+    let drawn = Draws::from_rows(x, keys, bits(&verdicts), 12).unwrap();
+    let labelled = LabelledSet::new(&drawn, ClassifierKind::IsBalanced).unwrap();
     let progress = &mut scoreguide::train::Progress::hidden();
     let clf = train_agent_classifier(&cfg, &labelled, &data, 1, 1, None, &dev, progress).unwrap();
     let ti =
@@ -454,24 +448,42 @@ fn guided_scene_score_is_base_plus_classifier_gradient() {
 
 fn check_guided_scene_score(lane_maps: bool) {
     use candle_core::{DType, Tensor};
-    use scoreguide::guidance::{LogProb, Score};
-    use scoreguide::traffic::{AgentClassifier, TrafficModel, TrafficStack};
+    use scoreguide::guidance::{Cond, LogProb, Score};
+    use scoreguide::nets::OnDenoised;
+    use scoreguide::traffic::{load_agent_classifier, TrafficModel};
     let (data, base, clf, ti) = tiny_models(lane_maps);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F64, &dev).unwrap();
     for (kind, c) in [("time-dependent", clf), ("time-independent", ti)] {
         let name = format!("{kind} (lane maps: {lane_maps})");
-        let clf = AgentClassifier::load(&c, DType::F64, &dev).unwrap();
-        assert_eq!(clf.sigma_clean.is_some(), kind == "time-independent");
+        let clf = load_agent_classifier(&c).unwrap();
+        assert_eq!(clf.time_independent.is_some(), kind == "time-independent");
         let idx = [0u32, 1];
-        let maps = data.maps_of(&idx).unwrap().to_dtype(DType::F64).unwrap();
+        let cond = Cond::context(data.maps_of(&idx).unwrap().to_dtype(DType::F64).unwrap());
         let x = data.x.rows(&idx).unwrap().to_dtype(DType::F64).unwrap();
         let sigma = Tensor::new(&[0.3f64, 2.0], &dev).unwrap();
-        let guided = TrafficStack::new(&base).with(&clf);
-        let g = guided.on_maps(&maps).unwrap().score(&x, &sigma).unwrap();
-        let s = base.on_maps(&maps).unwrap().score(&x, &sigma).unwrap();
-        let term = clf.on_maps(&maps, &base).unwrap();
-        let lp = |x: &Tensor| -> Vec<f64> { term.log_prob(x, &sigma).unwrap().to_vec1().unwrap() };
+        let guided = base
+            .with_classifiers(std::slice::from_ref(&clf), None)
+            .guided_as(DType::F64, &dev)
+            .unwrap();
+        let plain = base.stack().guided_as(DType::F64, &dev).unwrap();
+        let g = guided.score_with(&x, &sigma, &cond).unwrap();
+        let s = plain.score_with(&x, &sigma, &cond).unwrap();
+        let net = clf.build(DType::F64, &dev).unwrap();
+        let term: Box<dyn LogProb> = match clf.time_independent {
+            None => Box::new(net),
+            Some(sigma_clean) => Box::new(OnDenoised {
+                base: base.stack().guided_as(DType::F64, &dev).unwrap(),
+                classifier: net,
+                sigma_clean,
+            }),
+        };
+        let lp = |x: &Tensor| -> Vec<f64> {
+            term.log_prob_with(x, &sigma, &cond)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
         assert!(
             lp(&x).iter().all(|v| *v <= 0.0),
             "{name}: log C must be ≤ 0"
@@ -497,33 +509,35 @@ fn check_guided_scene_score(lane_maps: bool) {
 #[test]
 fn a_gated_stack_is_the_baseline_above_its_gate_and_guided_below() {
     use candle_core::{DType, Tensor};
-    use scoreguide::guidance::{Gated, Guided, Score};
-    use scoreguide::traffic::{AgentClassifier, TrafficModel, TrafficStack};
+    use scoreguide::guidance::{Cond, Score};
+    use scoreguide::traffic::{load_agent_classifier, TrafficModel};
     let (data, base, clf, _) = tiny_models(true);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F64, &dev).unwrap();
-    let clf = AgentClassifier::load(&clf, DType::F64, &dev).unwrap();
+    let clf = [load_agent_classifier(&clf).unwrap()];
     let idx = [0u32, 1, 2, 3];
-    let maps = data.maps_of(&idx).unwrap().to_dtype(DType::F64).unwrap();
+    let cond = Cond::context(data.maps_of(&idx).unwrap().to_dtype(DType::F64).unwrap());
     let x = data.x.rows(&idx).unwrap().to_dtype(DType::F64).unwrap();
     let rows = |t: &Tensor| -> Vec<Vec<f64>> { t.to_vec2().unwrap() };
     let denoised = |s: &dyn Score, sigma: &[f64]| {
-        rows(&s.denoise(&x, &Tensor::new(sigma, &dev).unwrap()).unwrap())
+        rows(
+            &s.denoise_with(&x, &Tensor::new(sigma, &dev).unwrap(), &cond)
+                .unwrap(),
+        )
     };
-    let gated = TrafficStack::new(&base).with(&clf).gated(Some(1.0));
-    let gated = gated.on_maps(&maps).unwrap();
-    let ungated = TrafficStack::new(&base).with(&clf);
-    let ungated = ungated.on_maps(&maps).unwrap();
-    let masked = Guided::new(base.on_maps(&maps).unwrap())
-        .with(1.0, Gated::new(clf.on_maps(&maps, &base).unwrap(), 1.0));
-    let base = base.on_maps(&maps).unwrap();
+    let build = |gate| {
+        base.with_classifiers(&clf, gate)
+            .guided_as(DType::F64, &dev)
+            .unwrap()
+    };
+    let (gated, ungated) = (build(Some(1.0)), build(None));
+    let base = base.stack().guided_as(DType::F64, &dev).unwrap();
 
     // Mixed noise levels (a distillation batch): rows 0 and 2 are gated in.
     let mixed = [0.3, 2.0, 0.05, 5.0];
-    let (g, u, m, b) = (
+    let (g, u, b) = (
         denoised(&gated, &mixed),
         denoised(&ungated, &mixed),
-        denoised(&masked, &mixed),
         denoised(&base, &mixed),
     );
     for r in [1, 3] {
@@ -538,14 +552,6 @@ fn a_gated_stack_is_the_baseline_above_its_gate_and_guided_below() {
             assert!(
                 (a - e).abs() < 1e-12,
                 "row {r}, value {k}: {a} vs ungated {e}"
-            );
-        }
-    }
-    for (r, (gr, mr)) in g.iter().zip(&m).enumerate() {
-        for (k, (a, e)) in gr.iter().zip(mr).enumerate() {
-            assert!(
-                (a - e).abs() < 1e-12,
-                "row {r}, value {k}: {a} vs masked {e}"
             );
         }
     }
@@ -578,13 +584,16 @@ fn vehicle_rates_count_vehicles_and_scene_rates_scenes() {
 #[test]
 fn classifier_check_groups_vehicles_by_verdict() {
     use candle_core::{DType, Tensor};
+    use scoreguide::genneg::Draws;
     use scoreguide::metrics::roc_auc;
     use scoreguide::oracles::SceneVerdict;
-    use scoreguide::traffic::{check_agent_classifier, AgentClassifier, Drawn, TrafficModel};
+    use scoreguide::traffic::{
+        check_agent_classifier, load_agent_classifier, JudgedScenes, TrafficModel,
+    };
     let (data, base, clf, _) = tiny_models(true);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F32, &dev).unwrap();
-    let clf = AgentClassifier::load(&clf, DType::F32, &dev).unwrap();
+    let clf = load_agent_classifier(&clf).unwrap();
     let idx: Vec<u32> = vec![0, 1, 2];
     let x = data.x.rows(&idx).unwrap();
     // Scene 0: vehicle 0 colliding; scene 2: vehicle 3 offroad and colliding.
@@ -592,21 +601,17 @@ fn classifier_check_groups_vehicles_by_verdict() {
     verdicts[0].collision = 1;
     verdicts[2].collision = 1 << 3;
     verdicts[2].offroad = 1 << 3;
-    let drawn = Drawn {
-        x: x.flatten_all().unwrap().to_vec1().unwrap(),
-        scene_indices: idx.clone(),
-        verdicts,
-        scene_alpha: 1.0 / 3.0,
-    };
+    let drawn = Draws::from_rows(x.clone(), idx.clone(), bits(&verdicts), 12).unwrap();
+    let mut judged = JudgedScenes { drawn, verdicts };
     // At a negligible σ the check sees the clean scenes: compare with the logits.
     let tiny = 1e-12;
-    let rows = check_agent_classifier(&clf, &base, &drawn, &data, &[tiny, 0.5], 4, 2).unwrap();
+    let rows = check_agent_classifier(&clf, &base, &judged, &data, &[tiny, 0.5], 4, 2).unwrap();
     assert_eq!(rows.len(), 2);
     let sigma = Tensor::full(tiny as f32, 3, &dev).unwrap();
     let logits: Vec<Vec<f32>> = clf
-        .on_maps(&data.maps_of(&idx).unwrap(), &base)
+        .build(DType::F32, &dev)
         .unwrap()
-        .logits(&x, &sigma)
+        .logits(&x, &sigma, &data.cond_of(&idx).unwrap())
         .unwrap()
         .to_vec2()
         .unwrap();
@@ -647,11 +652,10 @@ fn classifier_check_groups_vehicles_by_verdict() {
         assert!((0.0..=1.0).contains(&v), "{noisy:?}");
     }
     // No offroad vehicle: no offroad figures, not a made-up one.
-    let mut none_off = drawn;
-    none_off.verdicts[2].offroad = 0;
-    let rows = check_agent_classifier(&clf, &base, &none_off, &data, &[0.1], 4, 8).unwrap();
+    judged.verdicts[2].offroad = 0;
+    let rows = check_agent_classifier(&clf, &base, &judged, &data, &[0.1], 4, 8).unwrap();
     assert_eq!((rows[0].p_valid[2], rows[0].auc_offroad), (None, None));
-    let e = check_agent_classifier(&clf, &base, &none_off, &data, &[f64::NAN], 4, 8)
+    let e = check_agent_classifier(&clf, &base, &judged, &data, &[f64::NAN], 4, 8)
         .err()
         .unwrap();
     assert!(e.to_string().contains("σ must be positive"), "{e}");
@@ -736,13 +740,13 @@ fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
 fn distillation_extended_from_a_shorter_one_is_the_uninterrupted_run() {
     use candle_core::DType;
     use scoreguide::traffic::{
-        distill, distill_resumable, AgentClassifier, TrafficConfig, TrafficModel, TrafficStack,
+        distill, distill_resumable, load_agent_classifier, TrafficConfig, TrafficModel,
     };
     let (data, base_ckpt, clf, _) = tiny_models(true);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base_ckpt, DType::F32, &dev).unwrap();
-    let clf = AgentClassifier::load(&clf, DType::F32, &dev).unwrap();
-    let teacher = TrafficStack::new(&base).with(&clf).gated(Some(1.0));
+    let clf = [load_agent_classifier(&clf).unwrap()];
+    let teacher = base.with_classifiers(&clf, Some(1.0)).guided(&dev).unwrap();
     let cfg = |iters| TrafficConfig {
         iters,
         ..base.config.clone()
@@ -831,7 +835,7 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     use candle_core::DType;
     use scoreguide::oracles::RoadRaster;
     use scoreguide::traffic::{
-        nearest_road_cell, offroad_pull, AgentClassifier, Drawn, TrafficModel,
+        load_agent_classifier, nearest_road_cell, offroad_pull, TrafficModel,
     };
     // Road on the left half of a 4 × 4 m map of 1 m cells.
     let map = RoadRaster::from_fn(2.0, 4, |x, _| x < 0.0);
@@ -845,7 +849,7 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     let (data, base, clf, _) = tiny_models(true);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F32, &dev).unwrap();
-    let clf = AgentClassifier::load(&clf, DType::F32, &dev).unwrap();
+    let clf = load_agent_classifier(&clf).unwrap();
     let idx: Vec<u32> = vec![0, 1];
     let mut agents = data.set.agents[..2 * data.set.scene_dim()].to_vec();
     // Scene 1, vehicle 1: moved to the first off-road cell of its map, far from the
@@ -865,14 +869,16 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     let mut verdicts = vec![scoreguide::oracles::SceneVerdict::default(); 2];
     verdicts[0].offroad = 1;
     verdicts[1].offroad = 1 << 1;
-    let drawn = Drawn {
-        x: base.scaler.normalize(&agents),
-        scene_indices: idx,
-        verdicts,
-        scene_alpha: 0.0,
-    };
+    let x = candle_core::Tensor::from_vec(
+        base.scaler.normalize(&agents),
+        (2, data.set.scene_dim()),
+        &dev,
+    )
+    .unwrap();
+    let drawn = scoreguide::genneg::Draws::from_rows(x, idx, bits(&verdicts), 12).unwrap();
+    let judged = scoreguide::traffic::JudgedScenes { drawn, verdicts };
     let near_m = distance + 1.0;
-    let p = offroad_pull(&clf, &base, &drawn, &data, 0.01, near_m, 1).unwrap();
+    let p = offroad_pull(&clf, &base, &judged, &data, 0.01, near_m, 1).unwrap();
     assert_eq!((p.centre_on_road, p.near, p.far), (1, 1, 0), "{p:?}");
     assert!(
         (p.median_distance_m.unwrap() - distance).abs() < 1e-3,
@@ -882,9 +888,9 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     assert!((-1.0 - 1e-9..=1.0 + 1e-9).contains(&cos), "{p:?}");
     assert!(p.pull_near.unwrap() >= 0.0 && p.cos_far.is_none());
     // Closer than the vehicle's distance: the same vehicle counts as far.
-    let p = offroad_pull(&clf, &base, &drawn, &data, 0.01, distance / 2.0, 8).unwrap();
+    let p = offroad_pull(&clf, &base, &judged, &data, 0.01, distance / 2.0, 8).unwrap();
     assert_eq!((p.near, p.far), (0, 1), "{p:?}");
-    assert!(offroad_pull(&clf, &base, &drawn, &data, -1.0, 1.0, 8).is_err());
+    assert!(offroad_pull(&clf, &base, &judged, &data, -1.0, 1.0, 8).is_err());
 }
 
 #[test]

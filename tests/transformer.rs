@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
-use scoreguide::guidance::Score;
+use scoreguide::guidance::{Cond, Score};
 use scoreguide::nets::{
     MapProbe, NoiseNet, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
     SinusoidalEmbedding,
@@ -87,7 +87,7 @@ fn every_parameter_gets_a_gradient() {
         let out = cfg.out_per_agent;
         let (store, net, x, maps, c) = setup_with(cfg, DType::F32);
         let tokens = net.encode_maps(&maps).unwrap();
-        let y = net.forward(&x, &c, &tokens).unwrap();
+        let y = net.forward_maps(&x, &c, &tokens).unwrap();
         assert_eq!(y.dims(), &[B, 12 * out]);
         let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         common::assert_all_nonzero(&store, &grads, "scene transformer");
@@ -121,15 +121,15 @@ fn permutation_check(cfg: SceneTransformerConfig) {
             .reshape((B, 12 * f))
             .unwrap()
     };
-    let y = net.forward(&x, &c, &tokens).unwrap();
-    let y_perm = net.forward(&permute(&x, 7), &c, &tokens).unwrap();
+    let y = net.forward_maps(&x, &c, &tokens).unwrap();
+    let y_perm = net.forward_maps(&permute(&x, 7), &c, &tokens).unwrap();
     let d = common::max_abs_diff(&y_perm, &permute(&y, 7));
     assert!(d < 1e-10, "max difference {d}");
     // And the output is not trivially symmetric: moving one agent changes the others.
     let mut v = common::flat_f64(&x);
     v[0] += 1.0;
     let moved = Tensor::from_vec(v, (B, 84), &Device::Cpu).unwrap();
-    let y_moved = net.forward(&moved, &c, &tokens).unwrap();
+    let y_moved = net.forward_maps(&moved, &c, &tokens).unwrap();
     let other = |t: &Tensor| t.narrow(1, 7, 77).unwrap();
     assert!(common::max_abs_diff(&other(&y_moved), &other(&y)) > 1e-6);
 }
@@ -148,7 +148,7 @@ fn gradient_check(cfg: SceneTransformerConfig) {
     let (_, net, x, maps, c) = setup_with(cfg, DType::F64);
     let tokens = net.encode_maps(&maps).unwrap();
     let f = |x: &Tensor| -> f64 {
-        net.forward(x, &c, &tokens)
+        net.forward_maps(x, &c, &tokens)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -157,7 +157,7 @@ fn gradient_check(cfg: SceneTransformerConfig) {
     };
     let xv = Var::from_tensor(&x).unwrap();
     let g = net
-        .forward(xv.as_tensor(), &c, &tokens)
+        .forward_maps(xv.as_tensor(), &c, &tokens)
         .unwrap()
         .sum_all()
         .unwrap()
@@ -184,26 +184,38 @@ fn gradient_check(cfg: SceneTransformerConfig) {
 }
 
 #[test]
-fn bound_maps_make_a_score_model() {
-    let (_, net, x, maps, _) = setup(7, DType::F32);
-    let tokens = net.encode_maps(&maps).unwrap();
-    let model = ScoreNet::new(
-        net.bind(tokens),
-        Precond::Eps {
-            process: Process::vp(0.1, 20.0),
-        },
+fn maps_in_the_condition_make_a_score_model() {
+    let (store, net, x, maps, _) = setup(7, DType::F32);
+    let eps = Precond::Eps {
+        process: Process::vp(0.1, 20.0),
+    };
+    let sigma = Tensor::new(&[0.1f32, 1.0, 10.0], &Device::Cpu).unwrap();
+    let cond = Cond::context(maps.clone());
+    let model = ScoreNet::new(net, eps.clone()).unwrap();
+    let s = model.score_with(&x, &sigma, &cond).unwrap();
+    assert_eq!(s.dims(), &[B, 84]);
+    // Without maps the network says what it needs.
+    let e = model.score(&x, &sigma).err().unwrap().to_string();
+    assert!(e.contains("maps"), "{e}");
+    // A frozen network keeps the last maps' encoding: the same maps give the same
+    // score, other maps (a new tensor) are encoded anew, never served the old encoding.
+    let cfg = *model.net().config();
+    let frozen = ScoreNet::new(
+        SceneTransformer::new(
+            cfg,
+            store.frozen_var_builder(DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap(),
+        eps,
     )
     .unwrap();
-    assert_eq!(
-        model
-            .score(
-                &x,
-                &Tensor::new(&[0.1f32, 1.0, 10.0], &Device::Cpu).unwrap()
-            )
-            .unwrap()
-            .dims(),
-        &[B, 84]
-    );
+    let again = frozen.score_with(&x, &sigma, &cond).unwrap();
+    assert_eq!(common::max_abs_diff(&again, &s), 0.0);
+    let flipped = Cond::context(maps.flip(&[3]).unwrap());
+    let other = frozen.score_with(&x, &sigma, &flipped).unwrap();
+    let direct = model.score_with(&x, &sigma, &flipped).unwrap();
+    assert_eq!(common::max_abs_diff(&other, &direct), 0.0);
+    assert!(common::max_abs_diff(&other, &s) > 1e-6);
 }
 
 #[test]
@@ -211,13 +223,13 @@ fn bad_shapes_are_refused() {
     let (_, net, x, maps, c) = setup(7, DType::F32);
     let tokens = net.encode_maps(&maps).unwrap();
     let e = net
-        .forward(&x.narrow(1, 0, 80).unwrap(), &c, &tokens)
+        .forward_maps(&x.narrow(1, 0, 80).unwrap(), &c, &tokens)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("12 agents × 7 features"), "{e}");
     let e = net
-        .forward(&x, &c, &tokens.narrow(0, 2).unwrap())
+        .forward_maps(&x, &c, &tokens.narrow(0, 2).unwrap())
         .err()
         .unwrap()
         .to_string();
@@ -262,5 +274,5 @@ fn bad_shapes_are_refused() {
         ParamStore::new(0).var_builder(DType::F32, &Device::Cpu)
     )
     .is_err());
-    assert_eq!(net.bind(tokens).out_dim(), 84);
+    assert_eq!(NoiseNet::out_dim(&net), 84);
 }

@@ -2,7 +2,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use scoreguide_guidance::{check_batch, Score};
+use scoreguide_guidance::{check_batch, Cond, Score};
 
 /// A mixture of Gaussians with diagonal covariances. Noised by σ, component k becomes
 /// N(μ_k, diag(v_k) + σ² I), so the density and score are known in closed form at every σ.
@@ -150,7 +150,7 @@ fn log_sum_exp(v: &[f64]) -> f64 {
 }
 
 impl Score for GaussianMixture {
-    fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    fn score_with(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Tensor> {
         check_batch(x, sigma)?;
         let (b, d) = x.dims2()?;
         if d != self.dim() {

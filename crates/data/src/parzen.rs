@@ -2,7 +2,7 @@
 //! distribution convolved with N(0, σ² I), DLSM's oracle (SPEC §6).
 
 use candle_core::{bail, DType, Result, Tensor};
-use scoreguide_guidance::{check_batch, Score};
+use scoreguide_guidance::{check_batch, Cond, Score};
 
 /// s(x; σ) = Σ_i w_i (x_i − x)/σ² with w = softmax_i(−‖x − x_i‖²/(2σ²)), computed in f64
 /// with the log-sum-exp shift, so it neither underflows at small σ nor overflows far away.
@@ -64,7 +64,7 @@ impl Parzen {
 }
 
 impl Score for Parzen {
-    fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    fn score_with(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Tensor> {
         check_batch(x, sigma)?;
         let (b, d) = x.dims2()?;
         if d != self.dim {

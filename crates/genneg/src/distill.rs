@@ -1,8 +1,8 @@
 //! Distilling a guided stack into one network (Gen-neG Eq. 12).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use scoreguide_data::Dataset;
-use scoreguide_guidance::Score;
+use scoreguide_guidance::{Cond, Score};
 use scoreguide_losses::{distillation, DsmWeighting};
 use scoreguide_nets::{ParamStore, ScoreModelConfig};
 use scoreguide_sde::{randn, SigmaDistribution};
@@ -39,36 +39,80 @@ impl Default for DistillConfig {
     }
 }
 
-/// Trains a student of architecture `student` to match `teacher` on noised true data.
-/// The student starts from `init` (the base model's weights: ours, it starts close to
-/// the teacher) or from a fresh seeded initialisation. Returns the trainer's checkpoint
-/// with `model` metadata; its `ema.*` weights are the distilled model.
+/// The condition of a batch's rows, given their indices in the data set
+/// (`&|_| Ok(Cond::none())` for an unconditioned model).
+pub type RowCond<'a> = &'a dyn Fn(&[u32]) -> Result<Cond>;
+
+/// Saving in stages and resuming, for a training that must survive an interruption.
+pub struct Staged<'a> {
+    /// A state saved by an earlier run of the same training, to continue.
+    pub resume: Option<&'a Checkpoint>,
+    pub save_every: u64,
+    /// Called with the whole training state every `save_every` steps and at the end.
+    pub save: &'a mut dyn FnMut(&Checkpoint) -> Result<()>,
+}
+
+/// Trains a student of architecture `student` to match `teacher` on noised true data
+/// (each row with its condition from `row_cond`). The student starts from `init` (the
+/// base model's weights: ours, it starts close to the teacher) or from a fresh seeded
+/// initialisation. Returns the trainer's checkpoint with `model` and `distillation`
+/// metadata; its `ema.*` weights are the distilled model. With `staged`, the state is
+/// saved as it goes and a saved state is continued.
+#[allow(clippy::too_many_arguments)]
 pub fn distill(
     teacher: &dyn Score,
     data: &Dataset,
+    row_cond: RowCond,
     student: &ScoreModelConfig,
     init: Option<&BTreeMap<String, Tensor>>,
     cfg: &DistillConfig,
+    staged: Option<Staged>,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
     cfg.sigma.validate()?;
+    if cfg.batch == 0 {
+        bail!("distillation: the batch must be positive");
+    }
     let store = ParamStore::new(cfg.train.seed);
     let model = student.build(&store.var_builder(DType::F32, device))?;
     if let Some(w) = init {
         store.assign(w, "distillation initial weights")?;
     }
     let mut trainer = Trainer::new(store, cfg.train.clone())?;
-    trainer.run(cfg.iters, progress, |step, rng| {
-        let x0 = data
-            .rows(&data.step_batch(cfg.batch, cfg.train.seed, step)?)?
-            .to_device(device)?;
+    let state = |trainer: &Trainer| -> Result<Checkpoint> {
+        let mut c = trainer.checkpoint()?;
+        c.set_meta("model", student)?;
+        c.set_meta("distillation", cfg)?;
+        Ok(c)
+    };
+    let loss = |step: u64, rng: &mut rand::rngs::StdRng| {
+        let idx = data.step_batch(cfg.batch, cfg.train.seed, step)?;
+        let x0 = data.rows(&idx)?.to_device(device)?;
+        let cond = row_cond(&idx)?;
         let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, device)?;
         let z = randn(rng, x0.dims(), device)?;
-        distillation(&model, teacher, &x0, &sigma, &z, cfg.weighting)
-    })?;
-    let mut c = trainer.checkpoint()?;
-    c.set_meta("model", student)?;
-    c.set_meta("distillation", cfg)?;
-    Ok(c)
+        distillation(&model, teacher, &x0, &sigma, &z, &cond, cfg.weighting)
+    };
+    match staged {
+        None => {
+            trainer.run(cfg.iters, progress, loss)?;
+        }
+        Some(st) => {
+            if let Some(c) = st.resume {
+                let step: u64 = c.meta("step")?;
+                if step > cfg.iters {
+                    bail!(
+                        "distillation: the saved state has done {step} steps, more than the {} asked for",
+                        cfg.iters
+                    );
+                }
+                trainer.restore(c)?;
+            }
+            trainer.run_staged(cfg.iters, st.save_every, progress, loss, &mut |t| {
+                (st.save)(&state(t)?)
+            })?;
+        }
+    }
+    state(&trainer)
 }

@@ -3,23 +3,42 @@
 //! One iteration: draw from the current model until N valid and N invalid samples are
 //! in hand ([`collect`], under a sample budget), estimate the model's valid rate α from
 //! everything drawn, train a time-dependent classifier C(x; σ) on the balanced set with
-//! importance weights α / 1 − α ([`train_classifier`], Eq. 11), and add log C as a
-//! guidance term ([`Stack`]). Any stack can be distilled into one network of the base
-//! architecture on the true data ([`distill`], Eq. 12).
+//! importance weights α / 1 − α ([`LabelledSet`], [`train_classifier`], Eq. 11), and add
+//! log C as a guidance term ([`Stack`], optionally [gated](scoreguide_guidance::Gated)
+//! to small σ). Any stack can be distilled into one network of the base architecture on
+//! the true data ([`distill`], Eq. 12).
+//!
+//! Written once for every experiment: a [`Task`] says where each drawn row's condition
+//! comes from (a scene's map; nothing for the checkerboard) and which of its K
+//! components are valid (K = 1 for a point, K = agents for a traffic scene). Labels and
+//! importance weights are `[N, K]`, and the classifier has one logit per component.
+//!
+
 //!
 //! ```
-//! use scoreguide_genneg::CollectConfig;
-//! let cfg = CollectConfig { per_class: 100, budget: 10_000, min_negatives: 50, ..CollectConfig::default() };
-//! assert!(cfg.validate().is_ok());
-//! assert!(CollectConfig { min_negatives: 0, ..cfg }.validate().is_err());
+//! use candle_core::Tensor;
+//! use scoreguide_genneg::{ClassifierKind, Draws, LabelledSet};
+//! // Four drawn rows of two components: 5 valid, 3 invalid (α = 5/8).
+//! let x = Tensor::zeros((4, 2), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! let valid = vec![true, true, false, true, true, false, false, true];
+//! let draws = Draws::from_rows(x, vec![0; 4], valid, 2)?;
+//! let set = LabelledSet::new(&draws, ClassifierKind::IsBalanced)?;
+//! // The first 3 valid and 3 invalid components are kept, weighted α and 1 − α.
+//! assert_eq!(set.kept, (3, 3));
+//! assert_eq!(set.weights.to_vec2::<f32>()?[1], vec![0.375, 0.625]);
+//! # Ok::<(), candle_core::Error>(())
 //! ```
 
 mod classify;
 mod collect;
 mod distill;
 mod stack;
+mod task;
 
-pub use classify::{train_classifier, ClassifierKind, ClassifierTrainConfig, LabelledSet};
-pub use collect::{collect, CollectConfig, Collected};
-pub use distill::{distill, DistillConfig};
+pub use classify::{
+    train_classifier, ClassifierKind, ClassifierTrainConfig, LabelledSet, TrainedClassifier,
+};
+pub use collect::{collect, CollectConfig, Draws};
+pub use distill::{distill, DistillConfig, RowCond, Staged};
 pub use stack::{Stack, StackedClassifier};
+pub use task::{Task, Unconditioned};

@@ -1,8 +1,8 @@
 //! A base model with stacked classifiers, saved and loaded as one checkpoint.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
-use scoreguide_guidance::Guided;
-use scoreguide_nets::{ClassifierConfig, OnDenoised, ScoreModelConfig};
+use scoreguide_guidance::{Gated, Guided, LogProb};
+use scoreguide_nets::{Classifier, ClassifierConfig, OnDenoised, ScoreModelConfig};
 use scoreguide_train::Checkpoint;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -14,7 +14,40 @@ pub struct StackedClassifier {
     pub weight: f64,
     /// `Some(σ_clean)` for a time-independent classifier guiding through x̂0.
     pub time_independent: Option<f64>,
+    /// Guide only at σ ≤ this level ([`Gated`]): the term runs on those rows alone.
+    pub gate: Option<f64>,
     pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl StackedClassifier {
+    /// A trained classifier ([`crate::train_classifier`]'s checkpoint) at weight 1.
+    pub fn from_checkpoint(c: &Checkpoint) -> Result<Self> {
+        let tensors = c.section("ema");
+        if tensors.is_empty() {
+            bail!("Gen-neG classifier checkpoint holds no `ema.*` tensors");
+        }
+        let time_independent: Option<f64> = match c.metadata.get("sigma_clean") {
+            Some(_) => c.meta("sigma_clean")?,
+            None => None,
+        };
+        Ok(Self {
+            config: c.meta("classifier")?,
+            weight: 1.0,
+            time_independent,
+            gate: None,
+            tensors,
+        })
+    }
+
+    /// The network on frozen weights in `dtype`.
+    pub fn build(&self, dtype: DType, device: &Device) -> Result<Classifier> {
+        self.config.build(&frozen_vb(&self.tensors, dtype, device))
+    }
+
+    /// The same classifier guiding at σ ≤ `gate` only (`None`: at every σ).
+    pub fn gated(self, gate: Option<f64>) -> Self {
+        Self { gate, ..self }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -22,6 +55,8 @@ struct StackedMeta {
     config: ClassifierConfig,
     weight: f64,
     time_independent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gate: Option<f64>,
 }
 
 /// Base score model plus classifiers: s_θ + Σ_k w_k ∇x log C_k.
@@ -50,6 +85,25 @@ impl Stack {
         }
     }
 
+    /// The same stack with `c` on top.
+    pub fn with(&self, c: StackedClassifier) -> Self {
+        let mut s = self.clone();
+        s.classifiers.push(c);
+        s
+    }
+
+    /// Parameters of the base and every classifier.
+    pub fn params(&self) -> usize {
+        let count =
+            |t: &BTreeMap<String, Tensor>| t.values().map(|v| v.elem_count()).sum::<usize>();
+        count(&self.base)
+            + self
+                .classifiers
+                .iter()
+                .map(|c| count(&c.tensors))
+                .sum::<usize>()
+    }
+
     /// The first `k` classifiers only (Gen-neG iteration k).
     pub fn truncated(&self, k: usize) -> Self {
         Self {
@@ -71,24 +125,21 @@ impl Stack {
         let mut g = Guided::new(base);
         for (k, c) in self.classifiers.iter().enumerate() {
             let clf = c
-                .config
-                .build(&frozen_vb(&c.tensors, dtype, device))
+                .build(dtype, device)
                 .map_err(|e| candle_core::Error::msg(format!("stack classifier {k}: {e}")))?;
-            match c.time_independent {
-                None => g.push(c.weight, clf),
-                Some(sigma_clean) => {
-                    let base = self
+            let term: Box<dyn LogProb> = match c.time_independent {
+                None => Box::new(clf),
+                Some(sigma_clean) => Box::new(OnDenoised {
+                    base: self
                         .base_config
-                        .build(&frozen_vb(&self.base, dtype, device))?;
-                    g.push(
-                        c.weight,
-                        OnDenoised {
-                            base,
-                            classifier: clf,
-                            sigma_clean,
-                        },
-                    );
-                }
+                        .build(&frozen_vb(&self.base, dtype, device))?,
+                    classifier: clf,
+                    sigma_clean,
+                }),
+            };
+            match c.gate {
+                None => g.push(c.weight, term),
+                Some(sigma_max) => g.push(c.weight, Gated::new(term, sigma_max)),
             }
         }
         Ok(g)
@@ -107,6 +158,7 @@ impl Stack {
                 config: s.config.clone(),
                 weight: s.weight,
                 time_independent: s.time_independent,
+                gate: s.gate,
             })
             .collect();
         c.set_meta("classifiers", &meta)?;
@@ -133,6 +185,7 @@ impl Stack {
                 config: m.config,
                 weight: m.weight,
                 time_independent: m.time_independent,
+                gate: m.gate,
                 tensors,
             });
         }

@@ -1,5 +1,6 @@
 //! Guidance as addition of log-densities.
 
+use crate::cond::{nonzero_rows, Cond, NO_COND};
 use crate::score::{check_batch, per_sample, Score};
 use candle_core::{bail, DType, Result, Tensor, Var, D};
 
@@ -33,54 +34,61 @@ pub fn one_hot(labels: &Tensor, k: usize, dtype: DType) -> Result<Tensor> {
     Tensor::from_vec(v, (n, k), labels.device())?.to_dtype(dtype)
 }
 
-/// A differentiable log-probability term log p(x; σ), one value per sample: `[B]`.
-/// Each sample's value must depend on that sample alone (no batch statistics), so that
-/// the gradient of the batch sum is the per-sample gradient.
+/// A differentiable log-probability term log p(x; σ | cond), one value per sample: `[B]`.
+/// Each sample's value must depend on that sample (and its row of the condition) alone,
+/// so that the gradient of the batch sum is the per-sample gradient.
+///
+/// Implement [`LogProb::log_prob_with`]; callers without a condition use
+/// [`LogProb::log_prob`].
 pub trait LogProb {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor>;
+    fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor>;
 
-    /// ∇x log p(x; σ) computed without autograd, when the term knows how (a hand-written
-    /// backward pass is several times cheaper than candle's generic one). `None` means
-    /// "use autograd"; an implementation must agree with autograd of [`LogProb::log_prob`].
-    fn input_gradient(&self, _x: &Tensor, _sigma: &Tensor) -> Result<Option<Tensor>> {
+    /// ∇x log p(x; σ | cond) computed without autograd, when the term knows how (a
+    /// hand-written backward pass is several times cheaper than candle's generic one).
+    /// `None` means "use autograd"; an implementation must agree with autograd of
+    /// [`LogProb::log_prob_with`].
+    fn input_gradient(&self, _x: &Tensor, _sigma: &Tensor, _cond: &Cond) -> Result<Option<Tensor>> {
         Ok(None)
     }
-}
 
-impl<L: LogProb + ?Sized> LogProb for &L {
+    /// [`LogProb::log_prob_with`] without a condition.
     fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        (**self).log_prob(x, sigma)
-    }
-    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
-        (**self).input_gradient(x, sigma)
+        self.log_prob_with(x, sigma, &NO_COND)
     }
 }
 
-impl<L: LogProb + ?Sized> LogProb for Box<L> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        (**self).log_prob(x, sigma)
-    }
-    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
-        (**self).input_gradient(x, sigma)
-    }
+macro_rules! forward_log_prob {
+    ($($ty:ty),*) => {$(
+        impl<L: LogProb + ?Sized> LogProb for $ty {
+            fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+                (**self).log_prob_with(x, sigma, cond)
+            }
+            fn input_gradient(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Option<Tensor>> {
+                (**self).input_gradient(x, sigma, cond)
+            }
+        }
+    )*};
 }
-
-impl<L: LogProb + ?Sized> LogProb for std::sync::Arc<L> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        (**self).log_prob(x, sigma)
-    }
-    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
-        (**self).input_gradient(x, sigma)
-    }
-}
+forward_log_prob!(&L, Box<L>, std::sync::Arc<L>);
 
 /// A term switched off above `sigma_max`: log p(x; σ) for σ ≤ `sigma_max`, 0 above (so
 /// its gradient vanishes there). Guidance at large σ can cost likelihood for nothing, or
 /// (with a classifier that is not flat at large σ) throw samples off; this keeps a term
 /// to the noise levels where it helps.
+///
+/// The term runs on the rows at or below the gate only (their rows of x, σ and the
+/// condition): a sampler's step, whose rows share one σ, costs nothing above the gate,
+/// and a training batch with σ drawn per row pays for the term on its gated rows alone.
 pub struct Gated<L> {
     pub term: L,
     pub sigma_max: f64,
+}
+
+/// Which rows a gate keeps: all of them, none, or these (u32 indices).
+enum Rows {
+    All,
+    None,
+    Some(Tensor),
 }
 
 impl<L: LogProb> Gated<L> {
@@ -88,60 +96,68 @@ impl<L: LogProb> Gated<L> {
         Self { term, sigma_max }
     }
 
-    /// 1 where σ ≤ `sigma_max`, else 0, per sample.
-    fn mask(&self, sigma: &Tensor) -> Result<Tensor> {
-        sigma.le(self.sigma_max)?.to_dtype(sigma.dtype())
-    }
-}
-
-/// Whether every entry of a 0/1 mask is 0 (so also for an empty batch).
-fn all_off(mask: &Tensor) -> Result<bool> {
-    if mask.elem_count() == 0 {
-        return Ok(true);
-    }
-    Ok(mask
-        .flatten_all()?
-        .max(0)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        == 0.0)
-}
-
-// A batch entirely above the gate (a sampler's step: one σ for all rows) skips the term.
-impl<L: LogProb> LogProb for Gated<L> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        let m = self.mask(sigma)?.to_dtype(x.dtype())?;
-        if all_off(&m)? {
-            return Ok(m);
-        }
-        self.term.log_prob(x, sigma)? * m
-    }
-
-    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
-        let m = self.mask(sigma)?.to_dtype(x.dtype())?.unsqueeze(1)?;
-        if all_off(&m)? {
-            return Ok(Some(x.zeros_like()?));
-        }
-        Ok(match self.term.input_gradient(x, sigma)? {
-            Some(g) => Some(g.broadcast_mul(&m)?),
-            None => None,
+    /// The rows with σ ≤ `sigma_max` (compared in σ's dtype).
+    fn rows(&self, sigma: &Tensor) -> Result<Rows> {
+        let keep = sigma.le(self.sigma_max)?;
+        Ok(match nonzero_rows(&keep)? {
+            None => Rows::None,
+            Some(r) if r.dim(0)? == sigma.dim(0)? => Rows::All,
+            Some(r) => Rows::Some(r),
         })
     }
 }
 
-/// Σ_k w_k ∇x log p_k(x; σ): terms with a hand-written [`LogProb::input_gradient`] use
-/// it; the others share one backward pass on an input `Var` (terms built on frozen
-/// tensors make that pass compute the input gradient only).
+impl<L: LogProb> LogProb for Gated<L> {
+    fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        check_batch(x, sigma)?;
+        match self.rows(sigma)? {
+            Rows::None => Tensor::zeros(x.dim(0)?, x.dtype(), x.device()),
+            Rows::All => self.term.log_prob_with(x, sigma, cond),
+            Rows::Some(r) => {
+                let lp = self.term.log_prob_with(
+                    &x.index_select(&r, 0)?,
+                    &sigma.index_select(&r, 0)?,
+                    &cond.select(&r)?,
+                )?;
+                Tensor::zeros(x.dim(0)?, lp.dtype(), x.device())?.index_add(&r, &lp, 0)
+            }
+        }
+    }
+
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Option<Tensor>> {
+        check_batch(x, sigma)?;
+        match self.rows(sigma)? {
+            Rows::None => Ok(Some(x.zeros_like()?)),
+            Rows::All => self.term.input_gradient(x, sigma, cond),
+            Rows::Some(r) => {
+                let terms: [(f64, Box<dyn LogProb + '_>); 1] = [(1.0, Box::new(&self.term))];
+                let g = grad_log_prob(
+                    &terms,
+                    &x.index_select(&r, 0)?,
+                    &sigma.index_select(&r, 0)?,
+                    &cond.select(&r)?,
+                )?;
+                Ok(Some(x.zeros_like()?.index_add(&r, &g, 0)?))
+            }
+        }
+    }
+}
+
+/// Σ_k w_k ∇x log p_k(x; σ | cond): terms with a hand-written
+/// [`LogProb::input_gradient`] use it; the others share one backward pass on an input
+/// `Var` (terms built on frozen tensors make that pass compute the input gradient only).
 pub fn grad_log_prob(
     terms: &[(f64, Box<dyn LogProb + '_>)],
     x: &Tensor,
     sigma: &Tensor,
+    cond: &Cond,
 ) -> Result<Tensor> {
     check_batch(x, sigma)?;
+    cond.check(x.dim(0)?)?;
     let mut sum = x.zeros_like()?;
     let mut rest = Vec::new();
     for (w, term) in terms {
-        match term.input_gradient(x, sigma)? {
+        match term.input_gradient(x, sigma, cond)? {
             Some(g) => sum = (sum + (g * *w)?)?,
             None => rest.push((*w, term)),
         }
@@ -152,7 +168,7 @@ pub fn grad_log_prob(
     let xv = Var::from_tensor(&x.detach())?;
     let mut total: Option<Tensor> = None;
     for (w, term) in rest {
-        let lp = term.log_prob(xv.as_tensor(), sigma)?;
+        let lp = term.log_prob_with(xv.as_tensor(), sigma, cond)?;
         if lp.dims() != [x.dim(0)?] {
             bail!(
                 "log-probability term returned shape {:?}, expected [{}]",
@@ -177,7 +193,7 @@ pub fn grad_log_prob(
 
 /// A base score plus weighted log-probability terms:
 /// s(x; σ) + Σ_k w_k ∇x log p_k(x; σ). Itself a [`Score`], so guided models nest,
-/// stack and feed every sampler and loss.
+/// stack and feed every sampler and loss. The condition reaches the base and every term.
 pub struct Guided<'a> {
     base: Box<dyn Score + 'a>,
     terms: Vec<(f64, Box<dyn LogProb + 'a>)>,
@@ -209,28 +225,28 @@ impl<'a> Guided<'a> {
         self.terms.is_empty()
     }
 
-    /// The guidance part alone, Σ_k w_k ∇x log p_k(x; σ).
-    pub fn guidance(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        grad_log_prob(&self.terms, x, sigma)
+    /// The guidance part alone, Σ_k w_k ∇x log p_k(x; σ | cond).
+    pub fn guidance(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        grad_log_prob(&self.terms, x, sigma, cond)
     }
 }
 
 impl Score for Guided<'_> {
-    fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        let base = self.base.score(x, sigma)?;
+    fn score_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let base = self.base.score_with(x, sigma, cond)?;
         if self.terms.is_empty() {
             return Ok(base);
         }
-        base + self.guidance(x, sigma)?
+        base + self.guidance(x, sigma, cond)?
     }
 
-    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        let base = self.base.denoise(x, sigma)?;
+    fn denoise_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let base = self.base.denoise_with(x, sigma, cond)?;
         if self.terms.is_empty() {
             return Ok(base);
         }
         let s2 = per_sample(sigma, x)?.sqr()?;
-        base + self.guidance(x, sigma)?.broadcast_mul(&s2)?
+        base + self.guidance(x, sigma, cond)?.broadcast_mul(&s2)?
     }
 }
 
@@ -243,7 +259,7 @@ mod tests {
     struct Gaussian;
 
     impl LogProb for Gaussian {
-        fn log_prob(&self, x: &Tensor, _sigma: &Tensor) -> Result<Tensor> {
+        fn log_prob_with(&self, x: &Tensor, _sigma: &Tensor, _cond: &Cond) -> Result<Tensor> {
             x.sqr()?.sum(1)? * -0.5
         }
     }
@@ -254,7 +270,7 @@ mod tests {
         let x = Tensor::new(&[[1.0f64, -2.0], [3.0, 0.5], [-1.0, 1.0]], &dev)?;
         let sigma = Tensor::new(&[0.5f64, 2.0, 1.0], &dev)?;
         let terms: Vec<(f64, Box<dyn LogProb>)> = vec![(1.0, Box::new(Gated::new(Gaussian, 1.0)))];
-        let g = grad_log_prob(&terms, &x, &sigma)?.to_vec2::<f64>()?;
+        let g = grad_log_prob(&terms, &x, &sigma, &Cond::none())?.to_vec2::<f64>()?;
         assert_eq!(g, vec![vec![-1.0, 2.0], vec![0.0, 0.0], vec![1.0, -1.0]]);
         let lp = Gated::new(Gaussian, 1.0)
             .log_prob(&x, &sigma)?
@@ -267,10 +283,15 @@ mod tests {
     struct MustNotRun;
 
     impl LogProb for MustNotRun {
-        fn log_prob(&self, _x: &Tensor, _sigma: &Tensor) -> Result<Tensor> {
+        fn log_prob_with(&self, _x: &Tensor, _sigma: &Tensor, _cond: &Cond) -> Result<Tensor> {
             panic!("a term gated off on every row was evaluated")
         }
-        fn input_gradient(&self, _x: &Tensor, _sigma: &Tensor) -> Result<Option<Tensor>> {
+        fn input_gradient(
+            &self,
+            _x: &Tensor,
+            _sigma: &Tensor,
+            _cond: &Cond,
+        ) -> Result<Option<Tensor>> {
             panic!("a term gated off on every row was evaluated")
         }
     }
@@ -282,10 +303,47 @@ mod tests {
         let sigma = Tensor::new(&[2.0f32, 2.0], &dev)?;
         let terms: Vec<(f64, Box<dyn LogProb>)> =
             vec![(1.0, Box::new(Gated::new(MustNotRun, 1.0)))];
-        let g = grad_log_prob(&terms, &x, &sigma)?.to_vec2::<f32>()?;
+        let g = grad_log_prob(&terms, &x, &sigma, &Cond::none())?.to_vec2::<f32>()?;
         assert_eq!(g, vec![vec![0.0, 0.0]; 2]);
         let lp = Gated::new(MustNotRun, 1.0).log_prob(&x, &sigma)?;
         assert_eq!(lp.to_vec1::<f32>()?, vec![0.0, 0.0]);
+        Ok(())
+    }
+
+    /// log p = Σ_j x_j · label: depends on the row's label, records the rows it saw.
+    struct ByLabel(std::cell::Cell<usize>);
+
+    impl LogProb for ByLabel {
+        fn log_prob_with(&self, x: &Tensor, _sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+            self.0.set(x.dim(0)?);
+            let l = cond.require_labels("ByLabel")?.to_dtype(x.dtype())?;
+            x.sum(1)? * l
+        }
+    }
+
+    #[test]
+    fn a_gate_hands_its_term_the_gated_rows_of_the_condition() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1.0f32, 1.0], [2.0, 2.0], [3.0, 3.0]], &dev)?;
+        let sigma = Tensor::new(&[0.5f32, 2.0, 0.1], &dev)?;
+        let cond = Cond::labels(Tensor::new(&[10u32, 20, 30], &dev)?);
+        let gated = Gated::new(ByLabel(std::cell::Cell::new(0)), 1.0);
+        let lp = gated.log_prob_with(&x, &sigma, &cond)?.to_vec1::<f32>()?;
+        assert_eq!(lp, vec![20.0, 0.0, 180.0]);
+        assert_eq!(
+            gated.term.0.get(),
+            2,
+            "the term ran on the two gated rows only"
+        );
+        let terms: Vec<(f64, Box<dyn LogProb>)> = vec![(2.0, Box::new(&gated))];
+        let g = grad_log_prob(&terms, &x, &sigma, &cond)?.to_vec2::<f32>()?;
+        assert_eq!(g, vec![vec![20.0, 20.0], vec![0.0, 0.0], vec![60.0, 60.0]]);
+        // A condition of the wrong batch is refused, naming the field.
+        let short = Cond::labels(Tensor::new(&[1u32], &dev)?);
+        let err = grad_log_prob(&terms, &x, &sigma, &short)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("labels"), "{err}");
         Ok(())
     }
 }

@@ -1,8 +1,11 @@
 //! Training losses for score models.
 //!
 //! * [`dsm`]: denoising score matching (below).
-//! * [`binary_cross_entropy`] with [`ClassWeights`]: Gen-neG's IS-balanced loss (Eq. 11)
-//!   and its unweighted ablations.
+//! * [`weighted_binary_cross_entropy`]: Gen-neG's IS-balanced loss (Eq. 11) and its
+//!   ablations, with a weight per (row, component): a vehicle of a scene, a point;
+//!   [`binary_cross_entropy`] with [`ClassWeights`] is its one-component form.
+//!
+//! Losses of score models take the rows' condition ([`Cond`]) and hand it to the model.
 //! * [`distillation`]: a student score regressed on a (guided) teacher (Gen-neG Eq. 12).
 //! * [`cross_entropy`] and [`dlsm`]: DLSM's classifier losses (L_total = L_DLSM + c L_CE).
 //!
@@ -12,13 +15,13 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Result};
-//! use scoreguide_guidance::{Score, per_sample};
+//! use scoreguide_guidance::{Cond, Score, per_sample};
 //! use scoreguide_losses::{dsm, DsmWeighting};
 //!
 //! /// The exact score of data concentrated at 0: s = −x/σ².
 //! struct Origin;
 //! impl Score for Origin {
-//!     fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+//!     fn score_with(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Tensor> {
 //!         x.neg()?.broadcast_div(&per_sample(sigma, x)?.sqr()?)
 //!     }
 //! }
@@ -26,13 +29,15 @@
 //! let x0 = Tensor::zeros((3, 2), candle_core::DType::F32, &dev)?;
 //! let z = Tensor::new(&[[1f32, -2.0], [0.5, 0.5], [3.0, 0.0]], &dev)?;
 //! let sigma = Tensor::new(&[0.1f32, 1.0, 10.0], &dev)?;
-//! let loss = dsm(&Origin, &x0, &sigma, &z, DsmWeighting::SigmaSquared)?;
+//! let loss = dsm(&Origin, &x0, &sigma, &z, &Cond::none(), DsmWeighting::SigmaSquared)?;
 //! assert!(loss.to_scalar::<f32>()?.abs() < 1e-6); // the exact score has zero DSM loss here
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
 use candle_core::{bail, Result, Tensor};
-use scoreguide_guidance::{check_batch, log_sigmoid, log_softmax, one_hot, per_sample, Score};
+use scoreguide_guidance::{
+    check_batch, log_sigmoid, log_softmax, one_hot, per_sample, Cond, Score,
+};
 use serde::{Deserialize, Serialize};
 
 /// λ(σ) of denoising score matching, stated on the score error ‖s + z/σ‖².
@@ -70,10 +75,11 @@ pub fn dsm(
     x0: &Tensor,
     sigma: &Tensor,
     noise: &Tensor,
+    cond: &Cond,
     weighting: DsmWeighting,
 ) -> Result<Tensor> {
     let x = noised(x0, sigma, noise, "DSM loss")?;
-    weighted_error(&model.denoise(&x, sigma)?, x0, sigma, weighting)
+    weighted_error(&model.denoise_with(&x, sigma, cond)?, x0, sigma, weighting)
 }
 
 /// x0 + σ z, after checking the shapes (`what` names the loss in errors).
@@ -151,6 +157,36 @@ pub fn binary_cross_entropy(
     ((pos * lp)? + (neg * ln)?)?.neg()?.mean_all()
 }
 
+/// Binary cross-entropy with a weight per (row, component):
+/// Σ w · −[y log σ(l) + (1 − y) log σ(−l)] / #{w > 0}, for logits, labels (1 = valid) and
+/// weights all `[B, K]`. A weight of 0 leaves a component out (balancing); Gen-neG's
+/// IS-balanced set weights valid components α and invalid ones 1 − α (Eq. 11).
+pub fn weighted_binary_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    if logits.rank() != 2 || labels.dims() != logits.dims() || weights.dims() != logits.dims() {
+        bail!(
+            "weighted cross-entropy: logits {:?}, labels {:?} and weights {:?} must all be [batch, components]",
+            logits.dims(),
+            labels.dims(),
+            weights.dims()
+        );
+    }
+    let y = labels.to_dtype(logits.dtype())?;
+    let w = weights.to_dtype(logits.dtype())?;
+    let nll = ((&y * log_sigmoid(logits)?)?
+        + (y.affine(-1.0, 1.0)? * log_sigmoid(&logits.neg()?)?)?)?
+    .neg()?;
+    let kept = w
+        .gt(0.0)?
+        .to_dtype(logits.dtype())?
+        .sum_all()?
+        .maximum(1.0)?;
+    (nll * w)?.sum_all()?.broadcast_div(&kept)
+}
+
 /// Distillation (Gen-neG Eq. 12): λ(σ) ‖s_teacher(x; σ) − s_student(x; σ)‖² at
 /// x = x0 + σ z on true data x0, computed on denoisers like [`dsm`]; the teacher's output
 /// is a constant (detached).
@@ -160,11 +196,17 @@ pub fn distillation(
     x0: &Tensor,
     sigma: &Tensor,
     noise: &Tensor,
+    cond: &Cond,
     weighting: DsmWeighting,
 ) -> Result<Tensor> {
     let x = noised(x0, sigma, noise, "distillation loss")?;
-    let target = teacher.denoise(&x, sigma)?.detach();
-    weighted_error(&student.denoise(&x, sigma)?, &target, sigma, weighting)
+    let target = teacher.denoise_with(&x, sigma, cond)?.detach();
+    weighted_error(
+        &student.denoise_with(&x, sigma, cond)?,
+        &target,
+        sigma,
+        weighting,
+    )
 }
 
 fn denoiser_weights(sigma: &Tensor, weighting: DsmWeighting, like: &Tensor) -> Result<Tensor> {

@@ -1,20 +1,27 @@
 //! Noise-conditioned classifiers as log-probability terms for guidance.
 
-use crate::config::NetConfig;
-use crate::precond::{AnyNet, NoiseNet};
-use candle_core::{bail, Result, Tensor};
+use crate::config::{AnyNet, NetConfig};
+use crate::net::NoiseNet;
+use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
-use scoreguide_guidance::{check_batch, log_sigmoid, LogProb, Score};
+use scoreguide_guidance::{check_batch, log_sigmoid, Cond, LogProb, Score};
+use scoreguide_sde::Process;
 use serde::{Deserialize, Serialize};
 
-/// A classifier p(y | x; σ) over σ-space inputs: logits = F(c_in x, ¼ ln σ) with EDM's
-/// c_in = 1/sqrt(σ² + σd²), so inputs stay of unit scale at every noise level (ours;
-/// the Gen-neG paper conditions its classifier on the diffusion time the same way as
-/// its score network).
+/// A time-dependent binary classifier C(x; σ) over σ-space inputs, with one logit per
+/// component of a row (K = 1 for a point; K = agents for a scene, each vehicle valid or
+/// not): log C = Σ_k log sigmoid(l_k), a row being valid iff each component is.
+///
+/// Inputs: logits = F(c_in x, ¼ ln σ) with EDM's c_in = 1/sqrt(σ² + σd²), so inputs stay
+/// of unit scale at every noise level (ours); or, with a `process`, the process's own
+/// x_t = α(σ) x and noise condition, as a score network of that process sees them (the
+/// Gen-neG paper conditions its classifier on the diffusion time as its score network).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierConfig {
     pub net: NetConfig,
     pub sigma_data: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<Process>,
 }
 
 impl ClassifierConfig {
@@ -26,6 +33,17 @@ impl ClassifierConfig {
                 ..Default::default()
             }),
             sigma_data: 1.0,
+            process: None,
+        }
+    }
+
+    /// A classifier of a score model's architecture (one logit per component) that sees
+    /// its inputs as a network of `process` does.
+    pub fn of_architecture(net: &NetConfig, process: Process) -> Self {
+        Self {
+            net: net.with_outputs(1),
+            sigma_data: 1.0,
+            process: Some(process),
         }
     }
 
@@ -36,59 +54,71 @@ impl ClassifierConfig {
                 self.sigma_data
             );
         }
+        if let Some(p) = &self.process {
+            p.validate()?;
+        }
         Ok(Classifier {
             net: self.net.build(vb)?,
             sigma_data: self.sigma_data,
+            process: self.process.clone(),
         })
     }
 }
 
-/// See [`ClassifierConfig`]. As a [`LogProb`] it is binary: log C(x; σ) = log sigmoid(logit).
+/// See [`ClassifierConfig`]; a [`LogProb`] guidance term.
 pub struct Classifier {
     net: AnyNet,
     sigma_data: f64,
+    process: Option<Process>,
 }
 
 impl Classifier {
     /// (c_in shaped to broadcast over x, c_noise).
     fn conditioning(&self, x: &Tensor, sigma: &Tensor) -> Result<(Tensor, Tensor)> {
         check_batch(x, sigma)?;
+        let mut shape = vec![1usize; x.rank()];
+        shape[0] = x.dim(0)?;
+        if let Some(process) = &self.process {
+            let s: Vec<f64> = sigma.to_dtype(DType::F64)?.to_vec1()?;
+            let alpha: Vec<f64> = s.iter().map(|&v| process.alpha_at_sigma(v)).collect();
+            let c: Vec<f64> = s.iter().map(|&v| process.noise_condition(v)).collect();
+            let dev = x.device();
+            let alpha = Tensor::from_vec(alpha, shape, dev)?.to_dtype(x.dtype())?;
+            let c_noise = Tensor::from_vec(c, s.len(), dev)?.to_dtype(x.dtype())?;
+            return Ok((alpha, c_noise));
+        }
         let s = sigma.to_dtype(x.dtype())?;
         let c_in = (s.sqr()? + self.sigma_data * self.sigma_data)?
             .sqrt()?
             .recip()?;
-        let mut shape = vec![1usize; x.rank()];
-        shape[0] = x.dim(0)?;
         Ok((c_in.reshape(shape)?, (s.log()? * 0.25)?))
     }
 
-    /// Logits `[B, K]` (K = 1 for a binary classifier).
-    pub fn logits(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    /// Logits `[B, K]`, one per component of a row.
+    pub fn logits(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
         let (c_in, c_noise) = self.conditioning(x, sigma)?;
-        self.net.forward(&x.broadcast_mul(&c_in)?, &c_noise)
+        cond.check(x.dim(0)?)?;
+        self.net.forward(&x.broadcast_mul(&c_in)?, &c_noise, cond)
     }
 
+    /// K: logits per row.
     pub fn out_dim(&self) -> usize {
         self.net.out_dim()
     }
 }
 
 impl LogProb for Classifier {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        if self.out_dim() != 1 {
-            bail!(
-                "classifier guidance: a binary classifier needs out_dim 1, this one has {}",
-                self.out_dim()
-            );
-        }
-        log_sigmoid(&self.logits(x, sigma)?)?.squeeze(1)
+    fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        log_sigmoid(&self.logits(x, sigma, cond)?)?.sum(1)
     }
 
-    /// ∇x log sigmoid(F(c_in x, c_noise)) = sigmoid(−F) c_in ∂F/∂x_in, by the network's
-    /// hand-written backward pass.
-    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
-        let AnyNet::ResMlp(net) = &self.net;
-        if self.out_dim() != 1 || x.rank() != 2 {
+    /// ∇x Σ_k log sigmoid(F_k(c_in x, c_noise)) = c_in Σ_k sigmoid(−F_k) ∂F_k/∂x_in, by
+    /// the residual MLP's hand-written backward pass (other networks use autograd).
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Option<Tensor>> {
+        let AnyNet::ResMlp(net) = &self.net else {
+            return Ok(None);
+        };
+        if x.rank() != 2 {
             return Ok(None);
         }
         let (c_in, c_noise) = self.conditioning(x, sigma)?;
@@ -110,10 +140,10 @@ pub struct OnDenoised<S, C> {
 }
 
 impl<S: Score, C: LogProb> LogProb for OnDenoised<S, C> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        let x0 = self.base.denoise(x, sigma)?;
+    fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let x0 = self.base.denoise_with(x, sigma, cond)?;
         let clean =
             Tensor::full(self.sigma_clean, x.dim(0)?, x.device())?.to_dtype(sigma.dtype())?;
-        self.classifier.log_prob(&x0, &clean)
+        self.classifier.log_prob_with(&x0, &clean, cond)
     }
 }

@@ -1,28 +1,78 @@
 //! Serializable model configurations: what a checkpoint records to rebuild a model.
 
 use crate::mlp::{ResMlp, ResMlpConfig};
-use crate::precond::{AnyNet, NoiseNet, Precond, ScoreNet};
-use candle_core::{bail, Result};
+use crate::net::NoiseNet;
+use crate::precond::{Precond, ScoreNet};
+use crate::transformer::{SceneTransformer, SceneTransformerConfig};
+use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
+use scoreguide_guidance::Cond;
 use serde::{Deserialize, Serialize};
 
-/// A network architecture.
+/// A network architecture: every architecture a checkpoint can name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "arch", rename_all = "snake_case")]
 pub enum NetConfig {
     ResMlp(ResMlpConfig),
+    SceneTransformer(SceneTransformerConfig),
 }
 
 impl NetConfig {
     pub fn build(&self, vb: &VarBuilder) -> Result<AnyNet> {
-        match self {
-            Self::ResMlp(c) => Ok(AnyNet::ResMlp(ResMlp::new(*c, vb.clone())?)),
-        }
+        Ok(match self {
+            Self::ResMlp(c) => AnyNet::ResMlp(ResMlp::new(*c, vb.clone())?),
+            Self::SceneTransformer(c) => {
+                AnyNet::SceneTransformer(Box::new(SceneTransformer::new(*c, vb.clone())?))
+            }
+        })
     }
 
+    /// Values per row of the input.
     pub fn in_dim(&self) -> usize {
         match self {
             Self::ResMlp(c) => c.in_dim,
+            Self::SceneTransformer(c) => c.agents * c.features,
+        }
+    }
+
+    /// Values per row of the output.
+    pub fn out_dim(&self) -> usize {
+        match self {
+            Self::ResMlp(c) => c.out_dim,
+            Self::SceneTransformer(c) => c.agents * c.out_per_agent,
+        }
+    }
+
+    /// The same architecture with `out` outputs per row (per agent for a scene
+    /// transformer): 1 for Gen-neG's classifier of a score model's architecture.
+    pub fn with_outputs(&self, out: usize) -> Self {
+        match self {
+            Self::ResMlp(c) => Self::ResMlp(ResMlpConfig { out_dim: out, ..*c }),
+            Self::SceneTransformer(c) => Self::SceneTransformer(SceneTransformerConfig {
+                out_per_agent: out,
+                ..*c
+            }),
+        }
+    }
+}
+
+/// Every network architecture of this crate, as one type (what a checkpoint rebuilds).
+pub enum AnyNet {
+    ResMlp(ResMlp),
+    SceneTransformer(Box<SceneTransformer>),
+}
+
+impl NoiseNet for AnyNet {
+    fn forward(&self, x: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<Tensor> {
+        match self {
+            Self::ResMlp(n) => n.forward(x, c_noise, cond),
+            Self::SceneTransformer(n) => NoiseNet::forward(n.as_ref(), x, c_noise, cond),
+        }
+    }
+    fn out_dim(&self) -> usize {
+        match self {
+            Self::ResMlp(n) => n.out_dim(),
+            Self::SceneTransformer(n) => NoiseNet::out_dim(n.as_ref()),
         }
     }
 }

@@ -15,7 +15,11 @@
 //!   classifier ([`ToyClassifier`]) whose ∇x log p(y | x) can be trained through.
 //! * [`SceneTransformer`]: the traffic-scene transformer of Gen-neG App. B.2 — agents
 //!   with relative-position self-attention and cross-attention to map tokens from a
-//!   [`MapEncoder`]; a score network or a per-agent classifier.
+//!   [`MapEncoder`], the maps coming in as each row's condition
+//!   ([`scoreguide_guidance::Cond`]); a score network or a per-agent classifier.
+//! * [`NetConfig`] / [`AnyNet`]: every architecture as one serialisable config and one
+//!   type, so a checkpoint's metadata rebuilds any of them; [`NoiseNet`] is the
+//!   interface they share.
 //! * [`ParamStore`]: named parameters with seeded, order-independent initialisation
 //!   (candle's CPU generator cannot be seeded).
 //!
@@ -38,18 +42,18 @@ mod classifier;
 mod config;
 mod embedding;
 mod mlp;
+mod net;
 mod params;
 mod precond;
 mod toy;
 mod transformer;
 
 pub use classifier::{Classifier, ClassifierConfig, OnDenoised};
-pub use config::{NetConfig, ScoreModelConfig};
+pub use config::{AnyNet, NetConfig, ScoreModelConfig};
 pub use embedding::SinusoidalEmbedding;
 pub use mlp::{ResMlp, ResMlpConfig};
+pub use net::NoiseNet;
 pub use params::ParamStore;
-pub use precond::{AnyNet, NoiseNet, Precond, ScoreNet};
+pub use precond::{Precond, ScoreNet};
 pub use toy::{ClassTerm, ToyClassifier, ToyMlp, ToyMlpConfig, ToyScore};
-pub use transformer::{
-    BoundScene, MapEncoder, MapProbe, SceneMaps, SceneTransformer, SceneTransformerConfig,
-};
+pub use transformer::{MapEncoder, MapProbe, SceneMaps, SceneTransformer, SceneTransformerConfig};

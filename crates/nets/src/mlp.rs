@@ -1,9 +1,10 @@
 //! The residual MLP of Gen-neG (App. B.1, Fig. 6).
 
 use crate::embedding::SinusoidalEmbedding;
-use crate::precond::NoiseNet;
+use crate::net::NoiseNet;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{linear, Linear, Module, VarBuilder};
+use scoreguide_guidance::Cond;
 use serde::{Deserialize, Serialize};
 
 /// Shape of a [`ResMlp`]. Defaults are the paper's checkerboard network.
@@ -115,7 +116,7 @@ impl ResMlp {
 }
 
 impl NoiseNet for ResMlp {
-    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, c_noise: &Tensor, _cond: &Cond) -> Result<Tensor> {
         Ok(self.trace(x, c_noise)?.out)
     }
 

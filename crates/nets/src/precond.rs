@@ -1,44 +1,10 @@
 //! From a raw network to a denoiser: EDM preconditioning and ε / x0 / score prediction.
 
-use crate::mlp::ResMlp;
+use crate::net::NoiseNet;
 use candle_core::{bail, DType, Result, Tensor};
-use scoreguide_guidance::{check_batch, Score};
+use scoreguide_guidance::{check_batch, Cond, Score};
 use scoreguide_sde::Process;
 use serde::{Deserialize, Serialize};
-
-/// A network conditioned on a scalar noise level: `F(x_in: [B, ...], c_noise: [B])`.
-pub trait NoiseNet {
-    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor>;
-    /// Size of the last output dimension.
-    fn out_dim(&self) -> usize;
-}
-
-impl<N: NoiseNet + ?Sized> NoiseNet for Box<N> {
-    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
-        (**self).forward(x, c_noise)
-    }
-    fn out_dim(&self) -> usize {
-        (**self).out_dim()
-    }
-}
-
-/// Every network architecture of this crate, as one type (what a checkpoint rebuilds).
-pub enum AnyNet {
-    ResMlp(ResMlp),
-}
-
-impl NoiseNet for AnyNet {
-    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::ResMlp(n) => n.forward(x, c_noise),
-        }
-    }
-    fn out_dim(&self) -> usize {
-        match self {
-            Self::ResMlp(n) => n.out_dim(),
-        }
-    }
-}
 
 /// How the network output becomes the denoiser D(x; σ) in σ-space.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,8 +119,9 @@ impl<N: NoiseNet> ScoreNet<N> {
         ])
     }
 
-    fn raw(&self, x: &Tensor, c_in: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
-        let f = self.net.forward(&x.broadcast_mul(c_in)?, c_noise)?;
+    fn raw(&self, x: &Tensor, c_in: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<Tensor> {
+        cond.check(x.dim(0)?)?;
+        let f = self.net.forward(&x.broadcast_mul(c_in)?, c_noise, cond)?;
         if f.dims() != x.dims() {
             bail!(
                 "score network output has shape {:?}, input has {:?}: a score model needs out_dim equal to the data dimension",
@@ -167,9 +134,9 @@ impl<N: NoiseNet> ScoreNet<N> {
 }
 
 impl<N: NoiseNet> Score for ScoreNet<N> {
-    fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    fn score_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
         let [c_skip, c_out, c_in, c_noise] = self.coefficient_tensors(x, sigma)?;
-        let f = self.raw(x, &c_in, &c_noise)?.broadcast_mul(&c_out)?;
+        let f = self.raw(x, &c_in, &c_noise, cond)?.broadcast_mul(&c_out)?;
         if let Precond::Score { .. } = self.precond {
             return Ok(f);
         }
@@ -178,9 +145,9 @@ impl<N: NoiseNet> Score for ScoreNet<N> {
         (d - x)?.broadcast_div(&s2)
     }
 
-    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    fn denoise_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
         let [c_skip, c_out, c_in, c_noise] = self.coefficient_tensors(x, sigma)?;
-        let f = self.raw(x, &c_in, &c_noise)?.broadcast_mul(&c_out)?;
+        let f = self.raw(x, &c_in, &c_noise, cond)?.broadcast_mul(&c_out)?;
         if let Precond::Score { .. } = self.precond {
             let s2 = scoreguide_guidance::per_sample(sigma, x)?.sqr()?;
             return x + f.broadcast_mul(&s2)?;

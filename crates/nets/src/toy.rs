@@ -4,7 +4,7 @@
 
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{linear, Linear, Module, VarBuilder};
-use scoreguide_guidance::{check_batch, log_softmax, one_hot, LogProb, Score};
+use scoreguide_guidance::{check_batch, log_softmax, one_hot, Cond, LogProb, Score};
 use serde::{Deserialize, Serialize};
 
 /// Shape of a [`ToyMlp`]: data dimension in, `out_dim` values out.
@@ -123,7 +123,7 @@ impl ToyMlp {
 pub struct ToyScore(pub ToyMlp);
 
 impl Score for ToyScore {
-    fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    fn score_with(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Tensor> {
         self.0.forward(x, sigma)
     }
 }
@@ -191,15 +191,30 @@ impl ClassTerm<'_> {
 }
 
 impl LogProb for ClassTerm<'_> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
+    fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Tensor> {
         let lp = self.classifier.log_probs(x, sigma)?;
         lp.narrow(1, self.class as usize, 1)?.squeeze(1)
     }
 
-    fn input_gradient(&self, x: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Option<Tensor>> {
         let (_, g) = self
             .classifier
             .log_prob_and_input_grad(x, sigma, &self.labels(x)?)?;
         Ok(Some(g))
+    }
+}
+
+/// log p_φ(y_i | x_i; σ_i) for each row's label in the condition: class-conditional
+/// guidance with one classifier over a batch of mixed classes.
+impl LogProb for ToyClassifier {
+    fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let labels = cond.require_labels("toy classifier guidance")?;
+        let onehot = one_hot(labels, self.classes(), x.dtype())?;
+        (self.log_probs(x, sigma)? * onehot)?.sum(1)
+    }
+
+    fn input_gradient(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Option<Tensor>> {
+        let labels = cond.require_labels("toy classifier guidance")?;
+        Ok(Some(self.log_prob_and_input_grad(x, sigma, labels)?.1))
     }
 }

@@ -2,8 +2,9 @@
 //! other with relative-position (RPE) attention and to map tokens with cross-attention.
 //!
 //! Input `[B, A·F]` (A agents of F features, the first two the position), a noise
-//! condition `[B]`, and the maps as [`SceneMaps`]: tokens `[B, T, H]` from [`MapEncoder`]
-//! (a small CNN) and, with a [`MapProbe`], the raster read around each agent. Per agent:
+//! condition `[B]`, and each scene's map raster `[B, C, s, s]` as the context of its
+//! [`Cond`], read as [`SceneMaps`]: tokens `[B, T, H]` from [`MapEncoder`] (a small CNN)
+//! and, with a [`MapProbe`], the raster read around each agent. Per agent:
 //! an MLP encoder (of the features, and optionally the probe's values and a sinusoidal
 //! code of the position) to `hidden` plus a time embedding; then `blocks` × (RPE
 //! self-attention, cross-attention to the map, MLP), each pre-norm and residual; a
@@ -18,10 +19,12 @@
 //! the agents permutes the output.
 
 use crate::embedding::SinusoidalEmbedding;
-use crate::precond::NoiseNet;
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use crate::net::NoiseNet;
+use candle_core::{bail, DType, Device, Result, Tensor, TensorId, D};
 use candle_nn::{linear, VarBuilder};
+use scoreguide_guidance::Cond;
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
 
 /// Shape of a [`SceneTransformer`] and its [`MapEncoder`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -585,6 +588,9 @@ pub struct SceneTransformer {
     decoder1: Dense,
     decoder2: Dense,
     map: MapEncoder,
+    /// The last context encoded by a frozen network, by tensor id: a sampler passes the
+    /// same maps at every step, so they are encoded once per batch.
+    memo: Mutex<Option<(TensorId, DType, SceneMaps)>>,
 }
 
 impl SceneTransformer {
@@ -634,6 +640,7 @@ impl SceneTransformer {
             decoder1: Dense::new(h, h, vb.pp("decoder1"))?,
             decoder2: Dense::new(h, cfg.out_per_agent, vb.pp("decoder2"))?,
             map: MapEncoder::new(&cfg, vb.pp("map"))?,
+            memo: Mutex::new(None),
             cfg,
         })
     }
@@ -660,7 +667,7 @@ impl SceneTransformer {
     }
 
     /// `x: [B, A·F]`, `c_noise: [B]`, `maps` of B scenes → `[B, A·out_per_agent]`.
-    pub fn forward(&self, x: &Tensor, c_noise: &Tensor, maps: &SceneMaps) -> Result<Tensor> {
+    pub fn forward_maps(&self, x: &Tensor, c_noise: &Tensor, maps: &SceneMaps) -> Result<Tensor> {
         let (a, f, h) = (self.cfg.agents, self.cfg.features, self.cfg.hidden);
         let b = match x.dims() {
             &[b, d] if d == a * f => b,
@@ -733,10 +740,37 @@ impl SceneTransformer {
             .reshape((b, a * self.cfg.out_per_agent))
     }
 
-    /// This network with one batch's maps bound, as a [`NoiseNet`] (what
-    /// [`crate::ScoreNet`] and the samplers take).
-    pub fn bind(&self, maps: SceneMaps) -> BoundScene<'_> {
-        BoundScene { net: self, maps }
+    /// What the network reads of `cond`'s context (maps `[B, C, s, s]`) in `dtype`.
+    /// A network whose weights are frozen (not `Var`s, so they cannot change between
+    /// calls) keeps the last encoding and reuses it for the same context tensor.
+    fn encode_context(&self, cond: &Cond, dtype: DType) -> Result<SceneMaps> {
+        let Some(maps) = &cond.context else {
+            bail!("scene transformer: needs the scenes' maps as the condition's context, got none");
+        };
+        if self.map.conv1.weight.is_variable() {
+            return self.encode_maps(&maps.to_dtype(dtype)?);
+        }
+        let mut memo = self.memo.lock().expect("the memo lock is never poisoned");
+        if let Some((id, dt, encoded)) = memo.as_ref() {
+            if *id == maps.id() && *dt == dtype {
+                return Ok(encoded.clone());
+            }
+        }
+        let encoded = self.encode_maps(&maps.to_dtype(dtype)?)?;
+        *memo = Some((maps.id(), dtype, encoded.clone()));
+        Ok(encoded)
+    }
+}
+
+/// The network on the maps in the condition's context: `F(x, c_noise, maps)`.
+impl NoiseNet for SceneTransformer {
+    fn forward(&self, x: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let maps = self.encode_context(cond, x.dtype())?;
+        self.forward_maps(x, c_noise, &maps)
+    }
+
+    fn out_dim(&self) -> usize {
+        self.cfg.agents * self.cfg.out_per_agent
     }
 }
 
@@ -769,23 +803,6 @@ impl SceneMaps {
                 None => None,
             },
         })
-    }
-}
-
-/// A [`SceneTransformer`] with its maps fixed: see [`SceneTransformer::bind`].
-pub struct BoundScene<'a> {
-    net: &'a SceneTransformer,
-    maps: SceneMaps,
-}
-
-impl NoiseNet for BoundScene<'_> {
-    fn forward(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
-        self.net
-            .forward(x, c_noise, &self.maps.to_dtype(x.dtype())?)
-    }
-
-    fn out_dim(&self) -> usize {
-        self.net.cfg.agents * self.net.cfg.out_per_agent
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Every sampler has one signature (k-diffusion's): a [`Score`], the initial `x` at the
 //! first σ of the grid, the grid `sigmas` (descending; a final 0 takes the last step to
-//! clean data), a [`SampleNoise`] with one seeded generator per sample, and a per-step
+//! clean data), the rows' condition ([`Cond`], k-diffusion's `extra_args`; `Cond::none()`
+//! for an unconditioned model), a [`SampleNoise`] with one seeded generator per sample, and a per-step
 //! [`Callback`] that may stop the run early. [`Sampler`] names each with its options, so
 //! swapping one for another is a one-word change.
 //!
@@ -25,5 +26,5 @@
 mod samplers;
 
 pub use samplers::*;
-pub use scoreguide_guidance::Score;
+pub use scoreguide_guidance::{Cond, Score};
 pub use scoreguide_sde::SampleNoise;

@@ -1,5 +1,5 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
-use scoreguide_guidance::Score;
+use scoreguide_guidance::{Cond, Score, NO_COND};
 use scoreguide_sde::SampleNoise;
 use serde::{Deserialize, Serialize};
 use std::ops::ControlFlow;
@@ -95,6 +95,7 @@ impl Sampler {
         }
     }
 
+    /// Samples from `model` without a condition: see [`Sampler::sample_with`].
     pub fn sample(
         &self,
         model: &dyn Score,
@@ -103,17 +104,31 @@ impl Sampler {
         noise: &mut SampleNoise,
         callback: Option<Callback>,
     ) -> Result<Tensor> {
+        self.sample_with(model, x, sigmas, &NO_COND, noise, callback)
+    }
+
+    /// Runs this sampler from `x` at `sigmas[0]` down the grid, the model seeing each
+    /// row's condition `cond` at every step.
+    pub fn sample_with(
+        &self,
+        model: &dyn Score,
+        x: Tensor,
+        sigmas: &[f64],
+        cond: &Cond,
+        noise: &mut SampleNoise,
+        callback: Option<Callback>,
+    ) -> Result<Tensor> {
         match *self {
-            Self::Heun(o) => heun(model, x, sigmas, noise, o, callback),
-            Self::Euler => euler(model, x, sigmas, noise, callback),
-            Self::EulerMaruyama => euler_maruyama(model, x, sigmas, noise, callback),
+            Self::Heun(o) => heun(model, x, sigmas, cond, noise, o, callback),
+            Self::Euler => euler(model, x, sigmas, cond, noise, callback),
+            Self::EulerMaruyama => euler_maruyama(model, x, sigmas, cond, noise, callback),
             Self::PredictorCorrector(o) => {
-                predictor_corrector(model, x, sigmas, noise, o, callback)
+                predictor_corrector(model, x, sigmas, cond, noise, o, callback)
             }
-            Self::Ddim { eta } => ddim(model, x, sigmas, noise, eta, callback),
-            Self::DdpmAncestral => ddpm_ancestral(model, x, sigmas, noise, callback),
+            Self::Ddim { eta } => ddim(model, x, sigmas, cond, noise, eta, callback),
+            Self::DdpmAncestral => ddpm_ancestral(model, x, sigmas, cond, noise, callback),
             Self::ProbabilityFlow { solver } => {
-                probability_flow(model, x, sigmas, solver, callback)
+                probability_flow(model, x, sigmas, cond, solver, callback)
             }
         }
     }
@@ -154,10 +169,11 @@ fn check_grid(sigmas: &[f64], descending_only: bool) -> Result<()> {
     Ok(())
 }
 
-fn check_state(x: &Tensor, noise: &SampleNoise) -> Result<()> {
+fn check_state(x: &Tensor, noise: &SampleNoise, cond: &Cond) -> Result<()> {
     if x.rank() < 2 {
         bail!("sampler: x must be [batch, ...], got {:?}", x.dims());
     }
+    cond.check(x.dim(0)?)?;
     if x.dim(0)? != noise.len() {
         bail!(
             "sampler: batch of {} samples but {} noise generators",
@@ -172,13 +188,18 @@ fn sigma_vec(x: &Tensor, sigma: f64) -> Result<Tensor> {
     Tensor::full(sigma as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype())
 }
 
-fn denoise(model: &dyn Score, x: &Tensor, sigma: f64) -> Result<Tensor> {
-    model.denoise(x, &sigma_vec(x, sigma)?)
+fn denoise(model: &dyn Score, x: &Tensor, sigma: f64, cond: &Cond) -> Result<Tensor> {
+    model.denoise_with(x, &sigma_vec(x, sigma)?, cond)
 }
 
 /// dx/dσ of the probability-flow ODE: (x − D(x; σ))/σ.
-fn ode_derivative(model: &dyn Score, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)> {
-    let d = denoise(model, x, sigma)?;
+fn ode_derivative(
+    model: &dyn Score,
+    x: &Tensor,
+    sigma: f64,
+    cond: &Cond,
+) -> Result<(Tensor, Tensor)> {
+    let d = denoise(model, x, sigma, cond)?;
     Ok((((x - &d)? / sigma)?, d))
 }
 
@@ -211,12 +232,13 @@ pub fn heun(
     model: &dyn Score,
     mut x: Tensor,
     sigmas: &[f64],
+    cond: &Cond,
     noise: &mut SampleNoise,
     opts: HeunOptions,
     mut callback: Option<Callback>,
 ) -> Result<Tensor> {
     check_grid(sigmas, true)?;
-    check_state(&x, noise)?;
+    check_state(&x, noise, cond)?;
     let n = sigmas.len() - 1;
     for i in 0..n {
         let (s_cur, s_next) = (sigmas[i], sigmas[i + 1]);
@@ -232,10 +254,10 @@ pub fn heun(
         } else {
             x.clone()
         };
-        let (d, mut denoised) = ode_derivative(model, &x_hat, s_hat)?;
+        let (d, mut denoised) = ode_derivative(model, &x_hat, s_hat, cond)?;
         x = (&x_hat + (&d * (s_next - s_hat))?)?;
         if s_next > 0.0 {
-            let (d2, den2) = ode_derivative(model, &x, s_next)?;
+            let (d2, den2) = ode_derivative(model, &x, s_next, cond)?;
             x = (&x_hat + ((d + d2)? * (0.5 * (s_next - s_hat)))?)?;
             denoised = den2;
         }
@@ -251,12 +273,13 @@ pub fn euler(
     model: &dyn Score,
     x: Tensor,
     sigmas: &[f64],
+    cond: &Cond,
     noise: &mut SampleNoise,
     callback: Option<Callback>,
 ) -> Result<Tensor> {
     check_grid(sigmas, true)?;
-    check_state(&x, noise)?;
-    probability_flow(model, x, sigmas, OdeSolver::Euler, callback)
+    check_state(&x, noise, cond)?;
+    probability_flow(model, x, sigmas, cond, OdeSolver::Euler, callback)
 }
 
 /// Euler–Maruyama on the reverse-time SDE of σ(t) = t:
@@ -266,16 +289,17 @@ pub fn euler_maruyama(
     model: &dyn Score,
     mut x: Tensor,
     sigmas: &[f64],
+    cond: &Cond,
     noise: &mut SampleNoise,
     mut callback: Option<Callback>,
 ) -> Result<Tensor> {
     check_grid(sigmas, true)?;
-    check_state(&x, noise)?;
+    check_state(&x, noise, cond)?;
     let n = sigmas.len() - 1;
     for i in 0..n {
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
         let sv = sigma_vec(&x, s)?;
-        let score = model.score(&x, &sv)?;
+        let score = model.score_with(&x, &sv, cond)?;
         let denoised = (&x + (&score * (s * s))?)?;
         let h = 2.0 * s * (s - s_next);
         x = (&x + (score * h)?)?;
@@ -297,12 +321,13 @@ pub fn predictor_corrector(
     model: &dyn Score,
     mut x: Tensor,
     sigmas: &[f64],
+    cond: &Cond,
     noise: &mut SampleNoise,
     opts: PcOptions,
     mut callback: Option<Callback>,
 ) -> Result<Tensor> {
     check_grid(sigmas, true)?;
-    check_state(&x, noise)?;
+    check_state(&x, noise, cond)?;
     if !(opts.snr > 0.0 && opts.snr.is_finite()) {
         bail!(
             "predictor–corrector: snr must be positive, got {}",
@@ -323,7 +348,7 @@ pub fn predictor_corrector(
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
         let sv = sigma_vec(&x, s)?;
         for _ in 0..opts.corrector_steps {
-            let g = model.score(&x, &sv)?;
+            let g = model.score_with(&x, &sv, cond)?;
             let z = noise.randn_like(&x)?;
             let (gn, zn) = (batch_norm(&g)?, batch_norm(&z)?);
             let eps = if gn > 0.0 {
@@ -333,7 +358,7 @@ pub fn predictor_corrector(
             };
             x = ((&x + (g * eps)?)? + (z * (2.0 * eps).sqrt())?)?;
         }
-        let score = model.score(&x, &sv)?;
+        let score = model.score_with(&x, &sv, cond)?;
         let denoised = (&x + (&score * (s * s))?)?;
         let g2 = s * s - s_next * s_next;
         let mean = (&x + (score * g2)?)?;
@@ -356,19 +381,20 @@ pub fn ddim(
     model: &dyn Score,
     mut x: Tensor,
     sigmas: &[f64],
+    cond: &Cond,
     noise: &mut SampleNoise,
     eta: f64,
     mut callback: Option<Callback>,
 ) -> Result<Tensor> {
     check_grid(sigmas, true)?;
-    check_state(&x, noise)?;
+    check_state(&x, noise, cond)?;
     if !(0.0..=1.0).contains(&eta) {
         bail!("DDIM: eta must be in [0, 1], got {eta}");
     }
     let n = sigmas.len() - 1;
     for i in 0..n {
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
-        let denoised = denoise(model, &x, s)?;
+        let denoised = denoise(model, &x, s, cond)?;
         x = if s_next > 0.0 {
             let s_up = (eta * s_next * ((s * s - s_next * s_next) / (s * s)).sqrt()).min(s_next);
             let s_down = (s_next * s_next - s_up * s_up).sqrt();
@@ -394,10 +420,11 @@ pub fn ddpm_ancestral(
     model: &dyn Score,
     x: Tensor,
     sigmas: &[f64],
+    cond: &Cond,
     noise: &mut SampleNoise,
     callback: Option<Callback>,
 ) -> Result<Tensor> {
-    ddim(model, x, sigmas, noise, 1.0, callback)
+    ddim(model, x, sigmas, cond, noise, 1.0, callback)
 }
 
 /// The probability-flow ODE dx/dσ = (x − D(x; σ))/σ integrated along `sigmas`, which may
@@ -407,6 +434,7 @@ pub fn probability_flow(
     model: &dyn Score,
     mut x: Tensor,
     sigmas: &[f64],
+    cond: &Cond,
     solver: OdeSolver,
     mut callback: Option<Callback>,
 ) -> Result<Tensor> {
@@ -417,22 +445,23 @@ pub fn probability_flow(
             x.dims()
         );
     }
+    cond.check(x.dim(0)?)?;
     let n = sigmas.len() - 1;
     for i in 0..n {
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
         let h = s_next - s;
-        let (k1, denoised) = ode_derivative(model, &x, s)?;
+        let (k1, denoised) = ode_derivative(model, &x, s, cond)?;
         x = if s_next == 0.0 || solver == OdeSolver::Euler {
             (&x + (k1 * h)?)?
         } else if solver == OdeSolver::Heun {
             let xe = (&x + (&k1 * h)?)?;
-            let (k2, _) = ode_derivative(model, &xe, s_next)?;
+            let (k2, _) = ode_derivative(model, &xe, s_next, cond)?;
             (&x + ((k1 + k2)? * (0.5 * h))?)?
         } else {
             let sm = s + 0.5 * h;
-            let (k2, _) = ode_derivative(model, &(&x + (&k1 * (0.5 * h))?)?, sm)?;
-            let (k3, _) = ode_derivative(model, &(&x + (&k2 * (0.5 * h))?)?, sm)?;
-            let (k4, _) = ode_derivative(model, &(&x + (&k3 * h)?)?, s_next)?;
+            let (k2, _) = ode_derivative(model, &(&x + (&k1 * (0.5 * h))?)?, sm, cond)?;
+            let (k3, _) = ode_derivative(model, &(&x + (&k2 * (0.5 * h))?)?, sm, cond)?;
+            let (k4, _) = ode_derivative(model, &(&x + (&k3 * h)?)?, s_next, cond)?;
             let sum = (((k1 + (k2 * 2.0)?)? + (k3 * 2.0)?)? + k4)?;
             (&x + (sum * (h / 6.0))?)?
         };
@@ -443,13 +472,15 @@ pub fn probability_flow(
     Ok(x)
 }
 
-/// Draws `n` samples of shape `sample_shape` in batches of at most `batch_size`. Sample i
-/// always gets the noise stream `(seed, i)`, so the result does not depend on
-/// `batch_size`. `on_step` is told the number of (batch, step) pairs finished so far.
+/// Draws `n` samples of shape `sample_shape` in batches of at most `batch_size`, sample i
+/// on row i of `cond` (which has n rows, or is empty). Sample i always gets the noise
+/// stream `(seed, i)`, so the result does not depend on `batch_size`. `on_step` is told
+/// the number of (batch, step) pairs finished so far.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_many(
     sampler: &Sampler,
     model: &dyn Score,
+    cond: &Cond,
     n: usize,
     sample_shape: &[usize],
     sigmas: &[f64],
@@ -462,6 +493,9 @@ pub fn sample_many(
         bail!("sample_many: need n > 0 and batch_size > 0, got n = {n}, batch_size = {batch_size}");
     }
     check_grid(sigmas, true)?;
+    if !cond.is_none() {
+        cond.check(n)?;
+    }
     let mut parts = Vec::new();
     let mut done_steps = 0;
     let mut first = 0;
@@ -476,7 +510,12 @@ pub fn sample_many(
             on_step(done_steps);
             ControlFlow::Continue(())
         };
-        parts.push(sampler.sample(model, x, sigmas, &mut noise, Some(&mut cb))?);
+        let rows = if cond.is_none() {
+            Cond::none()
+        } else {
+            cond.narrow(first, b)?
+        };
+        parts.push(sampler.sample_with(model, x, sigmas, &rows, &mut noise, Some(&mut cb))?);
         first += b;
     }
     Tensor::cat(&parts, 0)

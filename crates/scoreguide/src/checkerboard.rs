@@ -5,7 +5,7 @@ use crate::plot::{Canvas, BLUE, GREY, RED};
 use candle_core::{DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
 use scoreguide_data::{checkerboard, Dataset};
-use scoreguide_guidance::Score;
+use scoreguide_guidance::{Cond, Score};
 use scoreguide_losses::{dsm, DsmWeighting};
 use scoreguide_nets::{AnyNet, ParamStore, ScoreModelConfig, ScoreNet};
 use scoreguide_oracles::{Checkerboard, Oracle, Verdict};
@@ -78,7 +78,7 @@ pub fn dsm_batch(
     let x0 = data.rows(&data.step_batch(cfg.batch_size, cfg.train.seed, step)?)?;
     let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, x0.device())?;
     let z = randn(rng, x0.dims(), x0.device())?;
-    dsm(model, &x0, &sigma, &z, cfg.weighting)
+    dsm(model, &x0, &sigma, &z, &Cond::none(), cfg.weighting)
 }
 
 /// A trained baseline: the checkpoint and the frozen EMA model it describes.
@@ -153,6 +153,7 @@ pub fn sample(
     sample_many(
         &sampler,
         model,
+        &Cond::none(),
         n,
         &[2],
         &sigmas,

@@ -4,7 +4,7 @@
 //! grid, and class-conditional sampling.
 
 use crate::data::{two_moons, Dataset, Parzen};
-use crate::guidance::{Guided, Score};
+use crate::guidance::{Cond, Guided, Score};
 use crate::losses::{cross_entropy, dlsm, dsm, DsmWeighting};
 use crate::nets::{ParamStore, ToyClassifier, ToyMlpConfig, ToyScore};
 use crate::samplers::{initial_noise, PcOptions, Sampler};
@@ -101,7 +101,7 @@ pub fn train_score(
         let x0 = data.rows(&data.step_batch(cfg.batch, cfg.seed, step)?)?;
         let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, device)?;
         let z = randn(rng, x0.dims(), device)?;
-        dsm(&model, &x0, &sigma, &z, cfg.weighting)
+        dsm(&model, &x0, &sigma, &z, &Cond::none(), cfg.weighting)
     })?;
     let mut c = trainer.checkpoint()?;
     c.set_meta("model", &toy_config(2))?;

@@ -1,7 +1,7 @@
 //! Run set-up shared by the examples and the `scoreguide` command.
 
 use candle_core::{bail, Device, Result, Tensor};
-use scoreguide_guidance::Score;
+use scoreguide_guidance::{Cond, Score};
 use scoreguide_samplers::Sampler;
 use scoreguide_sde::SampleNoise;
 use serde::Serialize;
@@ -92,9 +92,16 @@ pub fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> 
 
 /// Median time of one Heun step from σ = `s0` to `s1` on the batch `x`: two denoiser
 /// evaluations and the update arithmetic (what a sampling step costs).
-pub fn heun_step_ms(model: &dyn Score, x: &Tensor, s0: f64, s1: f64, reps: usize) -> Result<f64> {
+pub fn heun_step_ms(
+    model: &dyn Score,
+    x: &Tensor,
+    cond: &Cond,
+    s0: f64,
+    s1: f64,
+    reps: usize,
+) -> Result<f64> {
     let heun = Sampler::Heun(scoreguide_samplers::HeunOptions::default());
-    sampler_step_ms(model, &heun, x, s0, s1, reps)
+    sampler_step_ms(model, &heun, x, cond, s0, s1, reps)
 }
 
 /// Median time of one step of `sampler` from σ = `s0` to `s1` on the batch `x` (Heun: two
@@ -104,6 +111,7 @@ pub fn sampler_step_ms(
     model: &dyn Score,
     sampler: &Sampler,
     x: &Tensor,
+    cond: &Cond,
     s0: f64,
     s1: f64,
     reps: usize,
@@ -113,7 +121,7 @@ pub fn sampler_step_ms(
     median_ms(reps, || {
         // Force the lazy CPU work to finish inside the timed region.
         sampler
-            .sample(model, x.clone(), &[s0, s1], &mut noise, None)?
+            .sample_with(model, x.clone(), &[s0, s1], cond, &mut noise, None)?
             .sum_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_scalar::<f32>()?;

@@ -1,21 +1,29 @@
-//! Traffic scenes (Gen-neG paper §4.2, on our procedural stand-in data): feature
-//! scaling, the baseline score model (the scene transformer under a VP process, trained
-//! with DSM), map-conditioned sampling, scene-level infraction rates, and rendering of
-//! scenes with their infracting vehicles highlighted, like the paper's Fig. 1.
+//! Traffic scenes (Gen-neG paper §4.2, on our procedural stand-in data): what is
+//! traffic's own — feature scaling, the configuration of the scene transformer under a VP
+//! process, scenes and their maps as each row's condition, the baseline's training,
+//! scene-level infraction rates and r-ELBO, the per-vehicle oracle as a Gen-neG
+//! [`Task`](crate::genneg::Task) ([`TrafficTask`]), diagnostics of a classifier, and
+//! rendering like the paper's Fig. 1. Drawing, labelled sets, classifier training,
+//! stacking, gating and distillation are [`crate::genneg`]'s, shared with every
+//! experiment.
 
 use crate::data::{Dataset, MapLayers, SceneSet};
-use crate::guidance::{check_batch, grad_log_prob, log_sigmoid, per_sample, LogProb, Score};
-use crate::losses::{distillation, dsm, DsmWeighting};
+use crate::genneg::{
+    collect, train_classifier, ClassifierTrainConfig, CollectConfig, DistillConfig, Draws,
+    LabelledSet, Stack, StackedClassifier, Staged, Task,
+};
+use crate::guidance::{Cond, Score};
+use crate::losses::{dsm, DsmWeighting};
 use crate::nets::{
-    BoundScene, MapProbe, ParamStore, Precond, SceneMaps, SceneTransformer, SceneTransformerConfig,
-    ScoreNet, SinusoidalEmbedding,
+    Classifier, ClassifierConfig, MapProbe, NetConfig, ParamStore, Precond, SceneTransformerConfig,
+    ScoreModelConfig, SinusoidalEmbedding,
 };
 use crate::oracles::scene::VEHICLE_FEATURES;
 use crate::oracles::{check_scene, OrientedBox, RoadRaster, SceneVerdict};
 use crate::plot::{Canvas, Rgb, BLACK, BLUE, RED};
 use crate::samplers::{initial_noise, Sampler};
 use crate::sde::{randn, Process, SampleNoise, SigmaDistribution};
-use crate::train::{load_frozen, Checkpoint, Progress, TrainConfig, Trainer, Weights};
+use crate::train::{load_score_model, Checkpoint, Progress, TrainConfig, Trainer, Weights};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -205,6 +213,65 @@ impl TrafficConfig {
         }
     }
 
+    /// The score model this configuration describes (what its checkpoints rebuild).
+    pub fn score_model(&self) -> ScoreModelConfig {
+        ScoreModelConfig {
+            net: NetConfig::SceneTransformer(self.net),
+            precond: self.precond(),
+        }
+    }
+
+    /// Gen-neG's per-vehicle classifier: this network with one logit per vehicle, seeing
+    /// its inputs as the score network of this process does.
+    pub fn classifier(&self) -> ClassifierConfig {
+        ClassifierConfig::of_architecture(
+            &NetConfig::SceneTransformer(self.net),
+            self.process.clone(),
+        )
+    }
+
+    /// How a per-vehicle classifier is trained: this configuration's batch, learning rate
+    /// and noise levels, `iters` steps from `seed` (a short warm-up), at `sigma_clean`
+    /// for the time-independent ablation.
+    pub fn classifier_training(
+        &self,
+        iters: u64,
+        seed: u64,
+        sigma_clean: f64,
+    ) -> ClassifierTrainConfig {
+        ClassifierTrainConfig {
+            model: self.classifier(),
+            iters,
+            batch: self.batch,
+            train: TrainConfig {
+                lr: self.lr,
+                seed,
+                warmup_steps: 200,
+                ..TrainConfig::default()
+            },
+            sigma: self.sigma_distribution(),
+            sigma_clean,
+        }
+    }
+
+    /// How a stack is distilled into this configuration's network: its batch, learning
+    /// rate, noise levels and steps, from its seed, λ = σ² as in training.
+    pub fn distillation(&self) -> DistillConfig {
+        DistillConfig {
+            iters: self.iters,
+            batch: self.batch,
+            train: TrainConfig {
+                lr: self.lr,
+                seed: self.seed,
+                // A warm start needs less warm-up than training from scratch.
+                warmup_steps: 200,
+                ..TrainConfig::default()
+            },
+            sigma: self.sigma_distribution(),
+            weighting: DsmWeighting::SigmaSquared,
+        }
+    }
+
     /// This configuration with a sinusoidal embedding of each vehicle's position in the
     /// networks (32 values per axis, angular frequencies 1 … 100 per standardised unit:
     /// wavelengths from about 90 m down to about 1 m at our scenes' spread of 14 m).
@@ -333,6 +400,11 @@ impl TrafficData {
         })
     }
 
+    /// The condition of the scenes `idx`: their maps as the context.
+    pub fn cond_of(&self, idx: &[u32]) -> Result<Cond> {
+        Ok(Cond::context(self.maps_of(idx)?))
+    }
+
     /// The maps of the scenes `idx`, `[len, C, s, s]`.
     pub fn maps_of(&self, idx: &[u32]) -> Result<Tensor> {
         let which = self
@@ -342,23 +414,24 @@ impl TrafficData {
     }
 }
 
-/// Trains the baseline score model with DSM (λ = σ², the ε-loss of DDPM); returns the
-/// checkpoint (EMA weights under `ema.`, configuration and scaler in the metadata).
+/// Trains the baseline score model with DSM (λ = σ², the ε-loss of DDPM), each scene
+/// conditioned on its map; returns the checkpoint (EMA weights under `ema.`,
+/// configuration and scaler in the metadata).
 pub fn train_score(
     cfg: &TrafficConfig,
     data: &TrafficData,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    fit_score(cfg, data, None, None, None, device, progress)
+    fit_score(cfg, data, None, None, device, progress)
 }
 
-/// [`train_score`] in stages that survive an interruption: every `save_every` steps the
-/// whole training state (weights, EMA, Adam moments, step, configuration and scaler) is
-/// passed to `save` (write it atomically: `Checkpoint::save` does), and a state saved so
-/// is continued with `resume`. Each step's randomness depends on the step alone, so the
-/// result is the uninterrupted run's to the bit. `resume` must come from this
-/// configuration (up to `iters`, so a run can also be extended) and data's scaler.
+/// [`train_score`] in stages that survive an interruption ([`Trainer::run_staged`]):
+/// every `save_every` steps the whole training state (weights, EMA, Adam moments, step,
+/// configuration and scaler) is passed to `save` (write it atomically: `Checkpoint::save`
+/// does), and a state saved so is continued with `resume`, to the bit of the
+/// uninterrupted run. `resume` must come from this configuration (up to `iters`, so a
+/// run can also be extended) and data's scaler.
 pub fn train_score_resumable(
     cfg: &TrafficConfig,
     data: &TrafficData,
@@ -368,42 +441,28 @@ pub fn train_score_resumable(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    fit_staged(
-        cfg,
-        data,
-        None,
-        None,
-        Staged {
-            resume,
-            save_every,
-            save,
-        },
-        "baseline",
-        device,
-        progress,
-    )
+    if let Some(c) = resume {
+        check_resumable(c, cfg, data, "resumed baseline")?;
+    }
+    let staged = Staged {
+        resume,
+        save_every,
+        save,
+    };
+    fit_score(cfg, data, None, Some(staged), device, progress)
 }
 
-/// [`fit_score`] with `staged` saving, after checking `staged.resume` ([`check_resumable`]);
-/// `what` names the run in errors ("baseline", "distillation").
-#[allow(clippy::too_many_arguments)]
-fn fit_staged(
+/// Trains the baseline `cfg.iters` more steps on the data from its own (EMA) weights,
+/// with the same warm start as [`distill`]: the control that separates what
+/// distillation adds from what extra training steps add.
+pub fn train_more(
     cfg: &TrafficConfig,
+    init: &Checkpoint,
     data: &TrafficData,
-    teacher: Option<&TrafficStack>,
-    init: Option<&Checkpoint>,
-    staged: Staged,
-    what: &str,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    if staged.save_every == 0 {
-        bail!("{what}: save_every must be at least 1 step");
-    }
-    if let Some(c) = staged.resume {
-        check_resumable(c, cfg, data, &format!("resumed {what}"))?;
-    }
-    fit_score(cfg, data, teacher, init, Some(staged), device, progress)
+    fit_score(cfg, data, Some(init), None, device, progress)
 }
 
 /// Refuses to continue `c` unless it was trained with `cfg` (up to `iters`, so that a
@@ -436,38 +495,103 @@ fn check_resumable(
     Ok(())
 }
 
-/// Resuming and periodic saving for [`fit_score`].
-struct Staged<'a, 'b> {
-    resume: Option<&'a Checkpoint>,
-    save_every: u64,
-    save: &'b mut dyn FnMut(&Checkpoint) -> Result<()>,
+/// A checkpoint's training state with the traffic metadata its loaders read.
+fn with_traffic_meta(
+    c: &Checkpoint,
+    cfg: &TrafficConfig,
+    data: &TrafficData,
+) -> Result<Checkpoint> {
+    let mut c = c.clone();
+    c.set_meta("traffic", cfg)?;
+    c.set_meta("scaler", &data.scaler)?;
+    Ok(c)
+}
+
+fn fit_score(
+    cfg: &TrafficConfig,
+    data: &TrafficData,
+    init: Option<&Checkpoint>,
+    staged: Option<Staged>,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    let store = ParamStore::new(cfg.seed);
+    let model = cfg
+        .score_model()
+        .build(&store.var_builder(DType::F32, device))?;
+    if let Some(c) = init {
+        store.assign(&c.section("ema"), "the initial (baseline) weights")?;
+    }
+    let train = TrainConfig {
+        lr: cfg.lr,
+        seed: cfg.seed,
+        // A warm start needs less warm-up than training from scratch.
+        warmup_steps: if init.is_some() { 200 } else { 500 },
+        ..TrainConfig::default()
+    };
+    let sigma_dist = cfg.sigma_distribution();
+    sigma_dist.validate()?;
+    let mut trainer = Trainer::new(store, train)?;
+    let step_loss = |step: u64, rng: &mut rand::rngs::StdRng| {
+        let idx = data.x.step_batch(cfg.batch, cfg.seed, step)?;
+        let x0 = data.x.rows(&idx)?;
+        let cond = data.cond_of(&idx)?;
+        let sigma = sigma_dist.sample_tensor(idx.len(), rng, device)?;
+        let z = randn(rng, x0.dims(), device)?;
+        dsm(&model, &x0, &sigma, &z, &cond, DsmWeighting::SigmaSquared)
+    };
+    match staged {
+        None => {
+            trainer.run(cfg.iters, progress, step_loss)?;
+        }
+        Some(st) => {
+            if let Some(c) = st.resume {
+                trainer.restore(c)?;
+            }
+            trainer.run_staged(cfg.iters, st.save_every, progress, step_loss, &mut |t| {
+                (st.save)(&with_traffic_meta(&t.checkpoint()?, cfg, data)?)
+            })?;
+        }
+    }
+    with_traffic_meta(&trainer.checkpoint()?, cfg, data)
 }
 
 /// Distils a Gen-neG stack into one network of the baseline's architecture (paper Eq.
-/// 12): on the **true** training scenes, the student's denoiser is fitted to the
-/// teacher's (λ = σ²), starting from the baseline's weights `init`. `cfg.iters` steps.
+/// 12, [`crate::genneg::distill`]): on the **true** training scenes (each on its map),
+/// the student's denoiser is fitted to the teacher's (λ = σ²), starting from the
+/// baseline's weights `init`. `cfg.iters` steps.
 pub fn distill(
     cfg: &TrafficConfig,
-    teacher: &TrafficStack,
+    teacher: &dyn Score,
     init: &Checkpoint,
     data: &TrafficData,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    fit_score(cfg, data, Some(teacher), Some(init), None, device, progress)
+    let c = crate::genneg::distill(
+        teacher,
+        &data.x,
+        &|idx| data.cond_of(idx),
+        &cfg.score_model(),
+        Some(&init.section("ema")),
+        &cfg.distillation(),
+        None,
+        device,
+        progress,
+    )?;
+    with_traffic_meta(&c, cfg, data)
 }
 
 /// [`distill`] in stages that survive an interruption, and that can be extended: every
 /// `save_every` steps the whole training state is passed to `save`, and a state saved so
 /// (or a finished distillation of fewer than `cfg.iters` steps) is continued with
-/// `resume`. As for [`train_score_resumable`], the result is the uninterrupted run's to
-/// the bit (the learning rate is constant after its warm-up). The checkpoint does not
-/// record the teacher: the caller must check that `resume` was distilled from this
-/// `teacher` (e.g. by metadata of its own).
+/// `resume`, to the bit of the uninterrupted run (the learning rate is constant after
+/// its warm-up). The checkpoint does not record the teacher: the caller must check that
+/// `resume` was distilled from this `teacher` (e.g. by metadata of its own).
 #[allow(clippy::too_many_arguments)]
 pub fn distill_resumable(
     cfg: &TrafficConfig,
-    teacher: &TrafficStack,
+    teacher: &dyn Score,
     init: &Checkpoint,
     data: &TrafficData,
     resume: Option<&Checkpoint>,
@@ -476,146 +600,250 @@ pub fn distill_resumable(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    fit_staged(
-        cfg,
-        data,
-        Some(teacher),
-        Some(init),
-        Staged {
+    if let Some(c) = resume {
+        check_resumable(c, cfg, data, "resumed distillation")?;
+    }
+    let c = crate::genneg::distill(
+        teacher,
+        &data.x,
+        &|idx| data.cond_of(idx),
+        &cfg.score_model(),
+        Some(&init.section("ema")),
+        &cfg.distillation(),
+        Some(Staged {
             resume,
             save_every,
-            save,
-        },
-        "distillation",
+            save: &mut |c| save(&with_traffic_meta(c, cfg, data)?),
+        }),
         device,
         progress,
-    )
+    )?;
+    with_traffic_meta(&c, cfg, data)
 }
 
-/// Trains the baseline `cfg.iters` more steps on the data from its own (EMA) weights,
-/// with the same warm start as [`distill`]: the control that separates what
-/// distillation adds from what extra training steps add.
-pub fn train_more(
-    cfg: &TrafficConfig,
-    init: &Checkpoint,
-    data: &TrafficData,
-    device: &Device,
-    progress: &mut Progress,
-) -> Result<Checkpoint> {
-    fit_score(cfg, data, None, Some(init), None, device, progress)
-}
-
-fn fit_score(
-    cfg: &TrafficConfig,
-    data: &TrafficData,
-    teacher: Option<&TrafficStack>,
-    init: Option<&Checkpoint>,
-    mut staged: Option<Staged>,
-    device: &Device,
-    progress: &mut Progress,
-) -> Result<Checkpoint> {
-    let store = ParamStore::new(cfg.seed);
-    let net = SceneTransformer::new(cfg.net, store.var_builder(DType::F32, device))?;
-    if let Some(c) = init {
-        store.assign(&c.section("ema"), "the initial (baseline) weights")?;
-    }
-    let train = TrainConfig {
-        lr: cfg.lr,
-        seed: cfg.seed,
-        // A warm start (distillation) needs less warm-up than training from scratch.
-        warmup_steps: if init.is_some() { 200 } else { 500 },
-        ..TrainConfig::default()
-    };
-    let sigma_dist = cfg.sigma_distribution();
-    sigma_dist.validate()?;
-    let mut trainer = Trainer::new(store, train)?;
-    if let Some(c) = staged.as_ref().and_then(|s| s.resume) {
-        trainer.restore(c)?;
-    }
-    let state = |trainer: &Trainer| -> Result<Checkpoint> {
-        let mut c = trainer.checkpoint()?;
-        c.set_meta("traffic", cfg)?;
-        c.set_meta("scaler", &data.scaler)?;
-        Ok(c)
-    };
-    let mut step_loss = |step: u64, rng: &mut rand::rngs::StdRng| {
-        let idx = data.x.step_batch(cfg.batch, cfg.seed, step)?;
-        let x0 = data.x.rows(&idx)?;
-        let maps = data.maps_of(&idx)?;
-        let model = ScoreNet::new(net.bind(net.encode_maps(&maps)?), cfg.precond())?;
-        let sigma = sigma_dist.sample_tensor(idx.len(), rng, device)?;
-        let z = randn(rng, x0.dims(), device)?;
-        match teacher {
-            None => dsm(&model, &x0, &sigma, &z, DsmWeighting::SigmaSquared),
-            Some(t) => distillation(
-                &model,
-                &t.on_maps(&maps)?,
-                &x0,
-                &sigma,
-                &z,
-                DsmWeighting::SigmaSquared,
-            ),
-        }
-    };
-    match &mut staged {
-        None => {
-            trainer.run(cfg.iters, progress, &mut step_loss)?;
-        }
-        Some(st) => {
-            while trainer.steps_done() < cfg.iters {
-                let until = (trainer.steps_done() / st.save_every + 1) * st.save_every;
-                trainer.run(until.min(cfg.iters), progress, &mut step_loss)?;
-                (st.save)(&state(&trainer)?)?;
-            }
-        }
-    }
-    state(&trainer)
-}
-
-/// A frozen traffic score model (EMA weights) and its feature scaler.
+/// A traffic score model from its checkpoint (EMA weights, its configuration and
+/// feature scaler): the baseline, a distilled model or the control.
 pub struct TrafficModel {
     pub config: TrafficConfig,
     pub scaler: FeatureScaler,
     /// Parameters of the network.
     pub params: usize,
-    net: SceneTransformer,
+    weights: std::collections::BTreeMap<String, Tensor>,
 }
 
 impl TrafficModel {
+    /// Reads and checks the checkpoint (the network is built once, so a missing or
+    /// misshapen tensor is reported now, by name).
     pub fn load(c: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let config: TrafficConfig = c.meta("traffic")?;
         let scaler: FeatureScaler = c.meta("scaler")?;
-        let (net, params) = load_frozen(
-            c,
-            Weights::Ema,
-            dtype,
-            device,
-            "traffic model checkpoint",
-            |vb| SceneTransformer::new(config.net, vb.clone()),
-        )?;
+        let mut described = c.clone();
+        described.set_meta("model", &config.score_model())?;
+        let params = {
+            let store = ParamStore::new(0);
+            config
+                .score_model()
+                .build(&store.var_builder(dtype, device))?;
+            store.num_params()
+        };
+        load_score_model(&described, Weights::Ema, dtype, device)
+            .map_err(|e| candle_core::Error::msg(format!("traffic model checkpoint: {e}")))?;
         Ok(Self {
             config,
             scaler,
             params,
-            net,
+            weights: c.section("ema"),
         })
     }
 
-    /// The score model for scenes on `maps` (`[B, C, s, s]`, one per scene).
-    pub fn on_maps(&self, maps: &Tensor) -> Result<ScoreNet<BoundScene<'_>>> {
-        ScoreNet::new(
-            self.net.bind(self.net.encode_maps(maps)?),
-            self.config.precond(),
-        )
+    /// This model as a Gen-neG stack without classifiers.
+    pub fn stack(&self) -> Stack {
+        Stack::new(self.config.score_model(), self.weights.clone())
+    }
+
+    /// This model guided by `classifiers` (weight 1 each), each gated to σ ≤ `gate`
+    /// when given: Gen-neG iteration k has k.
+    pub fn with_classifiers(&self, classifiers: &[StackedClassifier], gate: Option<f64>) -> Stack {
+        classifiers
+            .iter()
+            .fold(self.stack(), |s, c| s.with(c.clone().gated(gate)))
     }
 }
 
-/// Scenes from `model` (a baseline or a Gen-neG stack), scene k on the map of
-/// `data`'s scene `scene_indices[k]`, in batches of `batch`, with per-sample seeded
-/// noise; returned in metres (`[n · A · 7]` values).
+/// A per-vehicle Gen-neG classifier from its checkpoint: one written by
+/// [`train_agent_classifier`], or an older one that records only its traffic
+/// configuration (`traffic` metadata, one output per agent).
+pub fn load_agent_classifier(c: &Checkpoint) -> Result<StackedClassifier> {
+    let mut described = c.clone();
+    if !c.metadata.contains_key("classifier") {
+        let config: TrafficConfig = c.meta("traffic")?;
+        if config.net.out_per_agent != 1 {
+            bail!(
+                "agent classifier checkpoint: the network has {} outputs per agent, not 1",
+                config.net.out_per_agent
+            );
+        }
+        described.set_meta("classifier", &config.classifier())?;
+    }
+    let s = StackedClassifier::from_checkpoint(&described)?;
+    s.build(DType::F32, &Device::Cpu)
+        .map_err(|e| candle_core::Error::msg(format!("agent classifier checkpoint: {e}")))?;
+    Ok(s)
+}
+
+/// Gen-neG's view of traffic scenes: a scene is drawn on the map of a training scene
+/// (its key, chosen at random), conditioned on that map, and each vehicle is a
+/// component, valid unless it collides or leaves the road.
+pub struct TrafficTask<'a> {
+    pub data: &'a TrafficData,
+}
+
+impl Task for TrafficTask<'_> {
+    fn components(&self) -> usize {
+        self.data.set.scene_dim() / VEHICLE_FEATURES
+    }
+
+    fn draw_keys(&self, n: usize, seed: u64) -> Result<Vec<u32>> {
+        use rand::{Rng, SeedableRng};
+        if self.data.set.is_empty() {
+            bail!("traffic draws: the data holds no scenes to take maps from");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let len = self.data.set.len() as u32;
+        Ok((0..n).map(|_| rng.random_range(0..len)).collect())
+    }
+
+    fn cond(&self, keys: &[u32]) -> Result<Cond> {
+        self.data.cond_of(keys)
+    }
+
+    fn label(&self, x: &Tensor, keys: &[u32]) -> Result<Vec<bool>> {
+        let agents = self
+            .data
+            .scaler
+            .denormalize(&x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        let (_, verdicts) = label_scenes(self.data, keys, &agents)?;
+        let k = self.components();
+        Ok(verdicts
+            .iter()
+            .flat_map(|v| (0..k).map(move |a| v.infracting() & (1 << a) == 0))
+            .collect())
+    }
+}
+
+/// Draws `n` scenes from `model` on random maps of `data` (seeded) and labels each
+/// vehicle: [`crate::genneg::collect`] with the whole budget kept.
+#[allow(clippy::too_many_arguments)]
+pub fn draw_scenes(
+    model: &dyn Score,
+    data: &TrafficData,
+    n: usize,
+    sampler: &Sampler,
+    sigmas: &[f64],
+    seed: u64,
+    batch: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Draws> {
+    let cfg = CollectConfig {
+        per_class: None,
+        batch: batch.max(1),
+        budget: n,
+        min_negatives: 1,
+        seed,
+    };
+    collect(
+        model,
+        sampler,
+        sigmas,
+        &TrafficTask { data },
+        &[data.set.scene_dim()],
+        &cfg,
+        data.maps.device(),
+        &mut |drawn, _, _| progress(drawn),
+    )
+}
+
+/// Drawn scenes with their verdicts (which vehicles collide, which leave the road): what
+/// the classifier diagnostics group vehicles by.
+pub struct JudgedScenes {
+    pub drawn: Draws,
+    pub verdicts: Vec<SceneVerdict>,
+}
+
+impl JudgedScenes {
+    /// Judges `drawn` (scenes on `data`'s maps) with the oracle.
+    pub fn new(drawn: Draws, data: &TrafficData) -> Result<Self> {
+        let agents = data
+            .scaler
+            .denormalize(&drawn.x.flatten_all()?.to_vec1::<f32>()?);
+        let verdicts = label_scenes(data, &drawn.keys, &agents)?.1;
+        Ok(Self { drawn, verdicts })
+    }
+
+    pub fn scenes(&self) -> usize {
+        self.verdicts.len()
+    }
+
+    /// The standardised scenes `[N, A·7]` as one vector, their width, and their count,
+    /// after checking that there is one verdict per scene (`what` names the caller).
+    fn values(&self, what: &str) -> Result<(Vec<f32>, usize, usize)> {
+        let scenes = self.drawn.rows();
+        if scenes == 0 || self.verdicts.len() != scenes {
+            bail!(
+                "{what}: {scenes} scenes drawn and {} verdicts",
+                self.verdicts.len()
+            );
+        }
+        let x: Vec<f32> = self.drawn.x.flatten_all()?.to_vec1()?;
+        Ok((x, self.drawn.x.elem_count() / scenes, scenes))
+    }
+}
+
+/// Trains a per-vehicle classifier on `set` (scenes on `data`'s maps) with
+/// [`crate::genneg::train_classifier`]: the baseline's network with one logit per
+/// vehicle, its batch, learning rate and noise levels (or `sigma_clean` for every scene:
+/// the time-independent ablation). The checkpoint also records the classifier's traffic
+/// configuration (`traffic`), which reuse checks read.
+#[allow(clippy::too_many_arguments)]
+pub fn train_agent_classifier(
+    base: &TrafficConfig,
+    set: &LabelledSet,
+    data: &TrafficData,
+    iters: u64,
+    seed: u64,
+    sigma_clean: Option<f64>,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
+    let cfg = base.classifier_training(iters, seed, sigma_clean.unwrap_or(0.0));
+    let trained = train_classifier(
+        set,
+        &TrafficTask { data },
+        sigma_clean.is_none(),
+        &cfg,
+        device,
+        progress,
+    )?;
+    let mut c = trained.checkpoint;
+    let traffic = TrafficConfig {
+        net: SceneTransformerConfig {
+            out_per_agent: 1,
+            ..base.net
+        },
+        iters,
+        seed,
+        ..base.clone()
+    };
+    c.set_meta("traffic", &traffic)?;
+    Ok(c)
+}
+
+/// Scenes from `model` (a baseline, a distilled model or a Gen-neG stack's guided
+/// score), scene k on the map of `data`'s scene `scene_indices[k]`, in batches of
+/// `batch`, with per-sample seeded noise; returned in metres (`[n · A · 7]` values).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_scenes(
-    model: &TrafficStack,
+    model: &dyn Score,
     data: &TrafficData,
     scene_indices: &[u32],
     sampler: &Sampler,
@@ -628,16 +856,11 @@ pub fn sample_scenes(
     let device = data.maps.device();
     let mut out = Vec::with_capacity(scene_indices.len() * dim);
     for (k, idx) in scene_indices.chunks(batch.max(1)).enumerate() {
-        let score = model.on_maps(&data.maps_of(idx)?)?;
+        let cond = data.cond_of(idx)?;
         let mut noise = SampleNoise::new(seed, k * batch.max(1), idx.len());
         let x0 = initial_noise(&mut noise, &[idx.len(), dim], sigmas[0], DType::F32, device)?;
-        let x = sampler.sample(&score, x0, sigmas, &mut noise, None)?;
-        out.extend(
-            model
-                .base
-                .scaler
-                .denormalize(&x.flatten_all()?.to_vec1::<f32>()?),
-        );
+        let x = sampler.sample_with(model, x0, sigmas, &cond, &mut noise, None)?;
+        out.extend(data.scaler.denormalize(&x.flatten_all()?.to_vec1::<f32>()?));
         progress(out.len() / dim);
     }
     Ok(out)
@@ -705,10 +928,12 @@ pub fn label_scenes(
 /// Reweighted ELBO of held-out scenes (the Gen-neG paper's r-ELBO: the ELBO with the
 /// diffusion loss's own weighting), per scene: −½ E_{t, ε} ‖ε̂(x_t, t) − ε‖² summed over
 /// the scene's values, with ε̂ = −σ s the ε-prediction of `model` and t uniform on
-/// [1e-3, 1] (stratified: `draws` levels per scene). Constants are left out, so only
-/// differences between models on the same scenes mean something; higher is better.
+/// [1e-3, 1] of `process` (stratified: `draws` levels per scene). Constants are left
+/// out, so only differences between models on the same scenes mean something; higher is
+/// better.
 pub fn r_elbo(
-    model: &TrafficStack,
+    model: &dyn Score,
+    process: &Process,
     data: &TrafficData,
     draws: usize,
     seed: u64,
@@ -723,138 +948,43 @@ pub fn r_elbo(
     let mut total = 0.0;
     for start in (0..n).step_by(batch.max(1)) {
         let idx: Vec<u32> = (start as u32..(start + batch.max(1)).min(n) as u32).collect();
-        let score = model.on_maps(&data.maps_of(&idx)?)?;
+        let cond = data.cond_of(&idx)?;
         let x0 = data.x.rows(&idx)?;
         for k in 0..draws {
             // Stratified t: draw k covers [k/draws, (k+1)/draws) of [1e-3, 1].
             let sigmas: Vec<f32> = (0..idx.len())
                 .map(|_| {
                     let u = (k as f64 + rand::Rng::random::<f64>(&mut rng)) / draws as f64;
-                    model.base.config.process.sigma(1e-3 + u * (1.0 - 1e-3)) as f32
+                    process.sigma(1e-3 + u * (1.0 - 1e-3)) as f32
                 })
                 .collect();
             let sigma = Tensor::from_vec(sigmas, idx.len(), device)?;
             let z = randn(&mut rng, x0.dims(), device)?;
-            let loss = dsm(&score, &x0, &sigma, &z, DsmWeighting::SigmaSquared)?;
+            let loss = dsm(model, &x0, &sigma, &z, &cond, DsmWeighting::SigmaSquared)?;
             total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * idx.len() as f64;
         }
     }
     Ok(-0.5 * total / (n * draws) as f64)
 }
 
-/// The inputs a classifier sees at noise level σ: the process's own `x_t = α(σ) x_σ`
-/// and noise condition, per sample.
-fn process_inputs(process: &Process, x: &Tensor, sigma: &Tensor) -> Result<(Tensor, Tensor)> {
-    let s: Vec<f64> = sigma.to_dtype(DType::F64)?.to_vec1()?;
-    let dev = x.device();
-    let alpha: Vec<f64> = s.iter().map(|&v| process.alpha_at_sigma(v)).collect();
-    let cond: Vec<f64> = s.iter().map(|&v| process.noise_condition(v)).collect();
-    let alpha = Tensor::from_vec(alpha, s.len(), dev)?.to_dtype(x.dtype())?;
-    let cond = Tensor::from_vec(cond, s.len(), dev)?.to_dtype(x.dtype())?;
-    Ok((x.broadcast_mul(&alpha.unsqueeze(1)?)?, cond))
-}
-
-/// A time-dependent per-vehicle classifier (Gen-neG's traffic classifier): the scene
-/// transformer with one logit per vehicle, l_a(x; σ) = logit of "vehicle a is valid".
-/// A scene's log C(x; σ) is Σ_a log sigmoid(l_a): valid iff every vehicle is.
-pub struct AgentClassifier {
-    pub config: TrafficConfig,
-    /// Set for the time-independent ablation: the classifier was trained on (nearly)
-    /// clean scenes at this σ and guides through the base model's one-step estimate
-    /// x̂0 = x + σ² s(x; σ).
-    pub sigma_clean: Option<f64>,
-    /// Parameters of the network.
-    pub params: usize,
-    net: SceneTransformer,
-}
-
-impl AgentClassifier {
-    pub fn load(c: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
-        let config: TrafficConfig = c.meta("traffic")?;
-        if config.net.out_per_agent != 1 {
-            bail!(
-                "agent classifier checkpoint: the network has {} outputs per agent, not 1",
-                config.net.out_per_agent
-            );
+/// `[B, A]` logits of "vehicle a is valid" for scenes `x` (standardised) at noise
+/// levels `sigma`, on the maps in `cond`; a time-independent classifier (`sigma_clean`)
+/// looks at `base`'s one-step estimate x̂0 = x + σ² s.
+fn agent_logits(
+    classifier: &Classifier,
+    sigma_clean: Option<f64>,
+    base: &dyn Score,
+    x: &Tensor,
+    sigma: &Tensor,
+    cond: &Cond,
+) -> Result<Tensor> {
+    match sigma_clean {
+        Some(s) => {
+            let x0 = base.denoise_with(x, sigma, cond)?;
+            let clean = Tensor::full(s, sigma.dims1()?, sigma.device())?.to_dtype(sigma.dtype())?;
+            classifier.logits(&x0, &clean, cond)
         }
-        let (net, params) = load_frozen(
-            c,
-            Weights::Ema,
-            dtype,
-            device,
-            "agent classifier checkpoint",
-            |vb| SceneTransformer::new(config.net, vb.clone()),
-        )?;
-        let sigma_clean: Option<f64> = match c.metadata.get("sigma_clean") {
-            Some(_) => c.meta("sigma_clean")?,
-            None => None,
-        };
-        Ok(Self {
-            config,
-            sigma_clean,
-            params,
-            net,
-        })
-    }
-
-    /// `[B, A]` logits for scenes on `maps`.
-    fn logits(
-        net: &SceneTransformer,
-        process: &Process,
-        x: &Tensor,
-        sigma: &Tensor,
-        maps: &SceneMaps,
-    ) -> Result<Tensor> {
-        let (x_in, cond) = process_inputs(process, x, sigma)?;
-        net.forward(&x_in, &cond, maps)
-    }
-
-    /// This classifier as a guidance term for scenes on `maps` (`[B, C, s, s]`); `base`
-    /// gives the one-step estimate a time-independent classifier looks at.
-    pub fn on_maps<'a>(
-        &'a self,
-        maps: &Tensor,
-        base: &'a TrafficModel,
-    ) -> Result<BoundClassifier<'a>> {
-        Ok(BoundClassifier {
-            classifier: self,
-            maps: self.net.encode_maps(maps)?,
-            denoiser: match self.sigma_clean {
-                Some(_) => Some(base.on_maps(maps)?),
-                None => None,
-            },
-        })
-    }
-}
-
-/// An [`AgentClassifier`] with one batch's maps bound: a [`LogProb`] term.
-pub struct BoundClassifier<'a> {
-    classifier: &'a AgentClassifier,
-    maps: SceneMaps,
-    denoiser: Option<ScoreNet<BoundScene<'a>>>,
-}
-
-impl BoundClassifier<'_> {
-    /// `[B, A]` logits of "vehicle a is valid" for scenes `x` (standardised) at noise
-    /// levels `sigma` (`[B]`).
-    pub fn logits(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        let c = self.classifier;
-        let maps = self.maps.to_dtype(x.dtype())?;
-        match (&self.denoiser, c.sigma_clean) {
-            (Some(d), Some(s)) => {
-                let x0 = d.denoise(x, sigma)?;
-                let clean =
-                    Tensor::full(s, sigma.dims1()?, sigma.device())?.to_dtype(sigma.dtype())?;
-                AgentClassifier::logits(&c.net, &c.config.process, &x0, &clean, &maps)
-            }
-            _ => AgentClassifier::logits(&c.net, &c.config.process, x, sigma, &maps),
-        }
-    }
-}
-
-impl LogProb for BoundClassifier<'_> {
-    fn log_prob(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        log_sigmoid(&self.logits(x, sigma)?)?.sum(1)
+        None => classifier.logits(x, sigma, cond),
     }
 }
 
@@ -870,27 +1000,26 @@ pub struct ClassifierCheck {
     pub auc_offroad: Option<f64>,
 }
 
-/// [`ClassifierCheck`]s of `classifier` at each of `sigmas` on the scenes of `drawn`
+/// [`ClassifierCheck`]s of `classifier` at each of `sigmas` on the scenes of `judged`
 /// (on `data`'s maps), each scene noised once per σ (seeded), in batches of `batch`.
 /// Guidance acts through the classifier at every σ of the sampling grid: one that
 /// cannot tell an offroad vehicle at the small σ where the last steps place vehicles
 /// cannot steer it back.
 pub fn check_agent_classifier(
-    classifier: &AgentClassifier,
+    classifier: &StackedClassifier,
     base: &TrafficModel,
-    drawn: &Drawn,
+    judged: &JudgedScenes,
     data: &TrafficData,
     sigmas: &[f64],
     seed: u64,
     batch: usize,
 ) -> Result<Vec<ClassifierCheck>> {
-    let scenes = drawn.verdicts.len();
-    if scenes == 0 {
-        bail!("classifier check: no scenes drawn");
-    }
-    let dim = drawn.x.len() / scenes;
+    let (x_all, dim, scenes) = judged.values("classifier check")?;
+    let (drawn, verdicts) = (&judged.drawn, &judged.verdicts);
     let agents = dim / VEHICLE_FEATURES;
     let device = data.maps.device();
+    let clf = classifier.build(DType::F32, device)?;
+    let base_score = base.stack().guided(device)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let mut out = Vec::with_capacity(sigmas.len());
     for &s in sigmas {
@@ -901,17 +1030,24 @@ pub fn check_agent_classifier(
         for start in (0..scenes).step_by(batch.max(1)) {
             let end = (start + batch.max(1)).min(scenes);
             let n = end - start;
-            let x0 = Tensor::from_slice(&drawn.x[start * dim..end * dim], (n, dim), device)?;
+            let x0 = Tensor::from_slice(&x_all[start * dim..end * dim], (n, dim), device)?;
             let z = randn(&mut rng, x0.dims(), device)?;
             let x = (x0 + z.affine(s, 0.0)?)?;
             let sigma = Tensor::full(s as f32, n, device)?;
-            let bound =
-                classifier.on_maps(&data.maps_of(&drawn.scene_indices[start..end])?, base)?;
-            logits.extend(bound.logits(&x, &sigma)?.flatten_all()?.to_vec1::<f32>()?);
+            let cond = data.cond_of(&drawn.keys[start..end])?;
+            let l = agent_logits(
+                &clf,
+                classifier.time_independent,
+                &base_score,
+                &x,
+                &sigma,
+                &cond,
+            )?;
+            logits.extend(l.flatten_all()?.to_vec1::<f32>()?);
         }
         // Vehicles by group: valid, colliding, offroad (a vehicle can be both).
         let mut groups: [Vec<f64>; 3] = Default::default();
-        for (i, v) in drawn.verdicts.iter().enumerate() {
+        for (i, v) in verdicts.iter().enumerate() {
             for a in 0..agents {
                 let l = logits[i * agents + a] as f64;
                 let bit = 1u64 << a;
@@ -985,54 +1121,48 @@ pub fn nearest_road_cell(map: &RoadRaster, x: f64, y: f64) -> Option<(f64, f64)>
 }
 
 /// [`OffroadPull`] of `classifier` at noise level `sigma`, evaluated on the clean
-/// scenes of `drawn` (on `data`'s maps), in batches of `batch`.
+/// scenes of `judged` (on `data`'s maps), in batches of `batch`.
 pub fn offroad_pull(
-    classifier: &AgentClassifier,
+    classifier: &StackedClassifier,
     base: &TrafficModel,
-    drawn: &Drawn,
+    judged: &JudgedScenes,
     data: &TrafficData,
     sigma: f64,
     near_m: f64,
     batch: usize,
 ) -> Result<OffroadPull> {
-    let scenes = drawn.verdicts.len();
-    if scenes == 0 {
-        bail!("offroad pull: no scenes drawn");
-    }
+    let (x_all, dim, scenes) = judged.values("offroad pull")?;
+    let drawn = &judged.drawn;
     if !(sigma > 0.0 && near_m >= 0.0) {
         bail!("offroad pull: σ must be positive and near_m not negative, got {sigma} and {near_m}");
     }
-    let dim = drawn.x.len() / scenes;
     let agents = dim / VEHICLE_FEATURES;
     let device = data.maps.device();
-    let scaler = &base.scaler;
-    let metres = base.scaler.denormalize(&drawn.x);
+    let scaler = &data.scaler;
+    let metres = scaler.denormalize(&x_all);
+    let one = StackedClassifier {
+        weight: 1.0,
+        gate: None,
+        ..classifier.clone()
+    };
+    let guided = base.stack().with(one).guided(device)?;
     let (mut on_road, mut dist) = (0, Vec::new());
     // (cosine, |pull|) of the vehicles within and beyond `near_m`.
     let mut near: Vec<(f64, f64)> = Vec::new();
     let mut far: Vec<(f64, f64)> = Vec::new();
     for start in (0..scenes).step_by(batch.max(1)) {
         let end = (start + batch.max(1)).min(scenes);
-        if drawn.verdicts[start..end].iter().all(|v| v.offroad == 0) {
+        let verdicts = &judged.verdicts[start..end];
+        if verdicts.iter().all(|v| v.offroad == 0) {
             continue;
         }
         let n = end - start;
-        let x = candle_core::Var::from_tensor(&Tensor::from_slice(
-            &drawn.x[start * dim..end * dim],
-            (n, dim),
-            device,
-        )?)?;
+        let x = Tensor::from_slice(&x_all[start * dim..end * dim], (n, dim), device)?;
         let sig = Tensor::full(sigma as f32, n, device)?;
-        let bound = classifier.on_maps(&data.maps_of(&drawn.scene_indices[start..end])?, base)?;
-        let lp = bound.log_prob(x.as_tensor(), &sig)?.sum_all()?;
-        let grads = lp.backward()?;
-        let g: Vec<f32> = match grads.get(x.as_tensor()) {
-            Some(g) => g.flatten_all()?.to_vec1()?,
-            None => bail!("offroad pull: the classifier's log C does not depend on the scenes"),
-        };
-        for i in start..end {
-            let v = &drawn.verdicts[i];
-            let map = data.set.map_of(drawn.scene_indices[i] as usize);
+        let cond = data.cond_of(&drawn.keys[start..end])?;
+        let g: Vec<f32> = guided.guidance(&x, &sig, &cond)?.flatten_all()?.to_vec1()?;
+        for (i, v) in (start..end).zip(verdicts) {
+            let map = data.set.map_of(drawn.keys[i] as usize);
             for a in (0..agents).filter(|a| v.offroad & (1 << a) != 0) {
                 // Vehicle a of scene i: in the whole set (metres) and in this batch (∇).
                 let at = i * dim + a * VEHICLE_FEATURES;
@@ -1087,371 +1217,4 @@ pub fn offroad_pull(
         pull_near: median(near.iter().map(|p| p.1).collect()),
         pull_far: median(far.iter().map(|p| p.1).collect()),
     })
-}
-
-/// A baseline plus stacked classifiers (weight 1 each): Gen-neG iteration k has k.
-pub struct TrafficStack<'a> {
-    pub base: &'a TrafficModel,
-    pub classifiers: Vec<&'a AgentClassifier>,
-    /// Switch the classifiers off above this σ (see [`Gated`]).
-    pub guidance_sigma_max: Option<f64>,
-}
-
-impl<'a> TrafficStack<'a> {
-    pub fn new(base: &'a TrafficModel) -> Self {
-        Self {
-            base,
-            classifiers: Vec::new(),
-            guidance_sigma_max: None,
-        }
-    }
-
-    /// The same stack with its classifiers switched off above `sigma_max`.
-    pub fn gated(mut self, sigma_max: Option<f64>) -> Self {
-        self.guidance_sigma_max = sigma_max;
-        self
-    }
-
-    pub fn with(&self, classifier: &'a AgentClassifier) -> Self {
-        let mut classifiers = self.classifiers.clone();
-        classifiers.push(classifier);
-        Self {
-            base: self.base,
-            classifiers,
-            guidance_sigma_max: self.guidance_sigma_max,
-        }
-    }
-
-    /// The guided score for scenes on `maps`: s_θ + Σ_k ∇x log C_k.
-    pub fn on_maps(&self, maps: &Tensor) -> Result<StackScore<'a>> {
-        Ok(StackScore {
-            base: self.base.on_maps(maps)?,
-            model: self.base,
-            classifiers: self.classifiers.clone(),
-            bound: bind_classifiers(&self.classifiers, maps, self.base)?,
-            maps: maps.clone(),
-            gate: self.guidance_sigma_max,
-        })
-    }
-
-    /// Parameters of the base and every classifier.
-    pub fn params(&self) -> usize {
-        self.base.params + self.classifiers.iter().map(|c| c.params).sum::<usize>()
-    }
-}
-
-/// A [`TrafficStack`] on one batch's maps, as a [`Score`]: s_θ + Σ_k ∇x log C_k.
-///
-/// With a gate the classifiers run only on the rows whose σ is at most the gate (the
-/// rows above it get the baseline's score exactly, as with
-/// [`Gated`](crate::guidance::Gated)): a sampler's batch shares one σ, so its steps above
-/// the gate cost the baseline's alone, and a distillation batch, whose σ is drawn per
-/// scene, pays for the classifiers on its gated rows only.
-pub struct StackScore<'a> {
-    base: ScoreNet<BoundScene<'a>>,
-    model: &'a TrafficModel,
-    classifiers: Vec<&'a AgentClassifier>,
-    /// The classifiers bound to the whole batch's maps (encoded once, for the steps
-    /// where every row is gated in).
-    bound: Vec<(f64, Box<dyn LogProb + 'a>)>,
-    maps: Tensor,
-    gate: Option<f64>,
-}
-
-impl StackScore<'_> {
-    /// Σ_k ∇x log C_k(x; σ), zero on the rows above the gate.
-    pub fn guidance(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        check_batch(x, sigma)?;
-        if self.bound.is_empty() {
-            return x.zeros_like();
-        }
-        let Some(gate) = self.gate else {
-            return grad_log_prob(&self.bound, x, sigma);
-        };
-        // The rows `Gated` keeps: σ ≤ gate compared in σ's dtype.
-        let rows: Vec<u32> = sigma
-            .le(gate)?
-            .to_vec1::<u8>()?
-            .iter()
-            .enumerate()
-            .filter(|(_, keep)| **keep != 0)
-            .map(|(i, _)| i as u32)
-            .collect();
-        if rows.is_empty() {
-            return x.zeros_like();
-        }
-        if rows.len() == x.dim(0)? {
-            return grad_log_prob(&self.bound, x, sigma);
-        }
-        let n = rows.len();
-        let idx = Tensor::from_vec(rows, n, x.device())?;
-        let terms = bind_classifiers(
-            &self.classifiers,
-            &self.maps.index_select(&idx, 0)?,
-            self.model,
-        )?;
-        let g = grad_log_prob(
-            &terms,
-            &x.index_select(&idx, 0)?,
-            &sigma.index_select(&idx, 0)?,
-        )?;
-        x.zeros_like()?.index_add(&idx, &g, 0)
-    }
-}
-
-/// Each classifier as a guidance term (weight 1) for scenes on `maps`.
-fn bind_classifiers<'a>(
-    classifiers: &[&'a AgentClassifier],
-    maps: &Tensor,
-    base: &'a TrafficModel,
-) -> Result<Vec<(f64, Box<dyn LogProb + 'a>)>> {
-    classifiers
-        .iter()
-        .map(|c| Ok((1.0, Box::new(c.on_maps(maps, base)?) as Box<dyn LogProb>)))
-        .collect()
-}
-
-impl Score for StackScore<'_> {
-    fn score(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        let base = self.base.score(x, sigma)?;
-        if self.classifiers.is_empty() {
-            return Ok(base);
-        }
-        base + self.guidance(x, sigma)?
-    }
-
-    // The same sums as `Guided`'s, so an ungated step is that of `Guided` to the bit.
-    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Result<Tensor> {
-        let base = self.base.denoise(x, sigma)?;
-        if self.classifiers.is_empty() {
-            return Ok(base);
-        }
-        let s2 = per_sample(sigma, x)?.sqr()?;
-        base + self.guidance(x, sigma)?.broadcast_mul(&s2)?
-    }
-}
-
-/// How a Gen-neG classifier's training set is made from what a model drew (the paper's
-/// Eq. 11 and its ablations), at the level of vehicles: the classifier predicts each
-/// vehicle's validity, so a training example is a (scene, vehicle) pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Weighting {
-    /// N valid + N invalid vehicles (N the rarer class's count), valid ones weighted α,
-    /// invalid ones 1 − α, α the model's rate of valid vehicles.
-    IsBalanced,
-    /// The same balanced set, unweighted.
-    WithoutIs,
-    /// Every vehicle drawn, unweighted.
-    Imbalanced,
-}
-
-/// Scenes a model drew, labelled per vehicle.
-pub struct Drawn {
-    /// Standardised values, `[N, A·7]`.
-    pub x: Vec<f32>,
-    /// Which of the data's scenes (maps) each was drawn on.
-    pub scene_indices: Vec<u32>,
-    pub verdicts: Vec<SceneVerdict>,
-    /// Fraction of valid scenes among all drawn.
-    pub scene_alpha: f64,
-}
-
-impl Drawn {
-    pub fn valid(&self) -> usize {
-        self.verdicts.iter().filter(|v| v.is_valid()).count()
-    }
-
-    /// Valid and invalid vehicles among all drawn.
-    pub fn vehicle_counts(&self) -> (usize, usize) {
-        let agents = self.x.len() / self.verdicts.len().max(1) / VEHICLE_FEATURES;
-        let invalid: usize = self
-            .verdicts
-            .iter()
-            .map(|v| v.infracting().count_ones() as usize)
-            .sum();
-        (self.verdicts.len() * agents - invalid, invalid)
-    }
-
-    pub fn summary(&self) -> String {
-        let v = self.valid();
-        format!(
-            "{} scenes drawn: {v} valid, {} invalid",
-            self.verdicts.len(),
-            self.verdicts.len() - v,
-        )
-    }
-}
-
-/// Draws `n` scenes from `model` on random maps of `data` (seeded) and labels them.
-#[allow(clippy::too_many_arguments)]
-pub fn draw_scenes(
-    model: &TrafficStack,
-    data: &TrafficData,
-    n: usize,
-    sampler: &Sampler,
-    sigmas: &[f64],
-    seed: u64,
-    batch: usize,
-    progress: &mut dyn FnMut(usize),
-) -> Result<Drawn> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let scene_indices: Vec<u32> = (0..n)
-        .map(|_| rng.random_range(0..data.set.len() as u32))
-        .collect();
-    let agents = sample_scenes(
-        model,
-        data,
-        &scene_indices,
-        sampler,
-        sigmas,
-        seed,
-        batch,
-        progress,
-    )?;
-    let (rates, verdicts) = label_scenes(data, &scene_indices, &agents)?;
-    Ok(Drawn {
-        x: model.base.scaler.normalize(&agents),
-        scene_indices,
-        verdicts,
-        scene_alpha: 1.0 - rates.infraction,
-    })
-}
-
-/// A classifier's training set: scenes, their maps, per-vehicle labels (1 = valid) and
-/// per-(scene, vehicle) weights (0 for pairs left out by balancing).
-pub struct AgentLabelled {
-    pub x: Dataset,
-    pub scene_indices: Vec<u32>,
-    pub labels: Tensor,
-    pub weights: Tensor,
-    /// Valid and invalid vehicles kept, and α (the drawn vehicles' valid rate).
-    pub kept: (usize, usize),
-    pub alpha: f64,
-}
-
-impl AgentLabelled {
-    /// Builds the set `weighting` asks for from `drawn` (balanced sets keep the first N
-    /// valid and N invalid vehicles in drawing order).
-    pub fn new(drawn: &Drawn, weighting: Weighting, device: &Device) -> Result<Self> {
-        let scenes = drawn.verdicts.len();
-        if scenes == 0 {
-            bail!("classifier set: no scenes drawn");
-        }
-        let dim = drawn.x.len() / scenes;
-        let agents = dim / VEHICLE_FEATURES;
-        let bad = |i: usize, a: usize| drawn.verdicts[i].infracting() & (1 << a) != 0;
-        let (n_valid, n_invalid) = drawn.vehicle_counts();
-        if n_valid == 0 || n_invalid == 0 {
-            bail!("classifier set: need valid and invalid vehicles, got {n_valid} valid and {n_invalid} invalid");
-        }
-        let alpha = n_valid as f64 / (scenes * agents) as f64;
-        let per_class = n_valid.min(n_invalid);
-        let (mut kept_valid, mut kept_invalid) = (0, 0);
-        let mut x = Vec::new();
-        let mut labels = Vec::new();
-        let mut weights = Vec::new();
-        let mut scene_indices = Vec::new();
-        for i in 0..scenes {
-            let mut w_row = vec![0f32; agents];
-            for (a, w) in w_row.iter_mut().enumerate() {
-                let (count, keep) = if bad(i, a) {
-                    kept_invalid += 1;
-                    (kept_invalid, 1.0 - alpha)
-                } else {
-                    kept_valid += 1;
-                    (kept_valid, alpha)
-                };
-                *w = match weighting {
-                    Weighting::Imbalanced => 1.0,
-                    _ if count > per_class => 0.0,
-                    Weighting::WithoutIs => 1.0,
-                    Weighting::IsBalanced => keep as f32,
-                };
-            }
-            if w_row.iter().any(|&w| w > 0.0) {
-                x.extend_from_slice(&drawn.x[i * dim..(i + 1) * dim]);
-                labels.extend((0..agents).map(|a| if bad(i, a) { 0f32 } else { 1.0 }));
-                weights.extend(w_row);
-                scene_indices.push(drawn.scene_indices[i]);
-            }
-        }
-        let n = scene_indices.len();
-        let kept = match weighting {
-            Weighting::Imbalanced => (n_valid, n_invalid),
-            _ => (per_class, per_class),
-        };
-        Ok(Self {
-            x: Dataset::new(Tensor::from_vec(x, (n, dim), device)?, "classifier scenes")?,
-            scene_indices,
-            labels: Tensor::from_vec(labels, (n, agents), device)?,
-            weights: Tensor::from_vec(weights, (n, agents), device)?,
-            kept,
-            alpha,
-        })
-    }
-}
-
-/// Trains a per-vehicle classifier on `set` (scenes on `data`'s maps): per batch, noise
-/// at σ from the baseline's training distribution (or at `sigma_clean` for every scene:
-/// the time-independent ablation), and the loss
-/// Σ_{scene, vehicle} w · BCE(l, y) / Σ 1[w > 0] (the weighted mean over kept pairs).
-#[allow(clippy::too_many_arguments)]
-pub fn train_agent_classifier(
-    base: &TrafficConfig,
-    set: &AgentLabelled,
-    data: &TrafficData,
-    iters: u64,
-    seed: u64,
-    sigma_clean: Option<f64>,
-    device: &Device,
-    progress: &mut Progress,
-) -> Result<Checkpoint> {
-    let cfg = TrafficConfig {
-        net: SceneTransformerConfig {
-            out_per_agent: 1,
-            ..base.net
-        },
-        iters,
-        seed,
-        ..base.clone()
-    };
-    let store = ParamStore::new(seed);
-    let net = SceneTransformer::new(cfg.net, store.var_builder(DType::F32, device))?;
-    let train = TrainConfig {
-        lr: cfg.lr,
-        seed,
-        warmup_steps: 200,
-        ..TrainConfig::default()
-    };
-    let sigma_dist = cfg.sigma_distribution();
-    sigma_dist.validate()?;
-    let mut trainer = Trainer::new(store, train)?;
-    trainer.run(iters, progress, |step, rng| {
-        let idx = set.x.step_batch(cfg.batch, seed, step)?;
-        let rows = Tensor::from_slice(&idx, idx.len(), device)?;
-        let x0 = set.x.rows(&idx)?;
-        let scenes: Vec<u32> = idx.iter().map(|&i| set.scene_indices[i as usize]).collect();
-        let maps = net.encode_maps(&data.maps_of(&scenes)?)?;
-        let sigma = match sigma_clean {
-            Some(s) => Tensor::full(s as f32, idx.len(), device)?,
-            None => sigma_dist.sample_tensor(idx.len(), rng, device)?,
-        };
-        let z = randn(rng, x0.dims(), device)?;
-        let x = (&x0 + z.broadcast_mul(&sigma.unsqueeze(1)?)?)?;
-        let logits = AgentClassifier::logits(&net, &cfg.process, &x, &sigma, &maps)?;
-        let y = set.labels.index_select(&rows, 0)?;
-        let w = set.weights.index_select(&rows, 0)?;
-        // −[y log σ(l) + (1 − y) log σ(−l)] per (scene, vehicle).
-        let nll = ((&y * log_sigmoid(&logits)?)?
-            + (y.affine(-1.0, 1.0)? * log_sigmoid(&logits.neg()?)?)?)?
-        .neg()?;
-        let kept = w.gt(0.0)?.to_dtype(DType::F32)?.sum_all()?.maximum(1.0)?;
-        (nll * w)?.sum_all()?.broadcast_div(&kept)
-    })?;
-    let mut c = trainer.checkpoint()?;
-    c.set_meta("traffic", &cfg)?;
-    c.set_meta("sigma_clean", &sigma_clean)?;
-    Ok(c)
 }

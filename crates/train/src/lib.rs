@@ -29,7 +29,8 @@ mod optim;
 mod progress;
 mod trainer;
 
-pub use checkpoint::{load_frozen, load_score_model, write_atomic, Checkpoint, Weights, FORMAT};
+pub use checkpoint::{load_frozen, load_score_model, Weights};
 pub use optim::{clip_grad_norm, Adam, AdamConfig, Ema};
 pub use progress::Progress;
+pub use scoreguide_checkpoint::{write_atomic, Checkpoint, FORMAT};
 pub use trainer::{StepStats, TrainConfig, Trainer};

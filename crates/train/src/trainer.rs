@@ -1,11 +1,11 @@
 //! The training loop.
 
-use crate::checkpoint::Checkpoint;
 use crate::optim::{clip_grad_norm, Adam, AdamConfig, Ema};
 use crate::progress::Progress;
 use candle_core::{bail, DType, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use scoreguide_checkpoint::Checkpoint;
 use scoreguide_nets::ParamStore;
 use scoreguide_sde::derive_seed;
 use serde::{Deserialize, Serialize};
@@ -180,6 +180,34 @@ impl Trainer {
             let sm = smooth.map_or(s.loss as f64, |m| 0.98 * m + 0.02 * s.loss as f64);
             smooth = Some(sm);
             progress.update(self.step as usize, &format!("loss {sm:.4}"));
+        }
+        Ok(losses)
+    }
+
+    /// [`Trainer::run`] in stages that survive an interruption: every `save_every` steps,
+    /// and at `until`, `save` is given the trainer (save its [`Trainer::checkpoint`]
+    /// atomically; [`Trainer::restore`] continues from it). Each step's randomness
+    /// depends on the step alone, so a resumed run ends where the uninterrupted one does,
+    /// to the bit.
+    pub fn run_staged<F>(
+        &mut self,
+        until: u64,
+        save_every: u64,
+        progress: &mut Progress,
+        mut loss_fn: F,
+        save: &mut dyn FnMut(&Trainer) -> Result<()>,
+    ) -> Result<Vec<f32>>
+    where
+        F: FnMut(u64, &mut StdRng) -> Result<Tensor>,
+    {
+        if save_every == 0 {
+            bail!("staged training: save_every must be at least 1 step");
+        }
+        let mut losses = Vec::new();
+        while self.step < until {
+            let stage_end = (self.step / save_every + 1) * save_every;
+            losses.extend(self.run(stage_end.min(until), progress, &mut loss_fn)?);
+            save(self)?;
         }
         Ok(losses)
     }
