@@ -1,10 +1,10 @@
 //! scoreguide: score-based generative modelling with guidance, on Candle.
 //!
-//! This umbrella crate re-exports the workspace's small crates under short names and
-//! adds what the examples and the `scoreguide` command share: PNG plots ([`plot`]), run
-//! set-up ([`runtime`]) and the experiments' shared parts ([`checkerboard`], [`moons`],
-//! [`traffic`]). Depend on the individual `scoreguide-*` crates to pick and
-//! choose.
+//! This umbrella crate only re-exports: the workspace's small crates under short names,
+//! and the experiments ([`experiments`]: [`checkerboard`], [`moons`], [`traffic`], with
+//! PNG plots in [`plot`] and run set-up in [`runtime`]) that the examples and the
+//! `scoreguide` command compose. Depend on the individual `scoreguide-*` crates to pick
+//! and choose.
 //!
 //! | module | crate | what for |
 //! |---|---|---|
@@ -16,7 +16,9 @@
 //! | [`oracles`] | scoreguide-oracles | the `Oracle` trait, checkerboard, traffic scenes (collision, offroad) |
 //! | [`metrics`] | scoreguide-metrics | infraction rate, NLL, MMD², FID, KID, PRDC, score errors |
 //! | [`data`] | scoreguide-data | toy data, Gaussian mixtures, batching, procedural traffic scenes |
-//! | [`train`] | scoreguide-train | Adam, EMA, checkpoints |
+//! | [`train`] | scoreguide-train | Adam, EMA, staged training, checkpoints |
+//! | [`genneg`] | scoreguide-genneg | Gen-neG once for every experiment: draws, labelled sets, classifiers, stacks, distillation |
+//! | [`experiments`] | scoreguide-experiments | checkerboard, two moons, traffic scenes; plots, run set-up |
 //!
 //! ```
 //! use scoreguide::oracles::{Checkerboard, Oracle};
@@ -25,13 +27,9 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-pub mod checkerboard;
-pub mod moons;
-pub mod plot;
-pub mod runtime;
-pub mod traffic;
-
 pub use scoreguide_data as data;
+pub use scoreguide_experiments as experiments;
+pub use scoreguide_experiments::{checkerboard, moons, plot, runtime, traffic};
 pub use scoreguide_genneg as genneg;
 pub use scoreguide_guidance as guidance;
 pub use scoreguide_losses as losses;

@@ -3,14 +3,14 @@
 //! noise-conditioned classifier trained with cross-entropy, DLSM or both, the score-error
 //! grid, and class-conditional sampling.
 
-use crate::data::{two_moons, Dataset, Parzen};
-use crate::guidance::{Cond, Guided, Score};
-use crate::losses::{cross_entropy, dlsm, dsm, DsmWeighting};
-use crate::nets::{ParamStore, ToyClassifier, ToyMlpConfig, ToyScore};
-use crate::samplers::{initial_noise, PcOptions, Sampler};
-use crate::sde::{append_zero, log_linear, randn, SampleNoise, SigmaDistribution};
-use crate::train::{load_frozen, Checkpoint, Progress, TrainConfig, Trainer, Weights};
 use candle_core::{bail, DType, Device, Result, Tensor};
+use scoreguide_data::{two_moons, Dataset, Parzen};
+use scoreguide_guidance::{Cond, Guided, Score};
+use scoreguide_losses::{cross_entropy, dlsm, dsm, DsmWeighting};
+use scoreguide_nets::{ParamStore, ToyClassifier, ToyMlpConfig, ToyScore};
+use scoreguide_samplers::{initial_noise, PcOptions, Sampler};
+use scoreguide_sde::{append_zero, log_linear, randn, SampleNoise, SigmaDistribution};
+use scoreguide_train::{load_frozen, Checkpoint, Progress, TrainConfig, Trainer, Weights};
 use serde::{Deserialize, Serialize};
 
 /// How a classifier is trained (the score model frozen).
@@ -116,7 +116,7 @@ fn load_toy(
     dtype: DType,
     device: &Device,
     what: &str,
-) -> Result<crate::nets::ToyMlp> {
+) -> Result<scoreguide_nets::ToyMlp> {
     let cfg: ToyMlpConfig = c.meta("model")?;
     Ok(load_frozen(c, Weights::Ema, dtype, device, what, |vb| cfg.build(vb))?.0)
 }

@@ -1,0 +1,29 @@
+//! The papers' experiments, each a composition of the scoreguide crates with a
+//! configuration: what is an experiment's own (its data, networks' settings, metrics and
+//! pictures) lives here; sampling, guidance, losses, training and Gen-neG are the
+//! crates'. The examples (`examples/<name>.rs`) are thin mains over these modules.
+//!
+//! * [`checkerboard`]: Gen-neG §4.1's baseline (data, training, the paper's sampler,
+//!   the scatter plot).
+//! * [`moons`]: DLSM §3 on two moons (score model, CE / DLSM / total classifiers,
+//!   Parzen references).
+//! * [`traffic`]: Gen-neG §4.2 on procedural traffic scenes, split by stage: `config`,
+//!   `data`, `model`, `genneg` (the scenes as a [`scoreguide_genneg::Task`]), `eval`,
+//!   `render`.
+//! * [`plot`]: PNG canvases and charts; [`runtime`]: the examples' common flags,
+//!   devices, threads, JSON output and timing.
+//!
+//! ```
+//! use scoreguide_experiments::checkerboard::{paper_sampler, BaselineConfig};
+//! let cfg = BaselineConfig::default();
+//! assert_eq!((cfg.train_points, cfg.iters), (1000, 30_000)); // the paper's (App. B.1)
+//! let (_, sigmas) = paper_sampler(100)?;
+//! assert_eq!(sigmas.len(), 101); // 100 Heun steps down to σ = 0
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+pub mod checkerboard;
+pub mod moons;
+pub mod plot;
+pub mod runtime;
+pub mod traffic;
