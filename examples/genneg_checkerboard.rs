@@ -224,6 +224,7 @@ fn main() -> candle_core::Result<()> {
         None => {
             let b = train_baseline(
                 &base_cfg,
+                None,
                 &dev,
                 &mut Progress::new("baseline", base_cfg.iters as usize),
             )?;

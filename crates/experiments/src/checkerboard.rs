@@ -1,8 +1,9 @@
 //! The Gen-neG checkerboard baseline (paper §4.1, App. B.1; SPEC §7) as a reusable recipe:
 //! data, training, sampling, and the scatter plot.
 
+use crate::config::Preset;
 use crate::plot::{Canvas, BLUE, GREY, RED};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use rand::rngs::StdRng;
 use scoreguide_data::{checkerboard, Dataset};
 use scoreguide_guidance::{Cond, Score};
@@ -11,7 +12,9 @@ use scoreguide_nets::{AnyNet, ParamStore, ScoreModelConfig, ScoreNet};
 use scoreguide_oracles::{Checkerboard, Oracle, Verdict};
 use scoreguide_samplers::{sample_many, HeunOptions, Sampler};
 use scoreguide_sde::{append_zero, log_linear, randn, SigmaDistribution};
-use scoreguide_train::{load_score_model, Checkpoint, Progress, TrainConfig, Trainer, Weights};
+use scoreguide_train::{
+    load_score_model, Checkpoint, Progress, Staged, TrainConfig, Trainer, Weights,
+};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -48,6 +51,62 @@ impl Default for BaselineConfig {
             model: ScoreModelConfig::checkerboard(),
             data_seed: 0,
         }
+    }
+}
+
+/// The checkerboard experiment (`examples/checkerboard`): the baseline, and how many
+/// samples to draw from it and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckerboardConfig {
+    pub baseline: BaselineConfig,
+    /// Samples drawn to count infractions.
+    pub samples: usize,
+    /// Heun steps of the paper's sampler.
+    pub steps: usize,
+    /// Samples per sampling batch.
+    pub sample_batch: usize,
+    /// Save the training state every this many steps (`--resume` continues it); 0: at
+    /// the end only.
+    pub save_every: u64,
+}
+
+impl Preset for CheckerboardConfig {
+    fn quick() -> Self {
+        Self {
+            baseline: BaselineConfig {
+                iters: 400,
+                ..BaselineConfig::default()
+            },
+            samples: 10_000,
+            ..Self::full()
+        }
+    }
+
+    fn full() -> Self {
+        Self {
+            baseline: BaselineConfig::default(),
+            samples: 100_000,
+            steps: 100,
+            sample_batch: 10_000,
+            save_every: 0,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.samples == 0 || self.steps == 0 || self.sample_batch == 0 {
+            bail!("checkerboard config: samples, steps and sample_batch must be positive, got {self:?}");
+        }
+        self.baseline.train.validate()?;
+        self.baseline.sigma.validate()
+    }
+}
+
+impl CheckerboardConfig {
+    /// The same run seeded by `seed` (data, initialisation and sampling noise).
+    pub fn seeded(mut self, seed: u64) -> Self {
+        self.baseline.data_seed = seed;
+        self.baseline.train.seed = seed;
+        self
     }
 }
 
@@ -89,9 +148,12 @@ pub struct Baseline {
     pub losses: Vec<f32>,
 }
 
-/// Trains the baseline with DSM on `cfg.train_points` checkerboard points.
+/// Trains the baseline with DSM on `cfg.train_points` checkerboard points; with
+/// `staged`, continues a saved state and saves as it goes (to the bit of the
+/// uninterrupted run).
 pub fn train_baseline(
     cfg: &BaselineConfig,
+    staged: Option<Staged>,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Baseline> {
@@ -104,16 +166,32 @@ pub fn train_baseline(
     let store = ParamStore::new(cfg.train.seed);
     let model = cfg.model.build(&store.var_builder(DType::F32, device))?;
     let mut trainer = Trainer::new(store, cfg.train.clone())?;
+    if let Some(c) = staged.as_ref().and_then(|s| s.resume) {
+        let saved: BaselineConfig = c.meta("baseline")?;
+        if (BaselineConfig {
+            iters: cfg.iters,
+            ..saved.clone()
+        }) != *cfg
+        {
+            bail!("resumed baseline: the checkpoint was trained with {saved:?}, this run asks for {cfg:?}");
+        }
+    }
     let start = std::time::Instant::now();
-    let losses = trainer.run(cfg.iters, progress, |step, rng| {
-        dsm_batch(&model, &data, cfg, step, rng)
-    })?;
-    let train_seconds = start.elapsed().as_secs_f64();
-    let mut checkpoint = trainer.checkpoint()?;
-    checkpoint.set_meta("model", &cfg.model)?;
-    checkpoint.set_meta("process", &cfg.sigma)?;
-    checkpoint.set_meta("baseline", cfg)?;
-    checkpoint.set_meta("train_seconds", &train_seconds)?;
+    let describe = |mut c: Checkpoint| -> Result<Checkpoint> {
+        c.set_meta("model", &cfg.model)?;
+        c.set_meta("process", &cfg.sigma)?;
+        c.set_meta("baseline", cfg)?;
+        c.set_meta("train_seconds", &start.elapsed().as_secs_f64())?;
+        Ok(c)
+    };
+    let (checkpoint, losses) = trainer.fit(
+        cfg.iters,
+        staged,
+        progress,
+        |step, rng| dsm_batch(&model, &data, cfg, step, rng),
+        &describe,
+    )?;
+    let train_seconds = checkpoint.meta("train_seconds")?;
     let (model, _) = load_score_model(&checkpoint, Weights::Ema, DType::F32, device)?;
     Ok(Baseline {
         checkpoint,

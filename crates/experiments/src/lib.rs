@@ -10,6 +10,8 @@
 //! * [`traffic`]: Gen-neG §4.2 on procedural traffic scenes, split by stage: `config`,
 //!   `data`, `model`, `genneg` (the scenes as a [`scoreguide_genneg::Task`]), `eval`,
 //!   `render`.
+//! * [`config`]: every experiment's configuration as a serde struct with quick and full
+//!   presets, read from TOML or JSON files with `--set` overrides.
 //! * [`plot`]: PNG canvases and charts; [`runtime`]: the examples' common flags,
 //!   devices, threads, JSON output and timing.
 //!
@@ -23,6 +25,7 @@
 //! ```
 
 pub mod checkerboard;
+pub mod config;
 pub mod moons;
 pub mod plot;
 pub mod runtime;

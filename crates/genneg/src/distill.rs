@@ -6,7 +6,7 @@ use scoreguide_guidance::{Cond, Score};
 use scoreguide_losses::{distillation, DsmWeighting};
 use scoreguide_nets::{ParamStore, ScoreModelConfig};
 use scoreguide_sde::{randn, SigmaDistribution};
-use scoreguide_train::{Checkpoint, Progress, TrainConfig, Trainer};
+use scoreguide_train::{Checkpoint, Progress, Staged, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -43,15 +43,6 @@ impl Default for DistillConfig {
 /// (`&|_| Ok(Cond::none())` for an unconditioned model).
 pub type RowCond<'a> = &'a dyn Fn(&[u32]) -> Result<Cond>;
 
-/// Saving in stages and resuming, for a training that must survive an interruption.
-pub struct Staged<'a> {
-    /// A state saved by an earlier run of the same training, to continue.
-    pub resume: Option<&'a Checkpoint>,
-    pub save_every: u64,
-    /// Called with the whole training state every `save_every` steps and at the end.
-    pub save: &'a mut dyn FnMut(&Checkpoint) -> Result<()>,
-}
-
 /// Trains a student of architecture `student` to match `teacher` on noised true data
 /// (each row with its condition from `row_cond`). The student starts from `init` (the
 /// base model's weights: ours, it starts close to the teacher) or from a fresh seeded
@@ -80,8 +71,7 @@ pub fn distill(
         store.assign(w, "distillation initial weights")?;
     }
     let mut trainer = Trainer::new(store, cfg.train.clone())?;
-    let state = |trainer: &Trainer| -> Result<Checkpoint> {
-        let mut c = trainer.checkpoint()?;
+    let describe = |mut c: Checkpoint| -> Result<Checkpoint> {
         c.set_meta("model", student)?;
         c.set_meta("distillation", cfg)?;
         Ok(c)
@@ -94,25 +84,5 @@ pub fn distill(
         let z = randn(rng, x0.dims(), device)?;
         distillation(&model, teacher, &x0, &sigma, &z, &cond, cfg.weighting)
     };
-    match staged {
-        None => {
-            trainer.run(cfg.iters, progress, loss)?;
-        }
-        Some(st) => {
-            if let Some(c) = st.resume {
-                let step: u64 = c.meta("step")?;
-                if step > cfg.iters {
-                    bail!(
-                        "distillation: the saved state has done {step} steps, more than the {} asked for",
-                        cfg.iters
-                    );
-                }
-                trainer.restore(c)?;
-            }
-            trainer.run_staged(cfg.iters, st.save_every, progress, loss, &mut |t| {
-                (st.save)(&state(t)?)
-            })?;
-        }
-    }
-    state(&trainer)
+    Ok(trainer.fit(cfg.iters, staged, progress, loss, &describe)?.0)
 }

@@ -39,6 +39,7 @@ pub use classify::{
     train_classifier, ClassifierKind, ClassifierTrainConfig, LabelledSet, TrainedClassifier,
 };
 pub use collect::{collect, CollectConfig, Draws};
-pub use distill::{distill, DistillConfig, RowCond, Staged};
+pub use distill::{distill, DistillConfig, RowCond};
+pub use scoreguide_train::Staged;
 pub use stack::{Stack, StackedClassifier};
 pub use task::{Task, Unconditioned};

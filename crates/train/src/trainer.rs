@@ -10,6 +10,17 @@ use scoreguide_nets::ParamStore;
 use scoreguide_sde::derive_seed;
 use serde::{Deserialize, Serialize};
 
+/// Saving in stages and resuming, for a training that must survive an interruption
+/// ([`Trainer::fit`]).
+pub struct Staged<'a> {
+    /// A state saved by an earlier run of the same training, to continue.
+    pub resume: Option<&'a Checkpoint>,
+    pub save_every: u64,
+    /// Called with the whole (described) training state every `save_every` steps and at
+    /// the end; write it atomically (`Checkpoint::save` does).
+    pub save: &'a mut dyn FnMut(&Checkpoint) -> Result<()>,
+}
+
 /// Optimisation settings; all of it is recorded in checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -210,6 +221,43 @@ impl Trainer {
             save(self)?;
         }
         Ok(losses)
+    }
+
+    /// Trains to `until` steps, the one loop every experiment's training goes through:
+    /// plainly, or with `staged` continuing a saved state and saving the state every
+    /// `save_every` steps and at the end. `describe` completes a [`Trainer::checkpoint`]
+    /// with what the caller's loaders read (the model's configuration, ...); the
+    /// described final checkpoint is returned with the losses of the steps taken. A saved
+    /// state further along than `until` is refused.
+    pub fn fit<F>(
+        &mut self,
+        until: u64,
+        staged: Option<Staged>,
+        progress: &mut Progress,
+        loss_fn: F,
+        describe: &dyn Fn(Checkpoint) -> Result<Checkpoint>,
+    ) -> Result<(Checkpoint, Vec<f32>)>
+    where
+        F: FnMut(u64, &mut StdRng) -> Result<Tensor>,
+    {
+        let losses = match staged {
+            None => self.run(until, progress, loss_fn)?,
+            Some(st) => {
+                if let Some(c) = st.resume {
+                    let step: u64 = c.meta("step")?;
+                    if step > until {
+                        bail!(
+                            "the saved state has done {step} steps, more than the {until} asked for"
+                        );
+                    }
+                    self.restore(c)?;
+                }
+                self.run_staged(until, st.save_every, progress, loss_fn, &mut |t| {
+                    (st.save)(&describe(t.checkpoint()?)?)
+                })?
+            }
+        };
+        Ok((describe(self.checkpoint()?)?, losses))
     }
 
     /// Weights, EMA, Adam moments and step, plus the training configuration, in one

@@ -135,20 +135,10 @@ fn fit_score(
         let z = randn(rng, x0.dims(), device)?;
         dsm(&model, &x0, &sigma, &z, &cond, DsmWeighting::SigmaSquared)
     };
-    match staged {
-        None => {
-            trainer.run(cfg.iters, progress, step_loss)?;
-        }
-        Some(st) => {
-            if let Some(c) = st.resume {
-                trainer.restore(c)?;
-            }
-            trainer.run_staged(cfg.iters, st.save_every, progress, step_loss, &mut |t| {
-                (st.save)(&with_traffic_meta(&t.checkpoint()?, cfg, data)?)
-            })?;
-        }
-    }
-    with_traffic_meta(&trainer.checkpoint()?, cfg, data)
+    let describe = |c: Checkpoint| with_traffic_meta(&c, cfg, data);
+    Ok(trainer
+        .fit(cfg.iters, staged, progress, step_loss, &describe)?
+        .0)
 }
 
 /// Distils a Gen-neG stack into one network of the baseline's architecture (paper Eq.

@@ -1,0 +1,74 @@
+//! The checked-in configurations (configs/<experiment>/<preset>.toml) are the presets:
+//! each resolves to its preset exactly. `SCOREGUIDE_WRITE_CONFIGS=1 cargo test -p
+//! scoreguide-experiments --test configs` rewrites them from the presets.
+
+use scoreguide_experiments::checkerboard::CheckerboardConfig;
+use scoreguide_experiments::config::{preset_toml, resolve, Preset};
+use std::fmt::Debug;
+use std::path::PathBuf;
+
+fn configs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+}
+
+fn check<T: Preset + PartialEq + Debug>(experiment: &str) {
+    for (name, quick) in [("quick", true), ("full", false)] {
+        let path = configs_dir().join(experiment).join(format!("{name}.toml"));
+        if std::env::var_os("SCOREGUIDE_WRITE_CONFIGS").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, preset_toml::<T>(name).unwrap()).unwrap();
+        }
+        // Over the other preset, so every value must come from the file.
+        let from_file: T = resolve(!quick, Some(&path), &[])
+            .or_else(|_| resolve(quick, Some(&path), &[]))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let preset = if quick { T::quick() } else { T::full() };
+        assert_eq!(
+            from_file,
+            preset,
+            "{} is not the {name} preset",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn checked_in_configs_are_the_presets() {
+    check::<CheckerboardConfig>("checkerboard");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_named() {
+    let dir = std::env::temp_dir().join(format!("sg-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "samples = 10\n[baseline]\niter = 5\n").unwrap();
+    let e = resolve::<CheckerboardConfig>(true, Some(&typo), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("baseline.iter") && e.contains("typo.toml"),
+        "{e}"
+    );
+    let e = resolve::<CheckerboardConfig>(true, None, &["samples=0".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("samples"), "{e}");
+    let e = resolve::<CheckerboardConfig>(true, None, &["samples".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("KEY=VALUE"), "{e}");
+    let e = resolve::<CheckerboardConfig>(true, None, &["samples=\"many\"".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("configuration"), "{e}");
+    // A partial JSON file over the quick preset.
+    let json = dir.join("part.json");
+    std::fs::write(&json, r#"{"preset": "quick", "steps": 7}"#).unwrap();
+    let cfg: CheckerboardConfig = resolve(false, Some(&json), &[]).unwrap();
+    assert_eq!(
+        (cfg.steps, cfg.samples),
+        (7, CheckerboardConfig::quick().samples)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
