@@ -83,6 +83,7 @@ fn main() -> candle_core::Result<()> {
         &prior,
         &data,
         &labels,
+        None,
         &dev,
         &mut Progress::hidden(),
     )?;

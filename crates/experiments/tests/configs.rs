@@ -4,6 +4,7 @@
 
 use scoreguide_experiments::checkerboard::CheckerboardConfig;
 use scoreguide_experiments::config::{preset_toml, resolve, Preset};
+use scoreguide_experiments::moons::DlsmMoonsConfig;
 use std::fmt::Debug;
 use std::path::PathBuf;
 
@@ -35,6 +36,15 @@ fn check<T: Preset + PartialEq + Debug>(experiment: &str) {
 #[test]
 fn checked_in_configs_are_the_presets() {
     check::<CheckerboardConfig>("checkerboard");
+    check::<DlsmMoonsConfig>("dlsm_moons");
+}
+
+/// The partial configurations CI runs (configs/*/ci.toml) resolve.
+#[test]
+fn ci_configs_resolve() {
+    let ci = |e: &str| configs_dir().join(e).join("ci.toml");
+    let moons: DlsmMoonsConfig = resolve(false, Some(&ci("dlsm_moons")), &[]).unwrap();
+    assert_eq!((moons.moons.score_iters, moons.samples), (1000, 500));
 }
 
 #[test]

@@ -1,8 +1,13 @@
 //! DLSM's two-moons experiment (paper §3, Table 1; SPEC §7), as functions the
 //! `dlsm_moons` example and the tests share: data, the score model trained with DSM, the
 //! noise-conditioned classifier trained with cross-entropy, DLSM or both, the score-error
-//! grid, and class-conditional sampling.
+//! grid, and class-conditional sampling; the evaluation of each method ([`eval`]) and
+//! the paper's Fig. 1 ([`render`]).
 
+pub mod eval;
+pub mod render;
+
+use crate::config::Preset;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use scoreguide_data::{two_moons, Dataset, Parzen};
 use scoreguide_guidance::{Cond, Guided, Score};
@@ -10,7 +15,7 @@ use scoreguide_losses::{cross_entropy, dlsm, dsm, DsmWeighting};
 use scoreguide_nets::{ParamStore, ToyClassifier, ToyMlpConfig, ToyScore};
 use scoreguide_samplers::{initial_noise, PcOptions, Sampler};
 use scoreguide_sde::{append_zero, log_linear, randn, SampleNoise, SigmaDistribution};
-use scoreguide_train::{load_frozen, Checkpoint, Progress, TrainConfig, Trainer, Weights};
+use scoreguide_train::{load_frozen, Checkpoint, Progress, Staged, TrainConfig, Trainer, Weights};
 use serde::{Deserialize, Serialize};
 
 /// How a classifier is trained (the score model frozen).
@@ -25,8 +30,60 @@ pub enum ClassifierLoss {
     Total { ce_weight: f64 },
 }
 
-/// Settings of the experiment (defaults: SPEC §7).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The `dlsm_moons` run: the models' settings and the evaluation's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DlsmMoonsConfig {
+    pub moons: MoonsConfig,
+    /// Conditional samples per class and method.
+    pub samples: usize,
+    /// Predictor–corrector steps.
+    pub steps: usize,
+    /// Nearest neighbours of precision/recall/density/coverage.
+    pub k: usize,
+    /// Save each training's state every this many steps (`--resume` continues it);
+    /// 0: at the end only.
+    pub save_every: u64,
+}
+
+impl Preset for DlsmMoonsConfig {
+    /// 4k steps per model, 2k samples per class, 200 PC steps.
+    fn quick() -> Self {
+        Self {
+            moons: MoonsConfig {
+                score_iters: 4_000,
+                classifier_iters: 4_000,
+                ..MoonsConfig::default()
+            },
+            samples: 2_000,
+            steps: 200,
+            ..Self::full()
+        }
+    }
+
+    /// The paper's sizes: 40k steps per model, 10k samples per class, 1000 PC steps.
+    fn full() -> Self {
+        Self {
+            moons: MoonsConfig::default(),
+            samples: 10_000,
+            steps: 1_000,
+            k: 5,
+            save_every: 0,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.samples == 0 || self.steps == 0 || self.k == 0 {
+            bail!("dlsm_moons config: samples, steps and k must be positive, got {self:?}");
+        }
+        if self.moons.points == 0 || self.moons.batch == 0 {
+            bail!("dlsm_moons config: moons.points and moons.batch must be positive");
+        }
+        self.moons.sigma.validate()
+    }
+}
+
+/// Settings of the models (defaults: SPEC §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoonsConfig {
     pub points: usize,
     /// Multiplies the centred make_moons coordinates.
@@ -82,9 +139,11 @@ fn toy_config(out_dim: usize) -> ToyMlpConfig {
 }
 
 /// Trains the score model with DSM; returns the checkpoint (EMA weights under `ema.`).
+/// With `staged`, continues a saved state and saves as it goes.
 pub fn train_score(
     cfg: &MoonsConfig,
     data: &Dataset,
+    staged: Option<Staged>,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
@@ -97,16 +156,20 @@ pub fn train_score(
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(store, train)?;
-    trainer.run(cfg.score_iters, progress, |step, rng| {
+    let describe = |mut c: Checkpoint| -> Result<Checkpoint> {
+        c.set_meta("model", &toy_config(2))?;
+        c.set_meta("moons", cfg)?;
+        Ok(c)
+    };
+    let loss = |step: u64, rng: &mut rand::rngs::StdRng| {
         let x0 = data.rows(&data.step_batch(cfg.batch, cfg.seed, step)?)?;
         let sigma = cfg.sigma.sample_tensor(x0.dim(0)?, rng, device)?;
         let z = randn(rng, x0.dims(), device)?;
         dsm(&model, &x0, &sigma, &z, &Cond::none(), cfg.weighting)
-    })?;
-    let mut c = trainer.checkpoint()?;
-    c.set_meta("model", &toy_config(2))?;
-    c.set_meta("moons", cfg)?;
-    Ok(c)
+    };
+    Ok(trainer
+        .fit(cfg.score_iters, staged, progress, loss, &describe)?
+        .0)
 }
 
 /// The frozen network of a checkpoint from [`train_score`] or [`train_classifier`]
@@ -142,7 +205,8 @@ pub fn load_classifier(c: &Checkpoint, dtype: DType, device: &Device) -> Result<
 }
 
 /// Trains a 2-class noise-conditioned classifier with `loss`, the score model `prior`
-/// frozen. `labels` are the classes of `data`'s rows.
+/// frozen. `labels` are the classes of `data`'s rows. With `staged`, continues a saved
+/// state and saves as it goes.
 #[allow(clippy::too_many_arguments)]
 pub fn train_classifier(
     cfg: &MoonsConfig,
@@ -150,6 +214,7 @@ pub fn train_classifier(
     prior: &dyn Score,
     data: &Dataset,
     labels: &[u32],
+    staged: Option<Staged>,
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
@@ -169,7 +234,12 @@ pub fn train_classifier(
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(store, train)?;
-    trainer.run(cfg.classifier_iters, progress, |step, rng| {
+    let describe = |mut c: Checkpoint| -> Result<Checkpoint> {
+        c.set_meta("model", &toy_config(2))?;
+        c.set_meta("loss", &loss)?;
+        Ok(c)
+    };
+    let step_loss = |step: u64, rng: &mut rand::rngs::StdRng| {
         let idx = data.step_batch(cfg.batch, cfg.seed + 1, step)?;
         let x0 = data.rows(&idx)?;
         let y = labels_t.index_select(&Tensor::from_slice(&idx, idx.len(), device)?, 0)?;
@@ -187,11 +257,10 @@ pub fn train_classifier(
             ClassifierLoss::Dlsm => dlsm_term(),
             ClassifierLoss::Total { ce_weight } => dlsm_term()? + (ce()? * ce_weight)?,
         }
-    })?;
-    let mut c = trainer.checkpoint()?;
-    c.set_meta("model", &toy_config(2))?;
-    c.set_meta("loss", &loss)?;
-    Ok(c)
+    };
+    Ok(trainer
+        .fit(cfg.classifier_iters, staged, progress, step_loss, &describe)?
+        .0)
 }
 
 /// DLSM's evaluation points: a 35 × 35 grid over [−40, 40] × [−25, 25] (`[1225, 2]`).
