@@ -2,6 +2,7 @@
 //! each resolves to its preset exactly. `SCOREGUIDE_WRITE_CONFIGS=1 cargo test -p
 //! scoreguide-experiments --test configs` rewrites them from the presets.
 
+use scoreguide_experiments::checkerboard::genneg::GennegCheckerboardConfig;
 use scoreguide_experiments::checkerboard::CheckerboardConfig;
 use scoreguide_experiments::config::{preset_toml, resolve, Preset};
 use scoreguide_experiments::moons::DlsmMoonsConfig;
@@ -37,6 +38,7 @@ fn check<T: Preset + PartialEq + Debug>(experiment: &str) {
 fn checked_in_configs_are_the_presets() {
     check::<CheckerboardConfig>("checkerboard");
     check::<DlsmMoonsConfig>("dlsm_moons");
+    check::<GennegCheckerboardConfig>("genneg_checkerboard");
 }
 
 /// The partial configurations CI runs (configs/*/ci.toml) resolve.

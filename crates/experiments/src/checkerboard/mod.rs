@@ -1,5 +1,8 @@
 //! The Gen-neG checkerboard baseline (paper §4.1, App. B.1; SPEC §7) as a reusable recipe:
-//! data, training, sampling, and the scatter plot.
+//! data, training, sampling, and the scatter plot; Gen-neG's iterations on it in
+//! [`genneg`].
+
+pub mod genneg;
 
 use crate::config::Preset;
 use crate::plot::{Canvas, BLUE, GREY, RED};
