@@ -6,6 +6,7 @@ use scoreguide_experiments::checkerboard::genneg::GennegCheckerboardConfig;
 use scoreguide_experiments::checkerboard::CheckerboardConfig;
 use scoreguide_experiments::config::{preset_toml, resolve, Preset};
 use scoreguide_experiments::moons::DlsmMoonsConfig;
+use scoreguide_experiments::traffic::run::TrafficRunConfig;
 use std::fmt::Debug;
 use std::path::PathBuf;
 
@@ -39,6 +40,7 @@ fn checked_in_configs_are_the_presets() {
     check::<CheckerboardConfig>("checkerboard");
     check::<DlsmMoonsConfig>("dlsm_moons");
     check::<GennegCheckerboardConfig>("genneg_checkerboard");
+    check::<TrafficRunConfig>("genneg_traffic");
 }
 
 /// The partial configurations CI runs (configs/*/ci.toml) resolve.
@@ -47,6 +49,26 @@ fn ci_configs_resolve() {
     let ci = |e: &str| configs_dir().join(e).join("ci.toml");
     let moons: DlsmMoonsConfig = resolve(false, Some(&ci("dlsm_moons")), &[]).unwrap();
     assert_eq!((moons.moons.score_iters, moons.samples), (1000, 500));
+    let traffic: TrafficRunConfig = resolve(false, Some(&ci("genneg_traffic")), &[]).unwrap();
+    assert_eq!(traffic.baseline.iters, 1000);
+    assert!(traffic.baseline.map_probe);
+    assert_eq!(traffic.distill.map(|d| d.draws), Some(20));
+    // What CI's validation run sets on the command line.
+    let sets = [
+        "genneg.iterations=0",
+        "distill=null",
+        "eval.split=validation",
+        r#"eval.models=["baseline"]"#,
+    ]
+    .map(String::from);
+    let v: TrafficRunConfig = resolve(true, None, &sets).unwrap();
+    assert_eq!(v.eval.models, Some(vec!["baseline".to_string()]));
+    assert!(v.distill.is_none());
+    // A row the table cannot have is refused before anything runs.
+    let e = resolve::<TrafficRunConfig>(true, None, &[r#"eval.models=["genneg_3"]"#.into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("genneg_3"), "{e}");
 }
 
 #[test]

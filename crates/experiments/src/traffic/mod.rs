@@ -12,6 +12,8 @@ mod eval;
 mod genneg;
 mod model;
 mod render;
+pub mod run;
+pub mod stages;
 
 pub use config::{FeatureScaler, TrafficConfig};
 pub use data::TrafficData;
