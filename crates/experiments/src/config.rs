@@ -5,7 +5,8 @@
 //! run starts from a preset (`--quick`, or the file's `preset = "quick"` key; full
 //! otherwise), lays a TOML or JSON file over it (complete or partial: the file's keys
 //! replace the preset's), then `--set key.path=value` overrides, and checks the result;
-//! every key must be one the configuration has, so a typo is an error that names it. The
+//! every key must be one the configuration has, so a typo is an error that names it;
+//! `"none"` switches an optional setting off (TOML has no null). The
 //! resolved configuration is written beside the run's outputs as JSON
 //! ([`save_resolved`]; exact, absent values included), and `--config` reruns it.
 //!
@@ -146,9 +147,18 @@ fn merge(base: &mut Value, layer: Value, at: &str, file: &Path) -> Result<()> {
             Ok(())
         }
         (slot, v) => {
-            *slot = v;
+            *slot = absent_if_none(slot, v);
             Ok(())
         }
+    }
+}
+
+/// TOML has no null: the string `"none"` in place of a value that is not a string
+/// means absent (an optional setting switched off, e.g. `distill = "none"`).
+fn absent_if_none(slot: &Value, v: Value) -> Value {
+    match (&v, slot) {
+        (Value::String(s), old) if s == "none" && !old.is_string() => Value::Null,
+        _ => v,
     }
 }
 
@@ -170,7 +180,7 @@ fn set_path(value: &mut Value, key: &str, new: Value) -> Result<()> {
             None => bail!("--set {key}: unknown key `{part}` (known here: {known})"),
         };
     }
-    *slot = new;
+    *slot = absent_if_none(slot, new);
     Ok(())
 }
 

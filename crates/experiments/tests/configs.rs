@@ -53,10 +53,27 @@ fn ci_configs_resolve() {
     assert_eq!(traffic.baseline.iters, 1000);
     assert!(traffic.baseline.map_probe);
     assert_eq!(traffic.distill.map(|d| d.draws), Some(20));
+    // The documented runs' configurations.
+    let run = |e: &str, f: &str| configs_dir().join(e).join(f);
+    let g: GennegCheckerboardConfig = resolve(
+        false,
+        Some(&run("genneg_checkerboard", "paper-30k.toml")),
+        &[],
+    )
+    .unwrap();
+    assert_eq!((g.per_class, g.classifier.iters), (30_000, 5_000));
+    let m: DlsmMoonsConfig = resolve(false, Some(&run("dlsm_moons", "table1.toml")), &[]).unwrap();
+    assert_eq!((m.moons.classifier_iters, m.samples), (40_000, 2_000));
+    for f in ["lu-seeds.toml", "lu-s1.toml"] {
+        let t: TrafficRunConfig = resolve(false, Some(&run("genneg_traffic", f)), &[]).unwrap();
+        assert_eq!(t.baseline.iters, 16_000);
+        assert_eq!(t.genneg.guidance_sigma_max, Some(0.2));
+        assert_eq!(t.distill.is_some(), f == "lu-s1.toml");
+    }
     // What CI's validation run sets on the command line.
     let sets = [
         "genneg.iterations=0",
-        "distill=null",
+        "distill=none",
         "eval.split=validation",
         r#"eval.models=["baseline"]"#,
     ]
