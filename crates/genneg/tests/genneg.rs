@@ -1,24 +1,21 @@
 //! Gen-neG's pieces, quick-sized: guided scores, the IS-balanced loss against a known
 //! Bayes classifier, guidance on an undertrained model, distillation, stack checkpoints.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
-use scoreguide::checkerboard::{dsm_batch, BaselineConfig};
-use scoreguide::data::{checkerboard, Dataset, GaussianMixture};
-use scoreguide::genneg::{
+use scoreguide_data::{checkerboard, Dataset, GaussianMixture};
+use scoreguide_genneg::{
     collect, train_classifier, ClassifierKind, ClassifierTrainConfig, CollectConfig, DistillConfig,
     Draws, LabelledSet, Stack, StackedClassifier, Unconditioned,
 };
-use scoreguide::guidance::Cond;
-use scoreguide::guidance::{Guided, LogProb, Score};
-use scoreguide::nets::{
+use scoreguide_guidance::Cond;
+use scoreguide_guidance::{Guided, LogProb, Score};
+use scoreguide_nets::{
     ClassifierConfig, NetConfig, ParamStore, ResMlpConfig, ScoreModelConfig, SinusoidalEmbedding,
 };
-use scoreguide::oracles::Checkerboard;
-use scoreguide::samplers::{sample_many, HeunOptions, Sampler};
-use scoreguide::sde::{append_zero, log_linear, SigmaDistribution};
-use scoreguide::train::{load_score_model, Progress, Trainer, Weights};
+use scoreguide_oracles::Checkerboard;
+use scoreguide_samplers::{sample_many, HeunOptions, Sampler};
+use scoreguide_sde::{append_zero, log_linear, SigmaDistribution};
+use scoreguide_train::{load_score_model, Progress, Trainer, Weights};
 
 fn small_mlp(in_dim: usize, out_dim: usize, hidden: usize) -> NetConfig {
     NetConfig::ResMlp(ResMlpConfig {
@@ -140,7 +137,7 @@ fn is_balanced_loss_recovers_the_bayes_classifier_of_the_true_prior() {
     let probe = Tensor::new(&[[-1.0f32], [0.0], [1.0]], &dev).unwrap();
     let clean = Tensor::full(cfg.sigma_clean as f32, 3, &dev).unwrap();
     // A one-dimensional problem: the oracle is never asked (the set is labelled).
-    let oracle = scoreguide::oracles::from_fn(1, |_| true);
+    let oracle = scoreguide_oracles::from_fn(1, |_| true);
     let logits = |(w_pos, w_neg): (f32, f32)| -> Vec<f32> {
         let weights = (0..2 * n)
             .map(|i| if i < n { w_pos } else { w_neg })
@@ -190,25 +187,36 @@ fn is_balanced_loss_recovers_the_bayes_classifier_of_the_true_prior() {
 fn undertrained_baseline(
     dev: &Device,
 ) -> (ScoreModelConfig, std::collections::BTreeMap<String, Tensor>) {
-    let mut cfg = BaselineConfig::default();
-    cfg.model = ScoreModelConfig {
+    // The checkerboard baseline's recipe (EDM, σ log-uniform on [2e-3, 80], full batch),
+    // with a smaller network and only 300 steps.
+    let model_cfg = ScoreModelConfig {
         net: small_mlp(2, 2, 64),
-        ..cfg.model
+        precond: scoreguide_nets::Precond::edm(),
     };
-    cfg.iters = 300;
-    cfg.train.lr = 2e-3;
+    let sigma = SigmaDistribution::LogUniform {
+        min: 2e-3,
+        max: 80.0,
+    };
+    let train = scoreguide_train::TrainConfig {
+        lr: 2e-3,
+        ema_decay: 0.999,
+        ..Default::default()
+    };
     let data = Dataset::new(checkerboard(1000, 0).unwrap(), "train").unwrap();
     let store = ParamStore::new(0);
-    let model = cfg
-        .model
+    let model = model_cfg
         .build(&store.var_builder(DType::F32, dev))
         .unwrap();
-    let mut t = Trainer::new(store, cfg.train.clone()).unwrap();
-    t.run(cfg.iters, &mut Progress::hidden(), |s, r| {
-        dsm_batch(&model, &data, &cfg, s, r)
+    let mut t = Trainer::new(store, train.clone()).unwrap();
+    t.run(300, &mut Progress::hidden(), |step, rng| {
+        let x0 = data.rows(&data.step_batch(1000, train.seed, step)?)?;
+        let s = sigma.sample_tensor(x0.dim(0)?, rng, dev)?;
+        let z = scoreguide_sde::randn(rng, x0.dims(), dev)?;
+        let w = scoreguide_losses::DsmWeighting::Edm { sigma_data: 1.0 };
+        scoreguide_losses::dsm(&model, &x0, &s, &z, &Cond::none(), w)
     })
     .unwrap();
-    (cfg.model, t.ema().shadow.clone())
+    (model_cfg, t.ema().shadow.clone())
 }
 
 #[test]
@@ -280,7 +288,7 @@ fn guidance_lowers_the_infraction_rate_of_an_undertrained_model_and_stacks_round
         .unwrap()
     };
     let rate = |x: &Tensor| {
-        scoreguide::metrics::infraction_rate(&board, x)
+        scoreguide_metrics::infraction_rate(&board, x)
             .unwrap()
             .0
             .rate
@@ -297,7 +305,7 @@ fn guidance_lowers_the_infraction_rate_of_an_undertrained_model_and_stacks_round
     let path = dir.join("stack.safetensors");
     stack.to_checkpoint().unwrap().save(&path).unwrap();
     let loaded =
-        Stack::from_checkpoint(&scoreguide::train::Checkpoint::load(&path).unwrap()).unwrap();
+        Stack::from_checkpoint(&scoreguide_train::Checkpoint::load(&path).unwrap()).unwrap();
     let a = draw(&guided).to_vec2::<f32>().unwrap();
     let b = draw(&loaded.guided(&dev).unwrap())
         .to_vec2::<f32>()
@@ -324,7 +332,7 @@ fn distillation_reproduces_its_teacher() {
     let data = Dataset::new(gm.sample(4096, 4).unwrap(), "mixture").unwrap();
     let student = ScoreModelConfig {
         net: small_mlp(2, 2, 64),
-        precond: scoreguide::nets::Precond::edm(),
+        precond: scoreguide_nets::Precond::edm(),
     };
     let mut cfg = DistillConfig {
         iters: 2500,
@@ -334,7 +342,7 @@ fn distillation_reproduces_its_teacher() {
     };
     cfg.train.lr = 3e-3;
     cfg.train.ema_decay = 0.995;
-    let ck = scoreguide::genneg::distill(
+    let ck = scoreguide_genneg::distill(
         &teacher,
         &data,
         &|_| Ok(Cond::none()),
@@ -352,11 +360,11 @@ fn distillation_reproduces_its_teacher() {
     // after 5000: the gap is optimisation, not bias); tolerances are about 1.4x those.
     for (sigma, tol) in [(0.3, 0.21), (1.0, 0.16), (3.0, 0.085)] {
         let x = (gm.sample(1000, 5).unwrap()
-            + (scoreguide::sde::randn(&mut rng, &[1000, 2], &dev).unwrap() * sigma).unwrap())
+            + (scoreguide_sde::randn(&mut rng, &[1000, 2], &dev).unwrap() * sigma).unwrap())
         .unwrap();
         let sv = Tensor::full(sigma as f32, 1000, &dev).unwrap();
         let (a, b) = (s.score(&x, &sv).unwrap(), teacher.score(&x, &sv).unwrap());
-        let rel = common::rel_l2(&a, &b);
+        let rel = scoreguide_testing::rel_l2(&a, &b);
         assert!(
             rel < tol,
             "σ = {sigma}: student differs from teacher by {rel} (relative)"

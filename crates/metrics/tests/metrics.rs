@@ -2,8 +2,8 @@
 //! values computed by Python (../shared/reference/metrics/expected.json).
 
 use candle_core::{DType, Device, Tensor};
-use scoreguide::data::GaussianMixture;
-use scoreguide::metrics::{
+use scoreguide_data::GaussianMixture;
+use scoreguide_metrics::{
     fid, frechet_distance, kid, mmd2_gaussian, negative_log_likelihood, prdc, prdc_classwise,
     read_npy, score_errors, symmetric_eigen, Array2, Divergence, NllConfig,
 };

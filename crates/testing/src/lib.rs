@@ -1,5 +1,13 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)]
+//! Helpers the scoreguide crates' tests share: tensor comparisons and the check that
+//! every parameter of a model gets a gradient.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! let a = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+//! let b = Tensor::new(&[1f32, 2.5], &Device::Cpu)?;
+//! assert_eq!(scoreguide_testing::max_abs_diff(&a, &b), 0.5);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
 use candle_core::Tensor;
 
@@ -45,15 +53,16 @@ pub fn flat_f64(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
-/// Every parameter of `store` has a gradient in `grads`, and none is all zeros (a fused
-/// candle op without a backward pass would drop some). `what` names the model.
+/// Every parameter in `vars` (a parameter store's `vars()`) has a gradient in `grads`,
+/// and none is all zeros (a fused candle op without a backward pass would drop some).
+/// `what` names the model.
 pub fn assert_all_nonzero(
-    store: &scoreguide::nets::ParamStore,
+    vars: &[(String, candle_core::Var)],
     grads: &candle_core::backprop::GradStore,
     what: &str,
 ) {
-    assert!(!store.is_empty());
-    for (name, var) in store.vars() {
+    assert!(!vars.is_empty(), "{what}: no parameters");
+    for (name, var) in vars {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{what}: `{name}` has no gradient"));

@@ -2,18 +2,16 @@
 //! without a backward pass would silently drop some), and gradients agree with finite
 //! differences.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use scoreguide::guidance::Cond;
-use scoreguide::guidance::Score;
-use scoreguide::losses::{dsm, DsmWeighting};
-use scoreguide::nets::{
+use scoreguide_guidance::Cond;
+use scoreguide_guidance::Score;
+use scoreguide_losses::{dsm, DsmWeighting};
+use scoreguide_nets::{
     NetConfig, NoiseNet, ParamStore, Precond, ResMlp, ResMlpConfig, ScoreModelConfig,
 };
-use scoreguide::sde::randn;
-use scoreguide::sde::Process;
+use scoreguide_sde::randn;
+use scoreguide_sde::Process;
 
 fn inputs(dev: &Device) -> (Tensor, Tensor, Tensor) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -63,7 +61,11 @@ fn every_score_model_parameter_gets_a_gradient() {
             DsmWeighting::SigmaSquared,
         )
         .unwrap();
-        common::assert_all_nonzero(&store, &loss.backward().unwrap(), &format!("{precond:?}"));
+        scoreguide_testing::assert_all_nonzero(
+            &store.vars(),
+            &loss.backward().unwrap(),
+            &format!("{precond:?}"),
+        );
     }
 }
 
@@ -90,7 +92,7 @@ fn every_classifier_parameter_gets_a_gradient() {
         .unwrap()
         .mean_all()
         .unwrap();
-    common::assert_all_nonzero(&store, &loss.backward().unwrap(), "classifier");
+    scoreguide_testing::assert_all_nonzero(&store.vars(), &loss.backward().unwrap(), "classifier");
 }
 
 #[test]
@@ -133,8 +135,8 @@ fn parameter_and_input_gradients_match_finite_differences() {
         .into_iter()
         .filter(|(n, _)| n.ends_with("weight"))
     {
-        let g = common::flat_f64(grads.get(var.as_tensor()).unwrap());
-        let orig = common::flat_f64(var.as_tensor());
+        let g = scoreguide_testing::flat_f64(grads.get(var.as_tensor()).unwrap());
+        let orig = scoreguide_testing::flat_f64(var.as_tensor());
         let k = g
             .iter()
             .enumerate()
@@ -203,8 +205,8 @@ fn parameter_and_input_gradients_match_finite_differences() {
 
 #[test]
 fn hand_written_classifier_input_gradient_matches_autograd() {
-    use scoreguide::guidance::LogProb;
-    use scoreguide::nets::ClassifierConfig;
+    use scoreguide_guidance::LogProb;
+    use scoreguide_nets::ClassifierConfig;
     let dev = Device::Cpu;
     let (x, _, sigma) = inputs(&dev);
     let store = ParamStore::new(7);
@@ -226,8 +228,8 @@ fn hand_written_classifier_input_gradient_matches_autograd() {
         .sum_all()
         .unwrap();
     let slow = lp.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
-    let err = common::max_abs_diff(&fast, &slow);
-    let scale = common::max_abs_diff(&slow, &slow.zeros_like().unwrap());
+    let err = scoreguide_testing::max_abs_diff(&fast, &slow);
+    let scale = scoreguide_testing::max_abs_diff(&slow, &slow.zeros_like().unwrap());
     assert!(
         scale > 0.0 && err <= 1e-5 * (1.0 + scale),
         "hand-written gradient differs from autograd by {err} (scale {scale})"

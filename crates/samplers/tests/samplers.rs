@@ -2,16 +2,14 @@
 //! is known in closed form at every σ. Sample mean and covariance must match the
 //! mixture's closed-form moments.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
-use scoreguide::data::GaussianMixture;
-use scoreguide::guidance::Cond;
-use scoreguide::guidance::Score;
-use scoreguide::samplers::{
+use scoreguide_data::GaussianMixture;
+use scoreguide_guidance::Cond;
+use scoreguide_guidance::Score;
+use scoreguide_samplers::{
     initial_noise, probability_flow, HeunOptions, OdeSolver, PcOptions, Sampler,
 };
-use scoreguide::sde::{append_zero, log_linear, Process, SampleNoise};
+use scoreguide_sde::{append_zero, log_linear, Process, SampleNoise};
 
 const N: usize = 4000;
 
@@ -217,7 +215,7 @@ fn probability_flow_maps_data_to_noise_and_back() {
         );
     }
     let back = probability_flow(&gm, z, &down, &Cond::none(), OdeSolver::Rk4, None).unwrap();
-    let err = common::max_abs_diff(&back, &data);
+    let err = scoreguide_testing::max_abs_diff(&back, &data);
     assert!(err < 1e-3, "round-trip error {err}");
 }
 

@@ -2,15 +2,13 @@
 //! (second order, through ∇x log p_φ) against finite differences, and Parzen scores
 //! against a Gaussian mixture's closed form.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor, Var};
-use common::{flat_f64, max_abs_diff};
-use scoreguide::data::{GaussianMixture, Parzen};
-use scoreguide::guidance::Cond;
-use scoreguide::guidance::{per_sample, LogProb, Score};
-use scoreguide::losses::{cross_entropy, dlsm, DsmWeighting};
-use scoreguide::nets::{ParamStore, ToyClassifier, ToyMlpConfig};
+use scoreguide_data::{GaussianMixture, Parzen};
+use scoreguide_guidance::Cond;
+use scoreguide_guidance::{per_sample, LogProb, Score};
+use scoreguide_losses::{cross_entropy, dlsm, DsmWeighting};
+use scoreguide_nets::{ParamStore, ToyClassifier, ToyMlpConfig};
+use scoreguide_testing::{flat_f64, max_abs_diff};
 
 /// The exact score of N(0, I) data at noise σ.
 struct StdNormal;
@@ -235,7 +233,7 @@ impl LogProb for MixturePosterior {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let logits = Tensor::cat(&logits, 1)?;
-        scoreguide::guidance::log_softmax(&logits)?
+        scoreguide_guidance::log_softmax(&logits)?
             .narrow(1, self.class, 1)?
             .squeeze(1)
     }
@@ -254,16 +252,15 @@ fn guided_pc_sampling_draws_the_requested_class() {
         vec![vec![s, s]; 2],
     )
     .unwrap();
-    let sigmas =
-        scoreguide::sde::append_zero(scoreguide::sde::log_linear(300, 0.01, 20.0).unwrap());
-    let sampler = scoreguide::samplers::Sampler::PredictorCorrector(Default::default());
+    let sigmas = scoreguide_sde::append_zero(scoreguide_sde::log_linear(300, 0.01, 20.0).unwrap());
+    let sampler = scoreguide_samplers::Sampler::PredictorCorrector(Default::default());
     for class in 0..2 {
         let guided =
-            scoreguide::guidance::Guided::new(&gm).with(1.0, MixturePosterior { means, s, class });
+            scoreguide_guidance::Guided::new(&gm).with(1.0, MixturePosterior { means, s, class });
         let n = 400;
-        let mut noise = scoreguide::sde::SampleNoise::new(5, 0, n);
+        let mut noise = scoreguide_sde::SampleNoise::new(5, 0, n);
         let x0 =
-            scoreguide::samplers::initial_noise(&mut noise, &[n, 2], sigmas[0], DType::F64, &dev)
+            scoreguide_samplers::initial_noise(&mut noise, &[n, 2], sigmas[0], DType::F64, &dev)
                 .unwrap();
         let x = sampler
             .sample(&guided, x0, &sigmas, &mut noise, None)

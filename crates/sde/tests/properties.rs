@@ -1,7 +1,7 @@
 //! Property tests of the noise processes and σ grids.
 
 use proptest::prelude::*;
-use scoreguide::sde::{karras, log_linear, uniform_t, BetaSchedule, Ddpm, Process};
+use scoreguide_sde::{karras, log_linear, uniform_t, BetaSchedule, Ddpm, Process};
 
 fn processes() -> impl Strategy<Value = Process> {
     prop_oneof![

@@ -1,7 +1,5 @@
 //! Same seed → same bytes: initialisation, training, sampling, checkpoints and resume.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
 use scoreguide::checkerboard::{dsm_batch, BaselineConfig};
 use scoreguide::data::{checkerboard, Dataset};
@@ -174,8 +172,8 @@ fn same_seed_same_samples_independent_of_batch_size() {
     // Per-sample noise streams: batch size changes nothing but float summation order,
     // whose rounding grows with the values (and with the CPU's matmul kernel: AVX2 and
     // AVX-512 block the sums differently): 1e-4 of the largest value.
-    let diff = common::max_abs_diff(&a, &draw(1, 7));
-    let scale = common::max_abs(&a);
+    let diff = scoreguide_testing::max_abs_diff(&a, &draw(1, 7));
+    let scale = scoreguide_testing::max_abs(&a);
     assert!(
         diff < 1e-4 * scale.max(1.0),
         "batch size changed samples by {diff} (largest value {scale})"

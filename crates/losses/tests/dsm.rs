@@ -1,19 +1,17 @@
 //! DSM training on 2-D Gaussian data recovers the analytic score.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use scoreguide::data::{Dataset, GaussianMixture};
-use scoreguide::guidance::Cond;
-use scoreguide::guidance::Score;
-use scoreguide::losses::{dsm, DsmWeighting};
-use scoreguide::nets::{
+use scoreguide_data::{Dataset, GaussianMixture};
+use scoreguide_guidance::Cond;
+use scoreguide_guidance::Score;
+use scoreguide_losses::{dsm, DsmWeighting};
+use scoreguide_nets::{
     NetConfig, ParamStore, Precond, ResMlpConfig, ScoreModelConfig, SinusoidalEmbedding,
 };
-use scoreguide::sde::randn;
-use scoreguide::sde::SigmaDistribution;
-use scoreguide::train::{Progress, TrainConfig, Trainer};
+use scoreguide_sde::randn;
+use scoreguide_sde::SigmaDistribution;
+use scoreguide_train::{Progress, TrainConfig, Trainer};
 
 #[test]
 fn dsm_recovers_the_score_of_a_gaussian() {
@@ -82,7 +80,7 @@ fn dsm_recovers_the_score_of_a_gaussian() {
         let sig = Tensor::full(sigma as f32, n, &dev).unwrap();
         let learned = model.score(&x, &sig).unwrap();
         let exact = gauss.score(&x, &sig).unwrap();
-        let rel = common::rel_l2(&learned, &exact);
+        let rel = scoreguide_testing::rel_l2(&learned, &exact);
         assert!(
             rel < tol,
             "σ = {sigma}: relative score error {rel} (tolerance {tol})"

@@ -4,11 +4,11 @@
 //! σ-space through `Precond`).
 
 use candle_core::{DType, Device, Result, Tensor};
-use scoreguide::data::GaussianMixture;
-use scoreguide::guidance::Cond;
-use scoreguide::guidance::Score;
-use scoreguide::nets::{NoiseNet, Precond, ScoreNet};
-use scoreguide::sde::Process;
+use scoreguide_data::GaussianMixture;
+use scoreguide_guidance::Cond;
+use scoreguide_guidance::Score;
+use scoreguide_nets::{NoiseNet, Precond, ScoreNet};
+use scoreguide_sde::Process;
 
 /// Outputs the ideal raw network value for `precond`, recovering σ from the noise
 /// condition the adapter passes in and x_σ from the scaled input.

@@ -4,11 +4,11 @@
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use scoreguide::data::scenes::{generate_map, generate_scene, RoadKind};
-use scoreguide::data::{MapLayers, SceneConfig, SceneSet, Split};
-use scoreguide::oracles::scene::VEHICLE_FEATURES;
-use scoreguide::oracles::{check_scene, Oracle, SceneOracle};
-use scoreguide::train::Checkpoint;
+use scoreguide_data::scenes::{generate_map, generate_scene, RoadKind};
+use scoreguide_data::{MapLayers, SceneConfig, SceneSet, Split};
+use scoreguide_oracles::scene::VEHICLE_FEATURES;
+use scoreguide_oracles::{check_scene, Oracle, SceneOracle};
+use scoreguide_train::Checkpoint;
 
 fn small_set(split: Split, seed: u64) -> SceneSet {
     SceneSet::generate(&SceneConfig::default(), split, 12, 60, seed).unwrap()
@@ -223,7 +223,7 @@ fn scene_sets_round_trip_and_bad_files_are_refused() {
 
 #[test]
 fn vehicles_keep_the_gap_and_the_shoulder_is_drivable() {
-    use scoreguide::oracles::OrientedBox;
+    use scoreguide_oracles::OrientedBox;
     for (gap, shoulder) in [(2.0, 1.0), (0.5, 0.0)] {
         let cfg = SceneConfig {
             gap,
@@ -296,7 +296,7 @@ fn the_oracle_finds_what_is_put_there() {
 }
 
 /// Each vehicle's validity, scene by scene (Gen-neG's labels of scenes).
-fn bits(verdicts: &[scoreguide::oracles::SceneVerdict]) -> Vec<bool> {
+fn bits(verdicts: &[scoreguide_oracles::SceneVerdict]) -> Vec<bool> {
     verdicts
         .iter()
         .flat_map(|v| (0..12).map(move |a| v.infracting() & (1 << a) == 0))
@@ -305,8 +305,8 @@ fn bits(verdicts: &[scoreguide::oracles::SceneVerdict]) -> Vec<bool> {
 
 #[test]
 fn per_vehicle_training_sets_balance_and_weight() {
-    use scoreguide::genneg::{ClassifierKind, Draws, LabelledSet};
-    use scoreguide::oracles::SceneVerdict;
+    use scoreguide_genneg::{ClassifierKind, Draws, LabelledSet};
+    use scoreguide_oracles::SceneVerdict;
     let dev = candle_core::Device::Cpu;
     // Three scenes of 12 vehicles: 2, 0 and 1 infracting vehicles (3 of 36).
     let verdicts = vec![
@@ -362,16 +362,16 @@ fn per_vehicle_training_sets_balance_and_weight() {
 fn tiny_models(
     lane_maps: bool,
 ) -> (
-    scoreguide::traffic::TrafficData,
+    scoreguide_experiments::traffic::TrafficData,
     Checkpoint,
     Checkpoint,
     Checkpoint,
 ) {
-    use scoreguide::genneg::Task;
-    use scoreguide::genneg::{ClassifierKind, Draws, LabelledSet};
-    use scoreguide::traffic::{
+    use scoreguide_experiments::traffic::{
         train_agent_classifier, train_score, FeatureScaler, TrafficConfig, TrafficData, TrafficTask,
     };
+    use scoreguide_genneg::Task;
+    use scoreguide_genneg::{ClassifierKind, Draws, LabelledSet};
     let dev = candle_core::Device::Cpu;
     let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 4, 8, 0).unwrap();
     let scaler = FeatureScaler::fit(&set.agents).unwrap();
@@ -409,15 +409,9 @@ fn tiny_models(
         cfg
     };
     let data = TrafficData::new(set, scaler, &cfg, &dev).unwrap();
-    let base = train_score(
-        &cfg,
-        &data,
-        &dev,
-        &mut scoreguide::train::Progress::hidden(),
-    )
-    .unwrap();
+    let base = train_score(&cfg, &data, &dev, &mut scoreguide_train::Progress::hidden()).unwrap();
     // Draws: the data's own scenes, with vehicle 0 of scene 0 marked infracting.
-    let mut verdicts: Vec<scoreguide::oracles::SceneVerdict> = (0..data.set.len())
+    let mut verdicts: Vec<scoreguide_oracles::SceneVerdict> = (0..data.set.len())
         .map(|i| check_scene(data.set.map_of(i), data.set.scene(i)))
         .collect();
     let keys: Vec<u32> = (0..8).collect();
@@ -430,7 +424,7 @@ fn tiny_models(
     verdicts[0].collision = 1;
     let drawn = Draws::from_rows(x, keys, bits(&verdicts), 12).unwrap();
     let labelled = LabelledSet::new(&drawn, ClassifierKind::IsBalanced).unwrap();
-    let progress = &mut scoreguide::train::Progress::hidden();
+    let progress = &mut scoreguide_train::Progress::hidden();
     let clf = train_agent_classifier(&cfg, &labelled, &data, 1, 1, None, &dev, progress).unwrap();
     let ti =
         train_agent_classifier(&cfg, &labelled, &data, 1, 2, Some(0.01), &dev, progress).unwrap();
@@ -448,9 +442,9 @@ fn guided_scene_score_is_base_plus_classifier_gradient() {
 
 fn check_guided_scene_score(lane_maps: bool) {
     use candle_core::{DType, Tensor};
-    use scoreguide::guidance::{Cond, LogProb, Score};
-    use scoreguide::nets::OnDenoised;
-    use scoreguide::traffic::{load_agent_classifier, TrafficModel};
+    use scoreguide_experiments::traffic::{load_agent_classifier, TrafficModel};
+    use scoreguide_guidance::{Cond, LogProb, Score};
+    use scoreguide_nets::OnDenoised;
     let (data, base, clf, ti) = tiny_models(lane_maps);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F64, &dev).unwrap();
@@ -509,8 +503,8 @@ fn check_guided_scene_score(lane_maps: bool) {
 #[test]
 fn a_gated_stack_is_the_baseline_above_its_gate_and_guided_below() {
     use candle_core::{DType, Tensor};
-    use scoreguide::guidance::{Cond, Score};
-    use scoreguide::traffic::{load_agent_classifier, TrafficModel};
+    use scoreguide_experiments::traffic::{load_agent_classifier, TrafficModel};
+    use scoreguide_guidance::{Cond, Score};
     let (data, base, clf, _) = tiny_models(true);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F64, &dev).unwrap();
@@ -562,7 +556,9 @@ fn a_gated_stack_is_the_baseline_above_its_gate_and_guided_below() {
 
 #[test]
 fn vehicle_rates_count_vehicles_and_scene_rates_scenes() {
-    use scoreguide::traffic::{label_scenes, FeatureScaler, TrafficConfig, TrafficData};
+    use scoreguide_experiments::traffic::{
+        label_scenes, FeatureScaler, TrafficConfig, TrafficData,
+    };
     let dev = candle_core::Device::Cpu;
     let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 2, 4, 3).unwrap();
     let scaler = FeatureScaler::fit(&set.agents).unwrap();
@@ -584,12 +580,12 @@ fn vehicle_rates_count_vehicles_and_scene_rates_scenes() {
 #[test]
 fn classifier_check_groups_vehicles_by_verdict() {
     use candle_core::{DType, Tensor};
-    use scoreguide::genneg::Draws;
-    use scoreguide::metrics::roc_auc;
-    use scoreguide::oracles::SceneVerdict;
-    use scoreguide::traffic::{
+    use scoreguide_experiments::traffic::{
         check_agent_classifier, load_agent_classifier, JudgedScenes, TrafficModel,
     };
+    use scoreguide_genneg::Draws;
+    use scoreguide_metrics::roc_auc;
+    use scoreguide_oracles::SceneVerdict;
     let (data, base, clf, _) = tiny_models(true);
     let dev = candle_core::Device::Cpu;
     let base = TrafficModel::load(&base, DType::F32, &dev).unwrap();
@@ -663,7 +659,7 @@ fn classifier_check_groups_vehicles_by_verdict() {
 
 #[test]
 fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
-    use scoreguide::traffic::{
+    use scoreguide_experiments::traffic::{
         train_score, train_score_resumable, FeatureScaler, TrafficConfig, TrafficData,
     };
     let dev = candle_core::Device::Cpu;
@@ -680,7 +676,7 @@ fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
     .with_lane_maps()
     .with_map_probe(&scaler, set.config.half_size);
     let data = TrafficData::new(set, scaler, &cfg, &dev).unwrap();
-    let hidden = &mut scoreguide::train::Progress::hidden();
+    let hidden = &mut scoreguide_train::Progress::hidden();
     let whole = train_score(&cfg, &data, &dev, hidden).unwrap();
     // Saved every 2 steps: states after steps 2, 4 and 5.
     let mut saved: Vec<Checkpoint> = Vec::new();
@@ -739,7 +735,7 @@ fn baseline_training_resumed_from_a_saved_state_is_the_uninterrupted_run() {
 #[test]
 fn distillation_extended_from_a_shorter_one_is_the_uninterrupted_run() {
     use candle_core::DType;
-    use scoreguide::traffic::{
+    use scoreguide_experiments::traffic::{
         distill, distill_resumable, load_agent_classifier, TrafficConfig, TrafficModel,
     };
     let (data, base_ckpt, clf, _) = tiny_models(true);
@@ -751,7 +747,7 @@ fn distillation_extended_from_a_shorter_one_is_the_uninterrupted_run() {
         iters,
         ..base.config.clone()
     };
-    let hidden = &mut scoreguide::train::Progress::hidden();
+    let hidden = &mut scoreguide_train::Progress::hidden();
     let whole = distill(&cfg(4), &teacher, &base_ckpt, &data, &dev, hidden).unwrap();
     // A finished 2-step distillation, then extended to 4 steps (saving at 3 and 4).
     let short = distill(&cfg(2), &teacher, &base_ckpt, &data, &dev, hidden).unwrap();
@@ -833,10 +829,10 @@ fn assert_same_training_state(a: &Checkpoint, b: &Checkpoint) {
 #[test]
 fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     use candle_core::DType;
-    use scoreguide::oracles::RoadRaster;
-    use scoreguide::traffic::{
+    use scoreguide_experiments::traffic::{
         load_agent_classifier, nearest_road_cell, offroad_pull, TrafficModel,
     };
+    use scoreguide_oracles::RoadRaster;
     // Road on the left half of a 4 × 4 m map of 1 m cells.
     let map = RoadRaster::from_fn(2.0, 4, |x, _| x < 0.0);
     assert_eq!(nearest_road_cell(&map, 1.7, 1.2), Some((-0.5, 1.5)));
@@ -866,7 +862,7 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
     agents[k + 1] = oy as f32;
     let (rx, ry) = nearest_road_cell(map1, ox, oy).unwrap();
     let distance = (rx - ox).hypot(ry - oy);
-    let mut verdicts = vec![scoreguide::oracles::SceneVerdict::default(); 2];
+    let mut verdicts = vec![scoreguide_oracles::SceneVerdict::default(); 2];
     verdicts[0].offroad = 1;
     verdicts[1].offroad = 1 << 1;
     let x = candle_core::Tensor::from_vec(
@@ -875,8 +871,8 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
         &dev,
     )
     .unwrap();
-    let drawn = scoreguide::genneg::Draws::from_rows(x, idx, bits(&verdicts), 12).unwrap();
-    let judged = scoreguide::traffic::JudgedScenes { drawn, verdicts };
+    let drawn = scoreguide_genneg::Draws::from_rows(x, idx, bits(&verdicts), 12).unwrap();
+    let judged = scoreguide_experiments::traffic::JudgedScenes { drawn, verdicts };
     let near_m = distance + 1.0;
     let p = offroad_pull(&clf, &base, &judged, &data, 0.01, near_m, 1).unwrap();
     assert_eq!((p.centre_on_road, p.near, p.far), (1, 1, 0), "{p:?}");
@@ -895,7 +891,7 @@ fn nearest_road_cell_and_the_offroad_pull_find_the_road() {
 
 #[test]
 fn appended_scenes_keep_their_maps_and_the_scaler() {
-    use scoreguide::traffic::{FeatureScaler, TrafficConfig, TrafficData};
+    use scoreguide_experiments::traffic::{FeatureScaler, TrafficConfig, TrafficData};
     let dev = candle_core::Device::Cpu;
     let set = SceneSet::generate(&SceneConfig::default(), Split::Train, 2, 4, 3).unwrap();
     let scaler = FeatureScaler::fit(&set.agents).unwrap();

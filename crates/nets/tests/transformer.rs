@@ -2,16 +2,14 @@
 //! gradient; permuting the agents permutes the output; the input gradient that guidance
 //! uses agrees with finite differences; bad shapes are refused.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
-use scoreguide::guidance::{Cond, Score};
-use scoreguide::nets::{
+use scoreguide_guidance::{Cond, Score};
+use scoreguide_nets::{
     MapProbe, NoiseNet, ParamStore, Precond, SceneTransformer, SceneTransformerConfig, ScoreNet,
     SinusoidalEmbedding,
 };
-use scoreguide::sde::{randn, Process};
+use scoreguide_sde::{randn, Process};
 
 const B: usize = 3;
 
@@ -90,7 +88,7 @@ fn every_parameter_gets_a_gradient() {
         let y = net.forward_maps(&x, &c, &tokens).unwrap();
         assert_eq!(y.dims(), &[B, 12 * out]);
         let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        common::assert_all_nonzero(&store, &grads, "scene transformer");
+        scoreguide_testing::assert_all_nonzero(&store.vars(), &grads, "scene transformer");
         if out == 7 && cfg.map_probe.is_none() {
             eprintln!(
                 "scene transformer (score head): {} parameters",
@@ -123,15 +121,15 @@ fn permutation_check(cfg: SceneTransformerConfig) {
     };
     let y = net.forward_maps(&x, &c, &tokens).unwrap();
     let y_perm = net.forward_maps(&permute(&x, 7), &c, &tokens).unwrap();
-    let d = common::max_abs_diff(&y_perm, &permute(&y, 7));
+    let d = scoreguide_testing::max_abs_diff(&y_perm, &permute(&y, 7));
     assert!(d < 1e-10, "max difference {d}");
     // And the output is not trivially symmetric: moving one agent changes the others.
-    let mut v = common::flat_f64(&x);
+    let mut v = scoreguide_testing::flat_f64(&x);
     v[0] += 1.0;
     let moved = Tensor::from_vec(v, (B, 84), &Device::Cpu).unwrap();
     let y_moved = net.forward_maps(&moved, &c, &tokens).unwrap();
     let other = |t: &Tensor| t.narrow(1, 7, 77).unwrap();
-    assert!(common::max_abs_diff(&other(&y_moved), &other(&y)) > 1e-6);
+    assert!(scoreguide_testing::max_abs_diff(&other(&y_moved), &other(&y)) > 1e-6);
 }
 
 #[test]
@@ -163,8 +161,8 @@ fn gradient_check(cfg: SceneTransformerConfig) {
         .unwrap()
         .backward()
         .unwrap();
-    let g = common::flat_f64(g.get(xv.as_tensor()).unwrap());
-    let base = common::flat_f64(&x);
+    let g = scoreguide_testing::flat_f64(g.get(xv.as_tensor()).unwrap());
+    let base = scoreguide_testing::flat_f64(&x);
     // Positions (which also feed the distances), a size and an orientation feature.
     for &k in &[0usize, 1, 7 * 4 + 1, 7 * 5 + 2, 7 * 11 + 5, 84 + 10] {
         let at = |h: f64| {
@@ -210,12 +208,12 @@ fn maps_in_the_condition_make_a_score_model() {
     )
     .unwrap();
     let again = frozen.score_with(&x, &sigma, &cond).unwrap();
-    assert_eq!(common::max_abs_diff(&again, &s), 0.0);
+    assert_eq!(scoreguide_testing::max_abs_diff(&again, &s), 0.0);
     let flipped = Cond::context(maps.flip(&[3]).unwrap());
     let other = frozen.score_with(&x, &sigma, &flipped).unwrap();
     let direct = model.score_with(&x, &sigma, &flipped).unwrap();
-    assert_eq!(common::max_abs_diff(&other, &direct), 0.0);
-    assert!(common::max_abs_diff(&other, &s) > 1e-6);
+    assert_eq!(scoreguide_testing::max_abs_diff(&other, &direct), 0.0);
+    assert!(scoreguide_testing::max_abs_diff(&other, &s) > 1e-6);
 }
 
 #[test]
