@@ -3,6 +3,7 @@
 use crate::mlp::{ResMlp, ResMlpConfig};
 use crate::net::NoiseNet;
 use crate::precond::{Precond, ScoreNet};
+use crate::toy::{ToyMlp, ToyMlpConfig};
 use crate::transformer::{SceneTransformer, SceneTransformerConfig};
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub enum NetConfig {
     ResMlp(ResMlpConfig),
     SceneTransformer(SceneTransformerConfig),
+    /// DLSM's toy MLP (raw σ input), with [`crate::Precond::Identity`] as a score model.
+    ToyMlp(ToyMlpConfig),
 }
 
 impl NetConfig {
@@ -24,6 +27,7 @@ impl NetConfig {
             Self::SceneTransformer(c) => {
                 AnyNet::SceneTransformer(Box::new(SceneTransformer::new(*c, vb.clone())?))
             }
+            Self::ToyMlp(c) => AnyNet::ToyMlp(c.build(vb)?),
         })
     }
 
@@ -32,6 +36,7 @@ impl NetConfig {
         match self {
             Self::ResMlp(c) => c.in_dim,
             Self::SceneTransformer(c) => c.agents * c.features,
+            Self::ToyMlp(c) => c.in_dim,
         }
     }
 
@@ -40,6 +45,7 @@ impl NetConfig {
         match self {
             Self::ResMlp(c) => c.out_dim,
             Self::SceneTransformer(c) => c.agents * c.out_per_agent,
+            Self::ToyMlp(c) => c.out_dim,
         }
     }
 
@@ -52,6 +58,7 @@ impl NetConfig {
                 out_per_agent: out,
                 ..*c
             }),
+            Self::ToyMlp(c) => Self::ToyMlp(ToyMlpConfig { out_dim: out, ..*c }),
         }
     }
 }
@@ -60,6 +67,7 @@ impl NetConfig {
 pub enum AnyNet {
     ResMlp(ResMlp),
     SceneTransformer(Box<SceneTransformer>),
+    ToyMlp(ToyMlp),
 }
 
 impl NoiseNet for AnyNet {
@@ -67,12 +75,14 @@ impl NoiseNet for AnyNet {
         match self {
             Self::ResMlp(n) => n.forward(x, c_noise, cond),
             Self::SceneTransformer(n) => NoiseNet::forward(n.as_ref(), x, c_noise, cond),
+            Self::ToyMlp(n) => NoiseNet::forward(n, x, c_noise, cond),
         }
     }
     fn out_dim(&self) -> usize {
         match self {
             Self::ResMlp(n) => n.out_dim(),
             Self::SceneTransformer(n) => NoiseNet::out_dim(n.as_ref()),
+            Self::ToyMlp(n) => NoiseNet::out_dim(n),
         }
     }
 }

@@ -21,6 +21,9 @@ pub enum Precond {
     /// As `Eps`, predicting the score of `x_t` in the process's own form:
     /// s_σ = α F (chain rule through x_t = α x).
     Score { process: Process },
+    /// No preconditioning: the network sees x and the raw σ and its output is the score,
+    /// s = F(x, σ) (DLSM's toy networks).
+    Identity,
 }
 
 impl Precond {
@@ -39,6 +42,7 @@ impl Precond {
             Self::Eps { process } | Self::X0 { process } | Self::Score { process } => {
                 process.validate()
             }
+            Self::Identity => Ok(()),
         }
     }
 
@@ -67,6 +71,7 @@ impl Precond {
                 let a = process.alpha_at_sigma(sigma);
                 [0.0, a, a, process.noise_condition(sigma)]
             }
+            Self::Identity => [0.0, 1.0, 1.0, sigma],
         }
     }
 }
@@ -137,7 +142,7 @@ impl<N: NoiseNet> Score for ScoreNet<N> {
     fn score_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
         let [c_skip, c_out, c_in, c_noise] = self.coefficient_tensors(x, sigma)?;
         let f = self.raw(x, &c_in, &c_noise, cond)?.broadcast_mul(&c_out)?;
-        if let Precond::Score { .. } = self.precond {
+        if let Precond::Score { .. } | Precond::Identity = self.precond {
             return Ok(f);
         }
         let d = (x.broadcast_mul(&c_skip)? + f)?;
@@ -148,7 +153,7 @@ impl<N: NoiseNet> Score for ScoreNet<N> {
     fn denoise_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
         let [c_skip, c_out, c_in, c_noise] = self.coefficient_tensors(x, sigma)?;
         let f = self.raw(x, &c_in, &c_noise, cond)?.broadcast_mul(&c_out)?;
-        if let Precond::Score { .. } = self.precond {
+        if let Precond::Score { .. } | Precond::Identity = self.precond {
             let s2 = scoreguide_guidance::per_sample(sigma, x)?.sqr()?;
             return x + f.broadcast_mul(&s2)?;
         }

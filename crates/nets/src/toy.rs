@@ -119,6 +119,17 @@ impl ToyMlp {
     }
 }
 
+/// The toy MLP as a network of the registry ([`crate::NetConfig::ToyMlp`]): the noise
+/// condition is the raw σ.
+impl crate::net::NoiseNet for ToyMlp {
+    fn forward(&self, x: &Tensor, c_noise: &Tensor, _cond: &Cond) -> Result<Tensor> {
+        ToyMlp::forward(self, x, c_noise)
+    }
+    fn out_dim(&self) -> usize {
+        self.cfg.out_dim
+    }
+}
+
 /// Score model s(x; σ) = F(x, σ): the network's output is the score itself.
 pub struct ToyScore(pub ToyMlp);
 

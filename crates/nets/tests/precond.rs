@@ -21,6 +21,7 @@ impl IdealNet {
     fn sigma_of(&self, c: f64) -> f64 {
         match &self.precond {
             Precond::Edm { .. } => (4.0 * c).exp(),
+            Precond::Identity => c,
             Precond::Eps { process } | Precond::X0 { process } | Precond::Score { process } => {
                 match process {
                     Process::Ve { .. } | Process::Edm { .. } => (4.0 * c).exp(),
@@ -47,6 +48,7 @@ impl NoiseNet for IdealNet {
                     let a = process.alpha_at_sigma(s);
                     (a, a)
                 }
+                Precond::Identity => (1.0, 1.0),
             };
             let x: Vec<f64> = row.iter().map(|v| v / c_in).collect();
             let score = self.target.score_at(&x, s);
@@ -59,7 +61,7 @@ impl NoiseNet for IdealNet {
                     }
                     Precond::Eps { .. } => (x[j] - d[j]) / s,
                     Precond::X0 { .. } => d[j],
-                    Precond::Score { .. } => score[j] / alpha,
+                    Precond::Score { .. } | Precond::Identity => score[j] / alpha,
                 });
             }
         }
@@ -86,7 +88,7 @@ fn every_parameterisation_recovers_the_exact_score() {
         Process::ddpm_linear(1000).unwrap(),
         Process::ddpm_cosine(1000).unwrap(),
     ];
-    let mut preconds = vec![Precond::Edm { sigma_data: 0.5 }];
+    let mut preconds = vec![Precond::Edm { sigma_data: 0.5 }, Precond::Identity];
     for p in processes {
         preconds.push(Precond::Eps { process: p.clone() });
         preconds.push(Precond::X0 { process: p.clone() });

@@ -12,10 +12,14 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use scoreguide_data::{two_moons, Dataset, Parzen};
 use scoreguide_guidance::{Cond, Guided, Score};
 use scoreguide_losses::{cross_entropy, dlsm, dsm, DsmWeighting};
-use scoreguide_nets::{ParamStore, ToyClassifier, ToyMlpConfig, ToyScore};
+use scoreguide_nets::{
+    AnyNet, NetConfig, ParamStore, Precond, ScoreModelConfig, ScoreNet, ToyClassifier, ToyMlpConfig,
+};
 use scoreguide_samplers::{initial_noise, PcOptions, Sampler};
 use scoreguide_sde::{append_zero, log_linear, randn, SampleNoise, SigmaDistribution};
-use scoreguide_train::{load_frozen, Checkpoint, Progress, Staged, TrainConfig, Trainer, Weights};
+use scoreguide_train::{
+    load_frozen, load_score_model, Checkpoint, Progress, Staged, TrainConfig, Trainer, Weights,
+};
 use serde::{Deserialize, Serialize};
 
 /// How a classifier is trained (the score model frozen).
@@ -149,7 +153,7 @@ pub fn train_score(
 ) -> Result<Checkpoint> {
     cfg.sigma.validate()?;
     let store = ParamStore::new(cfg.seed);
-    let model = ToyScore(toy_config(2).build(&store.var_builder(DType::F32, device))?);
+    let model = score_model().build(&store.var_builder(DType::F32, device))?;
     let train = TrainConfig {
         lr: cfg.score_lr,
         seed: cfg.seed,
@@ -157,7 +161,7 @@ pub fn train_score(
     };
     let mut trainer = Trainer::new(store, train)?;
     let describe = |mut c: Checkpoint| -> Result<Checkpoint> {
-        c.set_meta("model", &toy_config(2))?;
+        c.set_meta("model", &score_model())?;
         c.set_meta("moons", cfg)?;
         Ok(c)
     };
@@ -172,36 +176,48 @@ pub fn train_score(
         .0)
 }
 
-/// The frozen network of a checkpoint from [`train_score`] or [`train_classifier`]
-/// (EMA weights).
-fn load_toy(
-    c: &Checkpoint,
-    dtype: DType,
-    device: &Device,
-    what: &str,
-) -> Result<scoreguide_nets::ToyMlp> {
-    let cfg: ToyMlpConfig = c.meta("model")?;
-    Ok(load_frozen(c, Weights::Ema, dtype, device, what, |vb| cfg.build(vb))?.0)
+/// DLSM's score model: the toy MLP whose output is the score, s = F(x, σ).
+pub fn score_model() -> ScoreModelConfig {
+    ScoreModelConfig {
+        net: NetConfig::ToyMlp(toy_config(2)),
+        precond: Precond::Identity,
+    }
 }
 
-/// The frozen score model of a checkpoint from [`train_score`].
-pub fn load_score(c: &Checkpoint, dtype: DType, device: &Device) -> Result<ToyScore> {
-    Ok(ToyScore(load_toy(
-        c,
-        dtype,
-        device,
-        "score model checkpoint",
-    )?))
+/// A checkpoint's `model` metadata as a network of the registry; a bare toy MLP
+/// configuration (files written before the registry had it) reads as one.
+fn described(c: &Checkpoint, as_score_model: bool) -> Result<Checkpoint> {
+    let mut c = c.clone();
+    if let Ok(toy) = c.meta::<ToyMlpConfig>("model") {
+        let net = NetConfig::ToyMlp(toy);
+        match as_score_model {
+            true => c.set_meta(
+                "model",
+                &ScoreModelConfig {
+                    net,
+                    precond: Precond::Identity,
+                },
+            )?,
+            false => c.set_meta("model", &net)?,
+        }
+    }
+    Ok(c)
 }
 
-/// The frozen classifier of a checkpoint from [`train_classifier`].
+/// The frozen score model of a checkpoint from [`train_score`] (EMA weights).
+pub fn load_score(c: &Checkpoint, dtype: DType, device: &Device) -> Result<ScoreNet<AnyNet>> {
+    Ok(load_score_model(&described(c, true)?, Weights::Ema, dtype, device)?.0)
+}
+
+/// The frozen classifier of a checkpoint from [`train_classifier`] (EMA weights).
 pub fn load_classifier(c: &Checkpoint, dtype: DType, device: &Device) -> Result<ToyClassifier> {
-    Ok(ToyClassifier(load_toy(
-        c,
-        dtype,
-        device,
-        "classifier checkpoint",
-    )?))
+    let c = described(c, false)?;
+    let net: NetConfig = c.meta("model")?;
+    let what = "classifier checkpoint";
+    match load_frozen(&c, Weights::Ema, dtype, device, what, |vb| net.build(vb))?.0 {
+        AnyNet::ToyMlp(t) => Ok(ToyClassifier(t)),
+        _ => bail!("{what}: the network is {net:?}, not DLSM's toy MLP"),
+    }
 }
 
 /// Trains a 2-class noise-conditioned classifier with `loss`, the score model `prior`
@@ -235,7 +251,7 @@ pub fn train_classifier(
     };
     let mut trainer = Trainer::new(store, train)?;
     let describe = |mut c: Checkpoint| -> Result<Checkpoint> {
-        c.set_meta("model", &toy_config(2))?;
+        c.set_meta("model", &NetConfig::ToyMlp(toy_config(2)))?;
         c.set_meta("loss", &loss)?;
         Ok(c)
     };

@@ -90,13 +90,15 @@ fn check_resumable(
     Ok(())
 }
 
-/// A checkpoint's training state with the traffic metadata its loaders read.
+/// A checkpoint's training state with the metadata its loaders read: the score model
+/// (what `load_score_model` rebuilds), and the traffic configuration and scaler.
 fn with_traffic_meta(
     c: &Checkpoint,
     cfg: &TrafficConfig,
     data: &TrafficData,
 ) -> Result<Checkpoint> {
     let mut c = c.clone();
+    c.set_meta("model", &cfg.score_model())?;
     c.set_meta("traffic", cfg)?;
     c.set_meta("scaler", &data.scaler)?;
     Ok(c)
