@@ -5,22 +5,20 @@
 use candle_core::DType;
 use clap::Parser;
 use scoreguide::checkerboard::genneg::{
-    evaluate, plot_iterations, print_table, resume_iteration, CollectionLog,
-    GennegCheckerboardConfig, HeldOut, IterationLog, Model, Row, COLLECTION_META, DELTA,
-    MMD_BANDWIDTH,
+    evaluate, iteration, plot_iterations, print_table, resume_iteration, GennegCheckerboardConfig,
+    HeldOut, IterationLog, Model, Row, COLLECTION_META, DELTA, MMD_BANDWIDTH,
 };
 use scoreguide::checkerboard::{load_baseline, paper_sampler, train_baseline, HELD_OUT_SEED};
 use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::data::{checkerboard, Dataset};
 use scoreguide::genneg::{
-    collect, distill, train_classifier, ClassifierKind, CollectConfig, Draws, LabelledSet, Stack,
-    StackedClassifier, Unconditioned,
+    distill, train_classifier, ClassifierKind, Draws, LabelledSet, Stack, StackedClassifier,
+    Unconditioned,
 };
 use scoreguide::guidance::Cond;
 use scoreguide::oracles::Checkerboard;
 use scoreguide::runtime::{write_json, CommonArgs};
-use scoreguide::sde::derive_seed;
-use scoreguide::train::{Progress, TrainConfig};
+use scoreguide::train::Progress;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -98,22 +96,6 @@ fn main() -> candle_core::Result<()> {
             .flatten_all()?
             .to_vec1()?,
     };
-    // Classifier k trains from seed + k (the ablations from seed + 1).
-    let classifier_cfg = |k: u64| scoreguide::genneg::ClassifierTrainConfig {
-        train: TrainConfig {
-            seed: seed + k,
-            ..cfg.classifier.train.clone()
-        },
-        ..cfg.classifier.clone()
-    };
-    let budget = |it: usize| {
-        if it == 1 {
-            cfg.first_budget
-        } else {
-            cfg.budget
-        }
-    };
-
     // Gen-neG iterations.
     let mut stacks = vec![stack0.clone()];
     let mut logs = Vec::new();
@@ -138,44 +120,9 @@ fn main() -> candle_core::Result<()> {
             continue;
         }
         resuming = false;
-        let current = stacks.last().expect("stack 0 exists").clone();
-        let collect_cfg = CollectConfig {
-            per_class: Some(cfg.per_class),
-            batch: 10_000,
-            budget: budget(it),
-            min_negatives: cfg.min_negatives,
-            seed: derive_seed(seed, 100 + it as u64),
-        };
-        let mut progress = Progress::new(&format!("iteration {it}: sampling"), budget(it));
-        let c = collect(
-            &current.guided(&dev)?,
-            &sampler,
-            &sigmas,
-            &task,
-            &[2],
-            &collect_cfg,
-            &dev,
-            &mut |drawn, p, n| progress.update(drawn, &format!("{p} valid, {n} invalid")),
-        )?;
-        eprintln!("iteration {it}: {}", c.summary());
-        let log = IterationLog {
-            iteration: it,
-            resumed_from: None,
-            collection: Some(CollectionLog {
-                drawn: c.drawn,
-                positives_found: c.valid_found,
-                negatives_found: c.invalid_found,
-                alpha: c.alpha(),
-                budget_exhausted: c.budget_exhausted,
-            }),
-        };
+        let current = stacks.last().expect("stack 0 exists");
+        let (next, log, c) = iteration(&cfg, current, it, &sampler, &sigmas, &task, seed, &dev)?;
         logs.push(log.clone());
-        let set = LabelledSet::new(&c, ClassifierKind::IsBalanced)?;
-        let ccfg = classifier_cfg(it as u64);
-        let mut progress =
-            Progress::new(&format!("iteration {it}: classifier"), ccfg.iters as usize);
-        let trained = train_classifier(&set, &task, true, &ccfg, &dev, &mut progress)?;
-        let next = current.with(StackedClassifier::from_checkpoint(&trained.checkpoint)?);
         let mut ck = next.to_checkpoint()?;
         ck.set_meta(COLLECTION_META, &log)?;
         ck.save(&saved)?;
@@ -194,7 +141,7 @@ fn main() -> candle_core::Result<()> {
             ("time_independent", ClassifierKind::TimeIndependent),
         ] {
             let set = LabelledSet::new(c, kind)?;
-            let ccfg = classifier_cfg(1);
+            let ccfg = cfg.classifier_for(seed, 1);
             let mut progress = Progress::new(&format!("ablation {name}"), ccfg.iters as usize);
             let t = train_classifier(
                 &set,

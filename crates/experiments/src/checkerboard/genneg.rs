@@ -8,7 +8,10 @@ use crate::config::Preset;
 use crate::plot::{line_chart, BLUE, ORANGE};
 use crate::runtime::heun_step_ms;
 use candle_core::{bail, DType, Device, Result, Tensor};
-use scoreguide_genneg::{ClassifierTrainConfig, DistillConfig, Stack};
+use scoreguide_genneg::{
+    collect, train_classifier, ClassifierKind, ClassifierTrainConfig, CollectConfig, DistillConfig,
+    Draws, LabelledSet, Stack, StackedClassifier, Task,
+};
 use scoreguide_guidance::{Cond, Score};
 use scoreguide_metrics::{
     mmd2_gaussian, negative_log_likelihood, parallel_samples_needed, NllConfig,
@@ -124,6 +127,80 @@ impl GennegCheckerboardConfig {
         self.classifier.train.seed = seed;
         self
     }
+}
+
+impl GennegCheckerboardConfig {
+    /// Classifier k's training (iteration k; the ablations are 1): seeded by seed + k.
+    pub fn classifier_for(&self, seed: u64, k: u64) -> ClassifierTrainConfig {
+        ClassifierTrainConfig {
+            train: scoreguide_train::TrainConfig {
+                seed: seed + k,
+                ..self.classifier.train.clone()
+            },
+            ..self.classifier.clone()
+        }
+    }
+
+    /// Most samples drawn in iteration `it`.
+    pub fn budget_of(&self, it: usize) -> usize {
+        if it == 1 {
+            self.first_budget
+        } else {
+            self.budget
+        }
+    }
+}
+
+/// Gen-neG iteration `it` on `current`: draws until `per_class` valid and invalid
+/// samples are in hand (seeded by `seed` and `it`), trains an IS-balanced classifier on
+/// them and stacks it. Returns the new stack, the iteration's log and its draws.
+#[allow(clippy::too_many_arguments)]
+pub fn iteration(
+    cfg: &GennegCheckerboardConfig,
+    current: &Stack,
+    it: usize,
+    sampler: &Sampler,
+    sigmas: &[f64],
+    task: &dyn Task,
+    seed: u64,
+    dev: &Device,
+) -> Result<(Stack, IterationLog, Draws)> {
+    let collect_cfg = CollectConfig {
+        per_class: Some(cfg.per_class),
+        batch: 10_000,
+        budget: cfg.budget_of(it),
+        min_negatives: cfg.min_negatives,
+        seed: scoreguide_sde::derive_seed(seed, 100 + it as u64),
+    };
+    let mut progress = Progress::new(&format!("iteration {it}: sampling"), cfg.budget_of(it));
+    let c = collect(
+        &current.guided(dev)?,
+        sampler,
+        sigmas,
+        task,
+        &[2],
+        &collect_cfg,
+        dev,
+        &mut |drawn, p, n| progress.update(drawn, &format!("{p} valid, {n} invalid")),
+    )?;
+    eprintln!("iteration {it}: {}", c.summary());
+    let log = IterationLog {
+        iteration: it,
+        resumed_from: None,
+        collection: Some(CollectionLog {
+            drawn: c.drawn,
+            positives_found: c.valid_found,
+            negatives_found: c.invalid_found,
+            alpha: c.alpha(),
+            budget_exhausted: c.budget_exhausted,
+        }),
+    };
+    let set = LabelledSet::new(&c, ClassifierKind::IsBalanced)?;
+    let ccfg = cfg.classifier_for(seed, it as u64);
+    let mut progress = Progress::new(&format!("iteration {it}: classifier"), ccfg.iters as usize);
+    let trained = train_classifier(&set, task, true, &ccfg, dev, &mut progress)?;
+    let next = current.with(StackedClassifier::from_checkpoint(&trained.checkpoint)?);
+    Ok((next, log, c))
 }
 
 /// Draws `n` samples from `model` with the paper's sampler (`sigmas`), in batches of 10k.
