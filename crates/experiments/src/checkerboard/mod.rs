@@ -3,6 +3,7 @@
 //! [`genneg`].
 
 pub mod genneg;
+pub mod nll;
 
 use crate::config::Preset;
 use crate::plot::{Canvas, BLUE, GREY, RED};

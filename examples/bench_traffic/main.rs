@@ -3,9 +3,9 @@
 //! 256, maps encoded in the step), a sampling step (one Heun step = 2 evaluations at
 //! batch 256 on frozen weights) and the same step guided by one per-vehicle classifier
 //! of the base's size (the paper's Table 4: about 1.5× the base), and a distillation step
-//! of that guided teacher (σ ln-uniform from 0.01, as `genneg_traffic
-//! --distill-log-uniform-sigma 0.01` trains it) with the classifier on every row and
-//! gated to σ ≤ 0.2 (`--guidance-sigma-max 0.2`: it runs on about a third of the rows),
+//! of that guided teacher (σ ln-uniform from 0.01, as `genneg_traffic` with
+//! `distill.log_uniform_sigma = 0.01` trains it) with the classifier on every row and
+//! gated to σ ≤ 0.2 (`genneg.guidance_sigma_max = 0.2`: it runs on about a third of the rows),
 //! each with 1 and 2 CPU threads in its own process. Prints medians; not a test (compare the ratios within
 //! one run: these machines are shared and noisy).
 //!
