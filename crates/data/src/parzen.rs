@@ -1,5 +1,5 @@
 //! The Parzen (kernel density) score of a point set: the exact score of the empirical
-//! distribution convolved with N(0, σ² I), DLSM's oracle (SPEC §6).
+//! distribution convolved with N(0, σ² I), DLSM's oracle (§3).
 
 use candle_core::{bail, DType, Result, Tensor};
 use scoreguide_guidance::{check_batch, Cond, Score};

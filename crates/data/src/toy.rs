@@ -3,7 +3,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-/// `n` points uniform on the white squares of the Gen-neG checkerboard (SPEC §7): a
+/// `n` points uniform on the white squares of the Gen-neG checkerboard (paper §4.1): a
 /// 4×4 board on [−4, 4]², white iff ⌊x/2⌋ + ⌊y/2⌋ is even.
 pub fn checkerboard(n: usize, seed: u64) -> Result<Tensor> {
     checkerboard_with(n, 4, 4.0, seed)

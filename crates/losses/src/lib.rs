@@ -232,7 +232,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     (log_softmax(logits)? * onehot)?.sum(1)?.neg()?.mean_all()
 }
 
-/// DLSM (paper Eq. 10–11; SPEC §3): the batch mean of
+/// DLSM (paper Eq. 10–11): the batch mean of
 /// ½ λ(σ) ‖∇x log p_φ(y | x; σ) + s_θ(x; σ) + z/σ‖² for x = x0 + σ z, with the score
 /// model's `prior_score` s_θ(x; σ) frozen (detach it) and `likelihood_grad` = ∇x log p_φ
 /// computed so that it is differentiable in φ (e.g.

@@ -1,4 +1,4 @@
-//! DLSM's score errors (paper Eq. 7; SPEC §6): how far an estimated posterior score
+//! DLSM's score errors (paper Eq. 7): how far an estimated posterior score
 //! s_θ + k ∇x log p_φ(y | x) is from the true one, and its likelihood part from the true
 //! likelihood score, averaged over evaluation points.
 

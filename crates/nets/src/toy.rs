@@ -1,4 +1,4 @@
-//! DLSM's toy networks (SPEC §2, from the authors' code): a two-branch ReLU MLP that
+//! DLSM's toy networks (DLSM App. A.6, from the authors' code): a two-branch ReLU MLP that
 //! sees the raw noise level, as a score model ([`ToyScore`]) or a K-class classifier
 //! ([`ToyClassifier`]).
 

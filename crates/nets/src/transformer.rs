@@ -1,4 +1,4 @@
-//! The traffic-scene transformer of Gen-neG (App. B.2; SPEC §2): agents attend to each
+//! The traffic-scene transformer of Gen-neG (App. B.2): agents attend to each
 //! other with relative-position (RPE) attention and to map tokens with cross-attention.
 //!
 //! Input `[B, A·F]` (A agents of F features, the first two the position), a noise

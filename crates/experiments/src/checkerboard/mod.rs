@@ -1,4 +1,4 @@
-//! The Gen-neG checkerboard baseline (paper §4.1, App. B.1; SPEC §7) as a reusable recipe:
+//! The Gen-neG checkerboard baseline (paper §4.1, App. B.1) as a reusable recipe:
 //! data, training, sampling, and the scatter plot; Gen-neG's iterations on it in
 //! [`genneg`].
 
@@ -22,7 +22,7 @@ use scoreguide_train::{
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Everything that defines the baseline run. Defaults are the paper's (SPEC §7).
+/// Everything that defines the baseline run. Defaults are the paper's (App. B.1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaselineConfig {
     pub train_points: usize,

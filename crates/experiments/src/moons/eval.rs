@@ -12,7 +12,7 @@ use scoreguide_sde::randn;
 use serde::Serialize;
 use std::time::Instant;
 
-/// σ at which DLSM measures score errors (SPEC §6).
+/// σ at which DLSM measures score errors (DLSM §3, Table 1).
 pub const SIGMA_EVAL: f64 = 7.5;
 /// The two moons' classes (0: the outer moon).
 pub const CLASSES: [u32; 2] = [0, 1];

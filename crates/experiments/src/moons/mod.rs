@@ -1,4 +1,4 @@
-//! DLSM's two-moons experiment (paper §3, Table 1; SPEC §7), as functions the
+//! DLSM's two-moons experiment (paper §3, Table 1), as functions the
 //! `dlsm_moons` example and the tests share: data, the score model trained with DSM, the
 //! noise-conditioned classifier trained with cross-entropy, DLSM or both, the score-error
 //! grid, and class-conditional sampling; the evaluation of each method ([`eval`]) and
@@ -86,7 +86,7 @@ impl Preset for DlsmMoonsConfig {
     }
 }
 
-/// Settings of the models (defaults: SPEC §7).
+/// Settings of the models (defaults: the authors' code, DLSM App. A.6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoonsConfig {
     pub points: usize,
@@ -301,7 +301,7 @@ pub fn to_f64_rows(t: &Tensor) -> Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
 }
 
-/// The PC sampler of SPEC §5 on `steps` geometric noise levels from `sigma_max` to
+/// The predictor–corrector sampler (Song et al. 2021) on `steps` geometric noise levels from `sigma_max` to
 /// `sigma_min`, then 0.
 pub fn pc_sampler(steps: usize, sigma_min: f64, sigma_max: f64) -> Result<(Sampler, Vec<f64>)> {
     Ok((
