@@ -934,3 +934,31 @@ fn appended_scenes_keep_their_maps_and_the_scaler() {
     let e = data.with_scenes(&picked, &nan, 1).err().unwrap();
     assert!(e.to_string().contains("NaN"), "{e}");
 }
+
+/// The committed run's models (runs/traffic-lu-s1), written before the run record
+/// existed, still load and pass or fail the reuse checks by their older keys.
+#[test]
+fn the_committed_run_reads_through_its_older_keys() {
+    use scoreguide_experiments::traffic::run::{load_baseline, recorded_genneg_seed};
+    use scoreguide_experiments::traffic::{load_agent_classifier, TrafficModel};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../runs/traffic-lu-s1");
+    let scenes = SceneConfig::default();
+    let base = load_baseline(&dir.join("baseline.safetensors"), &scenes).unwrap();
+    let model =
+        TrafficModel::load(&base, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(model.params, 135_687);
+    let other = SceneConfig {
+        gap: 0.5,
+        ..SceneConfig::default()
+    };
+    let e = load_baseline(&dir.join("baseline.safetensors"), &other)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.gap"), "{e}");
+    let clf = Checkpoint::load(dir.join("genneg_1.safetensors")).unwrap();
+    assert_eq!(recorded_genneg_seed(&clf).unwrap(), Some(1));
+    assert!(load_agent_classifier(&clf)
+        .unwrap()
+        .time_independent
+        .is_none());
+}

@@ -371,11 +371,46 @@ pub const SIGMA_CLEAN: f64 = 0.01;
 /// Noise levels (standardised units) at which classifiers are checked.
 pub const CHECK_SIGMAS: [f64; 6] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0];
 
-/// Metadata key under which a baseline records the scene generator it was trained on.
-pub const SCENE_CONFIG_KEY: &str = "genneg_traffic.scene_config";
+/// Metadata key under which the run's models (baseline, classifiers, distilled model)
+/// record the run that made them ([`RunRecord`]): what reuse checks read.
+pub const RUN_KEY: &str = "genneg_traffic.run";
 
-/// Metadata key under which a classifier records the seed of its draws and training.
+/// Older files' keys for what [`RUN_KEY`] records: the baseline's scene generator, a
+/// classifier's Gen-neG seed.
+pub const SCENE_CONFIG_KEY: &str = "genneg_traffic.scene_config";
 pub const GENNEG_SEED_KEY: &str = "genneg_traffic.genneg_seed";
+
+/// The resolved configuration and seeds of the run that made a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub config: TrafficRunConfig,
+    pub seed: u64,
+    pub genneg_seed: u64,
+    pub eval_seed: u64,
+}
+
+/// The scene generator a checkpoint's data came from, if it records one.
+fn recorded_scenes(c: &Checkpoint) -> Result<Option<SceneConfig>> {
+    if c.metadata.contains_key(RUN_KEY) {
+        return Ok(Some(c.meta::<RunRecord>(RUN_KEY)?.config.scenes()));
+    }
+    if c.metadata.contains_key(SCENE_CONFIG_KEY) {
+        return Ok(Some(c.meta(SCENE_CONFIG_KEY)?));
+    }
+    Ok(None)
+}
+
+/// The Gen-neG seed a classifier checkpoint was drawn and trained with, if it records
+/// one.
+pub fn recorded_genneg_seed(c: &Checkpoint) -> Result<Option<u64>> {
+    if c.metadata.contains_key(RUN_KEY) {
+        return Ok(Some(c.meta::<RunRecord>(RUN_KEY)?.genneg_seed));
+    }
+    if c.metadata.contains_key(GENNEG_SEED_KEY) {
+        return Ok(Some(c.meta(GENNEG_SEED_KEY)?));
+    }
+    Ok(None)
+}
 
 /// Metadata key under which a distilled model records its teacher.
 pub const DISTILL_TEACHER_KEY: &str = "genneg_traffic.distill_teacher";
@@ -384,8 +419,7 @@ pub const DISTILL_TEACHER_KEY: &str = "genneg_traffic.distill_teacher";
 /// (its feature scaler and what it learnt belong to that data).
 pub fn load_baseline(path: &Path, scene_cfg: &SceneConfig) -> Result<Checkpoint> {
     let c = Checkpoint::load(path)?;
-    if c.metadata.contains_key(SCENE_CONFIG_KEY) {
-        let trained_on: SceneConfig = c.meta(SCENE_CONFIG_KEY)?;
+    if let Some(trained_on) = recorded_scenes(&c)? {
         if trained_on != *scene_cfg {
             bail!(
                 "baseline {} was trained on scenes {trained_on:?}, this run generates {scene_cfg:?}; set data.gap / data.shoulder to match",

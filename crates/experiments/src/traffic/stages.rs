@@ -4,8 +4,8 @@
 
 use super::run::{
     check_teacher, describe_sigma, feature_summary, fnv1a, load_baseline, or_dash, print_check,
-    CheckReport, DistillTeacher, DrawSource, Row, TrafficRunConfig, CHECK_SIGMAS,
-    DISTILL_TEACHER_KEY, GENNEG_SEED_KEY, SCENE_CONFIG_KEY, SIGMA_CLEAN,
+    recorded_genneg_seed, CheckReport, DistillTeacher, DrawSource, Row, RunRecord,
+    TrafficRunConfig, CHECK_SIGMAS, DISTILL_TEACHER_KEY, RUN_KEY, SIGMA_CLEAN,
 };
 use super::{
     check_agent_classifier, distill, distill_resumable, draw_scenes, label_scenes,
@@ -87,6 +87,16 @@ impl Run {
             dev,
             seed,
             reuse,
+        }
+    }
+
+    /// What the run's models record of it ([`RUN_KEY`]).
+    fn record(&self) -> RunRecord {
+        RunRecord {
+            config: self.cfg.clone(),
+            seed: self.seed,
+            genneg_seed: self.genneg_seed,
+            eval_seed: self.eval_seed,
         }
     }
 
@@ -217,14 +227,14 @@ impl Run {
                         every,
                         &mut |c| {
                             let mut c = c.clone();
-                            c.set_meta(SCENE_CONFIG_KEY, &scene_cfg)?;
+                            c.set_meta(RUN_KEY, &self.record())?;
                             c.save(&partial_path)
                         },
                         dev,
                         &mut progress,
                     )?,
                 };
-                c.set_meta(SCENE_CONFIG_KEY, &scene_cfg)?;
+                c.set_meta(RUN_KEY, &self.record())?;
                 c.save(&baseline_path)?;
                 if partial_path.exists() {
                     std::fs::remove_file(&partial_path)?;
@@ -310,10 +320,10 @@ impl Run {
                     let path = file_of(it, name);
                     eprintln!("iteration {it}: reusing {}", path.display());
                     let c = Checkpoint::load(&path)?;
-                    // Files saved before the key existed were all seeded by --seed.
-                    let then = match c.metadata.contains_key(GENNEG_SEED_KEY) {
-                        true => c.meta(GENNEG_SEED_KEY)?,
-                        false => seed,
+                    // Files that record no seed were all seeded by the run's seed.
+                    let then = match recorded_genneg_seed(&c)? {
+                        Some(s) => s,
+                        None => seed,
                     };
                     if then != genneg_seed {
                         bail!(
@@ -376,7 +386,7 @@ impl Run {
                             n_classifier_iters as usize,
                         ),
                     )?;
-                    c.set_meta(GENNEG_SEED_KEY, &genneg_seed)?;
+                    c.set_meta(RUN_KEY, &self.record())?;
                     c.save(file_of(it, &name))?;
                     trained.push((name, c));
                 }
@@ -597,6 +607,7 @@ impl Run {
                         )?,
                     };
                     c.set_meta(DISTILL_TEACHER_KEY, &record)?;
+                    c.set_meta(RUN_KEY, &self.record())?;
                     c.save(&path)?;
                     if partial_path.exists() {
                         std::fs::remove_file(&partial_path)?;
