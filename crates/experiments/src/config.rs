@@ -8,7 +8,9 @@
 //! every key must be one the configuration has, so a typo is an error that names it;
 //! `"none"` switches an optional setting off (TOML has no null). The
 //! resolved configuration is written beside the run's outputs as JSON
-//! ([`save_resolved`]; exact, absent values included), and `--config` reruns it.
+//! ([`save_resolved`]; exact, absent values included), and `--config` with it and the
+//! run's `--seed` reruns it (the seed is always the command line's: an experiment sets
+//! its configuration's seeds from it).
 //!
 //! ```
 //! use scoreguide_experiments::config::{resolve, Preset};
@@ -187,7 +189,8 @@ fn set_path(value: &mut Value, key: &str, new: Value) -> Result<()> {
 /// The top-level key of a configuration file that names the preset it is laid over.
 pub const PRESET_KEY: &str = "preset";
 
-/// Writes `cfg` as `dir/config.json` (atomically): `--config` on it reruns this run.
+/// Writes `cfg` as `dir/config.json` (atomically): `--config` on it, with the same
+/// `--seed`, reruns this run.
 pub fn save_resolved<T: Serialize>(cfg: &T, dir: &Path) -> Result<PathBuf> {
     let path = dir.join("config.json");
     crate::runtime::write_json(&path, cfg)?;
