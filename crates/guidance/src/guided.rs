@@ -346,4 +346,21 @@ mod tests {
         assert!(err.contains("labels"), "{err}");
         Ok(())
     }
+
+    #[test]
+    fn a_gated_log_prob_keeps_its_gradient_through_the_row_selection() -> Result<()> {
+        // Autograd through Gated::log_prob_with on mixed rows: ∇ of −½‖x‖² on the rows
+        // at or below the gate, 0 above it.
+        let dev = Device::Cpu;
+        let x = Var::new(&[[1.0f64, -2.0], [3.0, 0.5], [-1.0, 1.0]], &dev)?;
+        let sigma = Tensor::new(&[0.5f64, 2.0, 1.0], &dev)?;
+        let lp = Gated::new(Gaussian, 1.0).log_prob_with(x.as_tensor(), &sigma, &Cond::none())?;
+        let grads = lp.sum_all()?.backward()?;
+        let g = grads.get(x.as_tensor()).expect("x has a gradient");
+        assert_eq!(
+            g.to_vec2::<f64>()?,
+            vec![vec![-1.0, 2.0], vec![0.0, 0.0], vec![1.0, -1.0]]
+        );
+        Ok(())
+    }
 }

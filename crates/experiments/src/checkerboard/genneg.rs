@@ -3,7 +3,7 @@
 //! time, parallel samples needed), resuming iterations from saved stacks, and the
 //! table and charts.
 
-use super::{label, scatter_png, BaselineConfig};
+use super::{label, sample_with, scatter_png, BaselineConfig};
 use crate::config::Preset;
 use crate::plot::{line_chart, BLUE, ORANGE};
 use crate::runtime::heun_step_ms;
@@ -16,7 +16,7 @@ use scoreguide_guidance::{Cond, Score};
 use scoreguide_metrics::{
     mmd2_gaussian, negative_log_likelihood, parallel_samples_needed, NllConfig,
 };
-use scoreguide_samplers::{initial_noise, sample_many, Sampler};
+use scoreguide_samplers::{initial_noise, Sampler};
 use scoreguide_sde::SampleNoise;
 use scoreguide_train::{load_score_model, Checkpoint, Progress, Weights};
 use serde::{Deserialize, Serialize};
@@ -203,34 +203,6 @@ pub fn iteration(
     Ok((next, log, c))
 }
 
-/// Draws `n` samples from `model` with the paper's sampler (`sigmas`), in batches of 10k.
-pub fn draw(
-    model: &dyn Score,
-    sampler: &Sampler,
-    sigmas: &[f64],
-    n: usize,
-    seed: u64,
-    dev: &Device,
-    name: &str,
-) -> Result<Tensor> {
-    let mut progress = Progress::new(
-        &format!("{name}: sampling"),
-        n.div_ceil(10_000) * (sigmas.len() - 1),
-    );
-    sample_many(
-        sampler,
-        model,
-        &Cond::none(),
-        n,
-        &[2],
-        sigmas,
-        seed,
-        10_000,
-        dev,
-        &mut |d| progress.update(d, "steps"),
-    )
-}
-
 /// Held-out points: the first `nll` for the NLL (f64) and 4,000 for the MMD.
 pub struct HeldOut {
     pub nll: Tensor,
@@ -253,7 +225,17 @@ pub fn evaluate(
 ) -> Result<Row> {
     let t0 = Instant::now();
     let score = model.score(DType::F32, dev)?;
-    let x = draw(score.as_ref(), sampler, sigmas, samples, seed, dev, name)?;
+    let what = format!("{name}: sampling");
+    let x = sample_with(
+        score.as_ref(),
+        sampler,
+        sigmas,
+        samples,
+        seed,
+        10_000,
+        dev,
+        &what,
+    )?;
     let (rate, verdicts) = label(&x)?;
     scatter_png(
         &dir.join(format!("{name}.png")),

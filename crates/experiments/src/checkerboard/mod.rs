@@ -230,15 +230,30 @@ pub fn sample(
     label: &str,
 ) -> Result<Tensor> {
     let (sampler, sigmas) = paper_sampler(steps)?;
+    sample_with(model, &sampler, &sigmas, n, seed, batch, device, label)
+}
+
+/// [`sample`] with the sampler and σ grid given.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_with(
+    model: &dyn Score,
+    sampler: &Sampler,
+    sigmas: &[f64],
+    n: usize,
+    seed: u64,
+    batch: usize,
+    device: &Device,
+    label: &str,
+) -> Result<Tensor> {
     let batches = n.div_ceil(batch);
     let mut progress = Progress::new(label, batches * (sigmas.len() - 1));
     sample_many(
-        &sampler,
+        sampler,
         model,
         &Cond::none(),
         n,
         &[2],
-        &sigmas,
+        sigmas,
         seed,
         batch,
         device,

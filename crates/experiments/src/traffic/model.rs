@@ -7,7 +7,7 @@ use scoreguide_guidance::Score;
 use scoreguide_losses::{dsm, DsmWeighting};
 use scoreguide_nets::ParamStore;
 use scoreguide_sde::randn;
-use scoreguide_train::{load_score_model, Checkpoint, Progress, TrainConfig, Trainer, Weights};
+use scoreguide_train::{load_frozen, Checkpoint, Progress, TrainConfig, Trainer, Weights};
 
 /// Trains the baseline score model with DSM (λ = σ², the ε-loss of DDPM), each scene
 /// conditioned on its map; returns the checkpoint (EMA weights under `ema.`,
@@ -155,18 +155,7 @@ pub fn distill(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
-    let c = scoreguide_genneg::distill(
-        teacher,
-        &data.x,
-        &|idx| data.cond_of(idx),
-        &cfg.score_model(),
-        Some(&init.section("ema")),
-        &cfg.distillation(),
-        None,
-        device,
-        progress,
-    )?;
-    with_traffic_meta(&c, cfg, data)
+    distill_staged(cfg, teacher, init, data, None, device, progress)
 }
 
 /// [`distill`] in stages that survive an interruption, and that can be extended: every
@@ -190,6 +179,24 @@ pub fn distill_resumable(
     if let Some(c) = resume {
         check_resumable(c, cfg, data, "resumed distillation")?;
     }
+    let staged = Staged {
+        resume,
+        save_every,
+        save: &mut |c| save(&with_traffic_meta(c, cfg, data)?),
+    };
+    distill_staged(cfg, teacher, init, data, Some(staged), device, progress)
+}
+
+/// [`distill`], saving in stages when `staged` says so.
+fn distill_staged(
+    cfg: &TrafficConfig,
+    teacher: &dyn Score,
+    init: &Checkpoint,
+    data: &TrafficData,
+    staged: Option<Staged>,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Checkpoint> {
     let c = scoreguide_genneg::distill(
         teacher,
         &data.x,
@@ -197,11 +204,7 @@ pub fn distill_resumable(
         &cfg.score_model(),
         Some(&init.section("ema")),
         &cfg.distillation(),
-        Some(Staged {
-            resume,
-            save_every,
-            save: &mut |c| save(&with_traffic_meta(c, cfg, data)?),
-        }),
+        staged,
         device,
         progress,
     )?;
@@ -224,17 +227,9 @@ impl TrafficModel {
     pub fn load(c: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let config: TrafficConfig = c.meta("traffic")?;
         let scaler: FeatureScaler = c.meta("scaler")?;
-        let mut described = c.clone();
-        described.set_meta("model", &config.score_model())?;
-        let params = {
-            let store = ParamStore::new(0);
-            config
-                .score_model()
-                .build(&store.var_builder(dtype, device))?;
-            store.num_params()
-        };
-        load_score_model(&described, Weights::Ema, dtype, device)
-            .map_err(|e| candle_core::Error::msg(format!("traffic model checkpoint: {e}")))?;
+        let model = config.score_model();
+        let what = "traffic model checkpoint";
+        let (_, params) = load_frozen(c, Weights::Ema, dtype, device, what, |vb| model.build(vb))?;
         Ok(Self {
             config,
             scaler,

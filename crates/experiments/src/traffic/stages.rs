@@ -252,14 +252,9 @@ impl Run {
         let sigmas = append_zero(karras(self.cfg.sampler.steps, sigma_min, sigma_max, 7.0)?);
         // The classifiers' settings: the baseline's network and process, their own noise
         // levels if asked.
-        let with_sigma = |key: &str, sigma: Option<f64>| match sigma {
-            Some(s) if !(s > 0.0 && s < sigma_max) => {
-                bail!("{key} {s} must be in (0, {sigma_max})")
-            }
-            Some(s) => Ok(baseline.config.clone().with_log_uniform_sigma(s)),
-            None => Ok(baseline.config.clone()),
-        };
         let classifier_cfg = with_sigma(
+            &baseline,
+            sigma_max,
             "genneg.classifier_log_uniform_sigma",
             self.cfg.genneg.classifier_log_uniform_sigma,
         )?;
@@ -477,16 +472,18 @@ impl Run {
         let (train, baseline, sigmas, ckpt) = (&data.train, &base.model, &base.sigmas, &base.ckpt);
         let classifiers = &genneg.classifiers;
         let sigma_max = baseline.config.process.sigma(1.0);
-        let with_sigma =
-            |key: &str, sigma: Option<f64>| with_sigma(baseline, sigma_max, key, sigma);
         let file_of = |it: usize, name: &str| self.file_of(it, name);
         // Distillation of the last iteration into the baseline's architecture.
         let distilled = match (classifiers.len(), &self.cfg.distill) {
             (0, _) | (_, None) => None,
             (k, Some(dsec)) => {
                 // The distillation's noise levels and learning rate, if its own.
-                let mut distill_cfg =
-                    with_sigma("distill.log_uniform_sigma", dsec.log_uniform_sigma)?;
+                let mut distill_cfg = with_sigma(
+                    baseline,
+                    sigma_max,
+                    "distill.log_uniform_sigma",
+                    dsec.log_uniform_sigma,
+                )?;
                 if let Some(lr) = dsec.lr {
                     distill_cfg.lr = lr;
                 }
