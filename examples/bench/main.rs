@@ -172,11 +172,12 @@ fn measure(
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
     if let Some(t) = args.worker {
-        scoreguide::runtime::set_threads(Some(t));
-        if args.flush {
-            scoreguide::runtime::flush_subnormals_to_zero(t)?;
-        }
-        let timing = measure(t, args.reps, args.stack.as_deref())?;
+        let timing = scoreguide::runtime::on_compute_threads(Some(t), || {
+            if args.flush {
+                scoreguide::runtime::flush_subnormals_to_zero(t)?;
+            }
+            measure(t, args.reps, args.stack.as_deref())
+        })?;
         println!(
             "{}",
             serde_json::to_string(&timing).expect("timing serialises")

@@ -181,8 +181,9 @@ fn untrained_classifier(
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
     if let Some(t) = args.worker {
-        scoreguide::runtime::set_threads(Some(t));
-        let timing = measure(t, args.reps, args.batch, args.lane_maps)?;
+        let timing = scoreguide::runtime::on_compute_threads(Some(t), || {
+            measure(t, args.reps, args.batch, args.lane_maps)
+        })?;
         println!(
             "{}",
             serde_json::to_string(&timing).expect("timing serialises")

@@ -42,6 +42,10 @@ struct Report {
 
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
+    scoreguide::runtime::on_compute_threads(args.common.threads, || run(args))
+}
+
+fn run(args: Args) -> candle_core::Result<()> {
     let cfg = args
         .config
         .resolve::<CheckerboardConfig>()?

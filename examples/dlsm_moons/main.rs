@@ -53,6 +53,10 @@ struct Report {
 
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
+    scoreguide::runtime::on_compute_threads(args.common.threads, || run(args))
+}
+
+fn run(args: Args) -> candle_core::Result<()> {
     let mut cfg: DlsmMoonsConfig = args.config.resolve()?;
     cfg.moons.seed = args.common.seed;
     let dev = args.common.setup_flushing_subnormals()?;

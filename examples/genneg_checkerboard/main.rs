@@ -54,6 +54,10 @@ struct Report {
 
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
+    scoreguide::runtime::on_compute_threads(args.common.threads, || run(args))
+}
+
+fn run(args: Args) -> candle_core::Result<()> {
     let seed = args.common.seed;
     let cfg = args
         .config

@@ -54,6 +54,10 @@ struct Args {
 
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
+    scoreguide::runtime::on_compute_threads(args.common.threads, || run(args))
+}
+
+fn run(args: Args) -> candle_core::Result<()> {
     let dev = args.common.setup()?;
     if args.stacks.is_empty() {
         candle_core::bail!("give at least one stack checkpoint");

@@ -52,6 +52,10 @@ struct Report {
 
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
+    scoreguide::runtime::on_compute_threads(args.common.threads, || run(args))
+}
+
+fn run(args: Args) -> candle_core::Result<()> {
     let cfg: TrafficRunConfig = args.config.resolve()?;
     let dev = args.common.setup()?;
     let out = args.common.out_dir("genneg_traffic");

@@ -77,6 +77,10 @@ fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
 
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
+    scoreguide::runtime::on_compute_threads(args.common.threads, || run(args))
+}
+
+fn run(args: Args) -> candle_core::Result<()> {
     let dev = args.common.setup()?;
     let model = TrafficModel::load(&Checkpoint::load(&args.model)?, DType::F32, &dev)?;
     let set = SceneSet::load(&args.scenes)?;

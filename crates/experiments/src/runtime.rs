@@ -29,8 +29,16 @@ pub fn set_threads(threads: Option<usize>) -> usize {
         })
         .filter(|n| *n > 0)
         .unwrap_or_else(default_threads);
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    n
+    scoreguide_kernels::threads::configure(n)
+}
+
+/// Sets the thread count ([`set_threads`]) and runs `f` on a thread of the compute pool
+/// (`scoreguide_kernels::threads::on_pool`: parallel kernels then use the calling thread
+/// instead of waking another while it sleeps). An example's `main` parses its
+/// arguments and runs the rest through this.
+pub fn on_compute_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+    set_threads(threads);
+    scoreguide_kernels::threads::on_pool(f)
 }
 
 /// `cpu`, `cuda` or `cuda:N`.
@@ -213,12 +221,12 @@ impl CommonArgs {
 }
 
 /// Sets x86-64's FTZ and DAZ flags (subnormal results and inputs become zero) on this
-/// thread and on every thread of rayon's global pool, which it builds with `threads`
-/// threads (candle's CPU kernels run there). Subnormal arithmetic is slow on x86, and a
+/// thread and on every thread of rayon's global pool (where the kernels run), sized to
+/// `threads` if it does not exist yet. Subnormal arithmetic is slow on x86, and a
 /// confident classifier's softmax tails produce it: the two-moons DLSM step went from
 /// 34.9 to 30.8 ms on one thread (docs/PERFORMANCE.md). Values below 1.2e-38 do not
-/// matter to training, but results change in the last bits. Call before any tensor work; fails if
-/// the pool already exists. A no-op on other architectures.
+/// matter to training, but results change in the last bits. A no-op on other
+/// architectures.
 pub fn flush_subnormals_to_zero(threads: usize) -> Result<()> {
     fn set_flags() {
         #[cfg(target_arch = "x86_64")]
@@ -230,14 +238,8 @@ pub fn flush_subnormals_to_zero(threads: usize) -> Result<()> {
             _mm_setcsr(_mm_getcsr() | 0x8040);
         }
     }
+    set_threads(Some(threads));
     set_flags();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .start_handler(|_| set_flags())
-        .build_global()
-        .map_err(|e| {
-            candle_core::Error::msg(format!(
-                "flushing subnormals: the thread pool already exists ({e})"
-            ))
-        })
+    rayon::broadcast(|_| set_flags());
+    Ok(())
 }

@@ -2,9 +2,10 @@
 
 use crate::embedding::SinusoidalEmbedding;
 use crate::net::NoiseNet;
-use candle_core::{bail, Result, Tensor};
-use candle_nn::{linear, Linear, Module, VarBuilder};
+use candle_core::{bail, DType, Result, Tensor, Var};
+use candle_nn::{linear, Linear, VarBuilder};
 use scoreguide_guidance::Cond;
+use scoreguide_kernels::{add_silu, dense, silu, Act};
 use serde::{Deserialize, Serialize};
 
 /// Shape of a [`ResMlp`]. Defaults are the paper's checkerboard network.
@@ -45,7 +46,8 @@ struct ResBlock {
 }
 
 /// `h = W_in x + W_t emb(c)`; each block `h ← h + W2 SiLU(W1 SiLU(h + W_t emb(c)))`;
-/// output `W_out SiLU(h)`. Every op has a backward pass (no fused kernels).
+/// output `W_out SiLU(h)`. Built from `scoreguide_kernels`' fused layers, which carry
+/// their own backward passes (and fall back to candle's ops off the CPU).
 pub struct ResMlp {
     cfg: ResMlpConfig,
     input: Linear,
@@ -81,17 +83,23 @@ impl ResMlp {
     }
 }
 
-/// A forward pass with what the hand-written backward pass needs.
-struct Trace {
-    out: Tensor,
-    /// The residual stream after the last block.
-    h: Tensor,
-    /// Per block: the SiLU inputs (h + temb) and (W1 u + b1).
-    blocks: Vec<(Tensor, Tensor)>,
-}
-
 impl ResMlp {
-    fn trace(&self, x: &Tensor, c_noise: &Tensor) -> Result<Trace> {
+    /// W_t emb(c) + b_t: `[B, hidden]`, or `[hidden]` when every row has the same noise
+    /// level (a sampler's step), computed once and broadcast.
+    fn time_embedding(&self, c_noise: &Tensor, dtype: DType) -> Result<Tensor> {
+        let c = c_noise.to_dtype(dtype)?;
+        let (w, b) = linear_parts(&self.time)?;
+        if c.device().is_cpu() && c.dim(0)? > 1 {
+            let v = c.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            if v.iter().all(|&e| e.to_bits() == v[0].to_bits()) {
+                let one = self.cfg.embedding.forward(&c.narrow(0, 0, 1)?)?;
+                return dense(&one, w, b, Act::Identity)?.squeeze(0);
+            }
+        }
+        dense(&self.cfg.embedding.forward(&c)?, w, b, Act::Identity)
+    }
+
+    fn output(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
         if x.rank() != 2 || x.dim(1)? != self.cfg.in_dim {
             bail!(
                 "residual MLP: input must be [batch, {}], got {:?}",
@@ -99,25 +107,31 @@ impl ResMlp {
                 x.dims()
             );
         }
-        let temb = self
-            .time
-            .forward(&self.cfg.embedding.forward(&c_noise.to_dtype(x.dtype())?)?)?;
-        let mut h = (self.input.forward(x)? + &temb)?;
-        let mut blocks = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let z1 = (&h + &temb)?;
-            let a = b.fc1.forward(&candle_nn::ops::silu(&z1)?)?;
-            h = (h + b.fc2.forward(&candle_nn::ops::silu(&a)?)?)?;
-            blocks.push((z1, a));
+        let temb = self.time_embedding(c_noise, x.dtype())?;
+        let (w, b) = linear_parts(&self.input)?;
+        let mut h = dense(x, w, b, Act::Identity)?.broadcast_add(&temb)?;
+        for blk in &self.blocks {
+            let u = add_silu(&h, &temb)?;
+            let (w1, b1) = linear_parts(&blk.fc1)?;
+            let (w2, b2) = linear_parts(&blk.fc2)?;
+            let a = dense(&u, w1, b1, Act::Silu)?;
+            h = (h + dense(&a, w2, b2, Act::Identity)?)?;
         }
-        let out = self.output.forward(&candle_nn::ops::silu(&h)?)?;
-        Ok(Trace { out, h, blocks })
+        let (w, b) = linear_parts(&self.output)?;
+        dense(&silu(&h)?, w, b, Act::Identity)
+    }
+}
+
+fn linear_parts(l: &Linear) -> Result<(&Tensor, &Tensor)> {
+    match l.bias() {
+        Some(b) => Ok((l.weight(), b)),
+        None => bail!("residual MLP: every layer has a bias"),
     }
 }
 
 impl NoiseNet for ResMlp {
     fn forward(&self, x: &Tensor, c_noise: &Tensor, _cond: &Cond) -> Result<Tensor> {
-        Ok(self.trace(x, c_noise)?.out)
+        self.output(x, c_noise)
     }
 
     fn out_dim(&self) -> usize {
@@ -125,27 +139,20 @@ impl NoiseNet for ResMlp {
     }
 }
 
-/// d silu(z)/dz = s (1 + z (1 − s)) with s = sigmoid(z).
-fn silu_grad(z: &Tensor) -> Result<Tensor> {
-    let s = candle_nn::ops::sigmoid(z)?;
-    let one_minus = s.affine(-1.0, 1.0)?;
-    s * ((z * one_minus)? + 1.0)?
-}
-
 impl ResMlp {
     /// The output F(x, c) and the input gradient Σ_k ∂L/∂F_k ∂F_k/∂x, where
-    /// `upstream(F)` gives ∂L/∂F for a per-sample scalar L: a backward pass written out
-    /// by hand (a few matmuls with transposed weights), several times cheaper than
-    /// candle's autograd, which allocates a gradient for every node. Used by classifier
-    /// guidance; `tests/gradients.rs` checks it against autograd.
+    /// `upstream(F)` gives ∂L/∂F for a per-sample scalar L (classifier guidance). The
+    /// backward pass runs through the fused layers' own backward passes; on frozen
+    /// weights it computes no weight gradient.
     pub fn forward_with_input_grad(
         &self,
         x: &Tensor,
         c_noise: &Tensor,
         upstream: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let Trace { out, h, blocks } = self.trace(x, c_noise)?;
-        let g_out = upstream(&out)?;
+        let xv = Var::from_tensor(x)?;
+        let out = self.output(xv.as_tensor(), c_noise)?;
+        let g_out = upstream(&out.detach())?;
         if g_out.dims() != out.dims() {
             bail!(
                 "residual MLP input gradient: upstream gradient {:?} does not match output {:?}",
@@ -153,13 +160,11 @@ impl ResMlp {
                 out.dims()
             );
         }
-        let mut g_h = (g_out.matmul(self.output.weight())? * silu_grad(&h)?)?;
-        for (b, (z1, a)) in self.blocks.iter().zip(&blocks).rev() {
-            let g_a = (g_h.matmul(b.fc2.weight())? * silu_grad(a)?)?;
-            let g_u = g_a.matmul(b.fc1.weight())?;
-            g_h = (g_h + (g_u * silu_grad(z1)?)?)?;
-        }
-        let g_x = g_h.matmul(self.input.weight())?;
-        Ok((out, g_x))
+        let grads = (&out * g_out.detach())?.sum_all()?.backward()?;
+        let g_x = grads
+            .get(xv.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::msg("residual MLP: no input gradient"))?;
+        Ok((out.detach(), g_x))
     }
 }

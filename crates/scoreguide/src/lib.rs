@@ -32,6 +32,7 @@ pub use scoreguide_experiments as experiments;
 pub use scoreguide_experiments::{checkerboard, config, moons, plot, runtime, traffic};
 pub use scoreguide_genneg as genneg;
 pub use scoreguide_guidance as guidance;
+pub use scoreguide_kernels as kernels;
 pub use scoreguide_losses as losses;
 pub use scoreguide_metrics as metrics;
 pub use scoreguide_nets as nets;

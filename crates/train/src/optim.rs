@@ -2,6 +2,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
+use scoreguide_kernels::{adam_update, ema_update, AdamStep};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -60,6 +61,15 @@ impl Adam {
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let step = AdamStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bias_correction1: bc1,
+            bias_correction2: bc2,
+        };
         for (name, var) in &self.vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -69,15 +79,11 @@ impl Adam {
             // every step's graph into the next (that leaked ~50 MB per DLSM step).
             let g = g.detach();
             let m = self.m.get_mut(name).expect("moments created for every var");
-            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = self.v.get_mut(name).expect("moments created for every var");
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
-            let mut theta = var.as_tensor().clone();
-            if c.weight_decay > 0.0 {
-                theta = (&theta * (1.0 - lr * c.weight_decay))?;
-            }
-            var.set(&(theta - (update * lr)?)?)?;
+            let (theta, m_next, v_next) = adam_update(var.as_tensor(), m, v, &g, step)?;
+            *m = m_next;
+            *v = v_next;
+            var.set(&theta)?;
         }
         Ok(())
     }
@@ -127,7 +133,7 @@ impl Ema {
                 .shadow
                 .get_mut(name)
                 .expect("shadow created for every var");
-            *s = ((&*s * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
+            *s = ema_update(s, &var.as_tensor().detach(), d)?;
         }
         self.updates += 1;
         Ok(())

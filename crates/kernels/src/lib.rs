@@ -1,0 +1,34 @@
+//! Fused CPU kernels for scoreguide's networks, as candle custom ops with their own
+//! backward passes: a dense layer `act(x Wᵀ + b)` is one GEMM and one fused pass
+//! forward, SiLU keeps its sigmoid for the backward pass, and the exponential is a
+//! vectorised polynomial chosen per instruction set at run time. On other dtypes and
+//! devices (CUDA) every function falls back to candle's own ops, so callers need no
+//! second code path. Adam and EMA updates are one pass each ([`adam_update`],
+//! [`ema_update`]). [`threads`] holds the thread policy: one pool (rayon's), and
+//! threads only for work large enough to gain from them.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use scoreguide_kernels::{dense, Act};
+//!
+//! let dev = Device::Cpu;
+//! let x = Var::from_tensor(&Tensor::new(&[[1f32, -2.0], [0.5, 3.0]], &dev)?)?;
+//! let w = Tensor::new(&[[0.1f32, 0.2], [0.3, -0.4], [1.0, 0.0]], &dev)?;
+//! let b = Tensor::new(&[0.0f32, 0.1, -0.1], &dev)?;
+//! let y = dense(x.as_tensor(), &w, &b, Act::Silu)?;
+//! let composed = candle_nn::ops::silu(&x.as_tensor().matmul(&w.t()?)?.broadcast_add(&b)?)?;
+//! let diff = (&y - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-6);
+//! let grads = y.sum_all()?.backward()?;
+//! assert_eq!(grads.get(x.as_tensor()).unwrap().dims(), &[2, 2]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod gemm;
+mod ops;
+mod optim;
+mod simd;
+pub mod threads;
+
+pub use ops::{add_silu, dense, silu, silu_derivative, Act};
+pub use optim::{adam_update, ema_update, AdamStep};

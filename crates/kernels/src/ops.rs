@@ -1,0 +1,507 @@
+//! Dense layers and SiLU as candle custom ops with their own backward passes.
+//!
+//! candle composes `silu(x Wᵀ + b)` from five ops, each allocating a buffer and making
+//! a pass over it, and its backward pass from a dozen more (the bias gradient through a
+//! slow leading-dimension sum). Here it is one GEMM and one fused pass forward, and one
+//! fused pass, two GEMMs and a column sum backward, with the sigmoid kept from the
+//! forward pass. f32 on the CPU takes this path; other dtypes and devices (CUDA) take
+//! candle's own ops, so every function here works everywhere.
+
+use crate::gemm::{matmul, View};
+use crate::simd;
+use crate::threads::chunk_len;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
+    Storage, Tensor,
+};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// The activation after a dense layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Identity,
+    Silu,
+}
+
+/// Whether backward passes must themselves be differentiable: candle keeps the graph
+/// of a backward pass only with `CANDLE_GRAD_DO_NOT_DETACH` (DLSM's second-order loss),
+/// and then these ops take candle's own ops for their backward pass.
+fn second_order() -> bool {
+    thread_local! {
+        static ON: bool = std::env::var("CANDLE_GRAD_DO_NOT_DETACH")
+            .map(|s| !s.is_empty() && s != "0")
+            .unwrap_or(false);
+    }
+    ON.with(|b| *b)
+}
+
+fn fast_path(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
+
+/// A buffer of `len` floats that the caller writes in full before reading (as candle's
+/// own kernels do): zero-filling the outputs of GEMMs and element-wise passes cost 5% of
+/// a training step.
+fn output_buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every caller overwrites all `len`
+    // elements (a GEMM without accumulation, or an element-wise pass over the whole
+    // buffer) before any is read.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    Ok(&data[l.start_offset()..])
+}
+
+fn view<'a>(data: &'a [f32], l: &Layout) -> Result<View<'a>> {
+    let (dims, stride) = (l.dims(), l.stride());
+    if dims.len() != 2 {
+        bail!("fused dense: expected a matrix, got shape {dims:?}");
+    }
+    Ok(View {
+        data,
+        offset: 0,
+        rows: dims[0],
+        cols: dims[1],
+        rs: stride[0] as isize,
+        cs: stride[1] as isize,
+    })
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("fused kernels: expected a CPU tensor");
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let start = layout.start_offset();
+    f(&data[start..start + layout.shape().elem_count()])
+}
+
+fn with_view<R>(t: &Tensor, f: impl FnOnce(View) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("fused kernels: expected a CPU tensor");
+    };
+    let v = view(f32_slice(cpu, layout)?, layout)?;
+    f(v)
+}
+
+/// `v ← act(v + bias)` over rows of width `n`, in parallel chunks of whole rows; the
+/// bias is one row (`[n]`) or one per row (as long as `v`). With `keep`, returns
+/// sigmoid(z) for SiLU's derivative.
+fn bias_act(v: &mut [f32], bias: &[f32], n: usize, act: Act, keep: bool) -> Option<Vec<f32>> {
+    let per_row = bias.len() == v.len();
+    let chunk = chunk_len(v.len(), n);
+    let silu = act == Act::Silu;
+    let pass = |i: usize, c: &mut [f32], s: Option<&mut [f32]>| {
+        if per_row {
+            simd::bias_elems(c, &bias[i * chunk..i * chunk + c.len()], silu, s)
+        } else {
+            simd::bias_rows(c, bias, silu, s)
+        }
+    };
+    let serial = chunk >= v.len();
+    if silu && keep {
+        let mut s = output_buffer(v.len());
+        if serial {
+            pass(0, v, Some(&mut s));
+        } else {
+            v.par_chunks_mut(chunk)
+                .zip(s.par_chunks_mut(chunk))
+                .enumerate()
+                .for_each(|(i, (c, sc))| pass(i, c, Some(sc)));
+        }
+        Some(s)
+    } else {
+        if serial {
+            pass(0, v, None);
+        } else {
+            v.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| pass(i, c, None));
+        }
+        None
+    }
+}
+
+/// `g · SiLU'(z)` from the output y = SiLU(z) and s = sigmoid(z).
+fn silu_grad_data(g: &[f32], y: &[f32], s: &[f32], n: usize) -> Vec<f32> {
+    let mut out = output_buffer(g.len());
+    let chunk = chunk_len(g.len(), n);
+    if chunk >= g.len() {
+        simd::silu_backward(g, y, s, &mut out);
+    } else {
+        out.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk))
+            .zip(y.par_chunks(chunk).zip(s.par_chunks(chunk)))
+            .for_each(|((o, g), (y, s))| simd::silu_backward(g, y, s, o));
+    }
+    out
+}
+
+fn column_sums(m: &[f32], n: usize) -> Vec<f32> {
+    let mut acc = vec![0.0f32; n];
+    simd::add_column_sums(m, &mut acc);
+    acc
+}
+
+fn sigmoid_kept(saved: &Mutex<Option<Tensor>>, what: &str) -> Result<Tensor> {
+    match saved.lock().expect("sigmoid lock").as_ref() {
+        Some(s) => Ok(s.clone()),
+        None => bail!("{what}: backward pass before the forward pass"),
+    }
+}
+
+fn keep(saved: &Mutex<Option<Tensor>>, s: Option<Vec<f32>>, shape: &Shape) -> Result<()> {
+    if let Some(s) = s {
+        *saved.lock().expect("sigmoid lock") = Some(Tensor::from_vec(s, shape, &Device::Cpu)?);
+    }
+    Ok(())
+}
+
+/// `act(x Wᵀ + b)` as one op.
+struct DenseOp {
+    act: Act,
+    /// Whether a backward pass can follow (some input is tracked).
+    keep: bool,
+    /// sigmoid(z) of the forward pass, for SiLU's derivative.
+    sigmoid: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for DenseOp {
+    fn name(&self) -> &'static str {
+        "fused-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = view(f32_slice(s1, l1)?, l1)?;
+        let w = view(f32_slice(s2, l2)?, l2)?;
+        if !l3.is_contiguous() {
+            bail!("fused dense: the bias must be contiguous");
+        }
+        let bias = &f32_slice(s3, l3)?[..l3.shape().elem_count()];
+        let (rows, n) = (x.rows, w.rows);
+        let mut out = output_buffer(rows * n);
+        matmul(&mut out, x, w.t(), false);
+        let shape = Shape::from((rows, n));
+        let s = bias_act(&mut out, bias, n, self.act, self.keep);
+        keep(&self.sigmoid, s, &shape)?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if second_order() {
+            return dense_backward_composed(x, w, b, self.act, g);
+        }
+        let (rows, n) = y.dims2()?;
+        let g_z = match self.act {
+            Act::Identity => g.contiguous()?,
+            Act::Silu => {
+                let s = sigmoid_kept(&self.sigmoid, "fused dense")?;
+                let data = with_data(g, |g| {
+                    with_data(y, |y| with_data(&s, |s| Ok(silu_grad_data(g, y, s, n))))
+                })?;
+                Tensor::from_vec(data, (rows, n), &Device::Cpu)?
+            }
+        };
+        let k = x.dim(1)?;
+        with_data(&g_z, |gz| {
+            let gz_view = View::row_major(gz, rows, n);
+            let gx = if x.track_op() {
+                let mut gx = output_buffer(rows * k);
+                with_view(w, |w| {
+                    matmul(&mut gx, gz_view, w, false);
+                    Ok(())
+                })?;
+                Some(Tensor::from_vec(gx, (rows, k), &Device::Cpu)?)
+            } else {
+                None
+            };
+            let gw = if w.track_op() {
+                let mut gw = output_buffer(n * k);
+                with_view(x, |x| {
+                    matmul(&mut gw, gz_view.t(), x, false);
+                    Ok(())
+                })?;
+                Some(Tensor::from_vec(gw, (n, k), &Device::Cpu)?)
+            } else {
+                None
+            };
+            let gb = if !b.track_op() {
+                None
+            } else if b.elem_count() == n {
+                Some(Tensor::from_vec(
+                    column_sums(gz, n),
+                    b.shape(),
+                    &Device::Cpu,
+                )?)
+            } else {
+                Some(g_z.reshape(b.shape())?)
+            };
+            Ok((gx, gw, gb))
+        })
+    }
+}
+
+/// The backward pass of `act(x Wᵀ + b)` from candle's own ops, so that it can itself be
+/// differentiated.
+fn dense_backward_composed(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    act: Act,
+    g: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let n = w.dim(0)?;
+    let g_z = match act {
+        Act::Identity => g.clone(),
+        Act::Silu => {
+            let z = x
+                .matmul(&w.t()?)?
+                .broadcast_add(&b.reshape(bias_shape(b, n)?)?)?;
+            (g * silu_derivative(&z)?)?
+        }
+    };
+    let gx = x.track_op().then(|| g_z.matmul(w)).transpose()?;
+    let gw = w.track_op().then(|| g_z.t()?.matmul(x)).transpose()?;
+    let gb = if !b.track_op() {
+        None
+    } else if b.elem_count() == n {
+        Some(g_z.sum(0)?.reshape(b.shape())?)
+    } else {
+        Some(g_z.reshape(b.shape())?)
+    };
+    Ok((gx, gw, gb))
+}
+
+fn bias_shape(b: &Tensor, n: usize) -> Result<Shape> {
+    Ok(if b.elem_count() == n {
+        Shape::from((1, n))
+    } else {
+        Shape::from((b.elem_count() / n, n))
+    })
+}
+
+/// SiLU'(z) = s (1 + z (1 − s)) from candle's ops.
+pub fn silu_derivative(z: &Tensor) -> Result<Tensor> {
+    let s = candle_nn::ops::sigmoid(z)?;
+    &s * ((z * s.affine(-1.0, 1.0)?)? + 1.0)?
+}
+
+/// Checks and flattens `act(x Wᵀ + b)`'s arguments: x `[..., k]` → `[rows, k]`, and the
+/// bias `[n]` or one row per input row (`[..., n]`) → as stored.
+fn dense_args(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let (n, k) = w.dims2().map_err(|_| {
+        candle_core::Error::msg(format!(
+            "dense layer: weight must be [out, in], got {:?}",
+            w.dims()
+        ))
+    })?;
+    let dims = x.dims();
+    if dims.is_empty() || dims[dims.len() - 1] != k {
+        bail!("dense layer: input {dims:?} does not end in the weight's input size {k}");
+    }
+    let rows = x.elem_count() / k.max(1);
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    if b.dims() != [n] && b.dims() != out_dims.as_slice() {
+        bail!(
+            "dense layer: bias must be [{n}] or {out_dims:?} (one row per input row), got {:?}",
+            b.dims()
+        );
+    }
+    Ok((x.reshape((rows, k))?, out_dims))
+}
+
+/// `act(x Wᵀ + b)` for x `[..., k]`, W `[n, k]` and b `[n]` (or one bias row per input
+/// row, `[..., n]`), differentiable with respect to all three.
+pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> Result<Tensor> {
+    let (x2, out_dims) = dense_args(x, w, b)?;
+    let y = if fast_path(&[x, w, b]) {
+        let op = DenseOp {
+            act,
+            keep: [x, w, b].iter().any(|t| t.track_op()),
+            sigmoid: Mutex::new(None),
+        };
+        x2.apply_op3_arc(w, &b.contiguous()?, std::sync::Arc::new(Box::new(op)))?
+    } else {
+        let n = w.dim(0)?;
+        let z = x2
+            .matmul(&w.t()?)?
+            .broadcast_add(&b.reshape(bias_shape(b, n)?)?)?;
+        match act {
+            Act::Identity => z,
+            Act::Silu => candle_nn::ops::silu(&z)?,
+        }
+    };
+    y.reshape(out_dims)
+}
+
+/// `SiLU(h + t)` with t of h's shape or one row `[n]` broadcast over h's rows.
+struct AddSiluOp {
+    keep: bool,
+    sigmoid: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp2 for AddSiluOp {
+    fn name(&self) -> &'static str {
+        "fused-add-silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !l1.is_contiguous() || !l2.is_contiguous() {
+            bail!("fused add-silu: inputs must be contiguous");
+        }
+        let len = l1.shape().elem_count();
+        let mut v = f32_slice(s1, l1)?[..len].to_vec();
+        let t = &f32_slice(s2, l2)?[..l2.shape().elem_count()];
+        let n = *l1.dims().last().unwrap_or(&1);
+        let s = bias_act(&mut v, t, n, Act::Silu, self.keep);
+        keep(&self.sigmoid, s, l1.shape())?;
+        Ok((CpuStorage::F32(v), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        t: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = *h.dims().last().unwrap_or(&1);
+        let g_z = if second_order() {
+            let z = h.broadcast_add(t)?;
+            (g * silu_derivative(&z)?)?
+        } else {
+            let s = sigmoid_kept(&self.sigmoid, "fused add-silu")?;
+            let data = with_data(g, |g| {
+                with_data(y, |y| with_data(&s, |s| Ok(silu_grad_data(g, y, s, n))))
+            })?;
+            Tensor::from_vec(data, h.shape(), &Device::Cpu)?
+        };
+        let gt = if !t.track_op() {
+            None
+        } else if t.dims() == h.dims() {
+            Some(g_z.clone())
+        } else if second_order() {
+            Some(g_z.reshape(((), n))?.sum(0)?.reshape(t.shape())?)
+        } else {
+            let sums = with_data(&g_z, |gz| Ok(column_sums(gz, n)))?;
+            Some(Tensor::from_vec(sums, t.shape(), &Device::Cpu)?)
+        };
+        Ok((h.track_op().then_some(g_z), gt))
+    }
+}
+
+/// `SiLU(h + t)` for t of h's shape or one row `[n]` over h `[..., n]`; differentiable
+/// with respect to both.
+pub fn add_silu(h: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let n = *h.dims().last().unwrap_or(&0);
+    if t.dims() != h.dims() && t.dims() != [n] {
+        bail!(
+            "add-silu: the added term must be {:?} or [{n}], got {:?}",
+            h.dims(),
+            t.dims()
+        );
+    }
+    if fast_path(&[h, t]) {
+        let op = AddSiluOp {
+            keep: h.track_op() || t.track_op(),
+            sigmoid: Mutex::new(None),
+        };
+        h.contiguous()?
+            .apply_op2_arc(&t.contiguous()?, std::sync::Arc::new(Box::new(op)))
+    } else {
+        candle_nn::ops::silu(&h.broadcast_add(t)?)
+    }
+}
+
+/// SiLU as one op with the sigmoid kept for its backward pass.
+struct SiluOp {
+    sigmoid: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp1 for SiluOp {
+    fn name(&self) -> &'static str {
+        "fused-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if !l.is_contiguous() {
+            bail!("fused silu: input must be contiguous");
+        }
+        let len = l.shape().elem_count();
+        let z = &f32_slice(s, l)?[..len];
+        let mut y = output_buffer(len);
+        let mut sg = output_buffer(len);
+        let n = *l.dims().last().unwrap_or(&1);
+        let chunk = chunk_len(len, n);
+        if chunk >= len {
+            simd::silu(z, &mut y, &mut sg);
+        } else {
+            y.par_chunks_mut(chunk)
+                .zip(sg.par_chunks_mut(chunk))
+                .zip(z.par_chunks(chunk))
+                .for_each(|((y, s), z)| simd::silu(z, y, s));
+        }
+        keep(&self.sigmoid, Some(sg), l.shape())?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, z: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if second_order() {
+            return Ok(Some((g * silu_derivative(z)?)?));
+        }
+        let n = *z.dims().last().unwrap_or(&1);
+        let s = sigmoid_kept(&self.sigmoid, "fused silu")?;
+        let data = with_data(g, |g| {
+            with_data(y, |y| with_data(&s, |s| Ok(silu_grad_data(g, y, s, n))))
+        })?;
+        Ok(Some(Tensor::from_vec(data, z.shape(), &Device::Cpu)?))
+    }
+}
+
+/// SiLU, differentiable, fused on the CPU.
+pub fn silu(z: &Tensor) -> Result<Tensor> {
+    if fast_path(&[z]) {
+        let op = SiluOp {
+            sigmoid: Mutex::new(None),
+        };
+        z.contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(op)))
+    } else {
+        candle_nn::ops::silu(z)
+    }
+}

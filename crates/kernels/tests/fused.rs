@@ -1,0 +1,220 @@
+//! The fused ops against candle's composed ops: values, gradients for every argument
+//! (autograd and finite differences), odd shapes, strided inputs and the fallback path.
+
+use candle_core::{DType, Device, Tensor, Var};
+use proptest::prelude::*;
+use scoreguide_kernels::{add_silu, dense, silu, Act};
+use scoreguide_testing::max_abs_diff;
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    // A fixed pseudo-random fill (candle's CPU generator cannot be seeded).
+    let n: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn composed(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> candle_core::Result<Tensor> {
+    let z = x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?;
+    match act {
+        Act::Identity => Ok(z),
+        Act::Silu => candle_nn::ops::silu(&z),
+    }
+}
+
+/// Values and the gradients of Σ y ⊙ r (r fixed) for x, W and b, fused vs composed.
+fn check_dense(rows: usize, k: usize, n: usize, per_row_bias: bool, act: Act) {
+    let x = Var::from_tensor(&randn(1, &[rows, k])).unwrap();
+    let w = Var::from_tensor(&(randn(2, &[n, k]) * 0.5).unwrap()).unwrap();
+    let b_shape: Vec<usize> = if per_row_bias { vec![rows, n] } else { vec![n] };
+    let b = Var::from_tensor(&randn(3, &b_shape)).unwrap();
+    let r = randn(4, &[rows, n]);
+    let y = dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), act).unwrap();
+    let y_ref = composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), act).unwrap();
+    assert!(max_abs_diff(&y, &y_ref) < 1e-4, "values {rows}×{k}→{n}");
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&y_ref * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (v, what) in [(&x, "x"), (&w, "W"), (&b, "b")] {
+        let (a, e) = (
+            g.get(v.as_tensor()).expect("fused gradient"),
+            g_ref.get(v.as_tensor()).expect("composed gradient"),
+        );
+        assert_eq!(a.dims(), e.dims());
+        let scale = 1.0 + scoreguide_testing::max_abs(e);
+        assert!(
+            max_abs_diff(a, e) < 1e-4 * scale,
+            "gradient of {what}, {rows}×{k}→{n}: {}",
+            max_abs_diff(a, e)
+        );
+    }
+}
+
+#[test]
+fn dense_matches_composed_ops() {
+    for act in [Act::Identity, Act::Silu] {
+        for per_row in [false, true] {
+            check_dense(1000, 256, 256, per_row, act);
+            check_dense(1, 1, 1, per_row, act);
+            check_dense(3, 17, 5, per_row, act);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn dense_matches_composed_ops_for_any_shape(
+        rows in 1usize..70, k in 1usize..40, n in 1usize..40, per_row: bool, silu: bool
+    ) {
+        check_dense(rows, k, n, per_row, if silu { Act::Silu } else { Act::Identity });
+    }
+}
+
+#[test]
+fn dense_gradient_matches_finite_differences() {
+    let x = randn(5, &[4, 3]).to_dtype(DType::F32).unwrap();
+    let w = randn(6, &[2, 3]);
+    let b = randn(7, &[2]);
+    let xv = Var::from_tensor(&x).unwrap();
+    let f = |x: &Tensor| -> f64 {
+        dense(x, &w, &b, Act::Silu)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let g = f_grad(&xv, &w, &b);
+    let base: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-2f32;
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += eps;
+        let mut m = base.clone();
+        m[i] -= eps;
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (4, 3), &Device::Cpu).unwrap();
+        let fd = (f(&t(p)) - f(&t(m))) / (2.0 * eps as f64);
+        assert!(
+            (fd - g[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+            "x[{i}]: {fd} vs {}",
+            g[i]
+        );
+    }
+}
+
+fn f_grad(xv: &Var, w: &Tensor, b: &Tensor) -> Vec<f64> {
+    let y = dense(xv.as_tensor(), w, b, Act::Silu).unwrap();
+    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    scoreguide_testing::flat_f64(&g.get(xv.as_tensor()).unwrap().to_dtype(DType::F64).unwrap())
+}
+
+#[test]
+fn strided_and_batched_inputs() {
+    // x transposed (not contiguous) and x with two leading dimensions.
+    let xt = randn(8, &[5, 7]).t().unwrap();
+    let w = randn(9, &[3, 5]);
+    let b = randn(10, &[3]);
+    let y = dense(&xt, &w, &b, Act::Silu).unwrap();
+    assert!(max_abs_diff(&y, &composed(&xt, &w, &b, Act::Silu).unwrap()) < 1e-5);
+    let x3 = randn(11, &[2, 4, 5]);
+    let y3 = dense(&x3, &w, &b, Act::Identity).unwrap();
+    assert_eq!(y3.dims(), &[2, 4, 3]);
+    assert!(max_abs_diff(&y3, &composed(&x3, &w, &b, Act::Identity).unwrap()) < 1e-5);
+}
+
+#[test]
+fn other_dtypes_take_candles_ops() {
+    let x = randn(12, &[6, 4]).to_dtype(DType::F64).unwrap();
+    let w = randn(13, &[3, 4]).to_dtype(DType::F64).unwrap();
+    let b = randn(14, &[3]).to_dtype(DType::F64).unwrap();
+    let y = dense(&x, &w, &b, Act::Silu).unwrap();
+    assert_eq!(y.dtype(), DType::F64);
+    assert!(max_abs_diff(&y, &composed(&x, &w, &b, Act::Silu).unwrap()) < 1e-12);
+}
+
+#[test]
+fn bad_shapes_are_named() {
+    let x = randn(1, &[4, 3]);
+    let err = dense(&x, &randn(2, &[2, 5]), &randn(3, &[2]), Act::Silu).unwrap_err();
+    assert!(err.to_string().contains("weight's input size 5"), "{err}");
+    let err = dense(&x, &randn(2, &[2, 3]), &randn(3, &[3]), Act::Silu).unwrap_err();
+    assert!(err.to_string().contains("bias must be [2]"), "{err}");
+    let err = add_silu(&x, &randn(3, &[2])).unwrap_err();
+    assert!(err.to_string().contains("added term"), "{err}");
+}
+
+#[test]
+fn add_silu_and_silu_match_composed_ops() {
+    for t_shape in [vec![50, 33], vec![33]] {
+        let h = Var::from_tensor(&randn(15, &[50, 33])).unwrap();
+        let t = Var::from_tensor(&randn(16, &t_shape)).unwrap();
+        let r = randn(17, &[50, 33]);
+        let y = add_silu(h.as_tensor(), t.as_tensor()).unwrap();
+        let y_ref =
+            candle_nn::ops::silu(&h.as_tensor().broadcast_add(t.as_tensor()).unwrap()).unwrap();
+        assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&y_ref * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&h, &t] {
+            let d = max_abs_diff(
+                g.get(v.as_tensor()).unwrap(),
+                g_ref.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "{t_shape:?}: {d}");
+        }
+    }
+    let z = Var::from_tensor(&randn(18, &[7, 300])).unwrap();
+    let y = silu(z.as_tensor()).unwrap();
+    let y_ref = candle_nn::ops::silu(z.as_tensor()).unwrap();
+    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(
+        max_abs_diff(
+            g.get(z.as_tensor()).unwrap(),
+            g_ref.get(z.as_tensor()).unwrap()
+        ) < 1e-4
+    );
+}
+
+#[test]
+fn frozen_weights_get_no_gradient_and_extreme_inputs_stay_finite() {
+    let x = Var::from_tensor(&(randn(19, &[8, 4]) * 100.0).unwrap()).unwrap();
+    let w = randn(20, &[6, 4]);
+    let b = randn(21, &[6]);
+    let y = dense(x.as_tensor(), &w, &b, Act::Silu).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&w).is_none() && g.get(&b).is_none());
+    let gx = g.get(x.as_tensor()).unwrap();
+    assert!(
+        scoreguide_testing::flat_f64(&gx.to_dtype(DType::F64).unwrap())
+            .iter()
+            .all(|v| v.is_finite())
+    );
+    assert!(
+        scoreguide_testing::flat_f64(&y.to_dtype(DType::F64).unwrap())
+            .iter()
+            .all(|v| v.is_finite())
+    );
+}
