@@ -1,8 +1,10 @@
 //! Speed of the checkerboard network: a training step (DSM + backward + Adam + EMA,
-//! batch 1000), a sampling step (one Heun step = 2 denoiser evaluations, batch 10k) and
-//! a forward + ∇x pass (what classifier guidance costs, batch 1000), each with 1 and 2
-//! CPU threads. Prints medians; not a test (these machines are shared and noisy: compare
-//! the ratios within one run).
+//! batch 1000), a sampling step (one Heun step = 2 denoiser evaluations, batch 10k), a
+//! forward + ∇x pass (what classifier guidance costs, batch 1000) and Heun steps guided
+//! by one and two classifiers of the base's size, each with 1 and 2 CPU threads. Prints
+//! medians; not a test (these machines are shared and noisy: compare the ratios within
+//! one run). `benches/torch/checkerboard.py` is its PyTorch twin and
+//! `benches/compare.py` runs the two alternately and prints the ratios.
 //!
 //!     cargo run --release --example bench
 //!     cargo run --release --example bench -- --json out/bench.json
@@ -53,28 +55,16 @@ struct Timing {
     threads: usize,
     train_step_ms: f64,
     sample_step_ms: f64,
+    /// A classifier's log-probability and its input gradient (what guidance runs per
+    /// evaluation), batch 1000.
     forward_grad_x_ms: f64,
-    /// Heun step at batch 10k guided by one classifier of the base's size, input
-    /// gradient by the hand-written backward pass.
+    /// The score and its input gradient by autograd through the score network.
+    score_grad_x_ms: f64,
+    /// Heun step at batch 10k guided by one classifier of the base's size.
     guided_step_ms: f64,
-    /// The same with candle's autograd for the input gradient (not measured with
-    /// `--stack`).
-    guided_autograd_step_ms: Option<f64>,
+    /// The same guided by two classifiers (without `--stack`), or by the stack's.
+    guided2_step_ms: f64,
     params: usize,
-}
-
-/// Hides a term's hand-written gradient so that guidance falls back to autograd.
-struct AutogradOnly<L>(L);
-
-impl<L: LogProb> LogProb for AutogradOnly<L> {
-    fn log_prob_with(
-        &self,
-        x: &Tensor,
-        sigma: &Tensor,
-        _cond: &Cond,
-    ) -> candle_core::Result<Tensor> {
-        self.0.log_prob(x, sigma)
-    }
 }
 
 fn measure(
@@ -104,31 +94,24 @@ fn measure(
     let x = initial_noise(&mut noise, &[10_000, 2], 1.0, DType::F32, &dev)?;
     let (s0, s1) = (sigmas[50], sigmas[51]);
     let mut sample_step_ms = heun_step_ms(&frozen, &x, &Cond::none(), s0, s1, reps.min(10))?;
-    let cstore = ParamStore::new(1);
-    ClassifierConfig::checkerboard().build(&cstore.var_builder(DType::F32, &dev))?;
-    let classifier = || -> candle_core::Result<_> {
-        ClassifierConfig::checkerboard().build(&cstore.frozen_var_builder(DType::F32, &dev)?)
+    let classifier = |seed: u64| -> candle_core::Result<_> {
+        let store = ParamStore::new(seed);
+        ClassifierConfig::checkerboard().build(&store.var_builder(DType::F32, &dev))?;
+        ClassifierConfig::checkerboard().build(&store.frozen_var_builder(DType::F32, &dev)?)
     };
-    let (guided_step_ms, guided_autograd_step_ms) = match stack {
+    let (guided_step_ms, guided2_step_ms) = match stack {
         None => {
-            let guided = Guided::new(&frozen).with(1.0, classifier()?);
-            let fast = heun_step_ms(&guided, &x, &Cond::none(), s0, s1, reps.min(10))?;
-            let guided = Guided::new(&frozen).with(1.0, AutogradOnly(classifier()?));
+            let guided = Guided::new(&frozen).with(1.0, classifier(1)?);
+            let one = heun_step_ms(&guided, &x, &Cond::none(), s0, s1, reps.min(10))?;
+            let guided = guided.with(1.0, classifier(2)?);
             (
-                fast,
-                Some(heun_step_ms(
-                    &guided,
-                    &x,
-                    &Cond::none(),
-                    s0,
-                    s1,
-                    reps.min(10),
-                )?),
+                one,
+                heun_step_ms(&guided, &x, &Cond::none(), s0, s1, reps.min(10))?,
             )
         }
         Some(path) => {
-            // The stack's own base and classifiers (trained weights throughout); the
-            // autograd variant is not measured here.
+            // The stack's own base and classifiers (trained weights throughout): its first
+            // classifier, then all of them.
             let s = scoreguide::genneg::Stack::from_checkpoint(
                 &scoreguide::train::Checkpoint::load(path)?,
             )?;
@@ -141,8 +124,15 @@ fn measure(
                 reps.min(10),
             )?;
             (
+                heun_step_ms(
+                    &s.truncated(1).guided(&dev)?,
+                    &x,
+                    &Cond::none(),
+                    s0,
+                    s1,
+                    reps.min(10),
+                )?,
                 heun_step_ms(&s.guided(&dev)?, &x, &Cond::none(), s0, s1, reps.min(10))?,
-                None,
             )
         }
     };
@@ -150,7 +140,13 @@ fn measure(
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let xb = scoreguide::sde::randn(&mut rng, &[1000, 2], &dev)?;
     let sb = Tensor::full(0.5f32, 1000, &dev)?;
+    let c = classifier(1)?;
     let forward_grad_x_ms = median_ms(reps, || {
+        c.input_gradient(&xb, &sb, &Cond::none())?
+            .map(|_| ())
+            .ok_or_else(|| candle_core::Error::msg("no input gradient"))
+    })?;
+    let score_grad_x_ms = median_ms(reps, || {
         let xv = Var::from_tensor(&xb)?;
         let out = frozen.score(xv.as_tensor(), &sb)?.sum_all()?;
         let g = out.backward()?;
@@ -163,8 +159,9 @@ fn measure(
         train_step_ms,
         sample_step_ms,
         forward_grad_x_ms,
+        score_grad_x_ms,
         guided_step_ms,
-        guided_autograd_step_ms,
+        guided2_step_ms,
         params,
     })
 }
@@ -193,22 +190,19 @@ fn main() -> candle_core::Result<()> {
     }
     let rows: Vec<Timing> = measure_in_workers(&args.threads, &worker_args)?;
     println!("checkerboard network: {} parameters", rows[0].params);
-    println!("| threads | train step, batch 1000 (ms) | Heun step, batch 10k (ms) | fwd + ∇x, batch 1000 (ms) | guided Heun step, 1 classifier (ms) | same, autograd ∇x (ms) |");
+    println!("| threads | train step, batch 1000 (ms) | Heun step, batch 10k (ms) | fwd + ∇x, batch 1000 (ms) | guided Heun step, 1 classifier (ms) | 2 classifiers (ms) |");
     println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}× base) | {} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}× base) | {:.2} ({:.2}× base) |",
             r.threads,
             r.train_step_ms,
             r.sample_step_ms,
             r.forward_grad_x_ms,
             r.guided_step_ms,
             r.guided_step_ms / r.sample_step_ms,
-            r.guided_autograd_step_ms
-                .map_or("–".to_string(), |a| format!(
-                    "{a:.2} ({:.2}× base)",
-                    a / r.sample_step_ms
-                ))
+            r.guided2_step_ms,
+            r.guided2_step_ms / r.sample_step_ms,
         );
     }
     if let Some(p) = &args.json {

@@ -47,6 +47,10 @@ struct Args {
     /// maps through cross-attention, read around each vehicle by a probe.
     #[arg(long)]
     lane_maps: bool,
+    /// Skip the distillation steps (what `benches/compare.py` compares with PyTorch is
+    /// the training, sampling and guided steps).
+    #[arg(long)]
+    no_distill: bool,
     #[arg(long)]
     json: Option<PathBuf>,
     /// Internal: measure in this process with this many threads and print JSON.
@@ -64,9 +68,9 @@ struct Timing {
     /// Heun step guided by one per-vehicle classifier of the base's size.
     guided_step_ms: f64,
     /// Distillation step of that guided teacher, the classifier on every row.
-    distill_step_ms: f64,
+    distill_step_ms: Option<f64>,
     /// The same with the classifier gated to σ ≤ 0.2.
-    distill_gated_step_ms: f64,
+    distill_gated_step_ms: Option<f64>,
     params: usize,
 }
 
@@ -75,6 +79,7 @@ fn measure(
     reps: usize,
     batch: usize,
     lane_maps: bool,
+    distillation: bool,
 ) -> candle_core::Result<Timing> {
     if batch == 0 || reps == 0 {
         candle_core::bail!("--batch and --reps must be positive, got {batch} and {reps}");
@@ -131,8 +136,15 @@ fn measure(
         })
         .map(|(_, ms)| ms)
     };
-    let distill_step_ms = distill_ms(&guided)?;
-    let distill_gated_step_ms = distill_ms(&base.with_classifiers(one, Some(0.2)).guided(&dev)?)?;
+    let (distill_step_ms, distill_gated_step_ms) = match distillation {
+        true => (
+            Some(distill_ms(&guided)?),
+            Some(distill_ms(
+                &base.with_classifiers(one, Some(0.2)).guided(&dev)?,
+            )?),
+        ),
+        false => (None, None),
+    };
     Ok(Timing {
         threads,
         batch,
@@ -182,7 +194,7 @@ fn main() -> candle_core::Result<()> {
     let args = Args::parse();
     if let Some(t) = args.worker {
         let timing = scoreguide::runtime::on_compute_threads(Some(t), || {
-            measure(t, args.reps, args.batch, args.lane_maps)
+            measure(t, args.reps, args.batch, args.lane_maps, !args.no_distill)
         })?;
         println!(
             "{}",
@@ -200,6 +212,7 @@ fn main() -> candle_core::Result<()> {
         ]
         .into_iter()
         .chain(args.lane_maps.then(|| "--lane-maps".to_string()))
+        .chain(args.no_distill.then(|| "--no-distill".to_string()))
         .collect::<Vec<_>>(),
     )?;
     println!(
@@ -217,18 +230,21 @@ fn main() -> candle_core::Result<()> {
          | distillation step (ms) | distillation step, gated σ ≤ 0.2 (ms) |"
     );
     println!("|---|---|---|---|---|---|");
+    let per_train = |ms: Option<f64>, train: f64| {
+        ms.map_or("–".to_string(), |m| {
+            format!("{m:.1} ({:.2}× train)", m / train)
+        })
+    };
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} ({:.2}× base) | {:.1} ({:.2}× train) | {:.1} ({:.2}× train) |",
+            "| {} | {:.1} | {:.1} | {:.1} ({:.2}× base) | {} | {} |",
             r.threads,
             r.train_step_ms,
             r.sample_step_ms,
             r.guided_step_ms,
             r.guided_step_ms / r.sample_step_ms,
-            r.distill_step_ms,
-            r.distill_step_ms / r.train_step_ms,
-            r.distill_gated_step_ms,
-            r.distill_gated_step_ms / r.train_step_ms
+            per_train(r.distill_step_ms, r.train_step_ms),
+            per_train(r.distill_gated_step_ms, r.train_step_ms),
         );
     }
     if let Some(p) = &args.json {

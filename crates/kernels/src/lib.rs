@@ -30,5 +30,5 @@ mod optim;
 mod simd;
 pub mod threads;
 
-pub use ops::{add_silu, dense, silu, silu_derivative, Act};
+pub use ops::{add_silu, dense, manual, silu, silu_derivative, sinusoidal, Act};
 pub use optim::{adam_update, ema_update, AdamStep};

@@ -44,7 +44,7 @@ fn fast_path(ts: &[&Tensor]) -> bool {
 /// A buffer of `len` floats that the caller writes in full before reading (as candle's
 /// own kernels do): zero-filling the outputs of GEMMs and element-wise passes cost 5% of
 /// a training step.
-fn output_buffer(len: usize) -> Vec<f32> {
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: f32 has no invalid bit patterns, and every caller overwrites all `len`
     // elements (a GEMM without accumulation, or an element-wise pass over the whole
@@ -77,7 +77,7 @@ fn view<'a>(data: &'a [f32], l: &Layout) -> Result<View<'a>> {
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
@@ -504,4 +504,212 @@ pub fn silu(z: &Tensor) -> Result<Tensor> {
     } else {
         candle_nn::ops::silu(z)
     }
+}
+
+/// Hand-written backward passes (no autograd): the forward halves keep sigmoid(z), the
+/// backward halves apply SiLU's derivative in one pass, and [`matmul`] multiplies with
+/// this crate's GEMM. A network's input gradient written with these skips candle's
+/// graph and its per-node gradient buffers (`ResMlp::forward_with_input_grad`).
+pub mod manual {
+    use super::*;
+
+    fn sigmoid_of(saved: Mutex<Option<Tensor>>, what: &str) -> Result<Tensor> {
+        match saved.into_inner().expect("sigmoid lock") {
+            Some(s) => Ok(s),
+            None => bail!("{what}: the forward pass kept no sigmoid"),
+        }
+    }
+
+    /// `(act(x Wᵀ + b), sigmoid(z) for SiLU)` for 2-D x, without a graph.
+    pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> Result<(Tensor, Option<Tensor>)> {
+        let (x2, out_dims) = dense_args(x, w, b)?;
+        if out_dims.len() != 2 {
+            bail!("dense layer (hand-written backward): input must be a matrix, got {:?}", x.dims());
+        }
+        if fast_path(&[x, w, b]) {
+            let op = DenseOp {
+                act,
+                keep: true,
+                sigmoid: Mutex::new(None),
+            };
+            let y = x2.apply_op3_no_bwd(w, &b.contiguous()?, &op)?;
+            let s = match act {
+                Act::Silu => Some(sigmoid_of(op.sigmoid, "dense layer")?),
+                Act::Identity => None,
+            };
+            return Ok((y, s));
+        }
+        let n = w.dim(0)?;
+        let z = x2
+            .matmul(&w.t()?)?
+            .broadcast_add(&b.reshape(bias_shape(b, n)?)?)?
+            .detach();
+        Ok(match act {
+            Act::Identity => (z, None),
+            Act::Silu => {
+                let s = candle_nn::ops::sigmoid(&z)?;
+                ((&z * &s)?, Some(s))
+            }
+        })
+    }
+
+    /// `(SiLU(h + t), sigmoid(h + t))`, t of h's shape or one row, without a graph.
+    pub fn add_silu(h: &Tensor, t: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = *h.dims().last().unwrap_or(&0);
+        if t.dims() != h.dims() && t.dims() != [n] {
+            bail!("add-silu: the added term must be {:?} or [{n}], got {:?}", h.dims(), t.dims());
+        }
+        if fast_path(&[h, t]) {
+            let op = AddSiluOp {
+                keep: true,
+                sigmoid: Mutex::new(None),
+            };
+            let y = h.contiguous()?.apply_op2_no_bwd(&t.contiguous()?, &op)?;
+            return Ok((y, sigmoid_of(op.sigmoid, "add-silu")?));
+        }
+        let z = h.broadcast_add(t)?.detach();
+        let s = candle_nn::ops::sigmoid(&z)?;
+        Ok(((&z * &s)?, s))
+    }
+
+    /// `(SiLU(z), sigmoid(z))` without a graph.
+    pub fn silu(z: &Tensor) -> Result<(Tensor, Tensor)> {
+        if fast_path(&[z]) {
+            let op = SiluOp {
+                sigmoid: Mutex::new(None),
+            };
+            let y = z.contiguous()?.apply_op1_no_bwd(&op)?;
+            return Ok((y, sigmoid_of(op.sigmoid, "silu")?));
+        }
+        let z = z.detach();
+        let s = candle_nn::ops::sigmoid(&z)?;
+        Ok(((&z * &s)?, s))
+    }
+
+    /// `g · SiLU'(z)` from y = SiLU(z) and s = sigmoid(z), plus `acc` if given.
+    pub fn silu_backward(g: &Tensor, y: &Tensor, s: &Tensor, acc: Option<&Tensor>) -> Result<Tensor> {
+        if g.dims() != y.dims() || s.dims() != y.dims() || acc.is_some_and(|a| a.dims() != y.dims()) {
+            bail!(
+                "silu backward: gradient {:?}, output {:?} and sigmoid {:?} must have one shape",
+                g.dims(),
+                y.dims(),
+                s.dims()
+            );
+        }
+        let mut ts = vec![g, y, s];
+        ts.extend(acc);
+        if !fast_path(&ts) {
+            let d = (g * (s + (y * s.affine(-1.0, 1.0)?)?)?)?;
+            return match acc {
+                Some(a) => d + a,
+                None => Ok(d),
+            };
+        }
+        let n = *y.dims().last().unwrap_or(&1);
+        let mut out = with_data(g, |g| {
+            with_data(y, |y| with_data(s, |s| Ok(silu_grad_data(g, y, s, n))))
+        })?;
+        if let Some(a) = acc {
+            with_data(a, |a| {
+                for (o, a) in out.iter_mut().zip(a) {
+                    *o += a;
+                }
+                Ok(())
+            })?;
+        }
+        Tensor::from_vec(out, y.shape(), &Device::Cpu)
+    }
+
+    /// `a · b` for matrices, without a graph, on this crate's GEMM (candle's elsewhere).
+    pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+        if k != k2 {
+            bail!("matmul: {:?} · {:?}: inner dimensions differ", a.dims(), b.dims());
+        }
+        if !fast_path(&[a, b]) {
+            return a.matmul(b)?.detach().contiguous();
+        }
+        let mut out = output_buffer(m * n);
+        with_view(a, |av| {
+            with_view(b, |bv| {
+                crate::gemm::matmul(&mut out, av, bv, false);
+                Ok(())
+            })
+        })?;
+        Tensor::from_vec(out, (m, n), &Device::Cpu)
+    }
+}
+
+/// `[cos(f c), sin(f c)]` per element of c, as one op with its own backward pass.
+struct SinusoidalOp {
+    freqs: Vec<f32>,
+}
+
+impl CustomOp1 for SinusoidalOp {
+    fn name(&self) -> &'static str {
+        "fused-sinusoidal"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if !l.is_contiguous() {
+            bail!("sinusoidal embedding: input must be contiguous");
+        }
+        let n = l.shape().elem_count();
+        let c = &f32_slice(s, l)?[..n];
+        let width = 2 * self.freqs.len();
+        let mut out = output_buffer(n * width);
+        let chunk = chunk_len(out.len(), width);
+        if chunk >= out.len() {
+            simd::sinusoidal(c, &self.freqs, &mut out);
+        } else {
+            out.par_chunks_mut(chunk)
+                .zip(c.par_chunks(chunk / width))
+                .for_each(|(o, c)| simd::sinusoidal(c, &self.freqs, o));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, width))))
+    }
+
+    fn bwd(&self, c: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if second_order() {
+            return Ok(Some(sinusoidal_backward_composed(c, g, &self.freqs)?));
+        }
+        let n = c.elem_count();
+        let mut out = output_buffer(n);
+        with_data(g, |g| {
+            with_data(y, |y| {
+                simd::sinusoidal_backward(g, y, &self.freqs, &mut out);
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, c.shape(), &Device::Cpu)?))
+    }
+}
+
+fn freq_row(freqs: &[f32], like: &Tensor) -> Result<Tensor> {
+    Tensor::from_slice(freqs, (1, freqs.len()), like.device())?.to_dtype(like.dtype())
+}
+
+fn sinusoidal_backward_composed(c: &Tensor, g: &Tensor, freqs: &[f32]) -> Result<Tensor> {
+    let k = freqs.len();
+    let f = freq_row(freqs, c)?;
+    let arg = c.unsqueeze(1)?.broadcast_mul(&f)?;
+    let (gc, gs) = (g.narrow(1, 0, k)?, g.narrow(1, k, k)?);
+    let d = ((gs * arg.cos()?)? - (gc * arg.sin()?)?)?;
+    d.broadcast_mul(&f)?.sum(1)
+}
+
+/// `c: [N]` → `[N, 2K]` rows `[cos(f_k c), sin(f_k c)]`, differentiable with respect to
+/// c; vectorised on the CPU in f32 (candle's ops elsewhere).
+pub fn sinusoidal(c: &Tensor, freqs: &[f32]) -> Result<Tensor> {
+    if c.rank() != 1 {
+        bail!("sinusoidal embedding: input must be [N], got {:?}", c.dims());
+    }
+    if fast_path(&[c]) {
+        let op = SinusoidalOp {
+            freqs: freqs.to_vec(),
+        };
+        return c.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)));
+    }
+    let arg = c.unsqueeze(1)?.broadcast_mul(&freq_row(freqs, c)?)?;
+    Tensor::cat(&[arg.cos()?, arg.sin()?], 1)
 }

@@ -3,6 +3,7 @@
 //! Composed from candle's ops an Adam step makes a dozen passes (each allocating) over
 //! every parameter; here it is one pass writing the new parameter and moments.
 
+use crate::ops::{output_buffer, with_data};
 use crate::threads::chunk_len;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -24,10 +25,6 @@ fn fast(ts: &[&Tensor]) -> bool {
         .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
-fn data(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
 /// One Adam step: `(θ', m', v')` with m' = β1 m + (1 − β1) g, v' = β2 v + (1 − β2) g²,
 /// θ' = θ (1 − lr·wd) − lr (m'/c1) / (sqrt(v'/c2) + ε).
 pub fn adam_update(
@@ -47,30 +44,47 @@ pub fn adam_update(
         }
         return Ok(((theta - (update * s.lr)?)?, m, v));
     }
-    let (mut th, mut mm, mut vv, gg) = (data(theta)?, data(m)?, data(v)?, data(g)?);
     let (b1, b2) = (s.beta1 as f32, s.beta2 as f32);
-    let (c1, c2) = (
-        1.0 / s.bias_correction1 as f32,
-        1.0 / s.bias_correction2 as f32,
-    );
+    let (c1, c2) = (1.0 / s.bias_correction1 as f32, 1.0 / s.bias_correction2 as f32);
     let (lr, eps) = (s.lr as f32, s.eps as f32);
     let decay = (1.0 - s.lr * s.weight_decay) as f32;
-    let update = |th: &mut [f32], mm: &mut [f32], vv: &mut [f32], gg: &[f32]| {
-        for (((t, m), v), g) in th.iter_mut().zip(mm).zip(vv).zip(gg) {
-            *m = *m * b1 + g * (1.0 - b1);
-            *v = *v * b2 + g * g * (1.0 - b2);
-            *t = *t * decay - lr * (*m * c1) / ((*v * c2).sqrt() + eps);
+    let len = theta.elem_count();
+    let (mut th, mut mm, mut vv) = (output_buffer(len), output_buffer(len), output_buffer(len));
+    // Reads θ, m, v and g where they lie and writes the three results once.
+    let update = |out: (&mut [f32], &mut [f32], &mut [f32]), inp: (&[f32], &[f32], &[f32], &[f32])| {
+        let (th, mm, vv) = out;
+        let (t0, m0, v0, g) = inp;
+        for i in 0..th.len() {
+            let m = m0[i] * b1 + g[i] * (1.0 - b1);
+            let v = v0[i] * b2 + g[i] * g[i] * (1.0 - b2);
+            mm[i] = m;
+            vv[i] = v;
+            th[i] = t0[i] * decay - lr * (m * c1) / ((v * c2).sqrt() + eps);
         }
     };
-    let chunk = chunk_len(th.len(), 1);
-    if chunk >= th.len() {
-        update(&mut th, &mut mm, &mut vv, &gg);
-    } else {
-        th.par_chunks_mut(chunk)
-            .zip(mm.par_chunks_mut(chunk))
-            .zip(vv.par_chunks_mut(chunk).zip(gg.par_chunks(chunk)))
-            .for_each(|((th, mm), (vv, gg))| update(th, mm, vv, gg));
-    }
+    with_data(theta, |t0| {
+        with_data(m, |m0| {
+            with_data(v, |v0| {
+                with_data(g, |g0| {
+                    let chunk = chunk_len(len, 1);
+                    if chunk >= len {
+                        update((&mut th, &mut mm, &mut vv), (t0, m0, v0, g0));
+                    } else {
+                        th.par_chunks_mut(chunk)
+                            .zip(mm.par_chunks_mut(chunk))
+                            .zip(vv.par_chunks_mut(chunk))
+                            .enumerate()
+                            .for_each(|(i, ((th, mm), vv))| {
+                                let r = i * chunk..i * chunk + th.len();
+                                let inp = (&t0[r.clone()], &m0[r.clone()], &v0[r.clone()], &g0[r]);
+                                update((th, mm, vv), inp);
+                            });
+                    }
+                    Ok(())
+                })
+            })
+        })
+    })?;
     let shape = theta.shape();
     Ok((
         Tensor::from_vec(th, shape, &Device::Cpu)?,
@@ -84,22 +98,17 @@ pub fn ema_update(shadow: &Tensor, theta: &Tensor, decay: f64) -> Result<Tensor>
     if !fast(&[shadow, theta]) || shadow.dims() != theta.dims() {
         return (shadow * decay)? + (theta.detach() * (1.0 - decay))?;
     }
-    let (mut s, t) = (data(shadow)?, data(theta)?);
     let (d, e) = (decay as f32, (1.0 - decay) as f32);
-    let update = |s: &mut [f32], t: &[f32]| {
-        for (s, t) in s.iter_mut().zip(t) {
-            *s = *s * d + t * e;
-        }
-    };
-    let chunk = chunk_len(s.len(), 1);
-    if chunk >= s.len() {
-        update(&mut s, &t);
-    } else {
-        s.par_chunks_mut(chunk)
-            .zip(t.par_chunks(chunk))
-            .for_each(|(s, t)| update(s, t));
-    }
-    Tensor::from_vec(s, shadow.shape(), &Device::Cpu)
+    let mut out = output_buffer(shadow.elem_count());
+    with_data(shadow, |s| {
+        with_data(theta, |t| {
+            for ((o, s), t) in out.iter_mut().zip(s).zip(t) {
+                *o = s * d + t * e;
+            }
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(out, shadow.shape(), &Device::Cpu)
 }
 
 #[cfg(test)]

@@ -218,3 +218,20 @@ fn frozen_weights_get_no_gradient_and_extreme_inputs_stay_finite() {
             .all(|v| v.is_finite())
     );
 }
+
+#[test]
+fn sinusoidal_matches_composed_ops_and_its_gradient() {
+    let freqs = [1.0f32, 3.7, 31.6, 1000.0];
+    let c = Var::from_tensor(&(randn(22, &[37]) * 0.7).unwrap()).unwrap();
+    let y = scoreguide_kernels::sinusoidal(c.as_tensor(), &freqs).unwrap();
+    let f = Tensor::new(&freqs, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let arg = c.as_tensor().unsqueeze(1).unwrap().broadcast_mul(&f).unwrap();
+    let y_ref = Tensor::cat(&[arg.cos().unwrap(), arg.sin().unwrap()], 1).unwrap();
+    assert_eq!(y.dims(), &[37, 8]);
+    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+    let r = randn(23, &[37, 8]);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let (a, e) = (g.get(c.as_tensor()).unwrap(), g_ref.get(c.as_tensor()).unwrap());
+    assert!(max_abs_diff(a, e) < 1e-3 * (1.0 + scoreguide_testing::max_abs(e)));
+}

@@ -53,8 +53,6 @@ impl SinusoidalEmbedding {
                 self.max_freq.powf(e) as f32
             })
             .collect();
-        let freqs = Tensor::from_vec(freqs, (1, half), c.device())?.to_dtype(c.dtype())?;
-        let arg = c.unsqueeze(1)?.broadcast_mul(&freqs)?;
-        Tensor::cat(&[arg.cos()?, arg.sin()?], 1)
+        scoreguide_kernels::sinusoidal(c, &freqs)
     }
 }
