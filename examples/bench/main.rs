@@ -45,6 +45,9 @@ struct Args {
     /// tails are where subnormal floats come from.
     #[arg(long)]
     stack: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N` (the thread counts then size the host's pool only).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Internal: measure in this process with this many threads and print JSON.
     #[arg(long, hide = true)]
     worker: Option<usize>,
@@ -71,10 +74,11 @@ fn measure(
     threads: usize,
     reps: usize,
     stack: Option<&std::path::Path>,
+    dev: &Device,
 ) -> candle_core::Result<Timing> {
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let cfg = BaselineConfig::default();
-    let data = Dataset::new(checkerboard(1000, 0)?, "bench")?;
+    let data = Dataset::new(checkerboard(1000, 0)?, "bench")?.to_device(&dev)?;
     let store = ParamStore::new(0);
     let model = cfg.model.build(&store.var_builder(DType::F32, &dev))?;
     let params = store.num_params();
@@ -173,7 +177,8 @@ fn main() -> candle_core::Result<()> {
             if args.flush {
                 scoreguide::runtime::flush_subnormals_to_zero(t)?;
             }
-            measure(t, args.reps, args.stack.as_deref())
+            let dev = scoreguide::runtime::device(&args.device)?;
+            measure(t, args.reps, args.stack.as_deref(), &dev)
         })?;
         println!(
             "{}",
@@ -181,7 +186,12 @@ fn main() -> candle_core::Result<()> {
         );
         return Ok(());
     }
-    let mut worker_args = vec!["--reps".to_string(), args.reps.to_string()];
+    let mut worker_args = vec![
+        "--reps".to_string(),
+        args.reps.to_string(),
+        "--device".to_string(),
+        args.device.clone(),
+    ];
     if args.flush {
         worker_args.push("--flush".into());
     }

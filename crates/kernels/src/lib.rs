@@ -25,10 +25,12 @@
 //! ```
 
 mod gemm;
+mod norm;
 mod ops;
 mod optim;
 mod simd;
 pub mod threads;
 
+pub use norm::{layer_norm, softmax_last_dim};
 pub use ops::{add_silu, dense, manual, silu, silu_derivative, sinusoidal, Act};
 pub use optim::{adam_update, ema_update, AdamStep};

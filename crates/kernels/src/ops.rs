@@ -27,7 +27,7 @@ pub enum Act {
 /// Whether backward passes must themselves be differentiable: candle keeps the graph
 /// of a backward pass only with `CANDLE_GRAD_DO_NOT_DETACH` (DLSM's second-order loss),
 /// and then these ops take candle's own ops for their backward pass.
-fn second_order() -> bool {
+pub(crate) fn second_order() -> bool {
     thread_local! {
         static ON: bool = std::env::var("CANDLE_GRAD_DO_NOT_DETACH")
             .map(|s| !s.is_empty() && s != "0")
@@ -524,7 +524,10 @@ pub mod manual {
     pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> Result<(Tensor, Option<Tensor>)> {
         let (x2, out_dims) = dense_args(x, w, b)?;
         if out_dims.len() != 2 {
-            bail!("dense layer (hand-written backward): input must be a matrix, got {:?}", x.dims());
+            bail!(
+                "dense layer (hand-written backward): input must be a matrix, got {:?}",
+                x.dims()
+            );
         }
         if fast_path(&[x, w, b]) {
             let op = DenseOp {
@@ -557,7 +560,11 @@ pub mod manual {
     pub fn add_silu(h: &Tensor, t: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = *h.dims().last().unwrap_or(&0);
         if t.dims() != h.dims() && t.dims() != [n] {
-            bail!("add-silu: the added term must be {:?} or [{n}], got {:?}", h.dims(), t.dims());
+            bail!(
+                "add-silu: the added term must be {:?} or [{n}], got {:?}",
+                h.dims(),
+                t.dims()
+            );
         }
         if fast_path(&[h, t]) {
             let op = AddSiluOp {
@@ -587,8 +594,14 @@ pub mod manual {
     }
 
     /// `g · SiLU'(z)` from y = SiLU(z) and s = sigmoid(z), plus `acc` if given.
-    pub fn silu_backward(g: &Tensor, y: &Tensor, s: &Tensor, acc: Option<&Tensor>) -> Result<Tensor> {
-        if g.dims() != y.dims() || s.dims() != y.dims() || acc.is_some_and(|a| a.dims() != y.dims()) {
+    pub fn silu_backward(
+        g: &Tensor,
+        y: &Tensor,
+        s: &Tensor,
+        acc: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if g.dims() != y.dims() || s.dims() != y.dims() || acc.is_some_and(|a| a.dims() != y.dims())
+        {
             bail!(
                 "silu backward: gradient {:?}, output {:?} and sigmoid {:?} must have one shape",
                 g.dims(),
@@ -624,7 +637,11 @@ pub mod manual {
     pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
         if k != k2 {
-            bail!("matmul: {:?} · {:?}: inner dimensions differ", a.dims(), b.dims());
+            bail!(
+                "matmul: {:?} · {:?}: inner dimensions differ",
+                a.dims(),
+                b.dims()
+            );
         }
         if !fast_path(&[a, b]) {
             return a.matmul(b)?.detach().contiguous();
@@ -702,13 +719,18 @@ fn sinusoidal_backward_composed(c: &Tensor, g: &Tensor, freqs: &[f32]) -> Result
 /// c; vectorised on the CPU in f32 (candle's ops elsewhere).
 pub fn sinusoidal(c: &Tensor, freqs: &[f32]) -> Result<Tensor> {
     if c.rank() != 1 {
-        bail!("sinusoidal embedding: input must be [N], got {:?}", c.dims());
+        bail!(
+            "sinusoidal embedding: input must be [N], got {:?}",
+            c.dims()
+        );
     }
     if fast_path(&[c]) {
         let op = SinusoidalOp {
             freqs: freqs.to_vec(),
         };
-        return c.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)));
+        return c
+            .contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(op)));
     }
     let arg = c.unsqueeze(1)?.broadcast_mul(&freq_row(freqs, c)?)?;
     Tensor::cat(&[arg.cos()?, arg.sin()?], 1)

@@ -45,13 +45,17 @@ pub fn adam_update(
         return Ok(((theta - (update * s.lr)?)?, m, v));
     }
     let (b1, b2) = (s.beta1 as f32, s.beta2 as f32);
-    let (c1, c2) = (1.0 / s.bias_correction1 as f32, 1.0 / s.bias_correction2 as f32);
+    let (c1, c2) = (
+        1.0 / s.bias_correction1 as f32,
+        1.0 / s.bias_correction2 as f32,
+    );
     let (lr, eps) = (s.lr as f32, s.eps as f32);
     let decay = (1.0 - s.lr * s.weight_decay) as f32;
     let len = theta.elem_count();
     let (mut th, mut mm, mut vv) = (output_buffer(len), output_buffer(len), output_buffer(len));
     // Reads θ, m, v and g where they lie and writes the three results once.
-    let update = |out: (&mut [f32], &mut [f32], &mut [f32]), inp: (&[f32], &[f32], &[f32], &[f32])| {
+    let update = |out: (&mut [f32], &mut [f32], &mut [f32]),
+                  inp: (&[f32], &[f32], &[f32], &[f32])| {
         let (th, mm, vv) = out;
         let (t0, m0, v0, g) = inp;
         for i in 0..th.len() {

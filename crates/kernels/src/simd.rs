@@ -35,8 +35,8 @@ fn exp(x: f32) -> f32 {
 fn sin_cos(x: f32) -> (f32, f32) {
     const TWO_OVER_PI: f32 = std::f32::consts::FRAC_2_PI;
     const P1: f32 = 1.570_312_5;
-    const P2: f32 = 4.837_512_969_970_703e-4;
-    const P3: f32 = 7.549_789_954_891_815e-8;
+    const P2: f32 = 4.837_513e-4;
+    const P3: f32 = 7.549_79e-8;
     const ROUND: f32 = 12_582_912.0;
     let t = x * TWO_OVER_PI + ROUND;
     let q = t - ROUND;
@@ -44,8 +44,8 @@ fn sin_cos(x: f32) -> (f32, f32) {
     let r = ((x - q * P1) - q * P2) - q * P3;
     let r2 = r * r;
     let s = r + r * r2 * (-1.666_665_5e-1 + r2 * (8.332_161e-3 + r2 * -1.951_529_6e-4));
-    let c = 1.0 - 0.5 * r2
-        + r2 * r2 * (4.166_664_6e-2 + r2 * (-1.388_731_6e-3 + r2 * 2.443_315_7e-5));
+    let c =
+        1.0 - 0.5 * r2 + r2 * r2 * (4.166_664_6e-2 + r2 * (-1.388_731_6e-3 + r2 * 2.443_315_7e-5));
     let swap = qi & 1 != 0;
     let (sin, cos) = if swap { (c, s) } else { (s, c) };
     let sin = if qi & 2 != 0 { -sin } else { sin };

@@ -224,14 +224,88 @@ fn sinusoidal_matches_composed_ops_and_its_gradient() {
     let freqs = [1.0f32, 3.7, 31.6, 1000.0];
     let c = Var::from_tensor(&(randn(22, &[37]) * 0.7).unwrap()).unwrap();
     let y = scoreguide_kernels::sinusoidal(c.as_tensor(), &freqs).unwrap();
-    let f = Tensor::new(&freqs, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let arg = c.as_tensor().unsqueeze(1).unwrap().broadcast_mul(&f).unwrap();
+    let f = Tensor::new(&freqs, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let arg = c
+        .as_tensor()
+        .unsqueeze(1)
+        .unwrap()
+        .broadcast_mul(&f)
+        .unwrap();
     let y_ref = Tensor::cat(&[arg.cos().unwrap(), arg.sin().unwrap()], 1).unwrap();
     assert_eq!(y.dims(), &[37, 8]);
     assert!(max_abs_diff(&y, &y_ref) < 1e-5);
     let r = randn(23, &[37, 8]);
     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let (a, e) = (g.get(c.as_tensor()).unwrap(), g_ref.get(c.as_tensor()).unwrap());
+    let g_ref = (&y_ref * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (a, e) = (
+        g.get(c.as_tensor()).unwrap(),
+        g_ref.get(c.as_tensor()).unwrap(),
+    );
     assert!(max_abs_diff(a, e) < 1e-3 * (1.0 + scoreguide_testing::max_abs(e)));
+}
+
+#[test]
+fn layer_norm_and_softmax_match_composed_ops() {
+    let x = Var::from_tensor(&randn(24, &[3, 5, 64])).unwrap();
+    let gain = Var::from_tensor(&(randn(25, &[64]) + 1.0).unwrap()).unwrap();
+    let bias = Var::from_tensor(&randn(26, &[64])).unwrap();
+    let r = randn(27, &[3, 5, 64]);
+    let y =
+        scoreguide_kernels::layer_norm(x.as_tensor(), gain.as_tensor(), bias.as_tensor()).unwrap();
+    let xt = x.as_tensor();
+    let centred = xt.broadcast_sub(&xt.mean_keepdim(2).unwrap()).unwrap();
+    let y_ref = centred
+        .broadcast_div(
+            &(centred.sqr().unwrap().mean_keepdim(2).unwrap() + 1e-5)
+                .unwrap()
+                .sqrt()
+                .unwrap(),
+        )
+        .unwrap()
+        .broadcast_mul(gain.as_tensor())
+        .unwrap()
+        .broadcast_add(bias.as_tensor())
+        .unwrap();
+    assert!(max_abs_diff(&y, &y_ref) < 1e-4);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&y_ref * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &gain, &bias] {
+        let (a, e) = (
+            g.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(a, e) < 1e-3 * (1.0 + scoreguide_testing::max_abs(e)));
+    }
+
+    let z = Var::from_tensor(&(randn(28, &[4, 7, 12]) * 3.0).unwrap()).unwrap();
+    let r = randn(29, &[4, 7, 12]);
+    let s = scoreguide_kernels::softmax_last_dim(z.as_tensor()).unwrap();
+    let s_ref = candle_nn::ops::softmax(z.as_tensor(), candle_core::D::Minus1).unwrap();
+    assert!(max_abs_diff(&s, &s_ref) < 1e-6);
+    let g = (&s * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&s_ref * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(
+        max_abs_diff(
+            g.get(z.as_tensor()).unwrap(),
+            g_ref.get(z.as_tensor()).unwrap()
+        ) < 1e-5
+    );
 }

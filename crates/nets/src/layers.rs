@@ -5,10 +5,12 @@
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::{linear, VarBuilder};
+use scoreguide_kernels::{dense, Act};
 
-/// A linear layer whose bias enters through a rank-1 matmul (`1 · bᵀ`) instead of a
-/// broadcast: candle's CPU backward of a broadcast sums over leading dimensions with a
-/// division per element, which made bias gradients most of a training step here.
+/// A linear layer on `scoreguide_kernels::dense`: the GEMM, bias and activation in one
+/// op whose backward pass sums the bias gradient over rows directly (candle's backward
+/// of a broadcast bias, a leading-dimension sum with a division per element, was most
+/// of a training step here).
 pub(crate) struct Dense {
     pub(crate) weight: Tensor,
     pub(crate) bias: Tensor,
@@ -24,23 +26,13 @@ impl Dense {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (in_dim, lead) = (dims[dims.len() - 1], dims[..dims.len() - 1].to_vec());
-        let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, in_dim))?;
-        let out = self.bias.dim(0)?;
-        let y = (x2.matmul(&self.weight.t()?)? + row_broadcast(&self.bias, rows)?)?;
-        let mut shape = lead;
-        shape.push(out);
-        y.reshape(shape)
+        dense(x, &self.weight, &self.bias, Act::Identity)
     }
-}
 
-/// `v: [n]` repeated over `rows` rows, `[rows, n]`, as a matmul (`1 · vᵀ`) so that the
-/// backward pass is a matmul too.
-pub(crate) fn row_broadcast(v: &Tensor, rows: usize) -> Result<Tensor> {
-    let ones = Tensor::ones((rows, 1), v.dtype(), v.device())?;
-    ones.matmul(&v.unsqueeze(0)?)
+    /// `SiLU(x Wᵀ + b)` in one op.
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        dense(x, &self.weight, &self.bias, Act::Silu)
+    }
 }
 
 /// `[B, n]` → `[B·times, n]`, row b repeated `times` times, by `index_select` (whose
@@ -53,8 +45,8 @@ pub(crate) fn repeat_rows(t: &Tensor, times: usize) -> Result<Tensor> {
     t.index_select(&Tensor::from_vec(idx, b * times, t.device())?, 0)
 }
 
-/// Layer norm from basic ops (candle's fused one drops gradients), its gain and bias
-/// applied through [`row_broadcast`].
+/// Layer norm (`scoreguide_kernels::layer_norm`: one op with its own backward pass;
+/// candle's fused one drops gradients).
 pub(crate) struct LayerNorm {
     pub(crate) gain: Tensor,
     pub(crate) bias: Tensor,
@@ -69,13 +61,7 @@ impl LayerNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / h;
-        let x2 = x.reshape((rows, h))?;
-        let centred = x2.broadcast_sub(&x2.mean_keepdim(1)?)?;
-        let normed = centred.broadcast_div(&(centred.sqr()?.mean_keepdim(1)? + 1e-5)?.sqrt()?)?;
-        let y = ((normed * row_broadcast(&self.gain, rows)?)? + row_broadcast(&self.bias, rows)?)?;
-        y.reshape(x.shape())
+        scoreguide_kernels::layer_norm(x, &self.gain, &self.bias)
     }
 }
 
@@ -97,7 +83,7 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-    candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v.contiguous()?)
+    scoreguide_kernels::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
 }
 
 pub(crate) struct SelfAttention {
@@ -155,7 +141,7 @@ pub(crate) fn relative_attention(
     let qr_k = qr_by_j.matmul(&k_by_j)?.permute((0, 3, 2, 1))?; // [B, h, i, j]
     let qr_kr = (qr * kr)?.sum(D::Minus1)?.unsqueeze(1)?; // [B, 1, i, j]
     let scores = ((qk + q_kr)? + qr_k)?.broadcast_add(&qr_kr)?;
-    let weights = candle_nn::ops::softmax(&(scores / (d as f64).sqrt())?, D::Minus1)?;
+    let weights = scoreguide_kernels::softmax_last_dim(&(scores / (d as f64).sqrt())?)?;
     let from_v = weights.matmul(&v.contiguous()?)?;
     let from_vr = weights
         .transpose(1, 2)?
@@ -192,9 +178,8 @@ pub(crate) struct Mlp {
 
 impl Mlp {
     pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&candle_nn::ops::silu(
-            &self.fc1.forward(&self.norm.forward(h)?)?,
-        )?)
+        self.fc2
+            .forward(&self.fc1.forward_silu(&self.norm.forward(h)?)?)
     }
 }
 

@@ -174,8 +174,8 @@ impl MapEncoder {
             maps.clone()
         };
         let x = pooled.permute((0, 2, 3, 1))?.contiguous()?; // [M, c, c, C]
-        let f = candle_nn::ops::silu(&self.conv1.forward(&patches_2x2(&x)?)?)?;
-        let f = candle_nn::ops::silu(&self.conv2.forward(&patches_2x2(&f)?)?)?; // [M, c/4, c/4, H]
+        let f = self.conv1.forward_silu(&patches_2x2(&x)?)?;
+        let f = self.conv2.forward_silu(&patches_2x2(&f)?)?; // [M, c/4, c/4, H]
         let side = cells / 4;
         let tokens = f.reshape((m, side * side, self.hidden))?;
         let pos = position_encoding_2d(side, side, self.hidden, maps.dtype(), maps.device())?;

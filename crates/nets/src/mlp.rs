@@ -163,7 +163,9 @@ impl ResMlp {
         let x = x.detach();
         let temb = self.time_embedding(c_noise, x.dtype())?.detach();
         let (w, b) = linear_parts(&self.input)?;
-        let mut h = manual::dense(&x, w, b, Act::Identity)?.0.broadcast_add(&temb)?;
+        let mut h = manual::dense(&x, w, b, Act::Identity)?
+            .0
+            .broadcast_add(&temb)?;
         let mut kept = Vec::with_capacity(self.blocks.len());
         for blk in &self.blocks {
             let (u, su) = manual::add_silu(&h, &temb)?;

@@ -302,7 +302,7 @@ impl SceneTransformer {
             }
         }
         let encoder_in = Tensor::cat(&encoder_in, 2)?;
-        let enc = candle_nn::ops::silu(&self.encoder1.forward(&encoder_in)?)?;
+        let enc = self.encoder1.forward_silu(&encoder_in)?;
         let mut hs = (self.encoder2.forward(&enc)? + t_agent)?;
 
         // Pairwise distances, smoothed at 0 so the diagonal has a finite gradient.
@@ -320,14 +320,14 @@ impl SceneTransformer {
             a,
             self.cfg.relative_dim,
         ))?;
-        let e = candle_nn::ops::silu(&(self.distance.forward(&demb)? + t_pair)?)?;
+        let e = scoreguide_kernels::add_silu(&self.distance.forward(&demb)?, &t_pair)?;
 
         for block in &self.blocks {
             hs = (&hs + block.self_attention.forward(&hs, &e, self.cfg.heads)?)?;
             hs = (&hs + block.cross_attention.forward(&hs, tokens, self.cfg.heads)?)?;
             hs = (&hs + block.mlp.forward(&hs)?)?;
         }
-        let out = candle_nn::ops::silu(&self.decoder1.forward(&self.final_norm.forward(&hs)?)?)?;
+        let out = self.decoder1.forward_silu(&self.final_norm.forward(&hs)?)?;
         self.decoder2
             .forward(&out)?
             .reshape((b, a * self.cfg.out_per_agent))

@@ -76,3 +76,22 @@ pub fn assert_all_nonzero(
         assert!(m > 0.0, "{what}: gradient of `{name}` is zero");
     }
 }
+
+/// The device the device-generic tests run on: `SCOREGUIDE_TEST_DEVICE` (`cpu`, the
+/// default, or `cuda` / `cuda:N`, which needs a build with `--features cuda`); `.ci/gpu`
+/// sets it on a GPU machine.
+pub fn device() -> candle_core::Device {
+    match std::env::var("SCOREGUIDE_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => candle_core::Device::Cpu,
+        Ok(s) => {
+            let ordinal = s
+                .strip_prefix("cuda")
+                .map(|r| r.trim_start_matches(':'))
+                .map(|r| if r.is_empty() { Ok(0) } else { r.parse() })
+                .unwrap_or_else(|| panic!("SCOREGUIDE_TEST_DEVICE={s}: expected cpu or cuda[:N]"))
+                .unwrap_or_else(|_| panic!("SCOREGUIDE_TEST_DEVICE={s}: bad GPU ordinal"));
+            candle_core::Device::new_cuda(ordinal)
+                .unwrap_or_else(|e| panic!("SCOREGUIDE_TEST_DEVICE={s}: {e}"))
+        }
+    }
+}
