@@ -24,6 +24,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod bmm;
 mod gemm;
 mod norm;
 mod ops;
@@ -31,6 +32,7 @@ mod optim;
 mod simd;
 pub mod threads;
 
+pub use bmm::batched_matmul;
 pub use norm::{layer_norm, softmax_last_dim};
 pub use ops::{add_silu, dense, manual, silu, silu_derivative, sinusoidal, Act};
 pub use optim::{adam_update, ema_update, AdamStep};

@@ -309,3 +309,35 @@ fn layer_norm_and_softmax_match_composed_ops() {
         ) < 1e-5
     );
 }
+
+#[test]
+fn batched_matmul_on_strided_views_matches_candle() {
+    let a = Var::from_tensor(&randn(30, &[3, 4, 5, 6])).unwrap();
+    let bt = Var::from_tensor(&randn(31, &[3, 4, 7, 6])).unwrap();
+    // b is a transposed view: [3, 4, 6, 7] with strides of bt.
+    let b = bt.as_tensor().transpose(2, 3).unwrap();
+    let r = randn(32, &[3, 4, 5, 7]);
+    let y = scoreguide_kernels::batched_matmul(a.as_tensor(), &b).unwrap();
+    let y_ref = a.as_tensor().matmul(&b.contiguous().unwrap()).unwrap();
+    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&y_ref * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&a, &bt] {
+        let (x, e) = (
+            g.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(x, e) < 1e-4, "{}", max_abs_diff(x, e));
+    }
+    // Permuted batch dimensions (non-contiguous batches).
+    let p = randn(33, &[4, 3, 5, 6]).transpose(0, 1).unwrap();
+    let q = randn(34, &[3, 4, 6, 2]);
+    let y = scoreguide_kernels::batched_matmul(&p, &q).unwrap();
+    assert!(max_abs_diff(&y, &p.contiguous().unwrap().matmul(&q).unwrap()) < 1e-5);
+    assert!(scoreguide_kernels::batched_matmul(&p, &randn(1, &[3, 4, 5, 2])).is_err());
+}

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::{linear, VarBuilder};
-use scoreguide_kernels::{dense, Act};
+use scoreguide_kernels::{batched_matmul, dense, Act};
 
 /// A linear layer on `scoreguide_kernels::dense`: the GEMM, bias and activation in one
 /// op whose backward pass sums the bias gradient over rows directly (candle's backward
@@ -68,9 +68,7 @@ impl LayerNorm {
 /// Splits `[B, N, H]` into heads `[B, heads, N, H/heads]`.
 pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, h) = x.dims3()?;
-    x.reshape((b, n, heads, h / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    x.reshape((b, n, heads, h / heads))?.transpose(1, 2)
 }
 
 /// Inverse of [`split_heads`].
@@ -82,8 +80,8 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// Multi-head attention of `queries` over `keys` (vanilla).
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-    scoreguide_kernels::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+    let scores = (batched_matmul(q, &k.t()?)? * scale)?;
+    batched_matmul(&scoreguide_kernels::softmax_last_dim(&scores)?, v)
 }
 
 pub(crate) struct SelfAttention {
@@ -108,7 +106,7 @@ impl SelfAttention {
         );
         let vanilla = attention(&q, &k, &v)?;
         let rel = self.rel.forward(e)?;
-        let pair = |i: usize| rel.narrow(3, i * dh, dh)?.contiguous();
+        let pair = |i: usize| rel.narrow(3, i * dh, dh);
         let relative = relative_attention(&q, &k, &v, &pair(0)?, &pair(1)?, &pair(2)?)?;
         debug_assert_eq!(relative.dims(), &[b, heads, a, dh]);
         self.out.forward(&merge_heads(&(vanilla + relative)?)?)
@@ -131,22 +129,18 @@ pub(crate) fn relative_attention(
     vr: &Tensor,
 ) -> Result<Tensor> {
     let d = q.dim(D::Minus1)?;
-    let qk = q.matmul(&k.t()?.contiguous()?)?; // [B, h, i, j]
-    let q_by_i = q.transpose(1, 2)?.contiguous()?; // [B, i, h, d]
-    let q_kr = q_by_i
-        .matmul(&kr.transpose(2, 3)?.contiguous()?)? // [B, i, h, j]
+    let qk = batched_matmul(q, &k.t()?)?; // [B, h, i, j]
+    let q_by_i = q.transpose(1, 2)?; // [B, i, h, d]
+    let q_kr = batched_matmul(&q_by_i, &kr.transpose(2, 3)?)? // [B, i, h, j]
         .transpose(1, 2)?;
-    let qr_by_j = qr.transpose(1, 2)?.contiguous()?; // [B, j, i, d]
-    let k_by_j = k.permute((0, 2, 3, 1))?.contiguous()?; // [B, j, d, h]
-    let qr_k = qr_by_j.matmul(&k_by_j)?.permute((0, 3, 2, 1))?; // [B, h, i, j]
+    let qr_by_j = qr.transpose(1, 2)?; // [B, j, i, d]
+    let k_by_j = k.permute((0, 2, 3, 1))?; // [B, j, d, h]
+    let qr_k = batched_matmul(&qr_by_j, &k_by_j)?.permute((0, 3, 2, 1))?; // [B, h, i, j]
     let qr_kr = (qr * kr)?.sum(D::Minus1)?.unsqueeze(1)?; // [B, 1, i, j]
     let scores = ((qk + q_kr)? + qr_k)?.broadcast_add(&qr_kr)?;
     let weights = scoreguide_kernels::softmax_last_dim(&(scores / (d as f64).sqrt())?)?;
-    let from_v = weights.matmul(&v.contiguous()?)?;
-    let from_vr = weights
-        .transpose(1, 2)?
-        .contiguous()?
-        .matmul(vr)? // [B, i, h, d]
+    let from_v = batched_matmul(&weights, v)?;
+    let from_vr = batched_matmul(&weights.transpose(1, 2)?, vr)? // [B, i, h, d]
         .transpose(1, 2)?;
     from_v + from_vr
 }
