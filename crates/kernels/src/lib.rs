@@ -29,6 +29,7 @@ mod gemm;
 mod norm;
 mod ops;
 mod optim;
+mod rpe;
 mod simd;
 pub mod threads;
 
@@ -36,3 +37,4 @@ pub use bmm::batched_matmul;
 pub use norm::{layer_norm, softmax_last_dim};
 pub use ops::{add_silu, dense, manual, silu, silu_derivative, sinusoidal, Act};
 pub use optim::{adam_update, ema_update, AdamStep};
+pub use rpe::relative_attention;

@@ -3,6 +3,7 @@
 //! allocating passes each).
 
 use crate::ops::{output_buffer, second_order, with_data};
+use crate::simd;
 use crate::threads::chunk_len;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
@@ -68,12 +69,7 @@ impl CustomOp3 for LayerNormOp {
         let n = g.len();
         let mut out = output_buffer(x.len());
         rows_par(&mut out, n, |start, o| {
-            for (orow, xrow) in o.chunks_exact_mut(n).zip(x[start..].chunks_exact(n)) {
-                let (mean, rstd) = moments(xrow);
-                for i in 0..n {
-                    orow[i] = (xrow[i] - mean) * rstd * g[i] + b[i];
-                }
-            }
+            simd::layer_norm_rows(&x[start..start + o.len()], g, b, EPS, o)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -102,25 +98,8 @@ impl CustomOp3 for LayerNormOp {
             with_data(gain, |g| {
                 with_data(gy, |gy| {
                     rows_par(&mut gx, n, |start, o| {
-                        for ((orow, xrow), grow) in o
-                            .chunks_exact_mut(n)
-                            .zip(x[start..].chunks_exact(n))
-                            .zip(gy[start..].chunks_exact(n))
-                        {
-                            let (mean, rstd) = moments(xrow);
-                            let (mut m1, mut m2) = (0f32, 0f32);
-                            for i in 0..n {
-                                let xh = (xrow[i] - mean) * rstd;
-                                let d = grow[i] * g[i];
-                                m1 += d;
-                                m2 += d * xh;
-                            }
-                            let (m1, m2) = (m1 / n as f32, m2 / n as f32);
-                            for i in 0..n {
-                                let xh = (xrow[i] - mean) * rstd;
-                                orow[i] = rstd * (grow[i] * g[i] - m1 - xh * m2);
-                            }
-                        }
+                        let r = start..start + o.len();
+                        simd::layer_norm_backward_rows(&x[r.clone()], g, &gy[r], EPS, o)
                     });
                     for r in 0..rows {
                         let (xrow, grow) = (&x[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n]);
@@ -215,16 +194,7 @@ impl CustomOp1 for SoftmaxOp {
         let n = *l.dims().last().unwrap_or(&1);
         let mut out = output_buffer(x.len());
         rows_par(&mut out, n, |start, o| {
-            for (orow, xrow) in o.chunks_exact_mut(n).zip(x[start..].chunks_exact(n)) {
-                let max = xrow.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-                let mut sum = 0f32;
-                for (o, v) in orow.iter_mut().zip(xrow) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                orow.iter_mut().for_each(|o| *o *= inv);
-            }
+            simd::softmax_rows(&x[start..start + o.len()], o, n)
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

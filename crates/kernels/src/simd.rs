@@ -218,6 +218,69 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Softmax of each row of width `n`: the exponentials in a loop of their own (which
+    /// vectorises), the sum and the scaling after.
+    pub fn softmax_rows(x: &[f32], out: &mut [f32], n: usize) {
+        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let mut m = f32::NEG_INFINITY;
+            for v in xr {
+                m = if *v > m { *v } else { m };
+            }
+            for (o, v) in or.iter_mut().zip(xr) {
+                *o = exp(v - m);
+            }
+            let inv = 1.0 / or.iter().sum::<f32>();
+            for o in or.iter_mut() {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+/// Mean and 1/sqrt(variance + eps) of one row.
+#[inline(always)]
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+multiversion! {
+    /// Layer norm of each row of width `g.len()`: (x − mean) / sqrt(var + eps) · g + b.
+    pub fn layer_norm_rows(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+        let n = g.len();
+        for (or, xr) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+            let (mean, rstd) = moments(xr, eps);
+            for (((o, v), g), b) in or.iter_mut().zip(xr).zip(g).zip(b) {
+                *o = (v - mean) * rstd * g + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The input gradient of [`layer_norm_rows`]: rstd (d − mean(d) − x̂ mean(d x̂)) with
+    /// d = gy · g.
+    pub fn layer_norm_backward_rows(x: &[f32], g: &[f32], gy: &[f32], eps: f32, out: &mut [f32]) {
+        let n = g.len();
+        for ((or, xr), gr) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)).zip(gy.chunks_exact(n)) {
+            let (mean, rstd) = moments(xr, eps);
+            let (mut m1, mut m2) = (0f32, 0f32);
+            for ((v, gy), g) in xr.iter().zip(gr).zip(g) {
+                let d = gy * g;
+                m1 += d;
+                m2 += d * (v - mean) * rstd;
+            }
+            let (m1, m2) = (m1 / n as f32, m2 / n as f32);
+            for (((o, v), gy), g) in or.iter_mut().zip(xr).zip(gr).zip(g) {
+                *o = rstd * (gy * g - m1 - (v - mean) * rstd * m2);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

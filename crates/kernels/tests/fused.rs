@@ -341,3 +341,81 @@ fn batched_matmul_on_strided_views_matches_candle() {
     assert!(max_abs_diff(&y, &p.contiguous().unwrap().matmul(&q).unwrap()) < 1e-5);
     assert!(scoreguide_kernels::batched_matmul(&p, &randn(1, &[3, 4, 5, 2])).is_err());
 }
+
+/// Relative attention by its definition, on `[B, h, A, A, d]` tensors.
+fn relative_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, rel: &Tensor) -> Tensor {
+    let d = q.dim(3).unwrap();
+    let part = |i: usize| rel.narrow(3, i * d, d).unwrap().unsqueeze(1).unwrap();
+    let (qr, kr, vr) = (part(0), part(1), part(2));
+    let qi = q.unsqueeze(3).unwrap().broadcast_add(&qr).unwrap();
+    let kj = k.unsqueeze(2).unwrap().broadcast_add(&kr).unwrap();
+    let scores = ((qi * kj).unwrap().sum(4).unwrap() / (d as f64).sqrt()).unwrap();
+    let w = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+    let values = v.unsqueeze(2).unwrap().broadcast_add(&vr).unwrap();
+    w.unsqueeze(4)
+        .unwrap()
+        .broadcast_mul(&values)
+        .unwrap()
+        .sum(3)
+        .unwrap()
+}
+
+#[test]
+fn relative_attention_matches_its_definition_with_gradients() {
+    let (b, h, a, d) = (2, 3, 5, 4);
+    for dtype in [DType::F32, DType::F64] {
+        let var = |seed, shape: &[usize]| {
+            Var::from_tensor(&randn(seed, shape).to_dtype(dtype).unwrap()).unwrap()
+        };
+        let (q, k, v) = (
+            var(40, &[b, h, a, d]),
+            var(41, &[b, h, a, d]),
+            var(42, &[b, h, a, d]),
+        );
+        let rel = var(43, &[b, a, a, 3 * d]);
+        let r = randn(44, &[b, h, a, d]).to_dtype(dtype).unwrap();
+        let y = scoreguide_kernels::relative_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            rel.as_tensor(),
+        )
+        .unwrap();
+        let y_ref = relative_attention_reference(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            rel.as_tensor(),
+        );
+        assert!(max_abs_diff(&y, &y_ref) < 1e-5, "{dtype:?}");
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&y_ref * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (t, what) in [(&q, "q"), (&k, "k"), (&v, "v"), (&rel, "rel")] {
+            let (x, e) = (
+                g.get(t.as_tensor()).unwrap(),
+                g_ref.get(t.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_abs_diff(x, e) < 1e-4,
+                "{dtype:?} {what}: {}",
+                max_abs_diff(x, e)
+            );
+        }
+    }
+    // A head-major view (as split_heads gives) is accepted.
+    let qv = randn(45, &[b, a, h, d]).transpose(1, 2).unwrap();
+    let rel = randn(46, &[b, a, a, 3 * d]);
+    let y = scoreguide_kernels::relative_attention(&qv, &qv, &qv, &rel).unwrap();
+    let y_ref = relative_attention_reference(
+        &qv.contiguous().unwrap(),
+        &qv.contiguous().unwrap(),
+        &qv.contiguous().unwrap(),
+        &rel,
+    );
+    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+}

@@ -105,44 +105,11 @@ impl SelfAttention {
             split_heads(&v?, heads)?,
         );
         let vanilla = attention(&q, &k, &v)?;
-        let rel = self.rel.forward(e)?;
-        let pair = |i: usize| rel.narrow(3, i * dh, dh);
-        let relative = relative_attention(&q, &k, &v, &pair(0)?, &pair(1)?, &pair(2)?)?;
+        let rel = self.rel.forward(e)?; // [B, A, A, 3 d]: q^R, k^R, v^R of each pair
+        let relative = scoreguide_kernels::relative_attention(&q, &k, &v, &rel)?;
         debug_assert_eq!(relative.dims(), &[b, heads, a, dh]);
         self.out.forward(&merge_heads(&(vanilla + relative)?)?)
     }
-}
-
-/// RPE attention: `q, k, v: [B, heads, A, d]`, `qr, kr, vr: [B, A, A, d]` (pair (i, j)
-/// at `[b, i, j]`, shared by the heads) → `[B, heads, A, d]` with
-/// a_ij = softmax_j((q_i + q^R_ij)·(k_j + k^R_ij)/√d), out_i = Σ_j a_ij (v_j + v^R_ij).
-///
-/// The products are expanded into batched matmuls — q_i·k_j, q_i·k^R_ij (batched over
-/// i), q^R_ij·k_j (batched over j), q^R_ij·k^R_ij (head-free) — so no `[B, heads, A, A,
-/// d]` tensor is ever built: its backward pass was most of a training step.
-pub(crate) fn relative_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    qr: &Tensor,
-    kr: &Tensor,
-    vr: &Tensor,
-) -> Result<Tensor> {
-    let d = q.dim(D::Minus1)?;
-    let qk = batched_matmul(q, &k.t()?)?; // [B, h, i, j]
-    let q_by_i = q.transpose(1, 2)?; // [B, i, h, d]
-    let q_kr = batched_matmul(&q_by_i, &kr.transpose(2, 3)?)? // [B, i, h, j]
-        .transpose(1, 2)?;
-    let qr_by_j = qr.transpose(1, 2)?; // [B, j, i, d]
-    let k_by_j = k.permute((0, 2, 3, 1))?; // [B, j, d, h]
-    let qr_k = batched_matmul(&qr_by_j, &k_by_j)?.permute((0, 3, 2, 1))?; // [B, h, i, j]
-    let qr_kr = (qr * kr)?.sum(D::Minus1)?.unsqueeze(1)?; // [B, 1, i, j]
-    let scores = ((qk + q_kr)? + qr_k)?.broadcast_add(&qr_kr)?;
-    let weights = scoreguide_kernels::softmax_last_dim(&(scores / (d as f64).sqrt())?)?;
-    let from_v = batched_matmul(&weights, v)?;
-    let from_vr = batched_matmul(&weights.transpose(1, 2)?, vr)? // [B, i, h, d]
-        .transpose(1, 2)?;
-    from_v + from_vr
 }
 
 pub(crate) struct CrossAttention {
@@ -174,44 +141,5 @@ impl Mlp {
     pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
         self.fc2
             .forward(&self.fc1.forward_silu(&self.norm.forward(h)?)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    /// The definition, term by term, on `[B, heads, A, A, d]` tensors.
-    fn relative_attention_reference(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        qr: &Tensor,
-        kr: &Tensor,
-        vr: &Tensor,
-    ) -> Result<Tensor> {
-        let d = q.dim(D::Minus1)?;
-        let (qr, kr, vr) = (qr.unsqueeze(1)?, kr.unsqueeze(1)?, vr.unsqueeze(1)?);
-        let qi = q.unsqueeze(3)?.broadcast_add(&qr)?;
-        let kj = k.unsqueeze(2)?.broadcast_add(&kr)?;
-        let scores = ((qi * kj)?.sum(D::Minus1)? / (d as f64).sqrt())?;
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let values = v.unsqueeze(2)?.broadcast_add(&vr)?;
-        weights.unsqueeze(4)?.broadcast_mul(&values)?.sum(3)
-    }
-
-    #[test]
-    fn expanded_relative_attention_matches_the_definition() -> Result<()> {
-        let dev = Device::Cpu;
-        let (b, h, a, d) = (2, 3, 5, 4);
-        let r = |shape: &[usize]| Tensor::randn(0f64, 1.0, shape, &dev);
-        let (q, k, v) = (r(&[b, h, a, d])?, r(&[b, h, a, d])?, r(&[b, h, a, d])?);
-        let (qr, kr, vr) = (r(&[b, a, a, d])?, r(&[b, a, a, d])?, r(&[b, a, a, d])?);
-        let fast = relative_attention(&q, &k, &v, &qr, &kr, &vr)?;
-        let reference = relative_attention_reference(&q, &k, &v, &qr, &kr, &vr)?;
-        let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "max difference {diff}");
-        Ok(())
     }
 }
