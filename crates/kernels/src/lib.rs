@@ -29,12 +29,14 @@ mod gemm;
 mod norm;
 mod ops;
 mod optim;
+mod resmlp;
 mod rpe;
 mod simd;
 pub mod threads;
 
 pub use bmm::batched_matmul;
 pub use norm::{layer_norm, softmax_last_dim};
-pub use ops::{add_silu, dense, manual, silu, silu_derivative, sinusoidal, Act};
+pub use ops::{add_silu, dense, manual, second_order, silu, silu_derivative, sinusoidal, Act};
 pub use optim::{adam_update, ema_update, AdamStep};
+pub use resmlp::{res_mlp, ResMlpShape};
 pub use rpe::relative_attention;

@@ -27,7 +27,7 @@ pub enum Act {
 /// Whether backward passes must themselves be differentiable: candle keeps the graph
 /// of a backward pass only with `CANDLE_GRAD_DO_NOT_DETACH` (DLSM's second-order loss),
 /// and then these ops take candle's own ops for their backward pass.
-pub(crate) fn second_order() -> bool {
+pub fn second_order() -> bool {
     thread_local! {
         static ON: bool = std::env::var("CANDLE_GRAD_DO_NOT_DETACH")
             .map(|s| !s.is_empty() && s != "0")
@@ -100,7 +100,13 @@ fn with_view<R>(t: &Tensor, f: impl FnOnce(View) -> Result<R>) -> Result<R> {
 /// `v ← act(v + bias)` over rows of width `n`, in parallel chunks of whole rows; the
 /// bias is one row (`[n]`) or one per row (as long as `v`). With `keep`, returns
 /// sigmoid(z) for SiLU's derivative.
-fn bias_act(v: &mut [f32], bias: &[f32], n: usize, act: Act, keep: bool) -> Option<Vec<f32>> {
+pub(crate) fn bias_act(
+    v: &mut [f32],
+    bias: &[f32],
+    n: usize,
+    act: Act,
+    keep: bool,
+) -> Option<Vec<f32>> {
     let per_row = bias.len() == v.len();
     let chunk = chunk_len(v.len(), n);
     let silu = act == Act::Silu;
@@ -136,7 +142,7 @@ fn bias_act(v: &mut [f32], bias: &[f32], n: usize, act: Act, keep: bool) -> Opti
 }
 
 /// `g · SiLU'(z)` from the output y = SiLU(z) and s = sigmoid(z).
-fn silu_grad_data(g: &[f32], y: &[f32], s: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn silu_grad_data(g: &[f32], y: &[f32], s: &[f32], n: usize) -> Vec<f32> {
     let mut out = output_buffer(g.len());
     let chunk = chunk_len(g.len(), n);
     if chunk >= g.len() {
@@ -150,7 +156,7 @@ fn silu_grad_data(g: &[f32], y: &[f32], s: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
-fn column_sums(m: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn column_sums(m: &[f32], n: usize) -> Vec<f32> {
     let mut acc = vec![0.0f32; n];
     simd::add_column_sums(m, &mut acc);
     acc

@@ -5,7 +5,7 @@ use crate::net::NoiseNet;
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 use scoreguide_guidance::Cond;
-use scoreguide_kernels::{add_silu, dense, manual, silu, Act};
+use scoreguide_kernels::{add_silu, dense, manual, res_mlp, second_order, silu, Act, ResMlpShape};
 use serde::{Deserialize, Serialize};
 
 /// Shape of a [`ResMlp`]. Defaults are the paper's checkerboard network.
@@ -107,6 +107,9 @@ impl ResMlp {
                 x.dims()
             );
         }
+        if x.device().is_cpu() && x.dtype() == DType::F32 && !second_order() {
+            return self.output_fused(x, c_noise);
+        }
         let temb = self.time_embedding(c_noise, x.dtype())?;
         let (w, b) = linear_parts(&self.input)?;
         let mut h = dense(x, w, b, Act::Identity)?.broadcast_add(&temb)?;
@@ -119,6 +122,41 @@ impl ResMlp {
         }
         let (w, b) = linear_parts(&self.output)?;
         dense(&silu(&h)?, w, b, Act::Identity)
+    }
+}
+
+impl ResMlp {
+    /// The whole network as one op (`scoreguide_kernels::res_mlp`) on the CPU in f32:
+    /// the parameters packed in one tensor (whose gradient candle splits back), the
+    /// noise embedding one row when every row has the same noise level.
+    fn output_fused(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
+        let c = c_noise.to_dtype(x.dtype())?;
+        let shared = c.dim(0)? > 1 && {
+            let v = c.to_vec1::<f32>()?;
+            v.iter().all(|&e| e.to_bits() == v[0].to_bits())
+        };
+        let c = if shared { c.narrow(0, 0, 1)? } else { c };
+        let emb = self.cfg.embedding.forward(&c)?;
+        let mut layers = vec![&self.input, &self.time];
+        for blk in &self.blocks {
+            layers.extend([&blk.fc1, &blk.fc2]);
+        }
+        layers.push(&self.output);
+        let mut parts = Vec::with_capacity(2 * layers.len());
+        for l in layers {
+            let (w, b) = linear_parts(l)?;
+            parts.push(w.flatten_all()?);
+            parts.push(b.clone());
+        }
+        let params = Tensor::cat(&parts, 0)?;
+        let shape = ResMlpShape {
+            in_dim: self.cfg.in_dim,
+            hidden: self.cfg.hidden,
+            embedding: self.cfg.embedding.dim,
+            out_dim: self.cfg.out_dim,
+            blocks: self.cfg.blocks,
+        };
+        res_mlp(x, &emb, &params, shape)
     }
 }
 
