@@ -369,7 +369,8 @@ pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
-/// `SiLU(h + t)` with t of h's shape or one row `[n]` broadcast over h's rows.
+/// `SiLU(h + t)` with t of h's shape, one row `[n]` broadcast over h's rows, or one row
+/// per group `[G, 1, n]` broadcast over the rows of h `[G, m, n]`.
 struct AddSiluOp {
     keep: bool,
     sigmoid: Mutex<Option<Tensor>>,
@@ -394,7 +395,22 @@ impl CustomOp2 for AddSiluOp {
         let mut v = f32_slice(s1, l1)?[..len].to_vec();
         let t = &f32_slice(s2, l2)?[..l2.shape().elem_count()];
         let n = *l1.dims().last().unwrap_or(&1);
-        let s = bias_act(&mut v, t, n, Act::Silu, self.keep);
+        let groups = t.len() / n.max(1);
+        let s = if groups > 1 && t.len() != len {
+            // One row of t per group of consecutive rows of h.
+            let per = len / groups;
+            let mut s = self.keep.then(|| output_buffer(len));
+            for g in 0..groups {
+                let part = &mut v[g * per..(g + 1) * per];
+                let kept = bias_act(part, &t[g * n..(g + 1) * n], n, Act::Silu, self.keep);
+                if let (Some(s), Some(k)) = (s.as_mut(), kept) {
+                    s[g * per..(g + 1) * per].copy_from_slice(&k);
+                }
+            }
+            s
+        } else {
+            bias_act(&mut v, t, n, Act::Silu, self.keep)
+        };
         keep(&self.sigmoid, s, l1.shape())?;
         Ok((CpuStorage::F32(v), l1.shape().clone()))
     }
@@ -422,23 +438,33 @@ impl CustomOp2 for AddSiluOp {
         } else if t.dims() == h.dims() {
             Some(g_z.clone())
         } else if second_order() {
-            Some(g_z.reshape(((), n))?.sum(0)?.reshape(t.shape())?)
+            let groups = t.elem_count() / n.max(1);
+            Some(g_z.reshape((groups, (), n))?.sum(1)?.reshape(t.shape())?)
         } else {
-            let sums = with_data(&g_z, |gz| Ok(column_sums(gz, n)))?;
+            let groups = t.elem_count() / n.max(1);
+            let sums = with_data(&g_z, |gz| {
+                let per = gz.len() / groups.max(1);
+                Ok(gz
+                    .chunks(per.max(1))
+                    .flat_map(|part| column_sums(part, n))
+                    .collect::<Vec<f32>>())
+            })?;
             Some(Tensor::from_vec(sums, t.shape(), &Device::Cpu)?)
         };
         Ok((h.track_op().then_some(g_z), gt))
     }
 }
 
-/// `SiLU(h + t)` for t of h's shape or one row `[n]` over h `[..., n]`; differentiable
-/// with respect to both.
+/// `SiLU(h + t)` for t of h's shape, one row `[n]` over h `[..., n]`, or one row per
+/// group, `[G, 1, n]` over h `[G, m, n]`; differentiable with respect to both.
 pub fn add_silu(h: &Tensor, t: &Tensor) -> Result<Tensor> {
     let n = *h.dims().last().unwrap_or(&0);
-    if t.dims() != h.dims() && t.dims() != [n] {
+    let grouped = h.rank() == 3 && t.dims() == [h.dims()[0], 1, n];
+    if t.dims() != h.dims() && t.dims() != [n] && !grouped {
         bail!(
-            "add-silu: the added term must be {:?} or [{n}], got {:?}",
+            "add-silu: the added term must be {:?}, [{n}] or [{}, 1, {n}], got {:?}",
             h.dims(),
+            h.dims().first().copied().unwrap_or(0),
             t.dims()
         );
     }

@@ -419,3 +419,27 @@ fn relative_attention_matches_its_definition_with_gradients() {
     );
     assert!(max_abs_diff(&y, &y_ref) < 1e-5);
 }
+
+#[test]
+fn add_silu_broadcasts_one_row_per_group() {
+    let h = Var::from_tensor(&randn(50, &[3, 7, 5])).unwrap();
+    let t = Var::from_tensor(&randn(51, &[3, 1, 5])).unwrap();
+    let r = randn(52, &[3, 7, 5]);
+    let y = add_silu(h.as_tensor(), t.as_tensor()).unwrap();
+    let y_ref = candle_nn::ops::silu(&h.as_tensor().broadcast_add(t.as_tensor()).unwrap()).unwrap();
+    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&y_ref * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&h, &t] {
+        let d = max_abs_diff(
+            g.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-4, "{d}");
+    }
+}

@@ -314,13 +314,14 @@ impl SceneTransformer {
             .distance_embedding
             .forward(&dist.flatten_all()?)?
             .reshape((b, a, a, self.cfg.distance_embedding.dim))?;
-        let t_pair = repeat_rows(&self.distance_time.forward(&temb)?, a * a)?.reshape((
-            b,
-            a,
-            a,
-            self.cfg.relative_dim,
-        ))?;
-        let e = scoreguide_kernels::add_silu(&self.distance.forward(&demb)?, &t_pair)?;
+        // The time term is one row per scene, broadcast over its pairs.
+        let t_pair = self.distance_time.forward(&temb)?.unsqueeze(1)?; // [B, 1, R]
+        let r = self.cfg.relative_dim;
+        let e = scoreguide_kernels::add_silu(
+            &self.distance.forward(&demb)?.reshape((b, a * a, r))?,
+            &t_pair,
+        )?
+        .reshape((b, a, a, r))?;
 
         for block in &self.blocks {
             hs = (&hs + block.self_attention.forward(&hs, &e, self.cfg.heads)?)?;
