@@ -163,9 +163,10 @@ impl CustomOp3 for ResMlpOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let sh = self.shape;
         let (h, e, o) = (sh.hidden, sh.embedding, sh.out_dim);
-        let kept = self.kept.lock().expect("kept lock").take();
-        let Some(kept) = kept else {
-            bail!("fused residual MLP: backward pass without a kept forward pass (run it once per graph)");
+        // Kept until the graph is dropped, so a second backward pass over it works too.
+        let guard = self.kept.lock().expect("kept lock");
+        let Some(kept) = guard.as_ref() else {
+            bail!("fused residual MLP: backward pass without a kept forward pass");
         };
         let rows = x.dim(0)?;
         let off = sh.offsets();

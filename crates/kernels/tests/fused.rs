@@ -443,3 +443,35 @@ fn add_silu_broadcasts_one_row_per_group() {
         assert!(d < 1e-4, "{d}");
     }
 }
+
+#[test]
+fn residual_mlp_op_checks_its_inputs_and_backs_up_twice() {
+    use scoreguide_kernels::{res_mlp, ResMlpShape};
+    let shape = ResMlpShape {
+        in_dim: 2,
+        hidden: 8,
+        embedding: 4,
+        out_dim: 3,
+        blocks: 2,
+    };
+    let total: usize = shape.parameter_shapes().iter().map(|(r, c)| r * c).sum();
+    let x = Var::from_tensor(&randn(60, &[5, 2])).unwrap();
+    let emb = randn(61, &[5, 4]);
+    let p = Var::from_tensor(&(randn(62, &[total]) * 0.3).unwrap()).unwrap();
+    let y = res_mlp(x.as_tensor(), &emb, p.as_tensor(), shape).unwrap();
+    assert_eq!(y.dims(), &[5, 3]);
+    let loss = y.sqr().unwrap().sum_all().unwrap();
+    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
+    for v in [&x, &p] {
+        assert_eq!(
+            max_abs_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap()
+            ),
+            0.0
+        );
+    }
+    let short = randn(63, &[total - 1]);
+    let err = res_mlp(x.as_tensor(), &emb, &short, shape).unwrap_err();
+    assert!(err.to_string().contains("parameters"), "{err}");
+}
