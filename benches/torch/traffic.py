@@ -5,7 +5,9 @@ tokens + MLP, a 2-layer patch CNN over 32 x 32 road maps), the VP ε-prediction 
 step with Adam and EMA at batch 256 (maps encoded in the step), and Heun steps plain
 and guided by one per-vehicle classifier of the same architecture. The relative
 attention is expanded into batched matmuls exactly as crates/nets/src/layers.rs does
-it, so both sides do the same arithmetic. Prints one JSON object.
+it, so both sides do the same arithmetic; the maps' encoding (tokens and each block's
+cross-attention keys and values) is computed once per batch of maps for sampling, as
+the Rust network does on frozen weights. Prints one JSON object.
 
     /tmp/torch/bin/python benches/torch/traffic.py --threads 1 --reps 20
 """
@@ -117,7 +119,7 @@ class Block(nn.Module):
         )
         self.n3, self.fc1, self.fc2 = nn.LayerNorm(H), nn.Linear(H, 2 * H), nn.Linear(2 * H, H)
 
-    def forward(self, hs, e, tokens):
+    def forward(self, hs, e, kv):
         dh = H // HEADS
         q, k, v = (split_heads(t) for t in self.qkv(self.n1(hs)).split(H, -1))
         rel = self.rel(e)
@@ -125,7 +127,7 @@ class Block(nn.Module):
         sa = attention(q, k, v) + relative_attention(q, k, v, qr, kr, vr)
         hs = hs + self.o1(merge_heads(sa))
         q = split_heads(self.q(self.n2(hs)))
-        k, v = (split_heads(t) for t in self.kv(tokens).split(H, -1))
+        k, v = (split_heads(t) for t in kv.split(H, -1))
         hs = hs + self.o2(merge_heads(attention(q, k, v)))
         return hs + self.fc2(F.silu(self.fc1(self.n3(hs))))
 
@@ -144,7 +146,12 @@ class SceneTransformer(nn.Module):
         self.decoder1, self.decoder2 = nn.Linear(H, H), nn.Linear(H, out_per_agent)
         self.map = MapEncoder()
 
-    def forward(self, x, c_noise, tokens):
+    def encode(self, maps):
+        """Map tokens and each block's cross-attention keys and values of them."""
+        tokens = self.map(maps)
+        return [blk.kv(tokens) for blk in self.blocks]
+
+    def forward(self, x, c_noise, kvs):
         b = x.shape[0]
         agents = x.reshape(b, A, FEAT)
         temb = self.temb(c_noise * 1e-3)
@@ -152,8 +159,8 @@ class SceneTransformer(nn.Module):
         pos = agents[..., :2]
         dist = ((pos[:, :, None] - pos[:, None]) ** 2).sum(-1).add(1e-4).sqrt()
         e = F.silu(self.distance(self.demb(dist)) + self.distance_time(temb)[:, None, None])
-        for blk in self.blocks:
-            hs = blk(hs, e, tokens)
+        for blk, kv in zip(self.blocks, kvs):
+            hs = blk(hs, e, kv)
         out = self.decoder2(F.silu(self.decoder1(self.final_norm(hs))))
         return out.reshape(b, A * self.out)
 
@@ -170,12 +177,13 @@ def vp_alpha(t):
 
 
 def tokens_of(net, maps):
-    """Map tokens, encoded once per batch of maps (as the Rust network memoises them)."""
-    cached = getattr(net, "_tokens", None)
+    """The maps' encoding (tokens, then each block's keys and values), once per batch of
+    maps, as the Rust network memoises it on frozen weights."""
+    cached = getattr(net, "_encoded", None)
     if cached is None or cached[0] is not maps:
         with torch.no_grad():
-            net._tokens = (maps, net.map(maps))
-    return net._tokens[1]
+            net._encoded = (maps, net.encode(maps))
+    return net._encoded[1]
 
 
 class Denoiser:
@@ -258,7 +266,7 @@ def main():
         alpha = vp_alpha(t)[:, None]
         z = torch.randn_like(x0)
         xt = alpha * x0 + torch.sqrt(1 - alpha**2) * z
-        eps = net(xt, 999 * t, net.map(maps))
+        eps = net(xt, 999 * t, net.encode(maps))
         loss = ((eps - z) ** 2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -120,11 +120,16 @@ pub(crate) struct CrossAttention {
 }
 
 impl CrossAttention {
-    /// `h: [B, A, H]` attends to `tokens: [B, T, H]`.
-    pub(crate) fn forward(&self, h: &Tensor, tokens: &Tensor, heads: usize) -> Result<Tensor> {
+    /// Keys and values of the map tokens `[B, T, H]` → `[B, T, 2H]`: the same at every
+    /// step of a sampler, so a frozen network computes them once per batch of maps.
+    pub(crate) fn keys_values(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.kv.forward(tokens)
+    }
+
+    /// `h: [B, A, H]` attends to the map tokens through their keys and values `kv`.
+    pub(crate) fn forward(&self, h: &Tensor, kv: &Tensor, heads: usize) -> Result<Tensor> {
         let hid = h.dim(2)?;
         let q = split_heads(&self.q.forward(&self.norm.forward(h)?)?, heads)?;
-        let kv = self.kv.forward(tokens)?;
         let k = split_heads(&kv.narrow(2, 0, hid)?, heads)?;
         let v = split_heads(&kv.narrow(2, hid, hid)?, heads)?;
         self.out.forward(&merge_heads(&attention(&q, &k, &v)?)?)

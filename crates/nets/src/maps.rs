@@ -230,10 +230,13 @@ fn position_encoding_2d(
 }
 
 /// A batch's maps as a [`SceneTransformer`] reads them ([`SceneTransformer::encode_maps`]):
-/// the encoder's tokens `[B, T, H]` and, for a [`MapProbe`], the rasters `[B, C·s²]`.
+/// the encoder's tokens `[B, T, H]`, each block's cross-attention keys and values of
+/// them (`[B, T, 2H]`; empty: computed in the forward pass), and, for a [`MapProbe`],
+/// the rasters `[B, C·s²]`.
 #[derive(Debug, Clone)]
 pub struct SceneMaps {
     pub tokens: Tensor,
+    pub keys_values: Vec<Tensor>,
     pub raster: Option<Tensor>,
 }
 
@@ -242,6 +245,11 @@ impl SceneMaps {
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         Ok(Self {
             tokens: self.tokens.narrow(0, start, len)?,
+            keys_values: self
+                .keys_values
+                .iter()
+                .map(|kv| kv.narrow(0, start, len))
+                .collect::<Result<_>>()?,
             raster: match &self.raster {
                 Some(r) => Some(r.narrow(0, start, len)?),
                 None => None,
@@ -253,6 +261,11 @@ impl SceneMaps {
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(Self {
             tokens: self.tokens.to_dtype(dtype)?,
+            keys_values: self
+                .keys_values
+                .iter()
+                .map(|kv| kv.to_dtype(dtype))
+                .collect::<Result<_>>()?,
             raster: match &self.raster {
                 Some(r) => Some(r.to_dtype(dtype)?),
                 None => None,

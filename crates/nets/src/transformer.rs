@@ -252,11 +252,20 @@ impl SceneTransformer {
     /// [`SceneTransformerConfig::map_input_side`]): run once per batch of maps and reuse.
     pub fn encode_maps(&self, maps: &Tensor) -> Result<SceneMaps> {
         let tokens = self.map.forward(maps)?;
+        let keys_values = self
+            .blocks
+            .iter()
+            .map(|b| b.cross_attention.keys_values(&tokens))
+            .collect::<Result<_>>()?;
         let raster = match self.cfg.map_probe {
             Some(_) => Some(maps.flatten_from(1)?),
             None => None,
         };
-        Ok(SceneMaps { tokens, raster })
+        Ok(SceneMaps {
+            tokens,
+            keys_values,
+            raster,
+        })
     }
 
     /// `x: [B, A·F]`, `c_noise: [B]`, `maps` of B scenes → `[B, A·out_per_agent]`.
@@ -267,9 +276,20 @@ impl SceneTransformer {
             dims => bail!("scene transformer: input must be [batch, {}] ({a} agents × {f} features), got {dims:?}", a * f),
         };
         let tokens = &maps.tokens;
-        match tokens.dims() {
-            &[tb, _, th] if tb == b && th == h => {}
+        let t = match tokens.dims() {
+            &[tb, t, th] if tb == b && th == h => t,
             dims => bail!("scene transformer: map tokens must be [{b}, T, {h}], got {dims:?}"),
+        };
+        if !maps.keys_values.is_empty()
+            && (maps.keys_values.len() != self.blocks.len()
+                || maps.keys_values.iter().any(|kv| kv.dims() != [b, t, 2 * h]))
+        {
+            bail!(
+                "scene transformer: the maps' keys and values must be {} tensors [{b}, {t}, {}] (one per block), got {:?}",
+                self.blocks.len(),
+                2 * h,
+                maps.keys_values.iter().map(|kv| kv.dims().to_vec()).collect::<Vec<_>>()
+            );
         }
         let agents = x.reshape((b, a, f))?;
         let temb = self
@@ -323,9 +343,13 @@ impl SceneTransformer {
         )?
         .reshape((b, a, a, r))?;
 
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
+            let kv = match maps.keys_values.get(i) {
+                Some(kv) => kv.clone(),
+                None => block.cross_attention.keys_values(tokens)?,
+            };
             hs = (&hs + block.self_attention.forward(&hs, &e, self.cfg.heads)?)?;
-            hs = (&hs + block.cross_attention.forward(&hs, tokens, self.cfg.heads)?)?;
+            hs = (&hs + block.cross_attention.forward(&hs, &kv, self.cfg.heads)?)?;
             hs = (&hs + block.mlp.forward(&hs)?)?;
         }
         let out = self.decoder1.forward_silu(&self.final_norm.forward(&hs)?)?;

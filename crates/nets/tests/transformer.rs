@@ -274,3 +274,25 @@ fn bad_shapes_are_refused() {
     .is_err());
     assert_eq!(NoiseNet::out_dim(&net), 84);
 }
+
+/// The map encoding's precomputed cross-attention keys and values give the same output as
+/// computing them in the forward pass, and keys and values of the wrong shape are refused.
+#[test]
+fn precomputed_keys_and_values_change_nothing() {
+    let (_, net, x, maps, c_noise) = setup(7, DType::F32);
+    let encoded = net.encode_maps(&maps).unwrap();
+    assert_eq!(encoded.keys_values.len(), 2);
+    let with = net.forward_maps(&x, &c_noise, &encoded).unwrap();
+    let without = scoreguide_nets::SceneMaps {
+        keys_values: Vec::new(),
+        ..encoded.clone()
+    };
+    let without = net.forward_maps(&x, &c_noise, &without).unwrap();
+    assert_eq!(scoreguide_testing::max_abs_diff(&with, &without), 0.0);
+    let wrong = scoreguide_nets::SceneMaps {
+        keys_values: vec![encoded.tokens.clone(); 2],
+        ..encoded
+    };
+    let err = net.forward_maps(&x, &c_noise, &wrong).unwrap_err();
+    assert!(err.to_string().contains("keys and values"), "{err}");
+}
