@@ -9,17 +9,18 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Threads used when neither `--threads` nor `RAYON_NUM_THREADS` says otherwise: every
-/// available core. On 2 cores, 2 threads beat 1 for the checkerboard network by 10% per
-/// training step and about 30% per sampling step (docs/PERFORMANCE.md).
+/// available core. On 2 cores, 2 threads take 0.56–0.79 of 1 thread's time for every
+/// benchmarked step of both networks (docs/PERFORMANCE.md).
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
 }
 
-/// Sets the CPU thread count (candle reads `RAYON_NUM_THREADS` on every op, rayon at
-/// pool start): `threads` if given, else the environment, else [`default_threads`].
-/// Call first thing in `main`, before any tensor work. Returns the count in force.
+/// Sets the CPU thread count (`scoreguide_kernels::threads::configure`: the kernels'
+/// and rayon's pool, with candle's own element-wise pool kept at one thread): `threads`
+/// if given, else `RAYON_NUM_THREADS`, else [`default_threads`]. Call first thing in
+/// `main`, before any tensor work (or use [`on_compute_threads`]). Returns the count.
 pub fn set_threads(threads: Option<usize>) -> usize {
     let n = threads
         .or_else(|| {

@@ -3,9 +3,12 @@
 //! forward, SiLU keeps its sigmoid for the backward pass, and the exponential is a
 //! vectorised polynomial chosen per instruction set at run time. On other dtypes and
 //! devices (CUDA) every function falls back to candle's own ops, so callers need no
-//! second code path. Adam and EMA updates are one pass each ([`adam_update`],
-//! [`ema_update`]). [`threads`] holds the thread policy: one pool (rayon's), and
-//! threads only for work large enough to gain from them.
+//! second code path. Larger fusions: the whole residual MLP ([`res_mlp`]), relative-
+//! position attention from its definition ([`relative_attention`]), batched products
+//! of small strided matrices ([`batched_matmul`]); [`manual`] has the forward and
+//! backward halves for hand-written input gradients. Adam and EMA updates are one pass
+//! each ([`adam_update`], [`ema_update`]). [`threads`] holds the thread policy: one pool
+//! (rayon's), and threads only for work large enough to gain from them.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
