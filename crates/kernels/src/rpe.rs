@@ -51,6 +51,34 @@ fn per_batch(out: &mut [f32], b: usize, work: usize, f: impl Fn(usize, &mut [f32
     }
 }
 
+/// Runs `body(batch, block of each buffer)` over the batch, the buffers split into
+/// blocks of the given sizes (one per batch element), in parallel when `large`.
+fn per_batch3(
+    bufs: [&mut [f32]; 3],
+    sizes: [usize; 3],
+    large: bool,
+    body: impl Fn(usize, &mut [f32], &mut [f32], &mut [f32]) + Sync,
+) {
+    let [x, y, z] = bufs;
+    let blocks = x.len() / sizes[0].max(1);
+    if threads() > 1 && large && blocks > 1 {
+        x.par_chunks_mut(sizes[0])
+            .zip(y.par_chunks_mut(sizes[1]))
+            .zip(z.par_chunks_mut(sizes[2]))
+            .enumerate()
+            .for_each(|(i, ((x, y), z))| body(i, x, y, z));
+    } else {
+        for (i, ((x, y), z)) in x
+            .chunks_mut(sizes[0])
+            .zip(y.chunks_mut(sizes[1]))
+            .zip(z.chunks_mut(sizes[2]))
+            .enumerate()
+        {
+            body(i, x, y, z);
+        }
+    }
+}
+
 struct Scores {
     scale: f32,
 }
@@ -150,22 +178,13 @@ impl CustomOp3 for Scores {
                                 }
                             }
                         };
-                        if threads() > 1 && b * h * a * a * d >= 1 << 20 && b > 1 {
-                            gq.par_chunks_mut(per_q)
-                                .zip(gk.par_chunks_mut(per_q))
-                                .zip(grel.par_chunks_mut(per_rel))
-                                .enumerate()
-                                .for_each(|(bi, ((gq, gk), gr))| body(bi, gq, gk, gr));
-                        } else {
-                            for (bi, ((gq, gk), gr)) in gq
-                                .chunks_mut(per_q)
-                                .zip(gk.chunks_mut(per_q))
-                                .zip(grel.chunks_mut(per_rel))
-                                .enumerate()
-                            {
-                                body(bi, gq, gk, gr);
-                            }
-                        }
+                        let parallel = b * h * a * a * d >= 1 << 20;
+                        per_batch3(
+                            [&mut gq, &mut gk, &mut grel],
+                            [per_q, per_q, per_rel],
+                            parallel,
+                            body,
+                        );
                         Ok(())
                     })
                 })
@@ -271,22 +290,8 @@ impl CustomOp3 for Outputs {
                             }
                         };
                         let (pw, pv, pr) = (h * a * a, h * a * d, a * a * 3 * d);
-                        if threads() > 1 && b * h * a * a * d >= 1 << 20 && b > 1 {
-                            gw.par_chunks_mut(pw)
-                                .zip(gv.par_chunks_mut(pv))
-                                .zip(grel.par_chunks_mut(pr))
-                                .enumerate()
-                                .for_each(|(bi, ((gw, gv), gr))| body(bi, gw, gv, gr));
-                        } else {
-                            for (bi, ((gw, gv), gr)) in gw
-                                .chunks_mut(pw)
-                                .zip(gv.chunks_mut(pv))
-                                .zip(grel.chunks_mut(pr))
-                                .enumerate()
-                            {
-                                body(bi, gw, gv, gr);
-                            }
-                        }
+                        let parallel = b * h * a * a * d >= 1 << 20;
+                        per_batch3([&mut gw, &mut gv, &mut grel], [pw, pv, pr], parallel, body);
                         Ok(())
                     })
                 })

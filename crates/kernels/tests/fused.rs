@@ -362,8 +362,12 @@ fn relative_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, rel: &Tensor
 
 #[test]
 fn relative_attention_matches_its_definition_with_gradients() {
-    let (b, h, a, d) = (2, 3, 5, 4);
-    for dtype in [DType::F32, DType::F64] {
+    // A small batch, and one large enough for the batch to be split between threads.
+    for (b, h, a, d, dtype) in [
+        (2, 3, 5, 4, DType::F32),
+        (2, 3, 5, 4, DType::F64),
+        (128, 4, 12, 16, DType::F32),
+    ] {
         let var = |seed, shape: &[usize]| {
             Var::from_tensor(&randn(seed, shape).to_dtype(dtype).unwrap()).unwrap()
         };
@@ -408,6 +412,7 @@ fn relative_attention_matches_its_definition_with_gradients() {
         }
     }
     // A head-major view (as split_heads gives) is accepted.
+    let (b, h, a, d) = (2, 3, 5, 4);
     let qv = randn(45, &[b, a, h, d]).transpose(1, 2).unwrap();
     let rel = randn(46, &[b, a, a, 3 * d]);
     let y = scoreguide_kernels::relative_attention(&qv, &qv, &qv, &rel).unwrap();
