@@ -5,9 +5,9 @@
 //! threading, which made two threads slower than one for the scene transformer.
 
 use crate::gemm::{matmul, View};
-use crate::ops::output_buffer;
+use crate::ops::{fast_path, output_buffer};
 use crate::threads::threads;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Fewest flops for which the batch is split between threads.
@@ -124,8 +124,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
         bail!("batched matmul: cannot multiply {da:?} by {db:?}");
     }
-    let cpu = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-    if !(cpu(a) && cpu(b)) {
+    if !fast_path(&[a, b]) {
         return a.contiguous()?.matmul(&b.contiguous()?);
     }
     a.apply_op2_arc(b, std::sync::Arc::new(Box::new(BatchedMatmul)))

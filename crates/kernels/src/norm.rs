@@ -2,28 +2,17 @@
 //! passes (candle's fused versions have none, and its composed ones take a dozen
 //! allocating passes each).
 
-use crate::ops::{output_buffer, second_order, with_data};
+use crate::ops::{
+    contiguous_data, fast_path, gradient_for, output_buffer, second_order, with_data,
+};
 use crate::simd;
 use crate::threads::chunk_len;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
 const EPS: f32 = 1e-5;
-
-fn cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
-}
-
-fn contiguous_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    if !l.is_contiguous() {
-        bail!("{what}: inputs must be contiguous");
-    }
-    let data = s.as_slice::<f32>()?;
-    Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
 
 /// Runs `f(chunk index, rows)` over whole rows of width `n`, in parallel when large.
 fn rows_par(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
@@ -35,14 +24,6 @@ fn rows_par(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
             .enumerate()
             .for_each(|(i, c)| f(i * chunk, c));
     }
-}
-
-/// Mean and 1/std of one row.
-fn moments(x: &[f32]) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + EPS).sqrt())
 }
 
 struct LayerNormOp;
@@ -61,10 +42,10 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s1, l1, "layer norm")?;
+        let x = contiguous_data(s1, l1, "layer norm")?;
         let (g, b) = (
-            contiguous_slice(s2, l2, "layer norm")?,
-            contiguous_slice(s3, l3, "layer norm")?,
+            contiguous_data(s2, l2, "layer norm")?,
+            contiguous_data(s3, l3, "layer norm")?,
         );
         let n = g.len();
         let mut out = output_buffer(x.len());
@@ -103,7 +84,7 @@ impl CustomOp3 for LayerNormOp {
                     });
                     for r in 0..rows {
                         let (xrow, grow) = (&x[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n]);
-                        let (mean, rstd) = moments(xrow);
+                        let (mean, rstd) = simd::moments(xrow, EPS);
                         for i in 0..n {
                             gb[i] += grow[i];
                             gg[i] += grow[i] * (xrow[i] - mean) * rstd;
@@ -113,17 +94,10 @@ impl CustomOp3 for LayerNormOp {
                 })
             })
         })?;
-        let dev = Device::Cpu;
         Ok((
-            x.track_op()
-                .then(|| Tensor::from_vec(gx, x.shape(), &dev))
-                .transpose()?,
-            gain.track_op()
-                .then(|| Tensor::from_vec(gg, gain.shape(), &dev))
-                .transpose()?,
-            bias.track_op()
-                .then(|| Tensor::from_vec(gb, bias.shape(), &dev))
-                .transpose()?,
+            gradient_for(x, gx)?,
+            gradient_for(gain, gg)?,
+            gradient_for(bias, gb)?,
         ))
     }
 }
@@ -172,7 +146,7 @@ pub fn layer_norm(x: &Tensor, gain: &Tensor, bias: &Tensor) -> Result<Tensor> {
             bias.dims()
         );
     }
-    if n == 0 || !cpu_f32(&[x, gain, bias]) {
+    if n == 0 || !fast_path(&[x, gain, bias]) {
         return layer_norm_composed(x, gain, bias);
     }
     x.contiguous()?.apply_op3_arc(
@@ -190,7 +164,7 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_slice(s, l, "softmax")?;
+        let x = contiguous_data(s, l, "softmax")?;
         let n = *l.dims().last().unwrap_or(&1);
         let mut out = output_buffer(x.len());
         rows_par(&mut out, n, |start, o| {
@@ -230,7 +204,7 @@ impl CustomOp1 for SoftmaxOp {
 /// Softmax over the last dimension, differentiable (candle's `softmax_last_dim` drops
 /// gradients).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.rank() == 0 || !cpu_f32(&[x]) {
+    if x.rank() == 0 || !fast_path(&[x]) {
         return candle_nn::ops::softmax(x, D::Minus1);
     }
     x.contiguous()?

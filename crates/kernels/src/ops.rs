@@ -36,7 +36,8 @@ pub fn second_order() -> bool {
     ON.with(|b| *b)
 }
 
-fn fast_path(ts: &[&Tensor]) -> bool {
+/// Whether every tensor is f32 on the CPU: the fused kernels' path.
+pub(crate) fn fast_path(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
 }
@@ -59,6 +60,21 @@ pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     Ok(&data[l.start_offset()..])
+}
+
+/// The elements of a contiguous f32 storage, refused with `what` when not contiguous.
+pub(crate) fn contiguous_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    if !l.is_contiguous() {
+        bail!("{what}: inputs must be contiguous");
+    }
+    Ok(&f32_slice(s, l)?[..l.shape().elem_count()])
+}
+
+/// `g` as the gradient of `t`, or none when `t` is not tracked.
+pub(crate) fn gradient_for(t: &Tensor, g: Vec<f32>) -> Result<Option<Tensor>> {
+    t.track_op()
+        .then(|| Tensor::from_vec(g, t.shape(), &Device::Cpu))
+        .transpose()
 }
 
 fn view<'a>(data: &'a [f32], l: &Layout) -> Result<View<'a>> {
@@ -162,11 +178,27 @@ pub(crate) fn column_sums(m: &[f32], n: usize) -> Vec<f32> {
     acc
 }
 
-fn sigmoid_kept(saved: &Mutex<Option<Tensor>>, what: &str) -> Result<Tensor> {
-    match saved.lock().expect("sigmoid lock").as_ref() {
-        Some(s) => Ok(s.clone()),
-        None => bail!("{what}: backward pass before the forward pass"),
-    }
+/// `g · SiLU'(z)` as a tensor of y's shape, from y = SiLU(z) and s = sigmoid(z).
+fn silu_grad(g: &Tensor, y: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let n = *y.dims().last().unwrap_or(&1);
+    let data = with_data(g, |g| {
+        with_data(y, |y| with_data(s, |s| Ok(silu_grad_data(g, y, s, n))))
+    })?;
+    Tensor::from_vec(data, y.shape(), &Device::Cpu)
+}
+
+/// [`silu_grad`] with the sigmoid its op kept from the forward pass.
+fn silu_grad_kept(
+    g: &Tensor,
+    y: &Tensor,
+    saved: &Mutex<Option<Tensor>>,
+    what: &str,
+) -> Result<Tensor> {
+    let guard = saved.lock().expect("sigmoid lock");
+    let Some(s) = guard.as_ref() else {
+        bail!("{what}: backward pass before the forward pass");
+    };
+    silu_grad(g, y, s)
 }
 
 fn keep(saved: &Mutex<Option<Tensor>>, s: Option<Vec<f32>>, shape: &Shape) -> Result<()> {
@@ -201,10 +233,7 @@ impl CustomOp3 for DenseOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = view(f32_slice(s1, l1)?, l1)?;
         let w = view(f32_slice(s2, l2)?, l2)?;
-        if !l3.is_contiguous() {
-            bail!("fused dense: the bias must be contiguous");
-        }
-        let bias = &f32_slice(s3, l3)?[..l3.shape().elem_count()];
+        let bias = contiguous_data(s3, l3, "fused dense (bias)")?;
         let (rows, n) = (x.rows, w.rows);
         let mut out = output_buffer(rows * n);
         matmul(&mut out, x, w.t(), false);
@@ -228,13 +257,7 @@ impl CustomOp3 for DenseOp {
         let (rows, n) = y.dims2()?;
         let g_z = match self.act {
             Act::Identity => g.contiguous()?,
-            Act::Silu => {
-                let s = sigmoid_kept(&self.sigmoid, "fused dense")?;
-                let data = with_data(g, |g| {
-                    with_data(y, |y| with_data(&s, |s| Ok(silu_grad_data(g, y, s, n))))
-                })?;
-                Tensor::from_vec(data, (rows, n), &Device::Cpu)?
-            }
+            Act::Silu => silu_grad_kept(g, y, &self.sigmoid, "fused dense")?,
         };
         let k = x.dim(1)?;
         with_data(&g_z, |gz| {
@@ -388,12 +411,9 @@ impl CustomOp2 for AddSiluOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !l1.is_contiguous() || !l2.is_contiguous() {
-            bail!("fused add-silu: inputs must be contiguous");
-        }
-        let len = l1.shape().elem_count();
-        let mut v = f32_slice(s1, l1)?[..len].to_vec();
-        let t = &f32_slice(s2, l2)?[..l2.shape().elem_count()];
+        let mut v = contiguous_data(s1, l1, "fused add-silu")?.to_vec();
+        let t = contiguous_data(s2, l2, "fused add-silu")?;
+        let len = v.len();
         let n = *l1.dims().last().unwrap_or(&1);
         let groups = t.len() / n.max(1);
         let s = if groups > 1 && t.len() != len {
@@ -427,11 +447,7 @@ impl CustomOp2 for AddSiluOp {
             let z = h.broadcast_add(t)?;
             (g * silu_derivative(&z)?)?
         } else {
-            let s = sigmoid_kept(&self.sigmoid, "fused add-silu")?;
-            let data = with_data(g, |g| {
-                with_data(y, |y| with_data(&s, |s| Ok(silu_grad_data(g, y, s, n))))
-            })?;
-            Tensor::from_vec(data, h.shape(), &Device::Cpu)?
+            silu_grad_kept(g, y, &self.sigmoid, "fused add-silu")?
         };
         let gt = if !t.track_op() {
             None
@@ -491,11 +507,8 @@ impl CustomOp1 for SiluOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if !l.is_contiguous() {
-            bail!("fused silu: input must be contiguous");
-        }
-        let len = l.shape().elem_count();
-        let z = &f32_slice(s, l)?[..len];
+        let z = contiguous_data(s, l, "fused silu")?;
+        let len = z.len();
         let mut y = output_buffer(len);
         let mut sg = output_buffer(len);
         let n = *l.dims().last().unwrap_or(&1);
@@ -516,12 +529,7 @@ impl CustomOp1 for SiluOp {
         if second_order() {
             return Ok(Some((g * silu_derivative(z)?)?));
         }
-        let n = *z.dims().last().unwrap_or(&1);
-        let s = sigmoid_kept(&self.sigmoid, "fused silu")?;
-        let data = with_data(g, |g| {
-            with_data(y, |y| with_data(&s, |s| Ok(silu_grad_data(g, y, s, n))))
-        })?;
-        Ok(Some(Tensor::from_vec(data, z.shape(), &Device::Cpu)?))
+        Ok(Some(silu_grad_kept(g, y, &self.sigmoid, "fused silu")?))
     }
 }
 
@@ -700,11 +708,8 @@ impl CustomOp1 for SinusoidalOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if !l.is_contiguous() {
-            bail!("sinusoidal embedding: input must be contiguous");
-        }
-        let n = l.shape().elem_count();
-        let c = &f32_slice(s, l)?[..n];
+        let c = contiguous_data(s, l, "sinusoidal embedding")?;
+        let n = c.len();
         let width = 2 * self.freqs.len();
         let mut out = output_buffer(n * width);
         let chunk = chunk_len(out.len(), width);

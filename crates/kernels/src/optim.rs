@@ -3,9 +3,9 @@
 //! Composed from candle's ops an Adam step makes a dozen passes (each allocating) over
 //! every parameter; here it is one pass writing the new parameter and moments.
 
-use crate::ops::{output_buffer, with_data};
+use crate::ops::{fast_path, output_buffer, with_data};
 use crate::threads::chunk_len;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// The constants of one Adam step (bias corrections `1 − βᵗ` included).
@@ -21,8 +21,7 @@ pub struct AdamStep {
 }
 
 fn fast(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && t.is_contiguous())
+    fast_path(ts) && ts.iter().all(|t| t.is_contiguous())
 }
 
 /// One Adam step: `(θ', m', v')` with m' = β1 m + (1 − β1) g, v' = β2 v + (1 − β2) g²,
@@ -118,6 +117,7 @@ pub fn ema_update(shadow: &Tensor, theta: &Tensor, decay: f64) -> Result<Tensor>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn fused_updates_match_the_composed_formulas() {

@@ -8,7 +8,10 @@
 //! no activation gradient goes through candle at all.
 
 use crate::gemm::{matmul, View};
-use crate::ops::{bias_act, column_sums, output_buffer, silu_grad_data, with_data, Act};
+use crate::ops::{
+    bias_act, column_sums, contiguous_data, gradient_for, output_buffer, silu_grad_data, with_data,
+    Act,
+};
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
@@ -104,23 +107,18 @@ impl CustomOp3 for ResMlpOp {
     ) -> Result<(CpuStorage, Shape)> {
         let sh = self.shape;
         let (h, e) = (sh.hidden, sh.embedding);
-        let contiguous = |s: &'_ CpuStorage, l: &Layout| -> Result<Vec<f32>> {
-            let d = s.as_slice::<f32>()?;
-            if !l.is_contiguous() {
-                bail!("fused residual MLP: inputs must be contiguous");
-            }
-            Ok(d[l.start_offset()..l.start_offset() + l.shape().elem_count()].to_vec())
-        };
-        let (x, emb) = (contiguous(s1, l1)?, contiguous(s2, l2)?);
-        let p = &s3.as_slice::<f32>()?[l3.start_offset()..];
+        let what = "fused residual MLP";
+        let x = contiguous_data(s1, l1, what)?;
+        let emb = contiguous_data(s2, l2, what)?;
+        let p = contiguous_data(s3, l3, what)?;
         let off = sh.offsets();
         let prm = |i: usize| &p[off[i]..off[i + 1]];
         let rows = l1.dims()[0];
         let temb_rows = l2.dims()[0];
         // t = W_t e + b_t: one row per input row, or one row for all (a shared σ).
-        let mut temb = times_wt(&emb, temb_rows, prm(2), h, e);
+        let mut temb = times_wt(emb, temb_rows, prm(2), h, e);
         bias_act(&mut temb, prm(3), h, Act::Identity, false);
-        let mut hid = times_wt(&x, rows, prm(0), h, sh.in_dim);
+        let mut hid = times_wt(x, rows, prm(0), h, sh.in_dim);
         bias_act(&mut hid, prm(1), h, Act::Identity, false);
         bias_act(&mut hid, &temb, h, Act::Identity, false);
         let mut blocks = Vec::with_capacity(sh.blocks);
@@ -242,10 +240,7 @@ impl CustomOp3 for ResMlpOp {
             g_emb
                 .map(|v| Tensor::from_vec(v, emb.shape(), &dev))
                 .transpose()?,
-            params
-                .track_op()
-                .then(|| Tensor::from_vec(gp, params.shape(), &dev))
-                .transpose()?,
+            gradient_for(params, gp)?,
         ))
     }
 }

@@ -8,9 +8,13 @@
 //! differentiable backward passes, the same formulas from candle's ops.
 
 use crate::bmm::batched_matmul;
-use crate::ops::{output_buffer, second_order, with_data};
+use crate::ops::{
+    contiguous_data, fast_path, gradient_for, output_buffer, second_order, with_data,
+};
+
+const WHAT: &str = "relative attention";
 use crate::threads::threads;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Shapes: q, k, v `[B, h, A, d]`, rel `[B, A, A, 3d]`.
@@ -29,14 +33,6 @@ fn dims_of(q: &[usize], rel: &[usize]) -> Result<Dims> {
         }
         _ => bail!("relative attention: q/k/v must be [B, h, A, d] and rel [B, A, A, 3d], got {q:?} and {rel:?}"),
     }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    if !l.is_contiguous() {
-        bail!("relative attention: inputs must be contiguous");
-    }
-    let data = s.as_slice::<f32>()?;
-    Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
 /// Runs `f(batch index, its block of out)` over the batch, in parallel when large.
@@ -98,7 +94,11 @@ impl CustomOp3 for Scores {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let Dims { b, h, a, d } = dims_of(l1.dims(), l3.dims())?;
-        let (q, k, rel) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (q, k, rel) = (
+            contiguous_data(s1, l1, WHAT)?,
+            contiguous_data(s2, l2, WHAT)?,
+            contiguous_data(s3, l3, WHAT)?,
+        );
         let mut out = output_buffer(b * h * a * a);
         per_batch(&mut out, b, b * h * a * a * d, |bi, o| {
             for i in 0..a {
@@ -190,17 +190,10 @@ impl CustomOp3 for Scores {
                 })
             })
         })?;
-        let dev = Device::Cpu;
         Ok((
-            q.track_op()
-                .then(|| Tensor::from_vec(gq, q.shape(), &dev))
-                .transpose()?,
-            k.track_op()
-                .then(|| Tensor::from_vec(gk, k.shape(), &dev))
-                .transpose()?,
-            rel.track_op()
-                .then(|| Tensor::from_vec(grel, rel.shape(), &dev))
-                .transpose()?,
+            gradient_for(q, gq)?,
+            gradient_for(k, gk)?,
+            gradient_for(rel, grel)?,
         ))
     }
 }
@@ -222,7 +215,11 @@ impl CustomOp3 for Outputs {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let Dims { b, h, a, d } = dims_of(l2.dims(), l3.dims())?;
-        let (w, v, rel) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (w, v, rel) = (
+            contiguous_data(s1, l1, WHAT)?,
+            contiguous_data(s2, l2, WHAT)?,
+            contiguous_data(s3, l3, WHAT)?,
+        );
         let mut out = vec![0f32; b * h * a * d];
         per_batch(&mut out, b, b * h * a * a * d, |bi, o| {
             for hh in 0..h {
@@ -297,17 +294,10 @@ impl CustomOp3 for Outputs {
                 })
             })
         })?;
-        let dev = Device::Cpu;
         Ok((
-            w.track_op()
-                .then(|| Tensor::from_vec(gw, w.shape(), &dev))
-                .transpose()?,
-            v.track_op()
-                .then(|| Tensor::from_vec(gv, v.shape(), &dev))
-                .transpose()?,
-            rel.track_op()
-                .then(|| Tensor::from_vec(grel, rel.shape(), &dev))
-                .transpose()?,
+            gradient_for(w, gw)?,
+            gradient_for(v, gv)?,
+            gradient_for(rel, grel)?,
         ))
     }
 }
@@ -333,13 +323,6 @@ fn outputs_composed(w: &Tensor, v: &Tensor, rel: &Tensor) -> Result<Tensor> {
     from_v + from_vr
 }
 
-fn fused(ts: &[&Tensor]) -> bool {
-    !second_order()
-        && ts
-            .iter()
-            .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
-}
-
 /// Relative-position attention: q, k, v `[B, h, A, d]`, rel `[B, A, A, 3d]` packing
 /// q^R, k^R, v^R per pair (shared by the heads) → `[B, h, A, d]` with
 /// a_ij = softmax_j((q_i + q^R_ij)·(k_j + k^R_ij)/√d), out_i = Σ_j a_ij (v_j + v^R_ij).
@@ -355,7 +338,7 @@ pub fn relative_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel: &Tensor) -> R
         );
     }
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    if !fused(&[q, k, v, rel]) {
+    if second_order() || !fast_path(&[q, k, v, rel]) {
         let w = candle_nn::ops::softmax(&scores_composed(q, k, rel, scale)?, D::Minus1)?;
         return outputs_composed(&w, v, rel);
     }

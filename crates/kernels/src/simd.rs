@@ -240,7 +240,7 @@ multiversion! {
 
 /// Mean and 1/sqrt(variance + eps) of one row.
 #[inline(always)]
-fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;

@@ -87,16 +87,14 @@ impl ResMlp {
     /// W_t emb(c) + b_t: `[B, hidden]`, or `[hidden]` when every row has the same noise
     /// level (a sampler's step), computed once and broadcast.
     fn time_embedding(&self, c_noise: &Tensor, dtype: DType) -> Result<Tensor> {
-        let c = c_noise.to_dtype(dtype)?;
+        let (c, shared) = shared_noise(c_noise, dtype)?;
         let (w, b) = linear_parts(&self.time)?;
-        if c.device().is_cpu() && c.dim(0)? > 1 {
-            let v = c.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            if v.iter().all(|&e| e.to_bits() == v[0].to_bits()) {
-                let one = self.cfg.embedding.forward(&c.narrow(0, 0, 1)?)?;
-                return dense(&one, w, b, Act::Identity)?.squeeze(0);
-            }
+        let t = dense(&self.cfg.embedding.forward(&c)?, w, b, Act::Identity)?;
+        if shared {
+            t.squeeze(0)
+        } else {
+            Ok(t)
         }
-        dense(&self.cfg.embedding.forward(&c)?, w, b, Act::Identity)
     }
 
     fn output(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
@@ -128,14 +126,10 @@ impl ResMlp {
 impl ResMlp {
     /// The whole network as one op (`scoreguide_kernels::res_mlp`) on the CPU in f32:
     /// the parameters packed in one tensor (whose gradient candle splits back), the
-    /// noise embedding one row when every row has the same noise level.
+    /// noise embedding one row when every row has the same noise level (the op
+    /// broadcasts a one-row embedding).
     fn output_fused(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
-        let c = c_noise.to_dtype(x.dtype())?;
-        let shared = c.dim(0)? > 1 && {
-            let v = c.to_vec1::<f32>()?;
-            v.iter().all(|&e| e.to_bits() == v[0].to_bits())
-        };
-        let c = if shared { c.narrow(0, 0, 1)? } else { c };
+        let (c, _) = shared_noise(c_noise, x.dtype())?;
         let emb = self.cfg.embedding.forward(&c)?;
         let mut layers = vec![&self.input, &self.time];
         for blk in &self.blocks {
@@ -158,6 +152,20 @@ impl ResMlp {
         };
         res_mlp(x, &emb, &params, shape)
     }
+}
+
+/// The noise condition in `dtype`, cut to its first row when every row has the same
+/// one (a sampler's step, on the CPU: the check reads the values), so the embedding is
+/// computed once and broadcast; and whether it was cut.
+fn shared_noise(c_noise: &Tensor, dtype: DType) -> Result<(Tensor, bool)> {
+    let c = c_noise.to_dtype(dtype)?;
+    if c.device().is_cpu() && c.dim(0)? > 1 {
+        let v = c.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if v.iter().all(|&e| e.to_bits() == v[0].to_bits()) {
+            return Ok((c.narrow(0, 0, 1)?, true));
+        }
+    }
+    Ok((c, false))
 }
 
 fn linear_parts(l: &Linear) -> Result<(&Tensor, &Tensor)> {
