@@ -7,29 +7,14 @@ Rust bench. Run through benches/compare.py, which alternates it with the Rust be
     /tmp/torch/bin/python benches/torch/checkerboard.py --threads 1 --reps 30
 """
 import argparse
-import copy
 import json
 import math
-import statistics
-import time
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-
-class Sinusoidal(nn.Module):
-    def __init__(self, dim=128, max_freq=1000.0):
-        super().__init__()
-        half = dim // 2
-        self.register_buffer(
-            "freqs",
-            torch.tensor([max_freq ** (k / (half - 1)) for k in range(half)]),
-        )
-
-    def forward(self, c):
-        arg = c[:, None] * self.freqs[None, :]
-        return torch.cat([arg.cos(), arg.sin()], 1)
+from common import Sinusoidal, frozen, heun_step, median_ms
 
 
 class ResMlp(nn.Module):
@@ -38,7 +23,7 @@ class ResMlp(nn.Module):
 
     def __init__(self, in_dim=2, out_dim=2, hidden=256, blocks=2, emb=128):
         super().__init__()
-        self.emb = Sinusoidal(emb)
+        self.emb = Sinusoidal(emb, 1000.0)
         self.input = nn.Linear(in_dim, hidden)
         self.time = nn.Linear(emb, hidden)
         self.blocks = nn.ModuleList(
@@ -98,33 +83,6 @@ class Guided:
             total = sum(c(xv, sigma).sum() for c in self.classifiers)
             (g,) = torch.autograd.grad(total, xv)
         return d + (sigma**2)[:, None] * g
-
-
-def heun_step(denoise, x, s0, s1):
-    n = x.shape[0]
-    sig0, sig1 = torch.full((n,), s0), torch.full((n,), s1)
-    d = (x - denoise(x, sig0)) / s0
-    x1 = x + (s1 - s0) * d
-    d1 = (x1 - denoise(x1, sig1)) / s1
-    return x + (s1 - s0) * 0.5 * (d + d1)
-
-
-def median_ms(reps, f, warmup=3):
-    for _ in range(warmup):
-        f()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def frozen(module):
-    m = copy.deepcopy(module)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
 
 
 def main():

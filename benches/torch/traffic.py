@@ -12,31 +12,17 @@ the Rust network does on frozen weights. Prints one JSON object.
     /tmp/torch/bin/python benches/torch/traffic.py --threads 1 --reps 20
 """
 import argparse
-import copy
 import json
 import math
-import statistics
-import time
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from common import Sinusoidal, frozen, heun_step, median_ms
+
 A, FEAT, H, HEADS, BLOCKS, CELLS, REL = 12, 7, 64, 4, 2, 32, 32
 BETA_MIN, BETA_MAX = 0.1, 20.0
-
-
-class Sinusoidal(nn.Module):
-    def __init__(self, dim, max_freq):
-        super().__init__()
-        half = dim // 2
-        self.register_buffer(
-            "freqs", torch.tensor([max_freq ** (k / (half - 1)) for k in range(half)])
-        )
-
-    def forward(self, c):
-        arg = c[..., None] * self.freqs
-        return torch.cat([arg.cos(), arg.sin()], -1)
 
 
 def position_encoding_2d(side, dim):
@@ -219,32 +205,6 @@ class Guided:
         return d + (sigma**2)[:, None] * g
 
 
-def heun_step(denoise, x, maps, s0, s1):
-    n = x.shape[0]
-    d = (x - denoise(x, torch.full((n,), s0), maps)) / s0
-    x1 = x + (s1 - s0) * d
-    d1 = (x1 - denoise(x1, torch.full((n,), s1), maps)) / s1
-    return x + (s1 - s0) * 0.5 * (d + d1)
-
-
-def median_ms(reps, f, warmup=3):
-    for _ in range(warmup):
-        f()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def frozen(m):
-    m = copy.deepcopy(m)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -280,9 +240,9 @@ def main():
     base = Denoiser(frozen(net))
     classifier = frozen(SceneTransformer(1))
     x = torch.randn(b, A * FEAT)
-    sample = median_ms(a.reps, lambda: heun_step(Guided(base, []), x, maps, 1.0, 0.9))
+    sample = median_ms(a.reps, lambda: heun_step(Guided(base, []), x, 1.0, 0.9, maps))
     guided = median_ms(
-        a.reps, lambda: heun_step(Guided(base, [classifier]), x, maps, 1.0, 0.9)
+        a.reps, lambda: heun_step(Guided(base, [classifier]), x, 1.0, 0.9, maps)
     )
     print(
         json.dumps(
