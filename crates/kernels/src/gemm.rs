@@ -62,20 +62,10 @@ impl<'a> View<'a> {
 /// `[1000, 256] · [256, 256]` product ran no faster on two threads than on one), and
 /// splitting rows instead made every thread pack all of `b`.
 pub fn matmul(dst: &mut [f32], a: View, b: View, accumulate: bool) {
+    if !has_work(dst, a, b, accumulate) {
+        return;
+    }
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "inner dimensions differ");
-    assert_eq!(dst.len(), m * n, "destination size");
-    a.check();
-    b.check();
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return;
-    }
     let threads = gemm_threads(m, n, k).min(n);
     let dst = Dst(dst.as_mut_ptr());
     if threads <= 1 {
@@ -97,6 +87,28 @@ pub fn matmul(dst: &mut [f32], a: View, b: View, accumulate: bool) {
             s.spawn(move |_| unsafe { serial(dst.offset(j0), n, a, b, accumulate) });
         }
     });
+}
+
+/// [`matmul`] on the calling thread only (for callers that split the work themselves).
+pub fn matmul_serial(dst: &mut [f32], a: View, b: View, accumulate: bool) {
+    if has_work(dst, a, b, accumulate) {
+        // SAFETY: dst holds m × n elements, and the views were checked.
+        unsafe { serial(Dst(dst.as_mut_ptr()), b.cols, a, b, accumulate) }
+    }
+}
+
+/// Checks the shapes and views; handles the empty products (nothing to write, or
+/// `k = 0`: zeros). Returns whether a GEMM remains to be run.
+fn has_work(dst: &mut [f32], a: View, b: View, accumulate: bool) -> bool {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions differ");
+    assert_eq!(dst.len(), m * n, "destination size");
+    a.check();
+    b.check();
+    if k == 0 && !accumulate {
+        dst.fill(0.0);
+    }
+    m > 0 && n > 0 && k > 0
 }
 
 /// The destination pointer, shared by the threads that write its disjoint blocks.

@@ -28,6 +28,7 @@
 //! ```
 
 mod bmm;
+mod conv;
 mod gemm;
 mod norm;
 mod ops;
@@ -38,7 +39,8 @@ mod simd;
 pub mod threads;
 
 pub use bmm::batched_matmul;
-pub use norm::{layer_norm, softmax_last_dim};
+pub use conv::{conv2d, Conv2dSpec};
+pub use norm::{group_norm, layer_norm, softmax_last_dim};
 pub use ops::{add_silu, dense, manual, second_order, silu, silu_derivative, sinusoidal, Act};
 pub use optim::{adam_update, ema_update, AdamStep};
 pub use resmlp::{res_mlp, ResMlpShape};

@@ -321,3 +321,68 @@ mod tests {
         assert_eq!(sigmoid(0.0), 0.5);
     }
 }
+
+multiversion! {
+    /// Group norm of one group's slab (`g.len()` channels of equal planes), optionally
+    /// followed by SiLU: z = (x − mean)·rstd·g_c + b_c over the slab's moments.
+    pub fn group_norm_slab(x: &[f32], g: &[f32], b: &[f32], eps: f32, silu: bool, out: &mut [f32]) {
+        let plane = x.len() / g.len();
+        let (mean, rstd) = moments(x, eps);
+        for ((or, xr), (gc, bc)) in out.chunks_exact_mut(plane).zip(x.chunks_exact(plane)).zip(g.iter().zip(b)) {
+            let (scale, shift) = (rstd * gc, bc - mean * rstd * gc);
+            if silu {
+                for (o, v) in or.iter_mut().zip(xr) {
+                    let z = v * scale + shift;
+                    *o = z * sigmoid(z);
+                }
+            } else {
+                for (o, v) in or.iter_mut().zip(xr) {
+                    *o = v * scale + shift;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The backward pass of [`group_norm_slab`] for one slab (gain and bias in
+    /// `affine`): the input gradient into `gx`, the slab's share of the gain and bias
+    /// gradients into `channel_grads` (one per channel, overwritten).
+    pub fn group_norm_backward_slab(
+        x: &[f32], affine: (&[f32], &[f32]), gy: &[f32], eps: f32, silu: bool,
+        gx: &mut [f32], channel_grads: (&mut [f32], &mut [f32])
+    ) {
+        let ((g, b), (gg, gb)) = (affine, channel_grads);
+        let plane = x.len() / g.len();
+        let (mean, rstd) = moments(x, eps);
+        let (mut m1, mut m2) = (0f32, 0f32);
+        // First pass: d = dz · g_c into gx, the channel sums, and the slab means.
+        for (c, ((dr, xr), gyr)) in gx.chunks_exact_mut(plane).zip(x.chunks_exact(plane)).zip(gy.chunks_exact(plane)).enumerate() {
+            let (gc, bc) = (g[c], b[c]);
+            let (mut sg, mut sb) = (0f32, 0f32);
+            for ((d, v), gy) in dr.iter_mut().zip(xr).zip(gyr) {
+                let xh = (v - mean) * rstd;
+                let dz = if silu {
+                    let z = xh * gc + bc;
+                    let s = sigmoid(z);
+                    gy * (s + z * s * (1.0 - s))
+                } else {
+                    *gy
+                };
+                sg += dz * xh;
+                sb += dz;
+                *d = dz * gc;
+                m1 += *d;
+                m2 += *d * xh;
+            }
+            gg[c] = sg;
+            gb[c] = sb;
+        }
+        let n = x.len() as f32;
+        let (m1, m2) = (m1 / n, m2 / n);
+        for (d, v) in gx.iter_mut().zip(x) {
+            let xh = (v - mean) * rstd;
+            *d = rstd * (*d - m1 - xh * m2);
+        }
+    }
+}

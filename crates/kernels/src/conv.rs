@@ -1,0 +1,627 @@
+//! 2-D convolution as im2col + GEMM, forward and backward, with an optional
+//! nearest-neighbour upsampling of the input folded into the im2col (a U-Net's "up"
+//! convolution reads the small map directly, no upsampled copy).
+//!
+//! Three ops, each the others' derivative: the convolution `y = W ⊛ x + b`, its input
+//! gradient `dx = Wᵀ ⊛ dy` and its weight gradient `dW = dy ⊛ xᵀ`. Each op's backward
+//! pass is made of the three, so derivatives of any order stay on the fast path (DLSM
+//! trains through the classifier's input gradient). candle's CPU conv2d backward, the
+//! alternative, was slower than a whole transformer step here.
+
+use crate::gemm::{matmul, matmul_serial, View};
+use crate::ops::{contiguous_data, fast_path, output_buffer};
+use crate::threads::{threads, PARALLEL_GEMM_FLOPS};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// How a convolution reads its input: the input is first upsampled `upsample`× by
+/// nearest neighbour, zero-padded by `padding` on every side, and read every `stride`
+/// cells. `Conv2dSpec::default()` is stride 1, no padding, no upsampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dSpec {
+    pub stride: usize,
+    pub padding: usize,
+    pub upsample: usize,
+}
+
+impl Default for Conv2dSpec {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            upsample: 1,
+        }
+    }
+}
+
+impl Conv2dSpec {
+    /// Stride 1, `padding` zeros: a `k × k` kernel with `padding = k / 2` keeps the size.
+    pub fn same(padding: usize) -> Self {
+        Self {
+            padding,
+            ..Self::default()
+        }
+    }
+
+    /// Output side for an input side `n` and a kernel side `k`, or `None` when the
+    /// kernel does not fit.
+    pub fn output_side(&self, n: usize, k: usize) -> Option<usize> {
+        let padded = n * self.upsample + 2 * self.padding;
+        (padded >= k && k > 0).then(|| (padded - k) / self.stride + 1)
+    }
+}
+
+/// Sizes of one convolution: input `[n, c, h, w]`, kernel `[o, c, kh, kw]`, output
+/// `[n, o, ho, wo]`.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    spec: Conv2dSpec,
+}
+
+impl Geom {
+    fn new(x: &[usize], k: &[usize], spec: Conv2dSpec) -> Result<Self> {
+        let (&[n, c, h, w], &[o, kc, kh, kw]) = (x, k) else {
+            bail!(
+                "conv2d: input must be [N, C, H, W] and kernel [O, C, kh, kw], got {x:?} and {k:?}"
+            );
+        };
+        if kc != c {
+            bail!("conv2d: the kernel {k:?} takes {kc} channels, the input {x:?} has {c}");
+        }
+        if spec.stride == 0 || spec.upsample == 0 {
+            bail!("conv2d: stride and upsampling must be positive, got {spec:?}");
+        }
+        let (Some(ho), Some(wo)) = (spec.output_side(h, kh), spec.output_side(w, kw)) else {
+            bail!("conv2d: a {kh}×{kw} kernel does not fit a {h}×{w} input with {spec:?}");
+        };
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            ho,
+            wo,
+            spec,
+        })
+    }
+
+    /// Rows of the im2col matrix: one per input channel and kernel cell.
+    fn ck(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    fn out_plane(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    fn in_image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    fn out_image(&self) -> usize {
+        self.o * self.out_plane()
+    }
+
+    /// A 1×1 convolution that reads every cell once: the image is its own im2col.
+    fn direct(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.spec == Conv2dSpec::default()
+    }
+
+    fn flops(&self) -> usize {
+        2 * self.n * self.o * self.ck() * self.out_plane()
+    }
+
+    /// Output positions `lo..hi` along one axis whose input cell, for kernel offset
+    /// `kj`, lies inside the (upsampled) input of side `len · upsample`.
+    fn valid(&self, kj: usize, len: usize, out: usize) -> (usize, usize) {
+        let (s, p) = (self.spec.stride, self.spec.padding);
+        let virt = len * self.spec.upsample;
+        // v = o·s + kj − p must satisfy 0 ≤ v < virt.
+        let lo = p.saturating_sub(kj).div_ceil(s);
+        let hi = if virt + p > kj {
+            (virt + p - kj).div_ceil(s).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// The input cell read at output position `o` for kernel offset `kj` (inside
+    /// `valid`'s range).
+    fn source(&self, o: usize, kj: usize) -> usize {
+        (o * self.spec.stride + kj - self.spec.padding) / self.spec.upsample
+    }
+}
+
+/// `cols[(c, ki, kj), (oy, ox)] = x[c, iy, ix]` of one image (zero outside the input).
+fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
+    let plane = g.out_plane();
+    for c in 0..g.c {
+        for ki in 0..g.kh {
+            let (ylo, yhi) = g.valid(ki, g.h, g.ho);
+            for kj in 0..g.kw {
+                let (xlo, xhi) = g.valid(kj, g.w, g.wo);
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let dst = &mut cols[row * plane..(row + 1) * plane];
+                dst[..ylo * g.wo].fill(0.0);
+                dst[yhi * g.wo..].fill(0.0);
+                for oy in ylo..yhi {
+                    let src = &x[(c * g.h + g.source(oy, ki)) * g.w..][..g.w];
+                    let line = &mut dst[oy * g.wo..(oy + 1) * g.wo];
+                    line[..xlo].fill(0.0);
+                    line[xhi..].fill(0.0);
+                    if xlo == xhi {
+                    } else if g.spec.stride == 1 && g.spec.upsample == 1 {
+                        let start = xlo + kj - g.spec.padding;
+                        line[xlo..xhi].copy_from_slice(&src[start..start + xhi - xlo]);
+                    } else {
+                        for ox in xlo..xhi {
+                            line[ox] = src[g.source(ox, kj)];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: `dx[c, iy, ix] += cols[(c, ki, kj), (oy, ox)]`.
+fn col2im_add(cols: &[f32], g: &Geom, dx: &mut [f32]) {
+    let plane = g.out_plane();
+    for c in 0..g.c {
+        for ki in 0..g.kh {
+            let (ylo, yhi) = g.valid(ki, g.h, g.ho);
+            for kj in 0..g.kw {
+                let (xlo, xhi) = g.valid(kj, g.w, g.wo);
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let src = &cols[row * plane..(row + 1) * plane];
+                for oy in ylo..yhi {
+                    let dst = &mut dx[(c * g.h + g.source(oy, ki)) * g.w..][..g.w];
+                    let line = &src[oy * g.wo..(oy + 1) * g.wo];
+                    if xlo == xhi {
+                    } else if g.spec.stride == 1 && g.spec.upsample == 1 {
+                        let start = xlo + kj - g.spec.padding;
+                        for (d, s) in dst[start..start + xhi - xlo]
+                            .iter_mut()
+                            .zip(&line[xlo..xhi])
+                        {
+                            *d += s;
+                        }
+                    } else {
+                        for (ox, s) in line.iter().enumerate().take(xhi).skip(xlo) {
+                            dst[g.source(ox, kj)] += s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f(first_image, images_out)` over the output split into blocks of whole images,
+/// one block per thread when the convolution is large enough; each block gets its own
+/// scratch buffer of `scratch` floats. Returns whether the blocks ran on several
+/// threads (then `f` must use single-threaded GEMMs).
+fn per_images(
+    out: &mut [f32],
+    image: usize,
+    g: &Geom,
+    scratch: usize,
+    f: impl Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync,
+) {
+    let t = threads();
+    if t > 1 && g.n > 1 && g.flops() >= PARALLEL_GEMM_FLOPS {
+        let per = g.n.div_ceil(t);
+        out.par_chunks_mut(per * image)
+            .enumerate()
+            .for_each(|(i, block)| f(i * per, block, &mut output_buffer(scratch), true));
+    } else {
+        f(0, out, &mut output_buffer(scratch), false);
+    }
+}
+
+fn gemm(dst: &mut [f32], a: View, b: View, accumulate: bool, serial: bool) {
+    if serial {
+        matmul_serial(dst, a, b, accumulate)
+    } else {
+        matmul(dst, a, b, accumulate)
+    }
+}
+
+fn conv_forward(x: &[f32], k: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+    let mut y = output_buffer(g.n * g.out_image());
+    let (plane, ck) = (g.out_plane(), g.ck());
+    let scratch = if g.direct() { 0 } else { ck * plane };
+    per_images(
+        &mut y,
+        g.out_image(),
+        g,
+        scratch,
+        |first, ys, cols, serial| {
+            for (i, y_img) in ys.chunks_mut(g.out_image()).enumerate() {
+                let x_img = &x[(first + i) * g.in_image()..][..g.in_image()];
+                let source = if g.direct() {
+                    View::row_major(x_img, g.c, plane)
+                } else {
+                    im2col(x_img, g, cols);
+                    View::row_major(cols, ck, plane)
+                };
+                gemm(y_img, View::row_major(k, g.o, ck), source, false, serial);
+                if let Some(b) = bias {
+                    for (row, &bv) in y_img.chunks_mut(plane).zip(b) {
+                        row.iter_mut().for_each(|v| *v += bv);
+                    }
+                }
+            }
+        },
+    );
+    y
+}
+
+fn conv_input_grad(dy: &[f32], k: &[f32], g: &Geom) -> Vec<f32> {
+    let mut dx = output_buffer(g.n * g.in_image());
+    let (plane, ck) = (g.out_plane(), g.ck());
+    let scratch = if g.direct() { 0 } else { ck * plane };
+    let kt = View::row_major(k, g.o, ck).t();
+    per_images(
+        &mut dx,
+        g.in_image(),
+        g,
+        scratch,
+        |first, dxs, cols, serial| {
+            for (i, dx_img) in dxs.chunks_mut(g.in_image()).enumerate() {
+                let dy_img = View::row_major(
+                    &dy[(first + i) * g.out_image()..][..g.out_image()],
+                    g.o,
+                    plane,
+                );
+                if g.direct() {
+                    gemm(dx_img, kt, dy_img, false, serial);
+                } else {
+                    gemm(cols, kt, dy_img, false, serial);
+                    dx_img.fill(0.0);
+                    col2im_add(cols, g, dx_img);
+                }
+            }
+        },
+    );
+    dx
+}
+
+fn conv_weight_grad(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
+    let (plane, ck) = (g.out_plane(), g.ck());
+    let t = threads();
+    let blocks = if t > 1 && g.n > 1 && g.flops() >= PARALLEL_GEMM_FLOPS {
+        t.min(g.n)
+    } else {
+        1
+    };
+    let per = g.n.div_ceil(blocks);
+    // One partial gradient per block of images, summed at the end.
+    let partial = |b: usize| -> Vec<f32> {
+        let mut dk = vec![0f32; g.o * ck];
+        let mut cols = output_buffer(if g.direct() { 0 } else { ck * plane });
+        for img in b * per..((b + 1) * per).min(g.n) {
+            let x_img = &x[img * g.in_image()..][..g.in_image()];
+            let source = if g.direct() {
+                View::row_major(x_img, g.c, plane)
+            } else {
+                im2col(x_img, g, &mut cols);
+                View::row_major(&cols, ck, plane)
+            };
+            let dy_img = View::row_major(&dy[img * g.out_image()..][..g.out_image()], g.o, plane);
+            gemm(&mut dk, dy_img, source.t(), true, blocks > 1);
+        }
+        dk
+    };
+    if blocks == 1 {
+        return partial(0);
+    }
+    let parts: Vec<Vec<f32>> = (0..blocks).into_par_iter().map(partial).collect();
+    let mut dk = parts[0].clone();
+    for p in &parts[1..] {
+        dk.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    dk
+}
+
+/// `y = W ⊛ x (+ b)`: a CustomOp2 without bias, a CustomOp3 with.
+struct Conv {
+    spec: Conv2dSpec,
+}
+
+impl Conv {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        k: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(x.1.dims(), k.1.dims(), self.spec)?;
+        let xs = contiguous_data(x.0, x.1, "conv2d")?;
+        let ks = contiguous_data(k.0, k.1, "conv2d")?;
+        let bs = b
+            .map(|(s, l)| contiguous_data(s, l, "conv2d"))
+            .transpose()?;
+        let y = conv_forward(xs, ks, bs, &g);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn grads(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = k.dims4()?;
+        let dx = x
+            .track_op()
+            .then(|| input_grad(g, k, self.spec, (h, w)))
+            .transpose()?;
+        let dk = k
+            .track_op()
+            .then(|| weight_grad(x, g, self.spec, (kh, kw)))
+            .transpose()?;
+        Ok((dx, dk))
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, k, g)
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dk) = self.grads(x, k, g)?;
+        let db = b.track_op().then(|| g.sum((0, 2, 3))).transpose()?;
+        Ok((dx, dk, db))
+    }
+}
+
+/// `dx = Wᵀ ⊛ dy` for an input of side `(h, w)`.
+struct InputGrad {
+    spec: Conv2dSpec,
+    input: (usize, usize),
+}
+
+impl InputGrad {
+    fn geom(&self, dy: &[usize], k: &[usize]) -> Result<Geom> {
+        let (&[n, o, _, _], &[ko, c, _, _]) = (dy, k) else {
+            bail!("conv2d input gradient: expected 4-d gradient and kernel, got {dy:?} and {k:?}");
+        };
+        if o != ko {
+            bail!("conv2d input gradient: {dy:?} does not match the kernel {k:?}");
+        }
+        let g = Geom::new(&[n, c, self.input.0, self.input.1], k, self.spec)?;
+        if dy != [n, o, g.ho, g.wo] {
+            bail!(
+                "conv2d input gradient: expected [{n}, {o}, {}, {}], got {dy:?}",
+                g.ho,
+                g.wo
+            );
+        }
+        Ok(g)
+    }
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom(l1.dims(), l2.dims())?;
+        let dy = contiguous_data(s1, l1, "conv2d input gradient")?;
+        let k = contiguous_data(s2, l2, "conv2d input gradient")?;
+        let dx = conv_input_grad(dy, k, &g);
+        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
+    }
+
+    /// Linear in each argument: ⟨G, Wᵀ ⊛ dy⟩ = ⟨W ⊛ G, dy⟩ = ⟨W, dy ⊛ Gᵀ⟩.
+    fn bwd(
+        &self,
+        dy: &Tensor,
+        k: &Tensor,
+        _dx: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, kh, kw) = k.dims4()?;
+        let ddy = dy
+            .track_op()
+            .then(|| conv_raw(g, k, self.spec))
+            .transpose()?;
+        let dk = k
+            .track_op()
+            .then(|| weight_grad(g, dy, self.spec, (kh, kw)))
+            .transpose()?;
+        Ok((ddy, dk))
+    }
+}
+
+/// `dW = dy ⊛ xᵀ` for a kernel of side `(kh, kw)`.
+struct WeightGrad {
+    spec: Conv2dSpec,
+    kernel: (usize, usize),
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xd, dyd) = (l1.dims(), l2.dims());
+        let (&[_, c, _, _], &[_, o, _, _]) = (xd, dyd) else {
+            bail!(
+                "conv2d weight gradient: expected 4-d input and gradient, got {xd:?} and {dyd:?}"
+            );
+        };
+        let g = Geom::new(xd, &[o, c, self.kernel.0, self.kernel.1], self.spec)?;
+        if dyd != [g.n, o, g.ho, g.wo] {
+            bail!(
+                "conv2d weight gradient: expected [{}, {o}, {}, {}], got {dyd:?}",
+                g.n,
+                g.ho,
+                g.wo
+            );
+        }
+        let x = contiguous_data(s1, l1, "conv2d weight gradient")?;
+        let dy = contiguous_data(s2, l2, "conv2d weight gradient")?;
+        let dk = conv_weight_grad(x, dy, &g);
+        Ok((CpuStorage::F32(dk), Shape::from((o, c, g.kh, g.kw))))
+    }
+
+    /// ⟨G, dy ⊛ xᵀ⟩ = ⟨Gᵀ ⊛ dy, x⟩ = ⟨G ⊛ x, dy⟩.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        _dk: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, w) = x.dims4()?;
+        let dx = x
+            .track_op()
+            .then(|| input_grad(dy, g, self.spec, (h, w)))
+            .transpose()?;
+        let ddy = dy
+            .track_op()
+            .then(|| conv_raw(x, g, self.spec))
+            .transpose()?;
+        Ok((dx, ddy))
+    }
+}
+
+fn conv_raw(x: &Tensor, k: &Tensor, spec: Conv2dSpec) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_arc(&k.contiguous()?, Arc::new(Box::new(Conv { spec })))
+}
+
+fn input_grad(dy: &Tensor, k: &Tensor, spec: Conv2dSpec, input: (usize, usize)) -> Result<Tensor> {
+    dy.contiguous()?.apply_op2_arc(
+        &k.contiguous()?,
+        Arc::new(Box::new(InputGrad { spec, input })),
+    )
+}
+
+fn weight_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    spec: Conv2dSpec,
+    kernel: (usize, usize),
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_arc(
+        &dy.contiguous()?,
+        Arc::new(Box::new(WeightGrad { spec, kernel })),
+    )
+}
+
+/// `y = W ⊛ x + b`: x `[N, C, H, W]`, kernel `[O, C, kh, kw]`, bias `[O]`, read as
+/// `spec` says (cross-correlation, as candle's and PyTorch's conv2d). Differentiable to
+/// any order. Off the CPU or for other dtypes, candle's conv2d (after candle's
+/// upsampling when `spec.upsample > 1`).
+pub fn conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    spec: Conv2dSpec,
+) -> Result<Tensor> {
+    let g = Geom::new(x.dims(), kernel.dims(), spec)?;
+    if let Some(b) = bias {
+        if b.dims() != [g.o] {
+            bail!("conv2d: bias must be [{}], got {:?}", g.o, b.dims());
+        }
+    }
+    let mut ts = vec![x, kernel];
+    ts.extend(bias);
+    if !fast_path(&ts) {
+        let x = match spec.upsample {
+            1 => x.clone(),
+            u => x.upsample_nearest2d(g.h * u, g.w * u)?,
+        };
+        let y = x.conv2d(kernel, spec.padding, spec.stride, 1, 1)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, g.o, 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    match bias {
+        Some(b) => x.contiguous()?.apply_op3_arc(
+            &kernel.contiguous()?,
+            &b.contiguous()?,
+            Arc::new(Box::new(Conv { spec })),
+        ),
+        None => conv_raw(x, kernel, spec),
+    }
+}
