@@ -263,6 +263,11 @@ fn conv_forward(x: &[f32], k: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32
                 };
                 gemm(y_img, View::row_major(k, g.o, ck), source, false, serial);
                 if let Some(b) = bias {
+                    // One bias per channel, or one per image and channel.
+                    let b = match b.len() == g.o {
+                        true => b,
+                        false => &b[(first + i) * g.o..(first + i + 1) * g.o],
+                    };
                     for (row, &bv) in y_img.chunks_mut(plane).zip(b) {
                         row.iter_mut().for_each(|v| *v += bv);
                     }
@@ -436,14 +441,17 @@ impl CustomOp3 for Conv {
         let (dx, dk) = self.grads(x, k, g)?;
         let db = match b.track_op() {
             false => None,
-            true if second_order() => Some(g.sum((0, 2, 3))?),
+            true if second_order() => Some(match b.rank() {
+                1 => g.sum((0, 2, 3))?,
+                _ => g.sum((2, 3))?,
+            }),
             // candle's strided sum over (0, 2, 3) cost as much as one of the GEMMs.
             true => with_data(g, |g| {
-                let o = b.elem_count();
-                let plane = g.len() / o / x.dim(0)?;
-                let mut db = vec![0f32; o];
+                let len = b.elem_count();
+                let plane = g.len() / (x.dim(0)? * k.dim(0)?);
+                let mut db = vec![0f32; len];
                 for (i, row) in g.chunks_exact(plane).enumerate() {
-                    db[i % o] += row.iter().sum::<f32>();
+                    db[i % len] += row.iter().sum::<f32>();
                 }
                 gradient_for(b, db)
             })?,
@@ -602,8 +610,8 @@ fn weight_grad(
     )
 }
 
-/// `y = W ⊛ x + b`: x `[N, C, H, W]`, kernel `[O, C, kh, kw]`, bias `[O]`, read as
-/// `spec` says (cross-correlation, as candle's and PyTorch's conv2d). Differentiable to
+/// `y = W ⊛ x + b`: x `[N, C, H, W]`, kernel `[O, C, kh, kw]`, bias `[O]` or one per
+/// image `[N, O]` (a U-Net block's noise embedding rides on it), read as `spec` says (cross-correlation, as candle's and PyTorch's conv2d). Differentiable to
 /// any order. Off the CPU or for other dtypes, candle's conv2d (after candle's
 /// upsampling when `spec.upsample > 1`).
 pub fn conv2d(
@@ -614,8 +622,13 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let g = Geom::new(x.dims(), kernel.dims(), spec)?;
     if let Some(b) = bias {
-        if b.dims() != [g.o] {
-            bail!("conv2d: bias must be [{}], got {:?}", g.o, b.dims());
+        if b.dims() != [g.o] && b.dims() != [g.n, g.o] {
+            bail!(
+                "conv2d: bias must be [{o}] or [{n}, {o}] (one per image), got {:?}",
+                b.dims(),
+                o = g.o,
+                n = g.n
+            );
         }
     }
     let mut ts = vec![x, kernel];
@@ -627,7 +640,7 @@ pub fn conv2d(
         };
         let y = x.conv2d(kernel, spec.padding, spec.stride, 1, 1)?;
         return match bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, g.o, 1, 1))?),
+            Some(b) => y.broadcast_add(&b.reshape((b.elem_count() / g.o, g.o, 1, 1))?),
             None => Ok(y),
         };
     }

@@ -105,6 +105,32 @@ fn matches_candle_on_the_unet_layers() {
 }
 
 #[test]
+fn per_image_bias_matches_candle() {
+    let spec = Conv2dSpec::same(1);
+    let x = Var::from_tensor(&randn(1, &[3, 4, 5, 5])).unwrap();
+    let k = Var::from_tensor(&randn(2, &[6, 4, 3, 3])).unwrap();
+    let b = Var::from_tensor(&randn(3, &[3, 6])).unwrap();
+    let y = conv2d(x.as_tensor(), k.as_tensor(), Some(b.as_tensor()), spec).unwrap();
+    let e = x
+        .as_tensor()
+        .conv2d(k.as_tensor(), 1, 1, 1, 1)
+        .unwrap()
+        .broadcast_add(&b.as_tensor().reshape((3, 6, 1, 1)).unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&y, &e) < 1e-4, "{}", max_abs_diff(&y, &e));
+    let r = randn(4, y.dims());
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (&e * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &k, &b] {
+        let (a, e) = (
+            g.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(a, e) < 1e-4 * (1.0 + max_abs(e)));
+    }
+}
+
+#[test]
 fn odd_shapes() {
     // A 1×1 image, channel counts of no block size, non-square images, kernels wider
     // than the unpadded image, a 1×1 kernel with padding and stride.
