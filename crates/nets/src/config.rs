@@ -5,6 +5,7 @@ use crate::net::NoiseNet;
 use crate::precond::{Precond, ScoreNet};
 use crate::toy::{ToyMlp, ToyMlpConfig};
 use crate::transformer::{SceneTransformer, SceneTransformerConfig};
+use crate::unet::{UNet, UNetConfig, UNetOutput};
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use scoreguide_guidance::Cond;
@@ -18,6 +19,9 @@ pub enum NetConfig {
     SceneTransformer(SceneTransformerConfig),
     /// DLSM's toy MLP (raw σ input), with [`crate::Precond::Identity`] as a score model.
     ToyMlp(ToyMlpConfig),
+    /// An image U-Net (rows of `channels · size²` values).
+    #[serde(rename = "unet")]
+    UNet(UNetConfig),
 }
 
 impl NetConfig {
@@ -28,6 +32,7 @@ impl NetConfig {
                 AnyNet::SceneTransformer(Box::new(SceneTransformer::new(*c, vb.clone())?))
             }
             Self::ToyMlp(c) => AnyNet::ToyMlp(c.build(vb)?),
+            Self::UNet(c) => AnyNet::UNet(Box::new(UNet::new(c.clone(), vb.clone())?)),
         })
     }
 
@@ -37,6 +42,7 @@ impl NetConfig {
             Self::ResMlp(c) => c.in_dim,
             Self::SceneTransformer(c) => c.agents * c.features,
             Self::ToyMlp(c) => c.in_dim,
+            Self::UNet(c) => c.in_dim(),
         }
     }
 
@@ -46,11 +52,13 @@ impl NetConfig {
             Self::ResMlp(c) => c.out_dim,
             Self::SceneTransformer(c) => c.agents * c.out_per_agent,
             Self::ToyMlp(c) => c.out_dim,
+            Self::UNet(c) => c.out_dim(),
         }
     }
 
     /// The same architecture with `out` outputs per row (per agent for a scene
-    /// transformer): 1 for Gen-neG's classifier of a score model's architecture.
+    /// transformer; pooled over positions for a U-Net): 1 for Gen-neG's classifier of a
+    /// score model's architecture.
     pub fn with_outputs(&self, out: usize) -> Self {
         match self {
             Self::ResMlp(c) => Self::ResMlp(ResMlpConfig { out_dim: out, ..*c }),
@@ -59,6 +67,10 @@ impl NetConfig {
                 ..*c
             }),
             Self::ToyMlp(c) => Self::ToyMlp(ToyMlpConfig { out_dim: out, ..*c }),
+            Self::UNet(c) => Self::UNet(UNetConfig {
+                output: UNetOutput::Pooled(out),
+                ..c.clone()
+            }),
         }
     }
 }
@@ -68,6 +80,7 @@ pub enum AnyNet {
     ResMlp(ResMlp),
     SceneTransformer(Box<SceneTransformer>),
     ToyMlp(ToyMlp),
+    UNet(Box<UNet>),
 }
 
 impl NoiseNet for AnyNet {
@@ -76,6 +89,7 @@ impl NoiseNet for AnyNet {
             Self::ResMlp(n) => n.forward(x, c_noise, cond),
             Self::SceneTransformer(n) => NoiseNet::forward(n.as_ref(), x, c_noise, cond),
             Self::ToyMlp(n) => NoiseNet::forward(n, x, c_noise, cond),
+            Self::UNet(n) => n.forward(x, c_noise, cond),
         }
     }
     fn out_dim(&self) -> usize {
@@ -83,6 +97,7 @@ impl NoiseNet for AnyNet {
             Self::ResMlp(n) => n.out_dim(),
             Self::SceneTransformer(n) => NoiseNet::out_dim(n.as_ref()),
             Self::ToyMlp(n) => NoiseNet::out_dim(n),
+            Self::UNet(n) => n.out_dim(),
         }
     }
 }

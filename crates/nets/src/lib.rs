@@ -17,6 +17,9 @@
 //!   with relative-position self-attention and cross-attention to map tokens from a
 //!   [`MapEncoder`], the maps coming in as each row's condition
 //!   ([`scoreguide_guidance::Cond`]); a score network or a per-agent classifier.
+//! * [`UNet`]: a DDPM++-style image U-Net (residual blocks with the noise embedding,
+//!   attention at low resolutions) on the fused convolutions of `scoreguide_kernels`; its
+//!   pooled variant is a classifier of the same architecture.
 //! * [`NetConfig`] / [`AnyNet`]: every architecture as one serialisable config and one
 //!   type, so a checkpoint's metadata rebuilds any of them; [`NoiseNet`] is the
 //!   interface they share.
@@ -49,6 +52,7 @@ mod params;
 mod precond;
 mod toy;
 mod transformer;
+mod unet;
 
 pub use classifier::{Classifier, ClassifierConfig, OnDenoised};
 pub use config::{AnyNet, NetConfig, ScoreModelConfig};
@@ -60,3 +64,4 @@ pub use params::ParamStore;
 pub use precond::{Precond, ScoreNet};
 pub use toy::{ClassTerm, ToyClassifier, ToyMlp, ToyMlpConfig, ToyScore};
 pub use transformer::{SceneTransformer, SceneTransformerConfig};
+pub use unet::{UNet, UNetConfig, UNetOutput};
