@@ -393,7 +393,7 @@ impl Dropout {
 }
 
 enum Stage {
-    Block(ResBlock, Option<Attention>),
+    Block(Box<(ResBlock, Option<Attention>)>),
     Down(Conv),
     Up(Conv),
 }
@@ -437,7 +437,7 @@ impl UNet {
                     true => Some(Attention::new(&cfg, ch, vb.pp(format!("attn{i}")))?),
                     false => None,
                 };
-                down.push(Stage::Block(block, attn));
+                down.push(Stage::Block(Box::new((block, attn))));
                 skips.push(ch);
             }
             if level + 1 < cfg.levels() {
@@ -477,7 +477,7 @@ impl UNet {
                         true => Some(Attention::new(&cfg, ch, vb.pp(format!("attn{i}")))?),
                         false => None,
                     };
-                    up.push(Stage::Block(block, attn));
+                    up.push(Stage::Block(Box::new((block, attn))));
                 }
                 if level > 0 {
                     let spec = Conv2dSpec {
@@ -603,7 +603,8 @@ impl NoiseNet for UNet {
         let mut skips = vec![h.clone()];
         for stage in &self.down {
             h = match stage {
-                Stage::Block(block, attn) => {
+                Stage::Block(b) => {
+                    let (block, attn) = b.as_ref();
                     let h = block.forward(&h, &emb, &dropout)?;
                     match attn {
                         Some(a) => a.forward(&h)?,
@@ -619,7 +620,8 @@ impl NoiseNet for UNet {
         h = self.middle.2.forward(&h, &emb, &dropout)?;
         for stage in &self.up {
             h = match stage {
-                Stage::Block(block, attn) => {
+                Stage::Block(b) => {
+                    let (block, attn) = b.as_ref();
                     let skip = skips.pop().expect("one skip per encoder output");
                     let h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, &dropout)?;
                     match attn {
