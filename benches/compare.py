@@ -1,5 +1,5 @@
 """scoreguide beside PyTorch on the CPU, in one run: alternates the Rust benchmark
-workers (examples/bench, examples/bench_traffic) with their PyTorch twins
+workers (examples/bench, bench_traffic, bench_images) with their PyTorch twins
 (benches/torch/*.py) for every thread count, several rounds, and prints the median of
 each operation with the ratio scoreguide / PyTorch (below 1: scoreguide is faster),
 the ratio of two threads to one, and guided / base step ratios.
@@ -7,7 +7,7 @@ the ratio of two threads to one, and guided / base step ratios.
 Needs PyTorch in a throwaway virtual environment (never a dependency of the project):
 
     python3 -m venv /tmp/torch && /tmp/torch/bin/pip install torch
-    cargo build --release --example bench --example bench_traffic
+    cargo build --release --example bench --example bench_traffic --example bench_images
     /tmp/torch/bin/python benches/compare.py --json out/compare.json
 
 Standard library only besides the twins' own torch import.
@@ -34,6 +34,12 @@ NETWORKS = {
         "torch": ["benches/torch/traffic.py"],
         "ops": ["train_step_ms", "sample_step_ms", "guided_step_ms"],
     },
+    "images": {
+        "rust": ["target/release/examples/bench_images"],
+        "torch": ["benches/torch/unet.py"],
+        "ops": ["grey_train_step_ms", "grey_sample_step_ms", "colour_train_step_ms",
+                "colour_sample_step_ms"],
+    },
 }
 
 
@@ -56,7 +62,8 @@ def cpu_model():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--networks", default="checkerboard,traffic")
+    ap.add_argument("--networks", default="checkerboard,traffic",
+                    help="any of checkerboard, traffic, images")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)

@@ -238,12 +238,29 @@ multiversion! {
     }
 }
 
+/// Independent partial sums: an f32 sum written as one running total stays scalar (the
+/// compiler may not reorder float additions), 16 running totals vectorise.
+const LANES: usize = 16;
+
+/// Σ f(i) over `0..len` in [`LANES`] running totals.
+#[inline(always)]
+fn lane_sum_by(len: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let whole = len / LANES * LANES;
+    for base in (0..whole).step_by(LANES) {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a += f(base + i);
+        }
+    }
+    acc.iter().sum::<f32>() + (whole..len).map(f).sum::<f32>()
+}
+
 /// Mean and 1/sqrt(variance + eps) of one row.
 #[inline(always)]
 pub(crate) fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum_by(x.len(), |i| x[i]) / n;
+    let var = lane_sum_by(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -355,34 +372,36 @@ multiversion! {
         let ((g, b), (gg, gb)) = (affine, channel_grads);
         let plane = x.len() / g.len();
         let (mean, rstd) = moments(x, eps);
+        // First pass: dz (the gradient before the gain) into gx, and the channel sums
+        // Σ dz and Σ dz x̂; the slab's means of d = dz g_c follow from them.
         let (mut m1, mut m2) = (0f32, 0f32);
-        // First pass: d = dz · g_c into gx, the channel sums, and the slab means.
         for (c, ((dr, xr), gyr)) in gx.chunks_exact_mut(plane).zip(x.chunks_exact(plane)).zip(gy.chunks_exact(plane)).enumerate() {
             let (gc, bc) = (g[c], b[c]);
-            let (mut sg, mut sb) = (0f32, 0f32);
-            for ((d, v), gy) in dr.iter_mut().zip(xr).zip(gyr) {
-                let xh = (v - mean) * rstd;
-                let dz = if silu {
-                    let z = xh * gc + bc;
+            if silu {
+                let (scale, shift) = (rstd * gc, bc - mean * rstd * gc);
+                for ((d, v), gy) in dr.iter_mut().zip(xr).zip(gyr) {
+                    let z = v * scale + shift;
                     let s = sigmoid(z);
-                    gy * (s + z * s * (1.0 - s))
-                } else {
-                    *gy
-                };
-                sg += dz * xh;
-                sb += dz;
-                *d = dz * gc;
-                m1 += *d;
-                m2 += *d * xh;
+                    *d = gy * (s + z * s * (1.0 - s));
+                }
+            } else {
+                dr.copy_from_slice(gyr);
             }
+            let sb = lane_sum_by(plane, |i| dr[i]);
+            let sg = lane_sum_by(plane, |i| dr[i] * (xr[i] - mean)) * rstd;
             gg[c] = sg;
             gb[c] = sb;
+            m1 += gc * sb;
+            m2 += gc * sg;
         }
         let n = x.len() as f32;
         let (m1, m2) = (m1 / n, m2 / n);
-        for (d, v) in gx.iter_mut().zip(x) {
-            let xh = (v - mean) * rstd;
-            *d = rstd * (*d - m1 - xh * m2);
+        for (c, (dr, xr)) in gx.chunks_exact_mut(plane).zip(x.chunks_exact(plane)).enumerate() {
+            let gc = g[c];
+            for (d, v) in dr.iter_mut().zip(xr) {
+                let xh = (v - mean) * rstd;
+                *d = rstd * (*d * gc - m1 - xh * m2);
+            }
         }
     }
 }

@@ -64,13 +64,13 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
-    /// A CPU-sized DDPM++ for 28 × 28 grey images (Fashion-MNIST, MNIST): 64 channels,
+    /// A CPU-sized DDPM++ for 28 × 28 grey images (Fashion-MNIST, MNIST): 32 channels,
     /// levels ×1, ×2, ×2 (28, 14, 7), 2 blocks per level, attention at 7 × 7.
     pub fn small_grey() -> Self {
         Self {
             channels: 1,
             size: 28,
-            base_channels: 64,
+            base_channels: 32,
             multipliers: vec![1, 2, 2],
             blocks_per_level: 2,
             attention_resolutions: vec![7],
@@ -88,11 +88,12 @@ impl UNetConfig {
 
     /// DDPM++ for 32 × 32 colour images (CIFAR-10/100) at CPU size: 64 channels, levels
     /// ×1, ×2, ×2, ×2 (32 … 4), 2 blocks per level, attention at 16 and 8. The paper's
-    /// model is 128 channels and 4 blocks per level (`with` any field to match it).
+    /// model has 128 channels and 4 blocks per level.
     pub fn small_colour() -> Self {
         Self {
             channels: 3,
             size: 32,
+            base_channels: 64,
             multipliers: vec![1, 2, 2, 2],
             attention_resolutions: vec![16, 8],
             ..Self::small_grey()

@@ -1,0 +1,175 @@
+//! Speed of the image U-Net (`UNetConfig::small_grey`, 28 × 28 × 1, and
+//! `UNetConfig::small_colour`, 32 × 32 × 3): a training step (DSM with EDM weighting +
+//! backward + Adam + EMA, batch 64) and a sampling step (one Heun step = 2 evaluations,
+//! batch 64, frozen weights), each with 1 and 2 CPU threads in its own process. Prints
+//! medians; not a test (compare ratios within one run). `benches/torch/unet.py` is its
+//! PyTorch twin and `benches/compare.py --networks images` runs the two alternately.
+//!
+//!     cargo run --release --example bench_images
+//!     cargo run --release --example bench_images -- --json out/bench_images.json
+
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use scoreguide::guidance::Cond;
+use scoreguide::losses::{dsm, DsmWeighting};
+use scoreguide::nets::{NetConfig, ParamStore, Precond, ScoreModelConfig, UNetConfig};
+use scoreguide::runtime::{heun_step_ms, measure_in_workers, median_ms};
+use scoreguide::train::{TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    /// Thread counts to measure, each in its own process.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Measure only the 28 × 28 × 1 network (the colour one takes four times longer).
+    #[arg(long)]
+    grey_only: bool,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Internal: measure in this process with this many threads and print JSON.
+    #[arg(long, hide = true)]
+    worker: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Timing {
+    threads: usize,
+    batch: usize,
+    grey_train_step_ms: f64,
+    grey_sample_step_ms: f64,
+    grey_params: usize,
+    colour_train_step_ms: f64,
+    colour_sample_step_ms: f64,
+    colour_params: usize,
+}
+
+/// (train step, Heun step, parameters) of one U-Net.
+fn measure_unet(
+    net: UNetConfig,
+    batch: usize,
+    reps: usize,
+    dev: &Device,
+) -> candle_core::Result<(f64, f64, usize)> {
+    let dim = net.in_dim();
+    let cfg = ScoreModelConfig {
+        net: NetConfig::UNet(net),
+        precond: Precond::edm(),
+    };
+    let store = ParamStore::new(0);
+    let model = cfg.build(&store.var_builder(DType::F32, dev))?;
+    let params = store.num_params();
+    // Fixed images in [−1, 1] (the speed does not depend on what they show).
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let x0 = scoreguide::sde::randn(&mut rng, &[batch, dim], dev)?.tanh()?;
+    let mut trainer = Trainer::new(store.clone(), TrainConfig::default())?;
+    let (lo, hi) = ((2e-3f64).ln(), 80f64.ln());
+    let train_ms = median_ms(reps, || {
+        let mut rng = trainer.step_rng();
+        let u: Vec<f32> = (0..batch)
+            .map(|_| (lo + (hi - lo) * rand::Rng::random::<f64>(&mut rng)).exp() as f32)
+            .collect();
+        let sigma = Tensor::from_vec(u, batch, dev)?;
+        let z = scoreguide::sde::randn(&mut rng, &[batch, dim], dev)?;
+        let loss = dsm(
+            &model,
+            &x0,
+            &sigma,
+            &z,
+            &Cond::none(),
+            DsmWeighting::Edm { sigma_data: 1.0 },
+        )?;
+        trainer.step(&loss).map(|_| ())
+    })?;
+    let frozen = cfg.build(&store.frozen_var_builder(DType::F32, dev)?)?;
+    let x = scoreguide::sde::randn(&mut rng, &[batch, dim], dev)?;
+    let sample_ms = heun_step_ms(&frozen, &x, &Cond::none(), 0.5, 0.45, reps)?;
+    Ok((train_ms, sample_ms, params))
+}
+
+fn measure(
+    threads: usize,
+    reps: usize,
+    batch: usize,
+    grey_only: bool,
+    dev: &Device,
+) -> candle_core::Result<Timing> {
+    if batch == 0 || reps == 0 {
+        candle_core::bail!("--batch and --reps must be positive, got {batch} and {reps}");
+    }
+    let (gt, gs, gp) = measure_unet(UNetConfig::small_grey(), batch, reps, dev)?;
+    let (ct, cs, cp) = match grey_only {
+        true => (f64::NAN, f64::NAN, 0),
+        false => measure_unet(UNetConfig::small_colour(), batch, reps, dev)?,
+    };
+    Ok(Timing {
+        threads,
+        batch,
+        grey_train_step_ms: gt,
+        grey_sample_step_ms: gs,
+        grey_params: gp,
+        colour_train_step_ms: ct,
+        colour_sample_step_ms: cs,
+        colour_params: cp,
+    })
+}
+
+fn main() -> candle_core::Result<()> {
+    let args = Args::parse();
+    if let Some(t) = args.worker {
+        let timing = scoreguide::runtime::on_compute_threads(Some(t), || {
+            let dev = scoreguide::runtime::device(&args.device)?;
+            measure(t, args.reps, args.batch, args.grey_only, &dev)
+        })?;
+        println!(
+            "{}",
+            serde_json::to_string(&timing).expect("timing serialises")
+        );
+        return Ok(());
+    }
+    let mut worker_args = vec![
+        "--reps".to_string(),
+        args.reps.to_string(),
+        "--batch".to_string(),
+        args.batch.to_string(),
+        "--device".to_string(),
+        args.device.clone(),
+    ];
+    if args.grey_only {
+        worker_args.push("--grey-only".into());
+    }
+    let rows: Vec<Timing> = measure_in_workers(&args.threads, &worker_args)?;
+    println!(
+        "U-Nets: 28 × 28 × 1 {} parameters, 32 × 32 × 3 {} parameters; batch {}",
+        rows[0].grey_params, rows[0].colour_params, rows[0].batch
+    );
+    println!("| threads | 28² train step (ms) | 28² Heun step (ms) | 32²×3 train step (ms) | 32²×3 Heun step (ms) |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r.threads,
+            r.grey_train_step_ms,
+            r.grey_sample_step_ms,
+            r.colour_train_step_ms,
+            r.colour_sample_step_ms
+        );
+    }
+    if let Some(p) = &args.json {
+        scoreguide::runtime::write_json(p, &rows)?;
+    }
+    Ok(())
+}
