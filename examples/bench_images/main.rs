@@ -52,9 +52,10 @@ struct Timing {
     grey_train_step_ms: f64,
     grey_sample_step_ms: f64,
     grey_params: usize,
-    colour_train_step_ms: f64,
-    colour_sample_step_ms: f64,
-    colour_params: usize,
+    /// None with `--grey-only`.
+    colour_train_step_ms: Option<f64>,
+    colour_sample_step_ms: Option<f64>,
+    colour_params: Option<usize>,
 }
 
 /// (train step, Heun step, parameters) of one U-Net.
@@ -112,8 +113,11 @@ fn measure(
     }
     let (gt, gs, gp) = measure_unet(UNetConfig::small_grey(), batch, reps, dev)?;
     let (ct, cs, cp) = match grey_only {
-        true => (f64::NAN, f64::NAN, 0),
-        false => measure_unet(UNetConfig::small_colour(), batch, reps, dev)?,
+        true => (None, None, None),
+        false => {
+            let (t, s, p) = measure_unet(UNetConfig::small_colour(), batch, reps, dev)?;
+            (Some(t), Some(s), Some(p))
+        }
     };
     Ok(Timing {
         threads,
@@ -152,20 +156,25 @@ fn main() -> candle_core::Result<()> {
         worker_args.push("--grey-only".into());
     }
     let rows: Vec<Timing> = measure_in_workers(&args.threads, &worker_args)?;
+    let ms = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));
     println!(
         "U-Nets: 28 × 28 × 1 {} parameters, 32 × 32 × 3 {} parameters; batch {}",
-        rows[0].grey_params, rows[0].colour_params, rows[0].batch
+        rows[0].grey_params,
+        rows[0]
+            .colour_params
+            .map_or("–".to_string(), |p| p.to_string()),
+        rows[0].batch
     );
     println!("| threads | 28² train step (ms) | 28² Heun step (ms) | 32²×3 train step (ms) | 32²×3 Heun step (ms) |");
     println!("|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {} | {} |",
             r.threads,
             r.grey_train_step_ms,
             r.grey_sample_step_ms,
-            r.colour_train_step_ms,
-            r.colour_sample_step_ms
+            ms(r.colour_train_step_ms),
+            ms(r.colour_sample_step_ms)
         );
     }
     if let Some(p) = &args.json {

@@ -186,9 +186,62 @@ impl Geom {
     }
 }
 
+impl Geom {
+    /// For an upsampling convolution that keeps the upsampled size: the same
+    /// convolution on the upsampled image, which [`Geom::shifted_copies`] handles.
+    fn upsampled(&self) -> Option<Geom> {
+        let u = self.spec.upsample;
+        let up = Geom {
+            h: self.h * u,
+            w: self.w * u,
+            spec: Conv2dSpec {
+                upsample: 1,
+                ..self.spec
+            },
+            ..*self
+        };
+        (u > 1 && up.shifted_copies()).then_some(up)
+    }
+}
+
+/// Nearest-neighbour upsampling of one image by `g.spec.upsample`.
+fn upsample_nearest(x: &[f32], g: &Geom, out: &mut [f32]) {
+    let u = g.spec.upsample;
+    let wide = g.w * u;
+    for (plane, row) in x.chunks_exact(g.w).zip(out.chunks_exact_mut(wide * u)) {
+        let (first, rest) = row.split_at_mut(wide);
+        for (d, v) in first.chunks_exact_mut(u).zip(plane) {
+            d.fill(*v);
+        }
+        for copy in rest.chunks_exact_mut(wide) {
+            copy.copy_from_slice(first);
+        }
+    }
+}
+
+/// The adjoint of [`upsample_nearest`], added: each input cell gets the sum of its
+/// `u × u` block.
+fn upsample_nearest_adjoint_add(big: &[f32], g: &Geom, dx: &mut [f32]) {
+    let u = g.spec.upsample;
+    let wide = g.w * u;
+    for (row, block) in dx.chunks_exact_mut(g.w).zip(big.chunks_exact(wide * u)) {
+        for line in block.chunks_exact(wide) {
+            for (d, cell) in row.iter_mut().zip(line.chunks_exact(u)) {
+                *d += cell.iter().sum::<f32>();
+            }
+        }
+    }
+}
+
 /// `cols[(c, ki, kj), (oy, ox)] = x[c, iy, ix]` of one image (zero outside the input).
 fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
     let plane = g.out_plane();
+    if let Some(up) = g.upsampled() {
+        // The upsampled image once, then block copies (a gather per element otherwise).
+        let mut big = output_buffer(g.c * up.h * up.w);
+        upsample_nearest(x, g, &mut big);
+        return im2col(&big, &up, cols);
+    }
     if g.shifted_copies() {
         let in_plane = g.h * g.w;
         for c in 0..g.c {
@@ -210,10 +263,18 @@ fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
         }
         return;
     }
+    // Strided or upsampled: the input column of every output column, per kernel column
+    // (a division per element otherwise).
+    let sources: Vec<Vec<usize>> = (0..g.kw)
+        .map(|kj| {
+            let (xlo, xhi) = g.valid(kj, g.w, g.wo);
+            (xlo..xhi).map(|ox| g.source(ox, kj)).collect()
+        })
+        .collect();
     for c in 0..g.c {
         for ki in 0..g.kh {
             let (ylo, yhi) = g.valid(ki, g.h, g.ho);
-            for kj in 0..g.kw {
+            for (kj, source) in sources.iter().enumerate() {
                 let (xlo, xhi) = g.valid(kj, g.w, g.wo);
                 let row = (c * g.kh + ki) * g.kw + kj;
                 let dst = &mut cols[row * plane..(row + 1) * plane];
@@ -224,14 +285,8 @@ fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
                     let line = &mut dst[oy * g.wo..(oy + 1) * g.wo];
                     line[..xlo].fill(0.0);
                     line[xhi..].fill(0.0);
-                    if xlo == xhi {
-                    } else if g.spec.stride == 1 && g.spec.upsample == 1 {
-                        let start = xlo + kj - g.spec.padding;
-                        line[xlo..xhi].copy_from_slice(&src[start..start + xhi - xlo]);
-                    } else {
-                        for ox in xlo..xhi {
-                            line[ox] = src[g.source(ox, kj)];
-                        }
+                    for (d, &ix) in line[xlo..xhi].iter_mut().zip(source) {
+                        *d = src[ix];
                     }
                 }
             }
@@ -243,6 +298,12 @@ fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
 /// overwrite the entries of `cols` that correspond to padding.
 fn col2im_add(cols: &mut [f32], g: &Geom, dx: &mut [f32]) {
     let plane = g.out_plane();
+    if let Some(up) = g.upsampled() {
+        let mut big = vec![0f32; g.c * up.h * up.w];
+        col2im_add(cols, &up, &mut big);
+        upsample_nearest_adjoint_add(&big, g, dx);
+        return;
+    }
     if g.shifted_copies() {
         let in_plane = g.h * g.w;
         for c in 0..g.c {
@@ -264,29 +325,24 @@ fn col2im_add(cols: &mut [f32], g: &Geom, dx: &mut [f32]) {
         }
         return;
     }
+    let sources: Vec<Vec<usize>> = (0..g.kw)
+        .map(|kj| {
+            let (xlo, xhi) = g.valid(kj, g.w, g.wo);
+            (xlo..xhi).map(|ox| g.source(ox, kj)).collect()
+        })
+        .collect();
     for c in 0..g.c {
         for ki in 0..g.kh {
             let (ylo, yhi) = g.valid(ki, g.h, g.ho);
-            for kj in 0..g.kw {
+            for (kj, source) in sources.iter().enumerate() {
                 let (xlo, xhi) = g.valid(kj, g.w, g.wo);
                 let row = (c * g.kh + ki) * g.kw + kj;
                 let src = &cols[row * plane..(row + 1) * plane];
                 for oy in ylo..yhi {
                     let dst = &mut dx[(c * g.h + g.source(oy, ki)) * g.w..][..g.w];
                     let line = &src[oy * g.wo..(oy + 1) * g.wo];
-                    if xlo == xhi {
-                    } else if g.spec.stride == 1 && g.spec.upsample == 1 {
-                        let start = xlo + kj - g.spec.padding;
-                        for (d, s) in dst[start..start + xhi - xlo]
-                            .iter_mut()
-                            .zip(&line[xlo..xhi])
-                        {
-                            *d += s;
-                        }
-                    } else {
-                        for (ox, s) in line.iter().enumerate().take(xhi).skip(xlo) {
-                            dst[g.source(ox, kj)] += s;
-                        }
+                    for (s, &ix) in line[xlo..xhi].iter().zip(source) {
+                        dst[ix] += s;
                     }
                 }
             }
