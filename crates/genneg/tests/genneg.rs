@@ -35,6 +35,7 @@ fn classifier_cfg(in_dim: usize, hidden: usize) -> ClassifierConfig {
         net: small_mlp(in_dim, 1, hidden),
         sigma_data: 1.0,
         process: None,
+        head: Default::default(),
     }
 }
 

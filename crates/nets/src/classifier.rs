@@ -4,7 +4,7 @@ use crate::config::{AnyNet, NetConfig};
 use crate::net::NoiseNet;
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
-use scoreguide_guidance::{check_batch, log_sigmoid, Cond, LogProb, Score};
+use scoreguide_guidance::{check_batch, log_sigmoid, log_softmax, one_hot, Cond, LogProb, Score};
 use scoreguide_sde::Process;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +22,26 @@ pub struct ClassifierConfig {
     pub sigma_data: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<Process>,
+    #[serde(default, skip_serializing_if = "ClassifierHead::is_sigmoid")]
+    pub head: ClassifierHead,
+}
+
+/// How a [`Classifier`]'s logits become the log-probability that guides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassifierHead {
+    /// One binary logit per component of a row: log C = Σ_k log sigmoid(l_k) (Gen-neG).
+    #[default]
+    Sigmoid,
+    /// K class logits: log p(y | x; σ) = log_softmax(l)_y for each row's label y in the
+    /// condition (DLSM's class-conditional guidance).
+    Softmax,
+}
+
+impl ClassifierHead {
+    fn is_sigmoid(&self) -> bool {
+        *self == Self::Sigmoid
+    }
 }
 
 impl ClassifierConfig {
@@ -34,6 +54,17 @@ impl ClassifierConfig {
             }),
             sigma_data: 1.0,
             process: None,
+            head: ClassifierHead::Sigmoid,
+        }
+    }
+
+    /// A K-class classifier (log_softmax head) on `net`, EDM-scaled inputs.
+    pub fn categorical(net: NetConfig) -> Self {
+        Self {
+            net,
+            sigma_data: 1.0,
+            process: None,
+            head: ClassifierHead::Softmax,
         }
     }
 
@@ -44,6 +75,7 @@ impl ClassifierConfig {
             net: net.with_outputs(1),
             sigma_data: 1.0,
             process: Some(process),
+            head: ClassifierHead::Sigmoid,
         }
     }
 
@@ -61,6 +93,7 @@ impl ClassifierConfig {
             net: self.net.build(vb)?,
             sigma_data: self.sigma_data,
             process: self.process.clone(),
+            head: self.head,
         })
     }
 }
@@ -70,6 +103,7 @@ pub struct Classifier {
     net: AnyNet,
     sigma_data: f64,
     process: Option<Process>,
+    head: ClassifierHead,
 }
 
 impl Classifier {
@@ -109,13 +143,21 @@ impl Classifier {
 
 impl LogProb for Classifier {
     fn log_prob_with(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
-        log_sigmoid(&self.logits(x, sigma, cond)?)?.sum(1)
+        let logits = self.logits(x, sigma, cond)?;
+        match self.head {
+            ClassifierHead::Sigmoid => log_sigmoid(&logits)?.sum(1),
+            ClassifierHead::Softmax => {
+                let labels = cond.require_labels("categorical classifier guidance")?;
+                let onehot = one_hot(labels, self.out_dim(), logits.dtype())?;
+                (log_softmax(&logits)? * onehot)?.sum(1)
+            }
+        }
     }
 
     /// ∇x Σ_k log sigmoid(F_k(c_in x, c_noise)) = c_in Σ_k sigmoid(−F_k) ∂F_k/∂x_in, by
     /// the residual MLP's hand-written backward pass (other networks use autograd).
     fn input_gradient(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> Result<Option<Tensor>> {
-        let AnyNet::ResMlp(net) = &self.net else {
+        let (AnyNet::ResMlp(net), ClassifierHead::Sigmoid) = (&self.net, self.head) else {
             return Ok(None);
         };
         if x.rank() != 2 {

@@ -3,6 +3,7 @@
 use crate::mlp::{ResMlp, ResMlpConfig};
 use crate::net::NoiseNet;
 use crate::precond::{Precond, ScoreNet};
+use crate::resnet::{ResNet, ResNetConfig};
 use crate::toy::{ToyMlp, ToyMlpConfig};
 use crate::transformer::{SceneTransformer, SceneTransformerConfig};
 use crate::unet::{UNet, UNetConfig, UNetOutput};
@@ -22,6 +23,9 @@ pub enum NetConfig {
     /// An image U-Net (rows of `channels · size²` values).
     #[serde(rename = "unet")]
     UNet(UNetConfig),
+    /// A ResNet image classifier (`classes` logits per row).
+    #[serde(rename = "resnet")]
+    ResNet(ResNetConfig),
 }
 
 impl NetConfig {
@@ -33,6 +37,7 @@ impl NetConfig {
             }
             Self::ToyMlp(c) => AnyNet::ToyMlp(c.build(vb)?),
             Self::UNet(c) => AnyNet::UNet(Box::new(UNet::new(c.clone(), vb.clone())?)),
+            Self::ResNet(c) => AnyNet::ResNet(Box::new(ResNet::new(c.clone(), vb.clone())?)),
         })
     }
 
@@ -43,6 +48,7 @@ impl NetConfig {
             Self::SceneTransformer(c) => c.agents * c.features,
             Self::ToyMlp(c) => c.in_dim,
             Self::UNet(c) => c.in_dim(),
+            Self::ResNet(c) => c.in_dim(),
         }
     }
 
@@ -53,6 +59,7 @@ impl NetConfig {
             Self::SceneTransformer(c) => c.agents * c.out_per_agent,
             Self::ToyMlp(c) => c.out_dim,
             Self::UNet(c) => c.out_dim(),
+            Self::ResNet(c) => c.classes,
         }
     }
 
@@ -71,6 +78,10 @@ impl NetConfig {
                 output: UNetOutput::Pooled(out),
                 ..c.clone()
             }),
+            Self::ResNet(c) => Self::ResNet(ResNetConfig {
+                classes: out,
+                ..c.clone()
+            }),
         }
     }
 }
@@ -81,6 +92,7 @@ pub enum AnyNet {
     SceneTransformer(Box<SceneTransformer>),
     ToyMlp(ToyMlp),
     UNet(Box<UNet>),
+    ResNet(Box<ResNet>),
 }
 
 impl NoiseNet for AnyNet {
@@ -90,6 +102,7 @@ impl NoiseNet for AnyNet {
             Self::SceneTransformer(n) => NoiseNet::forward(n.as_ref(), x, c_noise, cond),
             Self::ToyMlp(n) => NoiseNet::forward(n, x, c_noise, cond),
             Self::UNet(n) => n.forward(x, c_noise, cond),
+            Self::ResNet(n) => n.forward(x, c_noise, cond),
         }
     }
     fn out_dim(&self) -> usize {
@@ -98,6 +111,7 @@ impl NoiseNet for AnyNet {
             Self::SceneTransformer(n) => NoiseNet::out_dim(n.as_ref()),
             Self::ToyMlp(n) => NoiseNet::out_dim(n),
             Self::UNet(n) => n.out_dim(),
+            Self::ResNet(n) => n.out_dim(),
         }
     }
 }

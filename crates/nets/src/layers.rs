@@ -1,11 +1,11 @@
-//! Layers of the attention networks, from basic ops only (every op has a backward pass:
-//! candle's fused softmax and layer norm drop gradients), shaped for a fast CPU backward:
-//! biases and broadcasts as matmuls, relative-position attention without `[B, heads, A,
-//! A, d]` intermediates.
+//! Layers of the attention and image networks, on `scoreguide_kernels`' fused ops (every
+//! op has a backward pass: candle's fused softmax and layer norm drop gradients), shaped
+//! for a fast CPU backward: biases and broadcasts as matmuls, relative-position
+//! attention without `[B, heads, A, A, d]` intermediates, convolutions as im2col + GEMM.
 
 use candle_core::{Result, Tensor, D};
-use candle_nn::{linear, VarBuilder};
-use scoreguide_kernels::{batched_matmul, dense, Act};
+use candle_nn::{linear, Init, VarBuilder};
+use scoreguide_kernels::{batched_matmul, conv2d, dense, group_norm, Act, Conv2dSpec};
 
 /// A linear layer on `scoreguide_kernels::dense`: the GEMM, bias and activation in one
 /// op whose backward pass sums the bias gradient over rows directly (candle's backward
@@ -146,5 +146,74 @@ impl Mlp {
     pub(crate) fn forward(&self, h: &Tensor) -> Result<Tensor> {
         self.fc2
             .forward(&self.fc1.forward_silu(&self.norm.forward(h)?)?)
+    }
+}
+
+/// A convolution's parameters and how it reads its input (the image networks').
+pub(crate) struct Conv {
+    pub(crate) weight: Tensor,
+    bias: Option<Tensor>,
+    spec: Conv2dSpec,
+}
+
+impl Conv {
+    /// DDPM++'s initialisation: uniform with variance scaled by the mean of fan-in and
+    /// fan-out, or zeros (`zero`, the last convolution of each residual branch).
+    pub(crate) fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        spec: Conv2dSpec,
+        zero: bool,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let init = if zero {
+            Init::Const(0.0)
+        } else {
+            let bound = (6.0 / ((cin + cout) * k * k) as f64).sqrt();
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
+        };
+        Ok(Self {
+            weight: vb.get_with_hints((cout, cin, k, k), "weight", init)?,
+            bias: match bias {
+                true => Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?),
+                false => None,
+            },
+            spec,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.spec)
+    }
+
+    /// With a bias per image (`[B, cout]`) in place of the layer's own.
+    pub(crate) fn forward_with_bias(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, Some(bias), self.spec)
+    }
+}
+
+/// Group norm (ε = 1e-6, as DDPM++), optionally followed by SiLU in the same op.
+pub(crate) struct GroupNorm {
+    gain: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+impl GroupNorm {
+    pub(crate) fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gain: vb.get_with_hints(c, "gain", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            groups,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        group_norm(x, self.groups, &self.gain, &self.bias, 1e-6, silu)
     }
 }

@@ -20,6 +20,8 @@
 //! * [`UNet`]: a DDPM++-style image U-Net (residual blocks with the noise embedding,
 //!   attention at low resolutions) on the fused convolutions of `scoreguide_kernels`; its
 //!   pooled variant is a classifier of the same architecture.
+//! * [`ResNet`]: ResNet-18/34 image classifiers with a noise-level branch in every block
+//!   (DLSM's classifier), or without it (CAS's classifier of clean images).
 //! * [`NetConfig`] / [`AnyNet`]: every architecture as one serialisable config and one
 //!   type, so a checkpoint's metadata rebuilds any of them; [`NoiseNet`] is the
 //!   interface they share.
@@ -50,11 +52,12 @@ mod mlp;
 mod net;
 mod params;
 mod precond;
+mod resnet;
 mod toy;
 mod transformer;
 mod unet;
 
-pub use classifier::{Classifier, ClassifierConfig, OnDenoised};
+pub use classifier::{Classifier, ClassifierConfig, ClassifierHead, OnDenoised};
 pub use config::{AnyNet, NetConfig, ScoreModelConfig};
 pub use embedding::SinusoidalEmbedding;
 pub use maps::{MapEncoder, MapProbe, SceneMaps};
@@ -62,6 +65,7 @@ pub use mlp::{ResMlp, ResMlpConfig};
 pub use net::NoiseNet;
 pub use params::ParamStore;
 pub use precond::{Precond, ScoreNet};
+pub use resnet::{ResNet, ResNetConfig};
 pub use toy::{ClassTerm, ToyClassifier, ToyMlp, ToyMlpConfig, ToyScore};
 pub use transformer::{SceneTransformer, SceneTransformerConfig};
 pub use unet::{UNet, UNetConfig, UNetOutput};

@@ -12,12 +12,12 @@
 //! preconditioning that work on rows take images unchanged.
 
 use crate::embedding::SinusoidalEmbedding;
-use crate::layers::Dense;
+use crate::layers::{Conv, Dense, GroupNorm};
 use crate::net::NoiseNet;
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use scoreguide_guidance::Cond;
-use scoreguide_kernels::{batched_matmul, conv2d, group_norm, softmax_last_dim, Conv2dSpec};
+use scoreguide_kernels::{batched_matmul, softmax_last_dim, Conv2dSpec};
 use serde::{Deserialize, Serialize};
 
 /// What a [`UNet`] outputs.
@@ -164,76 +164,7 @@ impl UNetConfig {
     }
 }
 
-const NORM_EPS: f64 = 1e-6;
 const SKIP_SCALE: f64 = std::f64::consts::FRAC_1_SQRT_2;
-
-/// A convolution's parameters and how it reads its input.
-struct Conv {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    spec: Conv2dSpec,
-}
-
-impl Conv {
-    /// DDPM++'s initialisation: uniform with variance scaled by the mean of fan-in and
-    /// fan-out, or zeros (`zero`, the last convolution of each residual branch).
-    fn new(
-        cin: usize,
-        cout: usize,
-        k: usize,
-        spec: Conv2dSpec,
-        zero: bool,
-        bias: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let init = if zero {
-            Init::Const(0.0)
-        } else {
-            let bound = (6.0 / ((cin + cout) * k * k) as f64).sqrt();
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            }
-        };
-        Ok(Self {
-            weight: vb.get_with_hints((cout, cin, k, k), "weight", init)?,
-            bias: match bias {
-                true => Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?),
-                false => None,
-            },
-            spec,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(x, &self.weight, self.bias.as_ref(), self.spec)
-    }
-
-    /// With a bias per image (`[B, cout]`) in place of the layer's own.
-    fn forward_with_bias(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        conv2d(x, &self.weight, Some(bias), self.spec)
-    }
-}
-
-struct GroupNorm {
-    gain: Tensor,
-    bias: Tensor,
-    groups: usize,
-}
-
-impl GroupNorm {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            gain: vb.get_with_hints(c, "gain", Init::Const(1.0))?,
-            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
-            groups,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        group_norm(x, self.groups, &self.gain, &self.bias, NORM_EPS, silu)
-    }
-}
 
 struct ResBlock {
     norm1: GroupNorm,
