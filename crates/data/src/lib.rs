@@ -6,6 +6,8 @@
 //! * [`GaussianMixture`]: a diagonal Gaussian mixture whose score is known at every σ —
 //!   the analytic reference the samplers and losses are tested against.
 //! * [`Parzen`]: the exact score of a point set smoothed at σ (DLSM's oracle scores).
+//! * [`images`]: labelled image sets (Fashion-MNIST and MNIST from IDX files, CIFAR-10/100
+//!   binary batches) scaled to [−1, 1], with seeded flipped batches.
 //! * [`scenes`]: procedural traffic scenes (road maps, vehicles on lanes) with seeded
 //!   train/validation/test splits, saved as safetensors.
 //!
@@ -18,12 +20,14 @@
 //! ```
 
 mod dataset;
+pub mod images;
 mod mixture;
 mod parzen;
 pub mod scenes;
 mod toy;
 
 pub use dataset::Dataset;
+pub use images::{cifar, fashion_mnist, mnist_format, ImageSet, ImageSplit};
 pub use mixture::GaussianMixture;
 pub use parzen::Parzen;
 pub use scenes::{MapLayers, SceneConfig, SceneSet, Split, DISTANCE_LAYER_REACH_M};
