@@ -7,6 +7,8 @@
 //!   the scatter plot).
 //! * [`moons`]: DLSM §3 on two moons (score model, CE / DLSM / total classifiers,
 //!   Parzen references).
+//! * [`images`]: image score models (a U-Net on Fashion-MNIST or CIFAR with DSM, in
+//!   resumable stages; EDM's Heun sampler; image grids).
 //! * [`traffic`]: Gen-neG §4.2 on procedural traffic scenes, split by stage: `config`,
 //!   `data`, `model`, `genneg` (the scenes as a [`scoreguide_genneg::Task`]), `eval`,
 //!   `render`.
@@ -26,6 +28,7 @@
 
 pub mod checkerboard;
 pub mod config;
+pub mod images;
 pub mod moons;
 pub mod plot;
 pub mod runtime;

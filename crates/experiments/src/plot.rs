@@ -256,7 +256,7 @@ pub fn save_grid(path: &Path, panels: &[Canvas], cols: usize) -> Result<()> {
     save_png(path, gw, gh, &pixels)
 }
 
-fn save_png(path: &Path, width: usize, height: usize, pixels: &[f32]) -> Result<()> {
+pub(crate) fn save_png(path: &Path, width: usize, height: usize, pixels: &[f32]) -> Result<()> {
     crate::runtime::ensure_parent(path)?;
     let mut bytes = Vec::new();
     {

@@ -29,7 +29,7 @@
 
 pub use scoreguide_data as data;
 pub use scoreguide_experiments as experiments;
-pub use scoreguide_experiments::{checkerboard, config, moons, plot, runtime, traffic};
+pub use scoreguide_experiments::{checkerboard, config, images, moons, plot, runtime, traffic};
 pub use scoreguide_genneg as genneg;
 pub use scoreguide_guidance as guidance;
 pub use scoreguide_kernels as kernels;
