@@ -37,8 +37,8 @@ NETWORKS = {
     "images": {
         "rust": ["target/release/examples/bench_images"],
         "torch": ["benches/torch/unet.py"],
-        "ops": ["grey_train_step_ms", "grey_sample_step_ms", "colour_train_step_ms",
-                "colour_sample_step_ms"],
+        "ops": ["grey_train_step_ms", "grey_sample_step_ms", "resnet_grad_x_ms",
+                "colour_train_step_ms", "colour_sample_step_ms"],
     },
 }
 

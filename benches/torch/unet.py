@@ -4,7 +4,10 @@ per-image bias of their first convolution, attention at the listed resolutions, 
 convolutions down, nearest upsampling + convolution up, skips rescaled by 1/√2, group
 norm ε = 1e-6) under EDM preconditioning; the DSM training step with Adam and EMA, and
 one Heun step, at batch 64 on 28 × 28 × 1 and 32 × 32 × 3 images. Prints one JSON object
-with the Rust bench's keys. Run through benches/compare.py --networks images.
+with the Rust bench's keys; and the noise-conditioned ResNet-18 classifier of
+crates/nets/src/resnet.rs (pre-activation blocks with group norm and SiLU, the noise
+embedding as a per-image bias of each block's first convolution), log p(y | x; σ) and
+its input gradient. Run through benches/compare.py --networks images.
 
     /tmp/torch/bin/python benches/torch/unet.py --threads 1 --reps 10
 """
@@ -131,6 +134,66 @@ class Denoiser(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise)
 
 
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride, emb):
+        super().__init__()
+        self.norm1, self.norm2 = norm(cin), norm(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.embedding = nn.Linear(emb, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride)
+                         if stride != 1 or cin != cout else None)
+
+    def forward(self, x, emb):
+        a = F.silu(self.norm1(x))
+        h = self.conv1(a) + self.embedding(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.shortcut(a) if self.shortcut is not None else x) + h
+
+
+class ResNet(nn.Module):
+    """ResNetConfig::resnet18(channels, size, classes, width), noise-conditioned."""
+
+    def __init__(self, channels=1, classes=10, width=32, blocks=(2, 2, 2, 2), emb_dim=64):
+        super().__init__()
+        emb = 4 * width
+        self.sinusoidal = Sinusoidal(emb_dim, 1000.0)
+        self.embed1, self.embed2 = nn.Linear(emb_dim, emb), nn.Linear(emb, emb)
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.blocks, ch = nn.ModuleList(), width
+        for stage, n in enumerate(blocks):
+            for i in range(n):
+                cout = width << stage
+                self.blocks.append(Block(ch, cout, 2 if stage > 0 and i == 0 else 1, emb))
+                ch = cout
+        self.out_norm, self.head = norm(ch), nn.Linear(ch, classes)
+
+    def forward(self, x, c_noise):
+        emb = F.silu(self.embed2(F.silu(self.embed1(self.sinusoidal(c_noise)))))
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h, emb)
+        return self.head(F.silu(self.out_norm(h)).mean((2, 3)))
+
+
+def resnet_grad_x(batch, reps):
+    """log p(y | x; σ) (EDM's c_in and ¼ ln σ, as crates/nets/src/classifier.rs) and
+    ∇x of it, on frozen weights."""
+    net = frozen(ResNet())
+    x = torch.randn(batch, 1, 28, 28)
+    sigma = torch.full((batch,), 0.5)
+    labels = torch.arange(batch) % 10
+    _, _, c_in, c_noise = edm(sigma)
+
+    def step():
+        xv = x.clone().requires_grad_(True)
+        lp = torch.log_softmax(net(c_in[:, None, None, None] * xv, c_noise), 1)
+        (g,) = torch.autograd.grad(lp.gather(1, labels[:, None]).sum(), xv)
+        return g
+
+    return median_ms(reps, step, warmup=2), sum(p.numel() for p in net.parameters())
+
+
 # crates/nets/src/unet.rs: UNetConfig::small_grey and small_colour.
 CONFIGS = {
     "grey": dict(channels=1, size=28, base=32, mults=(1, 2, 2), blocks=2, attn_res=(7,)),
@@ -178,6 +241,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     out = {"threads": a.threads, "batch": a.batch, "torch": torch.__version__}
+    out["resnet_grad_x_ms"], out["resnet_params"] = resnet_grad_x(a.batch, a.reps)
     for name, cfg in CONFIGS.items():
         t, s, p = measure(cfg, a.batch, a.reps)
         out.update({f"{name}_train_step_ms": t, f"{name}_sample_step_ms": s,

@@ -1,7 +1,9 @@
 //! Speed of the image U-Net (`UNetConfig::small_grey`, 28 × 28 × 1, and
 //! `UNetConfig::small_colour`, 32 × 32 × 3): a training step (DSM with EDM weighting +
 //! backward + Adam + EMA, batch 64) and a sampling step (one Heun step = 2 evaluations,
-//! batch 64, frozen weights), each with 1 and 2 CPU threads in its own process. Prints
+//! batch 64, frozen weights); and the noise-conditioned ResNet-18 classifier (width 32,
+//! 28 × 28 × 1, 10 classes): log p(y | x; σ) and its input gradient, what classifier
+//! guidance runs per evaluation. Each with 1 and 2 CPU threads in its own process. Prints
 //! medians; not a test (compare ratios within one run). `benches/torch/unet.py` is its
 //! PyTorch twin and `benches/compare.py --networks images` runs the two alternately.
 //!
@@ -11,8 +13,11 @@
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use scoreguide::guidance::Cond;
+use scoreguide::guidance::LogProb;
 use scoreguide::losses::{dsm, DsmWeighting};
-use scoreguide::nets::{NetConfig, ParamStore, Precond, ScoreModelConfig, UNetConfig};
+use scoreguide::nets::{
+    ClassifierConfig, NetConfig, ParamStore, Precond, ResNetConfig, ScoreModelConfig, UNetConfig,
+};
 use scoreguide::runtime::{heun_step_ms, measure_in_workers, median_ms};
 use scoreguide::train::{TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -52,6 +57,9 @@ struct Timing {
     grey_train_step_ms: f64,
     grey_sample_step_ms: f64,
     grey_params: usize,
+    /// ResNet-18 (width 32) log p(y | x; σ) and ∇x of it, batch 64 of 28 × 28 × 1.
+    resnet_grad_x_ms: f64,
+    resnet_params: usize,
     /// None with `--grey-only`.
     colour_train_step_ms: Option<f64>,
     colour_sample_step_ms: Option<f64>,
@@ -101,6 +109,31 @@ fn measure_unet(
     Ok((train_ms, sample_ms, params))
 }
 
+/// (fwd + ∇x, parameters) of the noise-conditioned ResNet-18 classifier.
+fn measure_resnet(batch: usize, reps: usize, dev: &Device) -> candle_core::Result<(f64, usize)> {
+    let cfg =
+        ClassifierConfig::categorical(NetConfig::ResNet(ResNetConfig::resnet18(1, 28, 10, 32)));
+    let store = ParamStore::new(0);
+    cfg.build(&store.var_builder(DType::F32, dev))?;
+    let params = store.num_params();
+    let classifier = cfg.build(&store.frozen_var_builder(DType::F32, dev)?)?;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let x = scoreguide::sde::randn(&mut rng, &[batch, 784], dev)?;
+    let sigma = Tensor::full(0.5f32, batch, dev)?;
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
+    let cond = Cond::labels(Tensor::from_vec(labels, batch, dev)?);
+    // What guidance does for a network without a hand-written input gradient.
+    let ms = median_ms(reps, || {
+        let xv = candle_core::Var::from_tensor(&x)?;
+        let lp = classifier.log_prob_with(xv.as_tensor(), &sigma, &cond)?;
+        let g = lp.sum_all()?.backward()?;
+        g.get(xv.as_tensor())
+            .map(|_| ())
+            .ok_or_else(|| candle_core::Error::msg("no input gradient"))
+    })?;
+    Ok((ms, params))
+}
+
 fn measure(
     threads: usize,
     reps: usize,
@@ -112,6 +145,7 @@ fn measure(
         candle_core::bail!("--batch and --reps must be positive, got {batch} and {reps}");
     }
     let (gt, gs, gp) = measure_unet(UNetConfig::small_grey(), batch, reps, dev)?;
+    let (rg, rp) = measure_resnet(batch, reps, dev)?;
     let (ct, cs, cp) = match grey_only {
         true => (None, None, None),
         false => {
@@ -125,6 +159,8 @@ fn measure(
         grey_train_step_ms: gt,
         grey_sample_step_ms: gs,
         grey_params: gp,
+        resnet_grad_x_ms: rg,
+        resnet_params: rp,
         colour_train_step_ms: ct,
         colour_sample_step_ms: cs,
         colour_params: cp,
@@ -165,14 +201,19 @@ fn main() -> candle_core::Result<()> {
             .map_or("–".to_string(), |p| p.to_string()),
         rows[0].batch
     );
-    println!("| threads | 28² train step (ms) | 28² Heun step (ms) | 32²×3 train step (ms) | 32²×3 Heun step (ms) |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "ResNet-18 classifier (width 32): {} parameters",
+        rows[0].resnet_params
+    );
+    println!("| threads | 28² train step (ms) | 28² Heun step (ms) | ResNet fwd + ∇x (ms) | 32²×3 train step (ms) | 32²×3 Heun step (ms) |");
+    println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {} | {} |",
             r.threads,
             r.grey_train_step_ms,
             r.grey_sample_step_ms,
+            r.resnet_grad_x_ms,
             ms(r.colour_train_step_ms),
             ms(r.colour_sample_step_ms)
         );

@@ -5,7 +5,7 @@
 use scoreguide_experiments::checkerboard::genneg::GennegCheckerboardConfig;
 use scoreguide_experiments::checkerboard::CheckerboardConfig;
 use scoreguide_experiments::config::{preset_toml, resolve, Preset};
-use scoreguide_experiments::images::ImageScoreConfig;
+use scoreguide_experiments::images::{ImageClassifierConfig, ImageScoreConfig};
 use scoreguide_experiments::moons::DlsmMoonsConfig;
 use scoreguide_experiments::traffic::run::TrafficRunConfig;
 use std::fmt::Debug;
@@ -43,6 +43,7 @@ fn checked_in_configs_are_the_presets() {
     check::<GennegCheckerboardConfig>("genneg_checkerboard");
     check::<TrafficRunConfig>("genneg_traffic");
     check::<ImageScoreConfig>("image_score");
+    check::<ImageClassifierConfig>("cas");
 }
 
 /// The partial configurations CI runs (configs/*/ci.toml) resolve.
