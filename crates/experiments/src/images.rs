@@ -148,6 +148,11 @@ impl ImageScoreConfig {
             0 => set,
             n => set.take(n)?,
         };
+        self.check_fits(&set)?;
+        Ok(set)
+    }
+
+    fn check_fits(&self, set: &ImageSet) -> Result<()> {
         if (set.channels, set.size) != (self.unet.channels, self.unet.size) {
             bail!(
                 "image score model: the data are {}×{}×{} images, the U-Net takes {}×{}×{}",
@@ -159,7 +164,7 @@ impl ImageScoreConfig {
                 self.unet.size
             );
         }
-        Ok(set)
+        Ok(())
     }
 
     /// EDM's Heun sampler and its noise grid (ending at 0).
@@ -181,6 +186,7 @@ pub fn train_image_score(
     progress: &mut Progress,
 ) -> Result<Checkpoint> {
     cfg.validate()?;
+    cfg.check_fits(set)?;
     let store = ParamStore::new(cfg.seed);
     let model = cfg.model().build(&store.var_builder(DType::F32, device))?;
     let train = TrainConfig {
