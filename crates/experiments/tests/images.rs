@@ -122,6 +122,12 @@ fn images_that_do_not_fit_the_network_are_refused() {
         ..tiny()
     };
     let err = train_image_score(&cfg, &images(), None, &Device::Cpu, &mut Progress::hidden());
-    let msg = err.err().expect("a mismatch").to_string();
-    assert!(msg.contains("1×8×8 images, the U-Net takes 1×16×16"), "{msg}");
+    let Err(e) = err else {
+        panic!("a 1×8×8 set trained a 16×16 U-Net")
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("1×8×8 images, the U-Net takes 1×16×16"),
+        "{msg}"
+    );
 }
