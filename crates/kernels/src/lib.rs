@@ -5,7 +5,9 @@
 //! devices (CUDA) every function falls back to candle's own ops, so callers need no
 //! second code path. Larger fusions: the whole residual MLP ([`res_mlp`]), relative-
 //! position attention from its definition ([`relative_attention`]), batched products
-//! of small strided matrices ([`batched_matmul`]); [`manual`] has the forward and
+//! of small strided matrices ([`batched_matmul`]), 2-D convolution as im2col + GEMM
+//! whose backward passes are again convolution ops, so that it differentiates to any
+//! order ([`conv2d`]), group norm with its SiLU ([`group_norm`]); [`manual`] has the forward and
 //! backward halves for hand-written input gradients. Adam and EMA updates are one pass
 //! each ([`adam_update`], [`ema_update`]). [`threads`] holds the thread policy: one pool
 //! (rayon's), and threads only for work large enough to gain from them.

@@ -217,3 +217,38 @@ impl GroupNorm {
         group_norm(x, self.groups, &self.gain, &self.bias, 1e-6, silu)
     }
 }
+
+/// Group-norm groups for `c` channels: the largest count up to `most` that divides `c`
+/// and leaves at least 4 channels per group (DDPM++'s min(C/4, 32)).
+pub(crate) fn groups_for(c: usize, most: usize) -> usize {
+    (1..=most.min(c / 4).max(1))
+        .rev()
+        .find(|g| c % g == 0)
+        .unwrap_or(1)
+}
+
+/// `x` (`[B, C·S·S]` rows or `[B, C, S, S]`) as `[B, C, S, S]` images, after checking it
+/// and the noise condition `[B]`; `who` names the network in errors.
+pub(crate) fn image_input(
+    x: &Tensor,
+    c_noise: &Tensor,
+    (c, s): (usize, usize),
+    who: &str,
+) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let image = match x.dims() {
+        &[_, d] if d == c * s * s => x.reshape((b, c, s, s))?,
+        &[_, xc, xh, xw] if (xc, xh, xw) == (c, s, s) => x.clone(),
+        dims => candle_core::bail!(
+            "{who}: input must be [batch, {}] or [batch, {c}, {s}, {s}], got {dims:?}",
+            c * s * s
+        ),
+    };
+    if c_noise.dims() != [b] {
+        candle_core::bail!(
+            "{who}: noise condition must be [{b}], got {:?}",
+            c_noise.dims()
+        );
+    }
+    Ok(image)
+}

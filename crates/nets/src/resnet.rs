@@ -9,7 +9,7 @@
 //! global average pooling and a linear head to `classes` logits.
 
 use crate::embedding::SinusoidalEmbedding;
-use crate::layers::{Conv, Dense, GroupNorm};
+use crate::layers::{groups_for, image_input, Conv, Dense, GroupNorm};
 use crate::net::NoiseNet;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -75,10 +75,7 @@ impl ResNetConfig {
     }
 
     fn groups_for(&self, c: usize) -> usize {
-        (1..=self.groups.min(c / 4).max(1))
-            .rev()
-            .find(|g| c % g == 0)
-            .unwrap_or(1)
+        groups_for(c, self.groups)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -245,22 +242,7 @@ impl ResNet {
     /// The pooled features before the head, `[B, 8w]` (a domain feature network for a
     /// quick FID of images: the noise-free classifier's penultimate layer).
     pub fn features(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
-        let (c, s) = (self.cfg.channels, self.cfg.size);
-        let b = x.dim(0)?;
-        let image = match x.dims() {
-            &[_, d] if d == c * s * s => x.reshape((b, c, s, s))?,
-            &[_, xc, xh, xw] if (xc, xh, xw) == (c, s, s) => x.clone(),
-            dims => bail!(
-                "ResNet: input must be [batch, {}] or [batch, {c}, {s}, {s}], got {dims:?}",
-                c * s * s
-            ),
-        };
-        if c_noise.dims() != [b] {
-            bail!(
-                "ResNet: noise condition must be [{b}], got {:?}",
-                c_noise.dims()
-            );
-        }
+        let image = image_input(x, c_noise, (self.cfg.channels, self.cfg.size), "ResNet")?;
         let emb = match &self.embed {
             Some((e1, e2)) => {
                 let e = self

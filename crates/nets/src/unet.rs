@@ -12,7 +12,7 @@
 //! preconditioning that work on rows take images unchanged.
 
 use crate::embedding::SinusoidalEmbedding;
-use crate::layers::{Conv, Dense, GroupNorm};
+use crate::layers::{groups_for, image_input, Conv, Dense, GroupNorm};
 use crate::net::NoiseNet;
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -118,10 +118,7 @@ impl UNetConfig {
 
     /// Group-norm groups for `c` channels.
     fn groups_for(&self, c: usize) -> usize {
-        (1..=self.groups.min(c / 4).max(1))
-            .rev()
-            .find(|g| c % g == 0)
-            .unwrap_or(1)
+        groups_for(c, self.groups)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -510,22 +507,7 @@ impl UNet {
 
 impl NoiseNet for UNet {
     fn forward(&self, x: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<Tensor> {
-        let (c, s) = (self.cfg.channels, self.cfg.size);
-        let b = x.dim(0)?;
-        let image = match x.dims() {
-            &[_, d] if d == c * s * s => x.reshape((b, c, s, s))?,
-            &[_, xc, xh, xw] if (xc, xh, xw) == (c, s, s) => x.clone(),
-            dims => bail!(
-                "U-Net: input must be [batch, {}] or [batch, {c}, {s}, {s}], got {dims:?}",
-                c * s * s
-            ),
-        };
-        if c_noise.dims() != [b] {
-            bail!(
-                "U-Net: noise condition must be [{b}], got {:?}",
-                c_noise.dims()
-            );
-        }
+        let image = image_input(x, c_noise, (self.cfg.channels, self.cfg.size), "U-Net")?;
         let emb = self.embedding(c_noise, cond, x.dtype())?;
         let dropout = match self.training() && self.cfg.dropout > 0.0 {
             true => Dropout::for_batch(self.cfg.dropout, x, c_noise)?,
