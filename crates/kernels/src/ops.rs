@@ -547,7 +547,7 @@ pub fn silu(z: &Tensor) -> Result<Tensor> {
 }
 
 /// Hand-written backward passes (no autograd): the forward halves keep sigmoid(z), the
-/// backward halves apply SiLU's derivative in one pass, and [`matmul`] multiplies with
+/// backward halves apply SiLU's derivative in one pass, and [`matmul`](manual::matmul) multiplies with
 /// this crate's GEMM. A network's input gradient written with these skips candle's
 /// graph and its per-node gradient buffers (`ResMlp::forward_with_input_grad`).
 pub mod manual {

@@ -15,7 +15,7 @@ use crate::ops::{
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
-/// Sizes of a residual MLP; the parameters are packed in the order of [`ResMlpShape::names`].
+/// Sizes of a residual MLP; the parameters are packed in the order of [`ResMlpShape::parameter_shapes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResMlpShape {
     pub in_dim: usize,
