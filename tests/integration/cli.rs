@@ -161,3 +161,80 @@ fn metrics_command_rejects_bad_input() {
     ]);
     assert!(!ok && stderr.contains("Cargo.toml"), "{stderr}");
 }
+
+/// `metrics --features CLASSIFIER` compares images on a noise-free ResNet's features:
+/// the same images give FID 0, shifted images a positive FID, and the output names the
+/// feature network; a classifier that is not a noise-free ResNet is refused by name.
+#[test]
+fn metrics_on_classifier_features() {
+    use candle_core::{DType, Device, Tensor};
+    use scoreguide::nets::{NetConfig, ParamStore, ResNetConfig};
+    use scoreguide::train::Checkpoint;
+    let dev = Device::Cpu;
+    let save_classifier = |cfg: ResNetConfig, name: &str| {
+        let store = ParamStore::new(3);
+        let net = NetConfig::ResNet(cfg);
+        net.build(&store.var_builder(DType::F32, &dev)).unwrap();
+        let mut c = Checkpoint::new();
+        c.insert_section("ema", &store.tensors().unwrap());
+        c.set_meta("model", &net).unwrap();
+        let path = tmp(name);
+        c.save(&path).unwrap();
+        path
+    };
+    let small = ResNetConfig {
+        blocks: vec![1, 1],
+        ..ResNetConfig::resnet18(1, 8, 3, 8).noise_free()
+    };
+    let classifier = save_classifier(small.clone(), "classifier.safetensors");
+    let images = |shift: f32, name: &str| {
+        let v: Vec<f32> = (0..40 * 64)
+            .map(|i| (((i * 37) % 101) as f32 / 50.0 - 1.0) * 0.8 + shift)
+            .collect();
+        let mut t = std::collections::HashMap::new();
+        t.insert(
+            "x".to_string(),
+            Tensor::from_vec(v, (40, 64), &dev).unwrap(),
+        );
+        let path = tmp(name);
+        candle_core::safetensors::save(&t, &path).unwrap();
+        path
+    };
+    let (a, b) = (images(0.0, "a.safetensors"), images(0.3, "b.safetensors"));
+    let fid_of = |x: &PathBuf, y: &PathBuf| -> f64 {
+        let (ok, stdout, stderr) = run(&[
+            "metrics",
+            "--real",
+            x.to_str().unwrap(),
+            "--fake",
+            y.to_str().unwrap(),
+            "--features",
+            classifier.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(got["dim"], 16, "the last stage's 2w = 16 channels");
+        assert!(got["features"]
+            .as_str()
+            .unwrap()
+            .contains("classifier.safetensors"));
+        got["fid"].as_f64().unwrap()
+    };
+    assert!(fid_of(&a, &a).abs() < 1e-6);
+    assert!(fid_of(&a, &b) > 1e-4);
+    let noisy = save_classifier(ResNetConfig::resnet18(1, 8, 3, 8), "noisy.safetensors");
+    let (ok, _, stderr) = run(&[
+        "metrics",
+        "--real",
+        a.to_str().unwrap(),
+        "--fake",
+        b.to_str().unwrap(),
+        "--features",
+        noisy.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("noisy.safetensors") && stderr.contains("noise-free"),
+        "{stderr}"
+    );
+}

@@ -454,3 +454,30 @@ pub fn accuracy(net: &AnyNet, set: &ImageSet, batch: usize, device: &Device) -> 
     }
     Ok(right as f64 / set.len().max(1) as f64)
 }
+
+/// The network of [`domain_features`]: a noise-free ResNet, else an error that says so.
+pub fn feature_network(classifier: &AnyNet) -> Result<&scoreguide_nets::ResNet> {
+    let AnyNet::ResNet(net) = classifier else {
+        bail!("domain features: the classifier must be a ResNet (the cas example trains one)");
+    };
+    if net.config().noise_embedding.is_some() {
+        bail!("domain features: the ResNet must be the noise-free classifier of clean images");
+    }
+    Ok(net)
+}
+
+/// Domain features of images (`[N, C·S·S]` in [−1, 1]): the pooled penultimate layer of
+/// a noise-free ResNet classifier ([`train_image_classifier`]), `[N, 8w]` for ResNet-18, in batches of
+/// `batch`. A quick FID of images without the Inception network.
+pub fn domain_features(classifier: &AnyNet, images: &Tensor, batch: usize) -> Result<Tensor> {
+    let net = feature_network(classifier)?;
+    let n = images.dim(0)?;
+    let mut parts = Vec::new();
+    for start in (0..n).step_by(batch.max(1)) {
+        let len = batch.max(1).min(n - start);
+        let x = images.narrow(0, start, len)?;
+        let zero = Tensor::zeros(len, x.dtype(), x.device())?;
+        parts.push(net.features(&x, &zero)?);
+    }
+    Tensor::cat(&parts, 0)
+}

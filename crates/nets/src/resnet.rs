@@ -239,7 +239,7 @@ impl ResNet {
         &self.cfg
     }
 
-    /// The pooled features before the head, `[B, 8w]` (a domain feature network for a
+    /// The pooled features before the head, `[B, w·2^(stages−1)]` (8w for ResNet-18; a domain feature network for a
     /// quick FID of images: the noise-free classifier's penultimate layer).
     pub fn features(&self, x: &Tensor, c_noise: &Tensor) -> Result<Tensor> {
         let image = image_input(x, c_noise, (self.cfg.channels, self.cfg.size), "ResNet")?;

@@ -26,7 +26,9 @@ enum Command {
         checkpoint: PathBuf,
     },
     /// Compare two feature sets ([N, D] arrays in .npy (f32/f64) or a safetensors file
-    /// holding one tensor): FID, KID, precision, recall, density, coverage, MMD².
+    /// holding one tensor): FID, KID, precision, recall, density, coverage, MMD². With
+    /// `--features`, the arrays are images and are compared on that classifier's
+    /// features.
     Metrics {
         /// Real samples or features.
         #[arg(long)]
@@ -44,6 +46,11 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// A noise-free ResNet classifier checkpoint (the `cas` example writes one): the
+        /// arrays hold images ([N, C·S·S] in [−1, 1]) and are compared on its pooled
+        /// penultimate features (a domain FID, no Inception needed).
+        #[arg(long)]
+        features: Option<PathBuf>,
     },
 }
 
@@ -57,7 +64,8 @@ fn main() {
             k,
             mmd_sigma,
             json,
-        } => metrics(&real, &fake, k, mmd_sigma, json),
+            features,
+        } => metrics(&real, &fake, k, mmd_sigma, json, features.as_deref()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -156,10 +164,11 @@ fn metrics(
     k: usize,
     mmd_sigma: Option<f64>,
     json: bool,
+    features: Option<&std::path::Path>,
 ) -> candle_core::Result<()> {
     use scoreguide::metrics::{fid, kid, mmd2_gaussian, prdc};
-    let real = read_rows(real_path)?;
-    let fake = read_rows(fake_path)?;
+    let mut real = read_rows(real_path)?;
+    let mut fake = read_rows(fake_path)?;
     if real.cols != fake.cols {
         candle_core::bail!(
             "{} has rows of {} values but {} has rows of {}",
@@ -186,6 +195,39 @@ fn metrics(
             );
         }
     }
+    let feature_network = match features {
+        None => "none (the rows as given)".to_string(),
+        Some(path) => {
+            let named =
+                |e: candle_core::Error| candle_core::Error::msg(format!("{}: {e}", path.display()));
+            let classifier = scoreguide::images::load_image_classifier(
+                &Checkpoint::load(path)?,
+                &candle_core::Device::Cpu,
+            )
+            .map_err(named)?;
+            scoreguide::images::feature_network(&classifier).map_err(named)?;
+            for (a, p) in [(&mut real, real_path), (&mut fake, fake_path)] {
+                let x = candle_core::Tensor::from_vec(
+                    a.data.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                    (a.rows, a.cols),
+                    &candle_core::Device::Cpu,
+                )?;
+                let f = scoreguide::images::domain_features(&classifier, &x, 500)
+                    .map_err(|e| candle_core::Error::msg(format!("{}: {e}", p.display())))?;
+                let (rows, cols) = f.dims2()?;
+                let data = f
+                    .to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
+                *a = scoreguide::metrics::Array2 { rows, cols, data };
+            }
+            format!(
+                "{} (penultimate layer, {} values)",
+                path.display(),
+                real.cols
+            )
+        }
+    };
     let d = real.cols;
     let sigma = match mmd_sigma {
         Some(s) if s > 0.0 && s.is_finite() => s,
@@ -206,6 +248,7 @@ fn metrics(
         "real_rows": real.rows,
         "fake_rows": fake.rows,
         "dim": d,
+        "features": feature_network,
     });
     if json {
         println!(
@@ -229,7 +272,7 @@ fn metrics(
             "| mmd2 (sigma {sigma:.4}) | {:.6} |",
             out["mmd2"].as_f64().unwrap_or(f64::NAN)
         );
-        println!("(precision/recall/density/coverage with k = {k})");
+        println!("(precision/recall/density/coverage with k = {k}; features: {feature_network})");
     }
     Ok(())
 }
