@@ -19,6 +19,7 @@ use scoreguide::nets::{
     ClassifierConfig, NetConfig, ParamStore, Precond, ResNetConfig, ScoreModelConfig, UNetConfig,
 };
 use scoreguide::runtime::{heun_step_ms, measure_in_workers, median_ms};
+use scoreguide::sde::SigmaDistribution;
 use scoreguide::train::{TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -85,13 +86,13 @@ fn measure_unet(
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
     let x0 = scoreguide::sde::randn(&mut rng, &[batch, dim], dev)?.tanh()?;
     let mut trainer = Trainer::new(store.clone(), TrainConfig::default())?;
-    let (lo, hi) = ((2e-3f64).ln(), 80f64.ln());
+    let sigmas = SigmaDistribution::LogUniform {
+        min: 2e-3,
+        max: 80.0,
+    };
     let train_ms = median_ms(reps, || {
         let mut rng = trainer.step_rng();
-        let u: Vec<f32> = (0..batch)
-            .map(|_| (lo + (hi - lo) * rand::Rng::random::<f64>(&mut rng)).exp() as f32)
-            .collect();
-        let sigma = Tensor::from_vec(u, batch, dev)?;
+        let sigma = sigmas.sample_tensor(batch, &mut rng, dev)?;
         let z = scoreguide::sde::randn(&mut rng, &[batch, dim], dev)?;
         let loss = dsm(
             &model,

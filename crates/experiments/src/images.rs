@@ -44,6 +44,15 @@ impl ImageData {
             }
         }
     }
+
+    /// The first `n` training images (all of them for 0).
+    pub fn training_images(&self, dir: Option<&Path>, n: usize) -> Result<ImageSet> {
+        let set = self.load(dir, ImageSplit::Train)?;
+        match n {
+            0 => Ok(set),
+            n => set.take(n),
+        }
+    }
 }
 
 /// The score model's training and sampling.
@@ -143,11 +152,7 @@ impl ImageScoreConfig {
     pub fn training_set(&self) -> Result<ImageSet> {
         let set = self
             .data
-            .load(self.data_dir.as_deref(), ImageSplit::Train)?;
-        let set = match self.train_images {
-            0 => set,
-            n => set.take(n)?,
-        };
+            .training_images(self.data_dir.as_deref(), self.train_images)?;
         self.check_fits(&set)?;
         Ok(set)
     }
@@ -358,11 +363,7 @@ impl ImageClassifierConfig {
     pub fn splits(&self) -> Result<(ImageSet, ImageSet)> {
         let train = self
             .data
-            .load(self.data_dir.as_deref(), ImageSplit::Train)?;
-        let train = match self.train_images {
-            0 => train,
-            n => train.take(n)?,
-        };
+            .training_images(self.data_dir.as_deref(), self.train_images)?;
         let test = self.data.load(self.data_dir.as_deref(), ImageSplit::Test)?;
         Ok((train, test))
     }

@@ -187,6 +187,17 @@ impl Geom {
 }
 
 impl Geom {
+    /// For each kernel column, the input column read at each valid output column (the
+    /// strided and upsampled paths' gather table: a division per element otherwise).
+    fn source_columns(&self) -> Vec<Vec<usize>> {
+        (0..self.kw)
+            .map(|kj| {
+                let (xlo, xhi) = self.valid(kj, self.w, self.wo);
+                (xlo..xhi).map(|ox| self.source(ox, kj)).collect()
+            })
+            .collect()
+    }
+
     /// For an upsampling convolution that keeps the upsampled size: the same
     /// convolution on the upsampled image, which [`Geom::shifted_copies`] handles.
     fn upsampled(&self) -> Option<Geom> {
@@ -263,14 +274,7 @@ fn im2col(x: &[f32], g: &Geom, cols: &mut [f32]) {
         }
         return;
     }
-    // Strided or upsampled: the input column of every output column, per kernel column
-    // (a division per element otherwise).
-    let sources: Vec<Vec<usize>> = (0..g.kw)
-        .map(|kj| {
-            let (xlo, xhi) = g.valid(kj, g.w, g.wo);
-            (xlo..xhi).map(|ox| g.source(ox, kj)).collect()
-        })
-        .collect();
+    let sources = g.source_columns();
     for c in 0..g.c {
         for ki in 0..g.kh {
             let (ylo, yhi) = g.valid(ki, g.h, g.ho);
@@ -325,12 +329,7 @@ fn col2im_add(cols: &mut [f32], g: &Geom, dx: &mut [f32]) {
         }
         return;
     }
-    let sources: Vec<Vec<usize>> = (0..g.kw)
-        .map(|kj| {
-            let (xlo, xhi) = g.valid(kj, g.w, g.wo);
-            (xlo..xhi).map(|ox| g.source(ox, kj)).collect()
-        })
-        .collect();
+    let sources = g.source_columns();
     for c in 0..g.c {
         for ki in 0..g.kh {
             let (ylo, yhi) = g.valid(ki, g.h, g.ho);

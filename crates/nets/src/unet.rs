@@ -327,6 +327,39 @@ enum Stage {
     Up(Conv),
 }
 
+impl Stage {
+    /// Block `i` of a level, `cin → cout` channels at side `side`, followed by attention
+    /// where the configuration asks for it there.
+    fn block(
+        cfg: &UNetConfig,
+        (cin, cout, emb): (usize, usize, usize),
+        side: usize,
+        i: usize,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let block = ResBlock::new(cfg, cin, cout, emb, vb.pp(format!("block{i}")))?;
+        let attn = match cfg.attention_resolutions.contains(&side) {
+            true => Some(Attention::new(cfg, cout, vb.pp(format!("attn{i}")))?),
+            false => None,
+        };
+        Ok(Self::Block(Box::new((block, attn))))
+    }
+
+    fn forward(&self, h: &Tensor, emb: &Tensor, dropout: &Dropout) -> Result<Tensor> {
+        match self {
+            Self::Block(b) => {
+                let (block, attn) = b.as_ref();
+                let h = block.forward(h, emb, dropout)?;
+                match attn {
+                    Some(a) => a.forward(&h),
+                    None => Ok(h),
+                }
+            }
+            Self::Down(conv) | Self::Up(conv) => conv.forward(h),
+        }
+    }
+}
+
 /// See the module documentation and [`UNetConfig`].
 pub struct UNet {
     cfg: UNetConfig,
@@ -360,13 +393,8 @@ impl UNet {
         for (level, &m) in cfg.multipliers.iter().enumerate() {
             let vb = vb.pp(format!("down{level}"));
             for i in 0..cfg.blocks_per_level {
-                let block = ResBlock::new(&cfg, ch, m * base, emb, vb.pp(format!("block{i}")))?;
+                down.push(Stage::block(&cfg, (ch, m * base, emb), side, i, &vb)?);
                 ch = m * base;
-                let attn = match cfg.attention_resolutions.contains(&side) {
-                    true => Some(Attention::new(&cfg, ch, vb.pp(format!("attn{i}")))?),
-                    false => None,
-                };
-                down.push(Stage::Block(Box::new((block, attn))));
                 skips.push(ch);
             }
             if level + 1 < cfg.levels() {
@@ -399,14 +427,14 @@ impl UNet {
                 let vb = vb.pp(format!("up{level}"));
                 for i in 0..=cfg.blocks_per_level {
                     let skip = skips.pop().expect("one skip per encoder output");
-                    let block =
-                        ResBlock::new(&cfg, ch + skip, m * base, emb, vb.pp(format!("block{i}")))?;
+                    up.push(Stage::block(
+                        &cfg,
+                        (ch + skip, m * base, emb),
+                        side,
+                        i,
+                        &vb,
+                    )?);
                     ch = m * base;
-                    let attn = match cfg.attention_resolutions.contains(&side) {
-                        true => Some(Attention::new(&cfg, ch, vb.pp(format!("attn{i}")))?),
-                        false => None,
-                    };
-                    up.push(Stage::Block(Box::new((block, attn))));
                 }
                 if level > 0 {
                     let spec = Conv2dSpec {
@@ -516,35 +544,19 @@ impl NoiseNet for UNet {
         let mut h = self.input.forward(&image)?;
         let mut skips = vec![h.clone()];
         for stage in &self.down {
-            h = match stage {
-                Stage::Block(b) => {
-                    let (block, attn) = b.as_ref();
-                    let h = block.forward(&h, &emb, &dropout)?;
-                    match attn {
-                        Some(a) => a.forward(&h)?,
-                        None => h,
-                    }
-                }
-                Stage::Down(conv) | Stage::Up(conv) => conv.forward(&h)?,
-            };
+            h = stage.forward(&h, &emb, &dropout)?;
             skips.push(h.clone());
         }
         h = self.middle.0.forward(&h, &emb, &dropout)?;
         h = self.middle.1.forward(&h)?;
         h = self.middle.2.forward(&h, &emb, &dropout)?;
         for stage in &self.up {
-            h = match stage {
-                Stage::Block(b) => {
-                    let (block, attn) = b.as_ref();
-                    let skip = skips.pop().expect("one skip per encoder output");
-                    let h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, &dropout)?;
-                    match attn {
-                        Some(a) => a.forward(&h)?,
-                        None => h,
-                    }
-                }
-                Stage::Down(conv) | Stage::Up(conv) => conv.forward(&h)?,
-            };
+            // Every decoder block reads its encoder output beside the features.
+            if let Stage::Block(_) = stage {
+                let skip = skips.pop().expect("one skip per encoder output");
+                h = Tensor::cat(&[&h, &skip], 1)?;
+            }
+            h = stage.forward(&h, &emb, &dropout)?;
         }
         let h = self.out_norm.forward(&h, true)?;
         match &self.out {
