@@ -40,6 +40,11 @@ NETWORKS = {
         "ops": ["grey_train_step_ms", "grey_sample_step_ms", "resnet_grad_x_ms",
                 "colour_train_step_ms", "colour_sample_step_ms"],
     },
+    "inception": {
+        "rust": ["target/release/examples/bench_images", "--inception"],
+        "torch": ["benches/torch/inception.py"],
+        "ops": ["inception_ms_per_image"],
+    },
 }
 
 
@@ -63,7 +68,7 @@ def cpu_model():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", default="checkerboard,traffic",
-                    help="any of checkerboard, traffic, images")
+                    help="any of checkerboard, traffic, images, inception")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)

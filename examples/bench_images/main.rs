@@ -9,6 +9,11 @@
 //!
 //!     cargo run --release --example bench_images
 //!     cargo run --release --example bench_images -- --json out/bench_images.json
+//!     cargo run --release --example bench_images -- --inception
+//!
+//! `--inception` measures the FID Inception instead (features of a batch of 299 × 299
+//! images, per image; `scoreguide inception install` first); its PyTorch twin is
+//! `benches/torch/inception.py`, which runs the reference TorchScript itself.
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -35,12 +40,15 @@ struct Args {
     /// Timed repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 10)]
     reps: usize,
-    /// Images per batch.
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
+    /// Images per batch (default 64; 16 with `--inception`).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Measure only the 28 × 28 × 1 network (the colour one takes four times longer).
     #[arg(long)]
     grey_only: bool,
+    /// Measure the FID Inception's features instead (batch `--batch`, default 16 here).
+    #[arg(long)]
+    inception: bool,
     #[arg(long)]
     json: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -49,6 +57,31 @@ struct Args {
     /// Internal: measure in this process with this many threads and print JSON.
     #[arg(long, hide = true)]
     worker: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct InceptionTiming {
+    threads: usize,
+    batch: usize,
+    /// FID Inception pool features of a [batch, 3, 299, 299] input, per image.
+    inception_ms_per_image: f64,
+}
+
+fn measure_inception(
+    threads: usize,
+    batch: usize,
+    reps: usize,
+    dev: &Device,
+) -> candle_core::Result<InceptionTiming> {
+    let net = scoreguide::inception::FidInception::from_cache(dev)?;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(2);
+    let x = scoreguide::sde::randn(&mut rng, &[batch, 3, 299, 299], dev)?.tanh()?;
+    let ms = median_ms(reps, || net.features(&x).map(|_| ()))?;
+    Ok(InceptionTiming {
+        threads,
+        batch,
+        inception_ms_per_image: ms / batch as f64,
+    })
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -170,10 +203,22 @@ fn measure(
 
 fn main() -> candle_core::Result<()> {
     let args = Args::parse();
+    let batch = args.batch.unwrap_or(if args.inception { 16 } else { 64 });
+    if let (Some(t), true) = (args.worker, args.inception) {
+        let timing = scoreguide::runtime::on_compute_threads(Some(t), || {
+            let dev = scoreguide::runtime::device(&args.device)?;
+            measure_inception(t, batch, args.reps, &dev)
+        })?;
+        println!(
+            "{}",
+            serde_json::to_string(&timing).expect("timing serialises")
+        );
+        return Ok(());
+    }
     if let Some(t) = args.worker {
         let timing = scoreguide::runtime::on_compute_threads(Some(t), || {
             let dev = scoreguide::runtime::device(&args.device)?;
-            measure(t, args.reps, args.batch, args.grey_only, &dev)
+            measure(t, args.reps, batch, args.grey_only, &dev)
         })?;
         println!(
             "{}",
@@ -185,12 +230,26 @@ fn main() -> candle_core::Result<()> {
         "--reps".to_string(),
         args.reps.to_string(),
         "--batch".to_string(),
-        args.batch.to_string(),
+        batch.to_string(),
         "--device".to_string(),
         args.device.clone(),
     ];
     if args.grey_only {
         worker_args.push("--grey-only".into());
+    }
+    if args.inception {
+        worker_args.push("--inception".into());
+        let rows: Vec<InceptionTiming> = measure_in_workers(&args.threads, &worker_args)?;
+        println!("FID Inception features, batch {batch} of 299 × 299 × 3");
+        println!("| threads | ms per image |");
+        println!("|---|---|");
+        for r in &rows {
+            println!("| {} | {:.1} |", r.threads, r.inception_ms_per_image);
+        }
+        if let Some(p) = &args.json {
+            scoreguide::runtime::write_json(p, &rows)?;
+        }
+        return Ok(());
     }
     let rows: Vec<Timing> = measure_in_workers(&args.threads, &worker_args)?;
     let ms = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));

