@@ -28,6 +28,7 @@
 
 pub mod checkerboard;
 pub mod config;
+pub mod image_metrics;
 pub mod images;
 pub mod moons;
 pub mod plot;

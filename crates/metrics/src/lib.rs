@@ -8,6 +8,7 @@
 //! * [`fid`]: Fréchet distance of fitted Gaussians ([`frechet_distance`],
 //!   [`symmetric_eigen`]).
 //! * [`prdc`], [`prdc_classwise`]: precision, recall, density, coverage.
+//! * [`inception_score`]: IS of any classifier's class probabilities.
 //! * [`score_errors`]: DLSM's D_P and D_L between estimated and true scores.
 //! * [`read_npy`]: 2-D `.npy` arrays (f32 / f64).
 //! * [`roc_auc`]: area under the ROC curve of a scorer (a classifier's check).
@@ -28,6 +29,7 @@
 
 mod auc;
 mod fid;
+mod inception_score;
 mod infraction;
 mod likelihood;
 mod mmd;
@@ -37,8 +39,9 @@ mod rows;
 mod score_error;
 
 pub use auc::roc_auc;
-pub use fid::{fid, frechet_distance, mean_and_covariance, symmetric_eigen};
+pub use fid::{fid, frechet_distance, mean_and_covariance, symmetric_eigen, symmetric_eigenvalues};
 
+pub use inception_score::inception_score;
 pub use infraction::{infraction_rate, parallel_samples_needed, Rate};
 pub use likelihood::{negative_log_likelihood, Divergence, NllConfig};
 pub use mmd::{kid, mmd2_gaussian};

@@ -2,7 +2,7 @@
 //! with the `prdc` package's definitions: a point's radius is the distance to its k-th
 //! nearest neighbour in its own set (itself excluded), and every comparison is strict.
 
-use crate::rows::{check_rows, sq_dist};
+use crate::rows::{check_rows, for_gram_blocks, sq_norms};
 use candle_core::{bail, Result};
 use serde::Serialize;
 
@@ -20,20 +20,28 @@ pub struct Prdc {
 }
 
 /// Squared distance from each row to its k-th nearest other row of the same set.
-fn knn_radii_sq(x: &[f64], d: usize, k: usize) -> Vec<f64> {
+fn knn_radii_sq(x: &[f64], d: usize, k: usize) -> Result<Vec<f64>> {
     let n = x.len() / d;
+    let norms = sq_norms(x, d);
+    let mut radii = Vec::with_capacity(n);
     let mut buf = Vec::with_capacity(n);
-    (0..n)
-        .map(|i| {
+    for_gram_blocks(x, x, d, |i0, g| {
+        for (r, gi) in g.chunks_exact(n).enumerate() {
+            let i = i0 + r;
             buf.clear();
-            let xi = &x[i * d..(i + 1) * d];
-            buf.extend((0..n).map(|j| sq_dist(xi, &x[j * d..(j + 1) * d])));
+            // ‖a − b‖² = ‖a‖² + ‖b‖² − 2 a·b; the row itself is set to exactly 0.
+            buf.extend((0..n).map(|j| match j == i {
+                true => 0.0,
+                false => (norms[i] + norms[j] - 2.0 * gi[j]).max(0.0),
+            }));
             // Index k of the sorted distances, self (0) included at index 0: the k-th
             // neighbour excluding self, exactly as prdc's k + 1 smallest.
             let (_, kth, _) = buf.select_nth_unstable_by(k, f64::total_cmp);
-            *kth
-        })
-        .collect()
+            radii.push(*kth);
+        }
+        Ok(())
+    })?;
+    Ok(radii)
 }
 
 /// Precision, recall, density and coverage of `fake: [m, d]` against `real: [n, d]`
@@ -52,31 +60,35 @@ pub fn prdc(real: &[f64], fake: &[f64], d: usize, k: usize) -> Result<Prdc> {
             k + 1
         );
     }
-    let real_r = knn_radii_sq(real, d, k);
-    let fake_r = knn_radii_sq(fake, d, k);
+    let real_r = knn_radii_sq(real, d, k)?;
+    let fake_r = knn_radii_sq(fake, d, k)?;
+    let (real_norms, fake_norms) = (sq_norms(real, d), sq_norms(fake, d));
     let mut precise = 0usize;
     let mut density_hits = 0usize;
     let mut recalled = vec![false; n];
     let mut covered = vec![false; n];
     let mut nearest_fake = vec![f64::INFINITY; n];
-    for j in 0..m {
-        let fj = &fake[j * d..(j + 1) * d];
-        let mut in_some = false;
-        for i in 0..n {
-            let dist = sq_dist(&real[i * d..(i + 1) * d], fj);
-            if dist < real_r[i] {
-                in_some = true;
-                density_hits += 1;
+    for_gram_blocks(fake, real, d, |j0, g| {
+        for (r, gj) in g.chunks_exact(n).enumerate() {
+            let j = j0 + r;
+            let mut in_some = false;
+            for i in 0..n {
+                let dist = (real_norms[i] + fake_norms[j] - 2.0 * gj[i]).max(0.0);
+                if dist < real_r[i] {
+                    in_some = true;
+                    density_hits += 1;
+                }
+                if dist < fake_r[j] {
+                    recalled[i] = true;
+                }
+                if dist < nearest_fake[i] {
+                    nearest_fake[i] = dist;
+                }
             }
-            if dist < fake_r[j] {
-                recalled[i] = true;
-            }
-            if dist < nearest_fake[i] {
-                nearest_fake[i] = dist;
-            }
+            precise += usize::from(in_some);
         }
-        precise += usize::from(in_some);
-    }
+        Ok(())
+    })?;
     for i in 0..n {
         covered[i] = nearest_fake[i] < real_r[i];
     }

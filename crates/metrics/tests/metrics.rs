@@ -217,3 +217,92 @@ fn set_metrics_reject_bad_input() {
     assert!(kid(&real.data, &fake.data[..31], 32).is_err());
     assert!(score_errors(&[0.0; 4], &[0.0; 2], &[0.0; 4], &[0.0; 4], 2).is_err());
 }
+
+/// IS by hand for two rows of two classes: p(y) = (0.6, 0.4); KLs of (0.9, 0.1) and
+/// (0.3, 0.7) against it, averaged, exponentiated.
+#[test]
+fn inception_score_by_hand_and_its_bounds() {
+    use scoreguide_metrics::inception_score;
+    let p = [0.9, 0.1, 0.3, 0.7];
+    let kl = |a: f64, b: f64| a * (a / 0.6f64).ln() + b * (b / 0.4f64).ln();
+    let want = ((kl(0.9, 0.1) + kl(0.3, 0.7)) / 2.0).exp();
+    let (is, std) = inception_score(&p, 2, 1).unwrap();
+    approx::assert_relative_eq!(is, want, max_relative = 1e-12);
+    assert_eq!(std, 0.0);
+    // Identical rows: 1. Bad input: named errors.
+    assert!((inception_score(&[0.5, 0.5, 0.5, 0.5], 2, 2).unwrap().0 - 1.0).abs() < 1e-12);
+    assert!(inception_score(&p, 2, 3).is_err());
+    assert!(inception_score(&[0.5, f64::NAN], 2, 1).is_err());
+    assert!(inception_score(&[1.5, -0.5], 2, 1).is_err());
+}
+
+proptest::proptest! {
+    /// Between 1 and the number of classes, and blind to the classes' order.
+    #[test]
+    fn inception_score_is_bounded_and_label_free(
+        raw in proptest::collection::vec(0.01f64..1.0, 40),
+        splits in 1usize..4,
+    ) {
+        use scoreguide_metrics::inception_score;
+        let probs: Vec<f64> = raw
+            .chunks(4)
+            .flat_map(|r| { let s: f64 = r.iter().sum(); r.iter().map(move |v| v / s) })
+            .collect();
+        let (is, _) = inception_score(&probs, 4, splits).unwrap();
+        proptest::prop_assert!((1.0 - 1e-9..=4.0 + 1e-9).contains(&is));
+        let swapped: Vec<f64> = probs.chunks(4).flat_map(|r| [r[2], r[0], r[3], r[1]]).collect();
+        let (again, _) = inception_score(&swapped, 4, splits).unwrap();
+        proptest::prop_assert!((is - again).abs() < 1e-9);
+    }
+}
+
+proptest::proptest! {
+    /// The eigendecomposition rebuilds the matrix with orthonormal vectors, and the
+    /// values-only path agrees; FID through the few-rows identity equals FID through
+    /// the covariances.
+    #[test]
+    fn eigendecomposition_rebuilds_symmetric_matrices(
+        raw in proptest::collection::vec(-3.0f64..3.0, 144),
+        d in 1usize..12,
+    ) {
+        use scoreguide_metrics::symmetric_eigenvalues;
+        let mut a = vec![0.0; d * d];
+        for i in 0..d {
+            for j in 0..=i {
+                a[i * d + j] = raw[i * 12 + j];
+                a[j * d + i] = raw[i * 12 + j];
+            }
+        }
+        let (l, v) = symmetric_eigen(&a, d).unwrap();
+        for i in 0..d {
+            for j in 0..d {
+                let rebuilt: f64 = (0..d).map(|k| v[i * d + k] * l[k] * v[j * d + k]).sum();
+                proptest::prop_assert!((rebuilt - a[i * d + j]).abs() < 1e-9);
+                let gram: f64 = (0..d).map(|k| v[k * d + i] * v[k * d + j]).sum();
+                proptest::prop_assert!((gram - f64::from(u8::from(i == j))).abs() < 1e-9);
+            }
+        }
+        let only = symmetric_eigenvalues(&a, d).unwrap();
+        for (p, q) in l.iter().zip(&only) {
+            proptest::prop_assert!((p - q).abs() < 1e-9);
+        }
+        proptest::prop_assert!(l.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn fid_with_fewer_rows_than_features_matches_the_covariance_formula(
+        raw in proptest::collection::vec(-2.0f64..2.0, 2 * 7 * 9),
+        n1 in 2usize..7,
+        n2 in 2usize..7,
+    ) {
+        let d = 9;
+        let (x, y) = (&raw[..n1 * d], &raw[7 * d..7 * d + n2 * d]);
+        let (m1, c1) = scoreguide_metrics::mean_and_covariance(x, d).unwrap();
+        let (m2, c2) = scoreguide_metrics::mean_and_covariance(y, d).unwrap();
+        let want = frechet_distance(&m1, &c1, &m2, &c2).unwrap();
+        let got = fid(x, y, d).unwrap();
+        // The covariance path takes square roots of the rank-deficient Σ₁Σ₂'s round-off
+        // eigenvalues (√1e-16 = 1e-8 each); the few-rows path has none.
+        proptest::prop_assert!((got - want).abs() < 1e-6 * (1.0 + want.abs()), "{got} vs {want}");
+    }
+}

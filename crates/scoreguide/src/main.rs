@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use scoreguide::train::Checkpoint;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -25,32 +25,53 @@ enum Command {
         /// A scoreguide checkpoint (.safetensors).
         checkpoint: PathBuf,
     },
-    /// Compare two feature sets ([N, D] arrays in .npy (f32/f64) or a safetensors file
-    /// holding one tensor): FID, KID, precision, recall, density, coverage, MMD². With
-    /// `--features`, the arrays are images and are compared on that classifier's
-    /// features.
+    /// Compare two sets: FID, KID, precision, recall, density, coverage (k neighbours).
+    /// Sets of images (a folder of PNGs, `fashion-mnist:train|test`,
+    /// `cifar10:DIR:test`, an image array; see `--features`) are compared on the FID
+    /// Inception's features (or a domain classifier's), class-wise too when both carry
+    /// labels, with the Inception Score under `--classifier`. Feature arrays ([N, D] in
+    /// .npy, or a safetensors file of one tensor) are compared as they are, with MMD².
     Metrics {
-        /// Real samples or features.
+        /// Real images or features.
         #[arg(long)]
-        real: PathBuf,
-        /// Generated samples or features.
+        real: String,
+        /// Generated images or features.
         #[arg(long)]
-        fake: PathBuf,
+        fake: String,
         /// Nearest neighbours for precision/recall/density/coverage.
         #[arg(long, default_value_t = 3)]
         k: usize,
-        /// Gaussian-kernel bandwidth for MMD² (default: the median distance between
-        /// rows of the pooled sets, on at most 1000 rows of each).
+        /// Gaussian-kernel bandwidth for MMD² of feature arrays (default: the median
+        /// distance between rows of the pooled sets, on at most 1000 rows of each).
         #[arg(long)]
         mmd_sigma: Option<f64>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// A noise-free ResNet classifier checkpoint (the `cas` example writes one): the
-        /// arrays hold images ([N, C·S·S] in [−1, 1]) and are compared on its pooled
-        /// penultimate features (a domain FID, no Inception needed).
+        /// The feature network for images: `inception` (the default for images), a
+        /// noise-free ResNet classifier checkpoint (the `cas` example writes one: a
+        /// domain FID), or `none` (the arrays are features already; the default for
+        /// .npy arrays).
         #[arg(long)]
-        features: Option<PathBuf>,
+        features: Option<String>,
+        /// A noise-free classifier checkpoint whose probabilities give the Inception
+        /// Score of the fake images (the FID Inception's weights carry no class head);
+        /// defaults to `--features` when that is a classifier.
+        #[arg(long)]
+        classifier: Option<PathBuf>,
+        /// Use the first N images of each set.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Images per network evaluation.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// CPU threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Keep the Inception features of data sets named by spec
+        /// (`fashion-mnist:test`, …) in this folder and reuse them.
+        #[arg(long)]
+        feature_cache: Option<PathBuf>,
     },
     /// The FID Inception's weights.
     Inception {
@@ -83,7 +104,33 @@ fn main() {
             mmd_sigma,
             json,
             features,
-        } => metrics(&real, &fake, k, mmd_sigma, json, features.as_deref()),
+            classifier,
+            limit,
+            batch,
+            threads,
+            feature_cache,
+        } => scoreguide::runtime::on_compute_threads(threads, || {
+            let rows_given = match features.as_deref() {
+                Some("none") => true,
+                None => is_feature_array(&real) && is_feature_array(&fake),
+                Some(_) => false,
+            };
+            match rows_given {
+                true => metrics(Path::new(&real), Path::new(&fake), k, mmd_sigma, json),
+                false => {
+                    let images = ImageMetricsArgs {
+                        k,
+                        json,
+                        features,
+                        classifier,
+                        limit,
+                        batch,
+                        feature_cache,
+                    };
+                    image_metrics(&real, &fake, images)
+                }
+            }
+        }),
         Command::Inception { action } => inception(action),
     };
     if let Err(e) = result {
@@ -100,6 +147,115 @@ fn inception(action: InceptionAction) -> candle_core::Result<()> {
     };
     FidInception::load(&path, &candle_core::Device::Cpu)?;
     println!("{}", path.display());
+    Ok(())
+}
+
+/// A feature array rather than images: `.npy`, or safetensors without an `images`
+/// tensor.
+fn is_feature_array(source: &str) -> bool {
+    let path = Path::new(source);
+    if !path.is_file() {
+        return false;
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => true,
+        Some("safetensors") => std::fs::read(path)
+            .ok()
+            .and_then(|b| {
+                safetensors::SafeTensors::read_metadata(&b)
+                    .ok()
+                    .map(|(_, m)| m.tensors().contains_key("images"))
+            })
+            .is_some_and(|has_images| !has_images),
+        _ => false,
+    }
+}
+
+struct ImageMetricsArgs {
+    k: usize,
+    json: bool,
+    features: Option<String>,
+    classifier: Option<PathBuf>,
+    limit: Option<usize>,
+    batch: usize,
+    feature_cache: Option<PathBuf>,
+}
+
+fn image_metrics(real: &str, fake: &str, a: ImageMetricsArgs) -> candle_core::Result<()> {
+    use scoreguide::experiments::image_metrics::{
+        domain_network, image_metrics, read_images, FeatureNetwork,
+    };
+    let dev = candle_core::Device::Cpu;
+    let network = match a.features.as_deref() {
+        None | Some("inception") => {
+            FeatureNetwork::Inception(scoreguide::inception::FidInception::from_cache(&dev)?)
+        }
+        Some(path) => domain_network(Path::new(path), &dev)?,
+    };
+    let is_path = a.classifier.clone().or(match &network {
+        FeatureNetwork::Domain { name, .. } => Some(PathBuf::from(name)),
+        FeatureNetwork::Inception(_) => None,
+    });
+    let is_classifier = match &is_path {
+        Some(p) => {
+            let named =
+                |e: candle_core::Error| candle_core::Error::msg(format!("{}: {e}", p.display()));
+            let c = Checkpoint::load(p)?;
+            Some(scoreguide::images::load_image_classifier(&c, &dev).map_err(named)?)
+        }
+        None => None,
+    };
+    let is_name = is_path.map(|p| p.display().to_string()).unwrap_or_default();
+    let real_set = read_images(real, a.limit)?;
+    let fake_set = read_images(fake, a.limit)?;
+    let m = image_metrics(
+        &real_set,
+        &fake_set,
+        &network,
+        a.k,
+        is_classifier.as_ref().map(|c| (c, is_name.as_str())),
+        a.batch,
+        a.feature_cache.as_deref(),
+    )?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&m).map_err(candle_core::Error::wrap)?
+        );
+        return Ok(());
+    }
+    println!(
+        "real {real} ({} images of {c}×{s}×{s}), fake {fake} ({} images)",
+        m.real_images,
+        m.fake_images,
+        c = real_set.channels,
+        s = real_set.size
+    );
+    let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
+    println!("| FID | KID | IS | precision | recall | density | coverage | CW precision | CW recall | CW density | CW coverage |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {:.4} | {:.5} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {} | {} |",
+        m.fid,
+        m.kid,
+        match (m.is, m.is_std) {
+            (Some(i), Some(s)) => format!("{i:.3} ± {s:.3}"),
+            _ => "–".to_string(),
+        },
+        m.precision,
+        m.recall,
+        m.density,
+        m.coverage,
+        opt(m.cw_precision),
+        opt(m.cw_recall),
+        opt(m.cw_density),
+        opt(m.cw_coverage)
+    );
+    println!("(k = {}; features: {}", m.k, m.features);
+    match &m.is_classifier {
+        Some(c) => println!(" IS under the classifier {c})"),
+        None => println!(" no IS: the FID Inception has no class head; give --classifier)"),
+    }
     Ok(())
 }
 
@@ -189,16 +345,15 @@ fn median_distance(a: &[f64], b: &[f64], d: usize) -> f64 {
 }
 
 fn metrics(
-    real_path: &std::path::Path,
-    fake_path: &std::path::Path,
+    real_path: &Path,
+    fake_path: &Path,
     k: usize,
     mmd_sigma: Option<f64>,
     json: bool,
-    features: Option<&std::path::Path>,
 ) -> candle_core::Result<()> {
     use scoreguide::metrics::{fid, kid, mmd2_gaussian, prdc};
-    let mut real = read_rows(real_path)?;
-    let mut fake = read_rows(fake_path)?;
+    let real = read_rows(real_path)?;
+    let fake = read_rows(fake_path)?;
     if real.cols != fake.cols {
         candle_core::bail!(
             "{} has rows of {} values but {} has rows of {}",
@@ -225,39 +380,7 @@ fn metrics(
             );
         }
     }
-    let feature_network = match features {
-        None => "none (the rows as given)".to_string(),
-        Some(path) => {
-            let named =
-                |e: candle_core::Error| candle_core::Error::msg(format!("{}: {e}", path.display()));
-            let classifier = scoreguide::images::load_image_classifier(
-                &Checkpoint::load(path)?,
-                &candle_core::Device::Cpu,
-            )
-            .map_err(named)?;
-            scoreguide::images::feature_network(&classifier).map_err(named)?;
-            for (a, p) in [(&mut real, real_path), (&mut fake, fake_path)] {
-                let x = candle_core::Tensor::from_vec(
-                    a.data.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                    (a.rows, a.cols),
-                    &candle_core::Device::Cpu,
-                )?;
-                let f = scoreguide::images::domain_features(&classifier, &x, 500)
-                    .map_err(|e| candle_core::Error::msg(format!("{}: {e}", p.display())))?;
-                let (rows, cols) = f.dims2()?;
-                let data = f
-                    .to_dtype(candle_core::DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?;
-                *a = scoreguide::metrics::Array2 { rows, cols, data };
-            }
-            format!(
-                "{} (penultimate layer, {} values)",
-                path.display(),
-                real.cols
-            )
-        }
-    };
+    let feature_network = "none (the rows as given)";
     let d = real.cols;
     let sigma = match mmd_sigma {
         Some(s) if s > 0.0 && s.is_finite() => s,
