@@ -112,10 +112,26 @@ fn run(args: Args) -> candle_core::Result<()> {
         &mut progress,
     )?;
     let per_image = t1.elapsed().as_secs_f64() / cfg.samples as f64;
-    let cols = (cfg.samples as f64).sqrt().ceil() as usize;
+    // Every sample for `scoreguide metrics --fake`, the first 100 in the grid.
+    let array = out.join("samples.safetensors");
+    let bytes = safetensors::serialize(
+        std::collections::HashMap::from([("images", x.to_device(&candle_core::Device::Cpu)?)]),
+        None,
+    )
+    .map_err(candle_core::Error::wrap)?;
+    scoreguide::train::write_atomic(&array, &bytes)
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", array.display())))?;
+    let shown = cfg.samples.min(100);
+    let cols = (shown as f64).sqrt().ceil() as usize;
     let png = out.join("samples.png");
-    save_image_grid(&png, &x, cfg.unet.channels, cfg.unet.size, cols)?;
-    let real = set.take(cfg.samples)?;
+    save_image_grid(
+        &png,
+        &x.narrow(0, 0, shown)?,
+        cfg.unet.channels,
+        cfg.unet.size,
+        cols,
+    )?;
+    let real = set.take(shown)?;
     save_image_grid(
         &out.join("data.png"),
         real.images.tensor(),
@@ -124,8 +140,9 @@ fn run(args: Args) -> candle_core::Result<()> {
         cols,
     )?;
     eprintln!(
-        "wrote {} (and data.png, real images) — {per_image:.2} s per image",
-        png.display()
+        "wrote {} (and data.png, real images) and {} — {per_image:.2} s per image",
+        png.display(),
+        array.display()
     );
     if let Some(p) = &args.common.json {
         write_json(

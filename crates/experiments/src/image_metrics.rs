@@ -340,7 +340,7 @@ impl FeatureNetwork {
         let bytes =
             safetensors::serialize(std::collections::HashMap::from([("features", &t)]), None)
                 .map_err(|e| Error::msg(format!("{}: {e}", file.display())))?;
-        scoreguide_checkpoint::write_atomic(&file, &bytes)
+        scoreguide_train::write_atomic(&file, &bytes)
             .map_err(|e| Error::msg(format!("{}: {e}", file.display())))?;
         // What is used is what a later run reads back: f32.
         Ok(Array2 {
