@@ -29,6 +29,10 @@ struct Args {
     /// Stop after training (sample in a later `--reuse` run).
     #[arg(long)]
     train_only: bool,
+    /// Sample the last saved state of an unfinished run (its EMA weights) without
+    /// training; the run continues later with `--reuse`.
+    #[arg(long)]
+    sample_partial: bool,
 }
 
 #[derive(Serialize)]
@@ -68,7 +72,13 @@ fn run(args: Args) -> candle_core::Result<()> {
     let path = out.join("score.safetensors");
     let partial = out.join("score.partial.safetensors");
     let t0 = Instant::now();
-    let ckpt = if args.reuse && path.exists() {
+    let ckpt = if args.sample_partial {
+        if !partial.exists() {
+            candle_core::bail!("--sample-partial: no saved state at {}", partial.display());
+        }
+        eprintln!("sampling the saved state {}", partial.display());
+        Checkpoint::load(&partial)?
+    } else if args.reuse && path.exists() {
         eprintln!("reusing {}", path.display());
         Checkpoint::load(&path)?
     } else {
@@ -94,7 +104,11 @@ fn run(args: Args) -> candle_core::Result<()> {
     };
     let train_seconds = t0.elapsed().as_secs_f64();
     let params: usize = ckpt.section("ema").values().map(|t| t.elem_count()).sum();
-    eprintln!("score model: {params} parameters");
+    let step = ckpt.meta::<u64>("step").unwrap_or(cfg.iters);
+    eprintln!(
+        "score model: {params} parameters, {step} of {} steps",
+        cfg.iters
+    );
     if args.train_only {
         return Ok(());
     }
@@ -151,7 +165,7 @@ fn run(args: Args) -> candle_core::Result<()> {
                 dataset: format!("{:?}", cfg.data),
                 train_images: set.len(),
                 params,
-                iters: cfg.iters,
+                iters: step,
                 train_seconds,
                 samples: cfg.samples,
                 sampler_steps: cfg.sampler_steps,
