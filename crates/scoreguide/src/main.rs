@@ -31,6 +31,7 @@ enum Command {
     /// Inception's features (or a domain classifier's), class-wise too when both carry
     /// labels, with the Inception Score under `--classifier`. Feature arrays ([N, D] in
     /// .npy, or a safetensors file of one tensor) are compared as they are, with MMD².
+    #[command(alias = "fid")]
     Metrics {
         /// Real images or features.
         #[arg(long)]
