@@ -77,7 +77,8 @@ pub fn image_shape(values: usize) -> Option<(usize, usize)> {
 ///   recursively; labelled by class folder when every image sits in one (`0/`, `1/`, …
 ///   or names, numbered in sorted order);
 /// - `.npy` (`[N, C·S·S]`, f32/f64, values in [−1, 1]) or `.safetensors` (`images`
-///   `[N, C·S·S]` or `[N, C, S, S]`, optional `labels`; what the samplers write).
+///   `[N, C·S·S]` or `[N, C, S, S]`, or the file's only tensor; optional `labels`; what
+///   the samplers write).
 pub fn read_images(spec: &str, limit: Option<usize>) -> Result<Images> {
     let split = |s: &str| match s {
         "train" => Ok(ImageSplit::Train),
@@ -125,9 +126,16 @@ fn read_image_array(path: &Path) -> Result<Images> {
     let named = |e: Error| Error::msg(format!("{name}: {e}"));
     let (rows, labels) = if path.extension().is_some_and(|e| e == "safetensors") {
         let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(named)?;
-        let images = t
-            .get("images")
-            .ok_or_else(|| Error::msg(format!("{name}: no tensor `images`")))?;
+        // `images`, or the file's only tensor.
+        let only = match t.len() {
+            1 => t.values().next(),
+            _ => None,
+        };
+        let images = t.get("images").or(only).ok_or_else(|| {
+            Error::msg(format!(
+                "{name}: no tensor `images` (and not a single tensor)"
+            ))
+        })?;
         let images = images
             .flatten_from(1)
             .map_err(named)?
@@ -377,6 +385,8 @@ impl FeatureNetwork {
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageMetrics {
     pub features: String,
+    /// Values per feature row.
+    pub dim: usize,
     pub k: usize,
     pub real_images: usize,
     pub fake_images: usize,
@@ -466,6 +476,7 @@ pub fn image_metrics(
     };
     Ok(ImageMetrics {
         features: network.describe(),
+        dim: d,
         k,
         real_images: real.len(),
         fake_images: fake.len(),

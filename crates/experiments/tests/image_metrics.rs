@@ -146,9 +146,9 @@ fn a_metrics_row_on_the_inception_features() {
     };
     let network = FeatureNetwork::Inception(net);
     let (real, same, far) = (
-        blobs(6, 0.0, true),
-        blobs(6, 0.0, true),
-        blobs(6, 0.6, true),
+        blobs(8, 0.0, true),
+        blobs(8, 0.0, true),
+        blobs(8, 0.6, true),
     );
     let m = image_metrics(&real, &same, &network, 3, None, 8, None).unwrap();
     assert!(m.fid.abs() < 1e-3, "identical sets: FID {}", m.fid);
@@ -157,7 +157,7 @@ fn a_metrics_row_on_the_inception_features() {
     assert!(m.features.contains("Inception"));
     let shifted = image_metrics(&real, &far, &network, 3, None, 8, None).unwrap();
     assert!(shifted.fid > 1.0, "a brighter set: FID {}", shifted.fid);
-    let unlabelled = blobs(6, 0.0, false);
+    let unlabelled = blobs(8, 0.0, false);
     let m = image_metrics(&real, &unlabelled, &network, 3, None, 8, None).unwrap();
     assert!(m.cw_precision.is_none());
     let e = image_metrics(&real, &blobs(3, 0.0, true), &network, 3, None, 8, None).unwrap_err();

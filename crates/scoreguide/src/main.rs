@@ -111,13 +111,26 @@ fn main() {
             threads,
             feature_cache,
         } => scoreguide::runtime::on_compute_threads(threads, || {
+            // Feature arrays are compared as they are unless a feature network is named
+            // (a file that is neither then fails with its own name).
             let rows_given = match features.as_deref() {
                 Some("none") => true,
-                None => is_feature_array(&real) && is_feature_array(&fake),
+                None => is_feature_array(&real) || is_feature_array(&fake),
                 Some(_) => false,
             };
             match rows_given {
-                true => metrics(Path::new(&real), Path::new(&fake), k, mmd_sigma, json),
+                true => {
+                    for side in [&real, &fake] {
+                        if !Path::new(side).is_file() {
+                            candle_core::bail!(
+                                "{side}: not a file; the other set is a feature array, so this \
+                                 one must be too (to compare images, name a network: \
+                                 --features inception)"
+                            );
+                        }
+                    }
+                    metrics(Path::new(&real), Path::new(&fake), k, mmd_sigma, json)
+                }
                 false => {
                     let images = ImageMetricsArgs {
                         k,
