@@ -63,6 +63,12 @@ enum Command {
         /// Use the first N images of each set.
         #[arg(long)]
         limit: Option<usize>,
+        /// Use the first N real images (instead of `--limit`).
+        #[arg(long)]
+        real_limit: Option<usize>,
+        /// Use the first N generated images (instead of `--limit`).
+        #[arg(long)]
+        fake_limit: Option<usize>,
         /// Images per network evaluation.
         #[arg(long, default_value_t = 50)]
         batch: usize,
@@ -107,6 +113,8 @@ fn main() {
             features,
             classifier,
             limit,
+            real_limit,
+            fake_limit,
             batch,
             threads,
             feature_cache,
@@ -137,7 +145,8 @@ fn main() {
                         json,
                         features,
                         classifier,
-                        limit,
+                        real_limit: real_limit.or(limit),
+                        fake_limit: fake_limit.or(limit),
                         batch,
                         feature_cache,
                     };
@@ -190,7 +199,8 @@ struct ImageMetricsArgs {
     json: bool,
     features: Option<String>,
     classifier: Option<PathBuf>,
-    limit: Option<usize>,
+    real_limit: Option<usize>,
+    fake_limit: Option<usize>,
     batch: usize,
     feature_cache: Option<PathBuf>,
 }
@@ -220,8 +230,8 @@ fn image_metrics(real: &str, fake: &str, a: ImageMetricsArgs) -> candle_core::Re
         None => None,
     };
     let is_name = is_path.map(|p| p.display().to_string()).unwrap_or_default();
-    let real_set = read_images(real, a.limit)?;
-    let fake_set = read_images(fake, a.limit)?;
+    let real_set = read_images(real, a.real_limit)?;
+    let fake_set = read_images(fake, a.fake_limit)?;
     let m = image_metrics(
         &real_set,
         &fake_set,
