@@ -694,9 +694,10 @@ impl SceneSet {
         Tensor::from_vec(v, (self.maps.len(), 4, cells, cells), device)
     }
 
-    /// Saves as one safetensors file (atomically): `agents` f32 [N, A, 7], `map_index`
-    /// u32 [N], `maps` u8 [M, cells, cells], the lanes' centrelines `lanes` f64 [L, 6]
-    /// with their maps `lane_map` u32 [L], the configuration and map kinds as metadata.
+    /// Saves as one safetensors file (atomically): `agents` f32 `[N, A, 7]`, `map_index`
+    /// u32 `[N]`, `maps` u8 `[M, cells, cells]`, the lanes' centrelines `lanes` f64
+    /// `[L, 6]` with their maps `lane_map` u32 `[L]`, the configuration and map kinds as
+    /// metadata.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let dev = Device::Cpu;
         let cells = self.config.raster_cells;

@@ -54,7 +54,7 @@ pub struct ConfigArgs {
     #[arg(long)]
     pub quick: bool,
     /// A configuration file (TOML, or JSON by extension), complete or partial: its keys
-    /// replace the preset's. Checked-in ones are in configs/<experiment>/.
+    /// replace the preset's. Checked-in ones are in `configs/<experiment>/`.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Override one key, e.g. `--set genneg.draws=2000` (the value as JSON, else as a

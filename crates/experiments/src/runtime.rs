@@ -191,7 +191,7 @@ pub struct CommonArgs {
     /// Seed of everything random (data, initialisation, noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Directory for checkpoints and pictures (default: out/<example>).
+    /// Directory for checkpoints and pictures (default: `out/<example>`).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
     /// Also write the results as JSON here.

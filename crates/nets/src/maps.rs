@@ -229,7 +229,7 @@ fn position_encoding_2d(
     Tensor::from_vec(v, (rows * cols, dim), device)?.to_dtype(dtype)
 }
 
-/// A batch's maps as a [`SceneTransformer`] reads them ([`SceneTransformer::encode_maps`]):
+/// A batch's maps as a [`SceneTransformer`](crate::SceneTransformer) reads them ([`SceneTransformer::encode_maps`](crate::SceneTransformer::encode_maps)):
 /// the encoder's tokens `[B, T, H]`, each block's cross-attention keys and values of
 /// them (`[B, T, 2H]`; empty: computed in the forward pass), and, for a [`MapProbe`],
 /// the rasters `[B, C·s²]`.

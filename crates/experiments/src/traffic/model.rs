@@ -253,7 +253,7 @@ impl TrafficModel {
 }
 
 /// A per-vehicle Gen-neG classifier from its checkpoint: one written by
-/// [`train_agent_classifier`], or an older one that records only its traffic
+/// [`train_agent_classifier`](super::genneg::train_agent_classifier), or an older one that records only its traffic
 /// configuration (`traffic` metadata, one output per agent).
 pub fn load_agent_classifier(c: &Checkpoint) -> Result<StackedClassifier> {
     let mut described = c.clone();
