@@ -47,31 +47,8 @@ pub(crate) fn for_gram_blocks(
     for i0 in (0..nx).step_by(BLOCK) {
         let rows = BLOCK.min(nx - i0);
         let out = &mut g[..rows * ny];
-        // SAFETY: the pointers cover `rows × d`, `ny × d` and `rows × ny` values with the
-        // strides given, and `out` is not aliased.
-        unsafe {
-            gemm::gemm(
-                rows,
-                ny,
-                d,
-                out.as_mut_ptr(),
-                1,
-                ny as isize,
-                false,
-                x[i0 * d..].as_ptr(),
-                1,
-                d as isize,
-                y.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
+        // Rows i0.. of x times yᵀ (y read with swapped strides).
+        matmul_into(out, (rows, ny, d), (&x[i0 * d..], d, 1), (y, 1, d));
         f(i0, out)?;
     }
     Ok(())
@@ -80,13 +57,25 @@ pub(crate) fn for_gram_blocks(
 /// `C = A B` for `A: [m, k]` and `B: [k, n]` given by their row and column strides
 /// (so either may be read transposed), `C` row-major, on every thread of the pool.
 pub(crate) fn matmul_strided(
+    dims: (usize, usize, usize),
+    a: (&[f64], usize, usize),
+    b: (&[f64], usize, usize),
+) -> Vec<f64> {
+    let mut c = vec![0.0; dims.0 * dims.1];
+    matmul_into(&mut c, dims, a, b);
+    c
+}
+
+/// [`matmul_strided`] into `c` (`m × n` values, overwritten).
+fn matmul_into(
+    c: &mut [f64],
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[f64], usize, usize),
     (b, b_rs, b_cs): (&[f64], usize, usize),
-) -> Vec<f64> {
+) {
+    assert!(c.len() == m * n && m * n * k > 0);
     assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs && b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let mut c = vec![0.0; m * n];
-    // SAFETY: the asserts above bound every index the strides reach; `c` is fresh.
+    // SAFETY: the asserts above bound every index the strides reach; `c` is exclusive.
     unsafe {
         gemm::gemm(
             m,
@@ -110,5 +99,4 @@ pub(crate) fn matmul_strided(
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
-    c
 }
