@@ -128,13 +128,9 @@ fn run(args: Args) -> candle_core::Result<()> {
     let per_image = t1.elapsed().as_secs_f64() / cfg.samples as f64;
     // Every sample for `scoreguide metrics --fake`, the first 100 in the grid.
     let array = out.join("samples.safetensors");
-    let bytes = safetensors::serialize(
-        std::collections::HashMap::from([("images", x.to_device(&candle_core::Device::Cpu)?)]),
-        None,
-    )
-    .map_err(candle_core::Error::wrap)?;
-    scoreguide::train::write_atomic(&array, &bytes)
-        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", array.display())))?;
+    let mut samples = Checkpoint::new();
+    samples.tensors.insert("images".into(), x.clone());
+    samples.save(&array)?;
     let shown = cfg.samples.min(100);
     let cols = (shown as f64).sqrt().ceil() as usize;
     let png = out.join("samples.png");

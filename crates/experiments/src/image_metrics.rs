@@ -340,16 +340,16 @@ impl FeatureNetwork {
         }
         let a = self.features(images, batch)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("{}: {e}", dir.display())))?;
-        let t = Tensor::from_vec(
-            a.data.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-            (a.rows, a.cols),
-            &Device::Cpu,
-        )?;
-        let bytes =
-            safetensors::serialize(std::collections::HashMap::from([("features", &t)]), None)
-                .map_err(|e| Error::msg(format!("{}: {e}", file.display())))?;
-        scoreguide_train::write_atomic(&file, &bytes)
-            .map_err(|e| Error::msg(format!("{}: {e}", file.display())))?;
+        let mut saved = scoreguide_train::Checkpoint::new();
+        saved.tensors.insert(
+            "features".into(),
+            Tensor::from_vec(
+                a.data.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                (a.rows, a.cols),
+                &Device::Cpu,
+            )?,
+        );
+        saved.save(&file)?;
         // What is used is what a later run reads back: f32.
         Ok(Array2 {
             data: a.data.iter().map(|&v| v as f32 as f64).collect(),

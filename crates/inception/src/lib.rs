@@ -95,18 +95,15 @@ pub fn install(source: &Path) -> Result<PathBuf> {
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let metadata = HashMap::from([
-        ("format".to_string(), "scoreguide-fid-inception".to_string()),
-        ("source".to_string(), file_name),
-    ]);
-    let bytes = safetensors::serialize(&tensors, Some(metadata))
-        .map_err(|e| Error::msg(format!("FID Inception: serialising: {e}")))?;
+    // A scoreguide checkpoint: plain safetensors any reader takes, written atomically.
+    let mut weights = scoreguide_checkpoint::Checkpoint::new();
+    weights.metadata.insert("source".into(), file_name);
+    weights.tensors = tensors.into_iter().collect();
     let path = weights_path()?;
     let dir = path.parent().expect("the weights path has a folder");
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::msg(format!("{}: cannot create: {e}", dir.display())))?;
-    scoreguide_checkpoint::write_atomic(&path, &bytes)
-        .map_err(|e| Error::msg(format!("{}: cannot write: {e}", path.display())))?;
+    weights.save(&path)?;
     cache()?
         .model(REPO_ID.to_string())
         .create_ref(REVISION)

@@ -182,15 +182,29 @@ fn is_feature_array(source: &str) -> bool {
     }
     match path.extension().and_then(|e| e.to_str()) {
         Some("npy") => true,
-        Some("safetensors") => std::fs::read(path)
-            .ok()
-            .and_then(|b| {
-                safetensors::SafeTensors::read_metadata(&b)
-                    .ok()
-                    .map(|(_, m)| m.tensors().contains_key("images"))
-            })
-            .is_some_and(|has_images| !has_images),
+        Some("safetensors") => {
+            safetensors_header(path).is_some_and(|header| header.get("images").is_none())
+        }
         _ => false,
+    }
+}
+
+/// A safetensors file's JSON header (tensor names to dtype, shape, offsets), read
+/// without the data after it; None when the file is not safetensors.
+fn safetensors_header(path: &Path) -> Option<serde_json::Map<String, serde_json::Value>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    // safetensors caps its header at 100 MB.
+    let len = usize::try_from(u64::from_le_bytes(len))
+        .ok()
+        .filter(|&n| n <= 100_000_000)?;
+    let mut header = vec![0u8; len];
+    f.read_exact(&mut header).ok()?;
+    match serde_json::from_slice(&header).ok()? {
+        serde_json::Value::Object(map) => Some(map),
+        _ => None,
     }
 }
 
