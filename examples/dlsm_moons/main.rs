@@ -15,7 +15,7 @@ use scoreguide::moons::{
 };
 use scoreguide::nets::ToyClassifier;
 use scoreguide::runtime::{write_json, CommonArgs};
-use scoreguide::train::{Checkpoint, Progress, Staged};
+use scoreguide::train::{train_resumable, Checkpoint, Progress, Staged};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -34,8 +34,8 @@ struct Args {
     #[arg(long)]
     reuse: bool,
     /// Train (or reuse) the score model and only this classifier (`ce`, `dlsm` or
-    /// `total`), then stop: lets the classifiers train in parallel processes, one per
-    /// core, before a `--reuse` run evaluates them all.
+    /// `total`; `score`: none), then stop: lets the classifiers train in parallel
+    /// processes, one per core, before a `--reuse` run evaluates them all.
     #[arg(long)]
     train_only: Option<String>,
 }
@@ -57,6 +57,11 @@ fn main() -> candle_core::Result<()> {
 }
 
 fn run(args: Args) -> candle_core::Result<()> {
+    if let Some(only) = args.train_only.as_deref() {
+        if !["score", "ce", "dlsm", "total"].contains(&only) {
+            candle_core::bail!("--train-only {only:?}: expected score, ce, dlsm or total");
+        }
+    }
     let mut cfg: DlsmMoonsConfig = args.config.resolve()?;
     cfg.moons.seed = args.common.seed;
     let dev = args.common.setup_flushing_subnormals()?;
@@ -70,39 +75,22 @@ fn run(args: Args) -> candle_core::Result<()> {
     let t0 = Instant::now();
     let obtain = |name: &str,
                   iters: u64,
-                  train: &mut dyn FnMut(Option<Staged>) -> candle_core::Result<Checkpoint>|
+                  train: &mut dyn FnMut(Staged) -> candle_core::Result<Checkpoint>|
      -> candle_core::Result<Checkpoint> {
-        let path = out.join(format!("{name}.safetensors"));
-        let partial = out.join(format!("{name}.partial.safetensors"));
-        if args.reuse && path.exists() {
-            eprintln!("{name}: reusing {}", path.display());
-            return Checkpoint::load(&path);
-        }
-        let resume = match args.reuse && partial.exists() {
-            true => Some(Checkpoint::load(&partial)?),
-            false => None,
-        };
-        let mut save = |c: &Checkpoint| c.save(&partial);
-        let staged = Staged {
-            resume: resume.as_ref(),
-            save_every: if cfg.save_every == 0 {
-                iters.max(1)
-            } else {
-                cfg.save_every
-            },
-            save: &mut save,
-        };
-        let c = train(Some(staged))?;
-        c.save(&path)?;
-        std::fs::remove_file(&partial).ok();
-        Ok(c)
+        train_resumable(&out, name, args.reuse, cfg.save_every, iters, train)
     };
     let m = &cfg.moons;
     let score_ckpt = obtain("score", m.score_iters, &mut |staged| {
         let mut progress = Progress::new("score model (DSM)", m.score_iters as usize);
-        train_score(m, &data, staged, &dev, &mut progress)
+        train_score(m, &data, Some(staged), &dev, &mut progress)
     })?;
     let prior = load_score(&score_ckpt, DType::F32, &dev)?;
+    // How well the prior itself knows the data at each noise level.
+    let prior_errors = prior_error_profile(&prior, &points, args.common.seed)?;
+    eprintln!("prior score vs Parzen, mean ‖s_θ − s‖ / mean ‖s‖:");
+    for (sigma, e) in &prior_errors {
+        eprintln!("  σ = {sigma:<5}: {e:.3}");
+    }
     let mut classifiers = Vec::new();
     for (name, loss) in [
         ("ce", ClassifierLoss::CrossEntropy),
@@ -118,7 +106,16 @@ fn run(args: Args) -> candle_core::Result<()> {
             &mut |staged| {
                 let mut progress =
                     Progress::new(&format!("classifier {name}"), m.classifier_iters as usize);
-                train_classifier(m, loss, &prior, &data, &labels, staged, &dev, &mut progress)
+                train_classifier(
+                    m,
+                    loss,
+                    &prior,
+                    &data,
+                    &labels,
+                    Some(staged),
+                    &dev,
+                    &mut progress,
+                )
             },
         )?;
         classifiers.push((name, load_classifier(&c, DType::F32, &dev)?));
@@ -141,13 +138,6 @@ fn run(args: Args) -> candle_core::Result<()> {
         ("dlsm", clf("dlsm"), 1.0),
         ("total", clf("total"), 1.0),
     ];
-
-    // How well the prior itself knows the data at each noise level.
-    let prior_errors = prior_error_profile(&prior, &points, args.common.seed)?;
-    eprintln!("prior score vs Parzen, mean ‖s_θ − s‖ / mean ‖s‖:");
-    for (sigma, e) in &prior_errors {
-        eprintln!("  σ = {sigma:<5}: {e:.3}");
-    }
 
     let eval = evaluate(
         &prior,

@@ -9,7 +9,7 @@ use scoreguide::images::{
     load_image_score, sample_images, save_image_grid, train_image_score, ImageScoreConfig,
 };
 use scoreguide::runtime::{write_json, CommonArgs};
-use scoreguide::train::{Checkpoint, Progress, Staged};
+use scoreguide::train::{train_resumable, Checkpoint, Progress};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -69,7 +69,6 @@ fn run(args: Args) -> candle_core::Result<()> {
         set.size
     );
 
-    let path = out.join("score.safetensors");
     let partial = out.join("score.partial.safetensors");
     let t0 = Instant::now();
     let ckpt = if args.sample_partial {
@@ -78,29 +77,18 @@ fn run(args: Args) -> candle_core::Result<()> {
         }
         eprintln!("sampling the saved state {}", partial.display());
         Checkpoint::load(&partial)?
-    } else if args.reuse && path.exists() {
-        eprintln!("reusing {}", path.display());
-        Checkpoint::load(&path)?
     } else {
-        let resume = match args.reuse && partial.exists() {
-            true => Some(Checkpoint::load(&partial)?),
-            false => None,
-        };
-        let mut save = |c: &Checkpoint| c.save(&partial);
-        let staged = Staged {
-            resume: resume.as_ref(),
-            save_every: if cfg.save_every == 0 {
-                cfg.iters
-            } else {
-                cfg.save_every
+        train_resumable(
+            &out,
+            "score",
+            args.reuse,
+            cfg.save_every,
+            cfg.iters,
+            |staged| {
+                let mut progress = Progress::new("U-Net (DSM)", cfg.iters as usize);
+                train_image_score(&cfg, &set, Some(staged), &dev, &mut progress)
             },
-            save: &mut save,
-        };
-        let mut progress = Progress::new("U-Net (DSM)", cfg.iters as usize);
-        let c = train_image_score(&cfg, &set, Some(staged), &dev, &mut progress)?;
-        c.save(&path)?;
-        std::fs::remove_file(&partial).ok();
-        c
+        )?
     };
     let train_seconds = t0.elapsed().as_secs_f64();
     let params: usize = ckpt.section("ema").values().map(|t| t.elem_count()).sum();

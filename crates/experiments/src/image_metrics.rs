@@ -9,7 +9,7 @@ use candle_core::{bail, DType, Device, Error, Result, Tensor};
 use scoreguide_data::{cifar, mnist_format, ImageSet, ImageSplit};
 use scoreguide_guidance::Cond;
 use scoreguide_inception::FidInception;
-use scoreguide_metrics::{fid, inception_score, kid, prdc, prdc_classwise, Array2};
+use scoreguide_metrics::{fid, inception_score, kid, prdc, prdc_classwise, Array2, Prdc};
 use scoreguide_nets::{AnyNet, NoiseNet};
 use serde::Serialize;
 use std::path::Path;
@@ -401,6 +401,9 @@ pub struct ImageMetrics {
     pub cw_recall: Option<f64>,
     pub cw_density: Option<f64>,
     pub cw_coverage: Option<f64>,
+    /// P/R/D/C of each class (classes in label order), when both sets are labelled.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_class: Vec<Prdc>,
     /// Inception Score of the fake images (mean, std over 10 splits) under
     /// `is_classifier`; absent without one.
     pub is: Option<f64>,
@@ -462,8 +465,12 @@ pub fn image_metrics(
     let d = r.cols;
     let p = prdc(&r.data, &f.data, d, k)?;
     let cw = match (&real.labels, &fake.labels) {
-        (Some(rl), Some(fl)) => Some(prdc_classwise(&r.data, rl, &f.data, fl, d, k)?.0),
+        (Some(rl), Some(fl)) => Some(prdc_classwise(&r.data, rl, &f.data, fl, d, k)?),
         _ => None,
+    };
+    let (cw, per_class) = match cw {
+        Some((avg, per)) => (Some(avg), per),
+        None => (None, Vec::new()),
     };
     let is = match is_classifier {
         Some((net, name)) => {
@@ -490,6 +497,7 @@ pub fn image_metrics(
         cw_recall: cw.map(|c| c.recall),
         cw_density: cw.map(|c| c.density),
         cw_coverage: cw.map(|c| c.coverage),
+        per_class,
         is: is.as_ref().map(|i| i.0),
         is_std: is.as_ref().map(|i| i.1),
         is_classifier: is.map(|i| i.2),

@@ -7,6 +7,8 @@
 //!   the scatter plot).
 //! * [`moons`]: DLSM §3 on two moons (score model, CE / DLSM / total classifiers,
 //!   Parzen references).
+//! * [`dlsm_images`]: DLSM §5 on images (guidance classifiers trained with CE or
+//!   DLSM on a frozen U-Net, class-conditional samples, Table 2's metrics).
 //! * [`images`]: image score models (a U-Net on Fashion-MNIST or CIFAR with DSM, in
 //!   resumable stages; EDM's Heun sampler; image grids).
 //! * [`traffic`]: Gen-neG §4.2 on procedural traffic scenes, split by stage: `config`,
@@ -28,6 +30,7 @@
 
 pub mod checkerboard;
 pub mod config;
+pub mod dlsm_images;
 pub mod image_metrics;
 pub mod images;
 pub mod moons;

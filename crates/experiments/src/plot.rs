@@ -380,3 +380,40 @@ pub fn line_chart(
     c.axes(title, x_ticks, &y_ticks);
     c.save(path)
 }
+
+/// One panel of grouped bars: for each group (x = 0, 1, …), one bar per series side by
+/// side, y from 0 to the largest value with 10% headroom; a legend of the series' names.
+pub fn bar_panel(title: &str, series: &[(&str, Rgb, Vec<f64>)]) -> Canvas {
+    let groups = series.iter().map(|(_, _, v)| v.len()).max().unwrap_or(0);
+    let top = series
+        .iter()
+        .flat_map(|(_, _, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let mut c = Canvas::new(640, 360, (-0.5, groups as f64 - 0.5), (0.0, top));
+    let width = 0.8 / series.len().max(1) as f64;
+    for (s, (_, colour, values)) in series.iter().enumerate() {
+        for (g, &v) in values.iter().enumerate() {
+            let x0 = g as f64 - 0.4 + s as f64 * width;
+            if v.is_finite() {
+                c.fill_rect(x0, 0.0, x0 + width * 0.9, v, *colour);
+            }
+        }
+    }
+    let x_ticks: Vec<f64> = (0..groups).map(|g| g as f64).collect();
+    let y_ticks: Vec<f64> = (0..=4).map(|k| top / 1.1 * k as f64 / 4.0).collect();
+    c.axes(title, &x_ticks, &y_ticks);
+    let mut x = 70;
+    for (name, colour, _) in series {
+        for dy in 0..12 {
+            for dx in 0..12 {
+                c.blend(x + dx, 40 + dy, *colour, 1.0);
+            }
+        }
+        c.text(x + 16, 40, name, 2, BLACK);
+        x += 16 + Canvas::text_width(name, 2) + 20;
+    }
+    c
+}

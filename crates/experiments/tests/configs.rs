@@ -5,6 +5,7 @@
 use scoreguide_experiments::checkerboard::genneg::GennegCheckerboardConfig;
 use scoreguide_experiments::checkerboard::CheckerboardConfig;
 use scoreguide_experiments::config::{preset_toml, resolve, Preset};
+use scoreguide_experiments::dlsm_images::DlsmImagesConfig;
 use scoreguide_experiments::images::{ImageClassifierConfig, ImageScoreConfig};
 use scoreguide_experiments::moons::DlsmMoonsConfig;
 use scoreguide_experiments::traffic::run::TrafficRunConfig;
@@ -44,6 +45,7 @@ fn checked_in_configs_are_the_presets() {
     check::<TrafficRunConfig>("genneg_traffic");
     check::<ImageScoreConfig>("image_score");
     check::<ImageClassifierConfig>("cas");
+    check::<DlsmImagesConfig>("dlsm_images");
 }
 
 /// The partial configurations CI runs (configs/*/ci.toml) resolve.
@@ -52,6 +54,8 @@ fn ci_configs_resolve() {
     let ci = |e: &str| configs_dir().join(e).join("ci.toml");
     let moons: DlsmMoonsConfig = resolve(false, Some(&ci("dlsm_moons")), &[]).unwrap();
     assert_eq!((moons.moons.score_iters, moons.samples), (1000, 500));
+    let images: DlsmImagesConfig = resolve(false, Some(&ci("dlsm_images")), &[]).unwrap();
+    assert_eq!((images.classifier.iters, images.n_per_class), (40, 4));
     let traffic: TrafficRunConfig = resolve(false, Some(&ci("genneg_traffic")), &[]).unwrap();
     assert_eq!(traffic.baseline.iters, 1000);
     assert!(traffic.baseline.map_probe);

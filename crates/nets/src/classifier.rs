@@ -135,6 +135,11 @@ impl Classifier {
         self.net.forward(&x.broadcast_mul(&c_in)?, &c_noise, cond)
     }
 
+    /// The network under the classifier's input scaling.
+    pub fn net(&self) -> &AnyNet {
+        &self.net
+    }
+
     /// K: logits per row.
     pub fn out_dim(&self) -> usize {
         self.net.out_dim()

@@ -30,7 +30,9 @@
 
 pub use scoreguide_data as data;
 pub use scoreguide_experiments as experiments;
-pub use scoreguide_experiments::{checkerboard, config, images, moons, plot, runtime, traffic};
+pub use scoreguide_experiments::{
+    checkerboard, config, dlsm_images, image_metrics, images, moons, plot, runtime, traffic,
+};
 pub use scoreguide_genneg as genneg;
 pub use scoreguide_guidance as guidance;
 pub use scoreguide_inception as inception;

@@ -9,6 +9,7 @@ use scoreguide_checkpoint::Checkpoint;
 use scoreguide_nets::ParamStore;
 use scoreguide_sde::derive_seed;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// Saving in stages and resuming, for a training that must survive an interruption
 /// ([`Trainer::fit`]).
@@ -318,4 +319,43 @@ impl Trainer {
         self.step = step;
         Ok(())
     }
+}
+
+/// A training that may be cut off and continued, kept in `dir` as `NAME.safetensors`
+/// once finished and meanwhile as `NAME.partial.safetensors`, its whole state saved every
+/// `save_every` steps (0: only at the end of `iters`). With `reuse`, a finished model is
+/// returned as it is and a saved state is continued exactly; without, training starts
+/// afresh. `train` runs the training with the [`Staged`] it is given.
+pub fn train_resumable(
+    dir: &Path,
+    name: &str,
+    reuse: bool,
+    save_every: u64,
+    iters: u64,
+    train: impl FnOnce(Staged) -> Result<Checkpoint>,
+) -> Result<Checkpoint> {
+    let path = dir.join(format!("{name}.safetensors"));
+    let partial = dir.join(format!("{name}.partial.safetensors"));
+    if reuse && path.exists() {
+        eprintln!("{name}: reusing {}", path.display());
+        return Checkpoint::load(&path);
+    }
+    let resume = match reuse && partial.exists() {
+        true => Some(Checkpoint::load(&partial)?),
+        false => None,
+    };
+    let mut save = |c: &Checkpoint| c.save(&partial);
+    let c = train(Staged {
+        resume: resume.as_ref(),
+        save_every: if save_every == 0 {
+            iters.max(1)
+        } else {
+            save_every
+        },
+        save: &mut save,
+    })?;
+    c.save(&path)?;
+    // The finished model supersedes the saved state.
+    std::fs::remove_file(&partial).ok();
+    Ok(c)
 }

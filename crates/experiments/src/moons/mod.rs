@@ -82,18 +82,32 @@ impl Preset for DlsmMoonsConfig {
         if self.moons.points == 0 || self.moons.batch == 0 {
             bail!("dlsm_moons config: moons.points and moons.batch must be positive");
         }
-        self.moons.sigma.validate()
+        self.moons.sigma.validate()?;
+        self.moons.precond.validate()
     }
 }
 
-/// Settings of the models (defaults: the authors' code, DLSM App. A.6).
+/// The per-coordinate RMS of the centred moons at scale 20 (√0.4975 · 20, from
+/// make_moons' circles), EDM's σ_data for the score model.
+pub const MOONS_SIGMA_DATA: f64 = 14.0;
+
+/// Settings of the models: the authors' code (DLSM App. A.6), except that the score
+/// model is EDM-preconditioned and weighted so that it stays accurate at small σ (the
+/// authors' raw-σ network with the σ⁴ weight knows nothing of the moons below σ ≈ 3;
+/// `precond = identity`, `weighting = sigma_fourth` restores it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoonsConfig {
     pub points: usize,
     /// Multiplies the centred make_moons coordinates.
     pub scale: f64,
     pub sigma: SigmaDistribution,
+    /// The score model's preconditioning: DLSM's toy code feeds the raw σ and reads the
+    /// score off the output (`identity`); `edm` lets it stay accurate at small σ.
+    pub precond: Precond,
+    /// The score model's DSM weight λ(σ).
     pub weighting: DsmWeighting,
+    /// The classifiers' DLSM weight λ(σ) (the authors' code: σ⁴).
+    pub classifier_weighting: DsmWeighting,
     pub batch: usize,
     pub score_iters: u64,
     pub score_lr: f64,
@@ -110,7 +124,13 @@ impl Default for MoonsConfig {
                 min: 1e-3,
                 max: 10.0,
             },
-            weighting: DsmWeighting::SigmaFourth,
+            precond: Precond::Edm {
+                sigma_data: MOONS_SIGMA_DATA,
+            },
+            weighting: DsmWeighting::Edm {
+                sigma_data: MOONS_SIGMA_DATA,
+            },
+            classifier_weighting: DsmWeighting::SigmaFourth,
             batch: 4_000,
             score_iters: 40_000,
             score_lr: 6.5e-4,
@@ -153,7 +173,9 @@ pub fn train_score(
 ) -> Result<Checkpoint> {
     cfg.sigma.validate()?;
     let store = ParamStore::new(cfg.seed);
-    let model = score_model().build(&store.var_builder(DType::F32, device))?;
+    let model = cfg
+        .score_model()
+        .build(&store.var_builder(DType::F32, device))?;
     let train = TrainConfig {
         lr: cfg.score_lr,
         seed: cfg.seed,
@@ -161,7 +183,7 @@ pub fn train_score(
     };
     let mut trainer = Trainer::new(store, train)?;
     let describe = |mut c: Checkpoint| -> Result<Checkpoint> {
-        c.set_meta("model", &score_model())?;
+        c.set_meta("model", &cfg.score_model())?;
         c.set_meta("moons", cfg)?;
         Ok(c)
     };
@@ -176,11 +198,14 @@ pub fn train_score(
         .0)
 }
 
-/// DLSM's score model: the toy MLP whose output is the score, s = F(x, σ).
-pub fn score_model() -> ScoreModelConfig {
-    ScoreModelConfig {
-        net: NetConfig::ToyMlp(toy_config(2)),
-        precond: Precond::Identity,
+impl MoonsConfig {
+    /// DLSM's toy MLP under the configured preconditioning (identity: its output is the
+    /// score, s = F(x, σ)).
+    pub fn score_model(&self) -> ScoreModelConfig {
+        ScoreModelConfig {
+            net: NetConfig::ToyMlp(toy_config(2)),
+            precond: self.precond.clone(),
+        }
     }
 }
 
@@ -266,7 +291,7 @@ pub fn train_classifier(
         let dlsm_term = || -> Result<Tensor> {
             let (_, g) = classifier.log_prob_and_input_grad(&x, &sigma, &y)?;
             let s = prior.score(&x, &sigma)?.detach();
-            dlsm(&g, &s, &x0, &sigma, &z, cfg.weighting)
+            dlsm(&g, &s, &x0, &sigma, &z, cfg.classifier_weighting)
         };
         match loss {
             ClassifierLoss::CrossEntropy => ce(),
