@@ -172,8 +172,12 @@ fn run(args: Args) -> candle_core::Result<()> {
         rows.entry(method).or_default().push(s);
     }
     let mut comparison = Vec::new();
-    for (what, tag, x) in &compared {
-        let s = stages.scores(&format!("{tag}-subset"), &evaluator, x, cfg.seeds[0])?;
+    for (i, (what, tag, x)) in compared.iter().enumerate() {
+        // The main sampler's subset is its whole set when the sizes agree.
+        let s = match (i, x.len() == samples[&(Method::Base, cfg.seeds[0])].len()) {
+            (0, true) => rows[&Method::Base][0].clone(),
+            _ => stages.scores(&format!("{tag}-subset"), &evaluator, x, cfg.seeds[0])?,
+        };
         comparison.push(json!({"sampler": what, "images": x.len(), "fid": s.fid, "fid_domain": s.fid_domain, "is": s.is, "cas": s.cas, "precision": s.precision, "recall": s.recall}));
     }
     let real_cas = scoreguide::images::accuracy(
