@@ -291,10 +291,13 @@ impl Preset for DlsmImagesConfig {
         self.cas.validate()?;
         let r = &self.classifier.resnet;
         let u = &self.score.unet;
-        if (r.channels, r.size) != (u.channels, u.size) || r.classes != self.cas.resnet.classes {
+        let c = &self.cas.resnet;
+        if (r.channels, r.size) != (u.channels, u.size)
+            || (c.channels, c.size, c.classes) != (r.channels, r.size, r.classes)
+        {
             bail!(
-                "dlsm_images config: the classifier takes {}×{}×{} images of {} classes, the U-Net {}×{}×{} and CAS's classifier {} classes",
-                r.channels, r.size, r.size, r.classes, u.channels, u.size, u.size, self.cas.resnet.classes
+                "dlsm_images config: the U-Net takes {}×{}×{} images, the guidance classifier {}×{}×{} of {} classes, CAS's classifier {}×{}×{} of {} classes: they must agree",
+                u.channels, u.size, u.size, r.channels, r.size, r.size, r.classes, c.channels, c.size, c.size, c.classes
             );
         }
         if self.n_per_class == 0 || self.seeds.is_empty() || self.sample_batch == 0 {

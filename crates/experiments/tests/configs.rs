@@ -56,6 +56,18 @@ fn ci_configs_resolve() {
     assert_eq!((moons.moons.score_iters, moons.samples), (1000, 500));
     let images: DlsmImagesConfig = resolve(false, Some(&ci("dlsm_images")), &[]).unwrap();
     assert_eq!((images.classifier.iters, images.n_per_class), (40, 4));
+    for (file, classes) in [("cifar10.toml", 10), ("cifar100.toml", 100)] {
+        let c: DlsmImagesConfig = resolve(
+            false,
+            Some(&configs_dir().join("dlsm_images").join(file)),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.score.unet.size, c.classifier.resnet.classes),
+            (32, classes)
+        );
+    }
     let traffic: TrafficRunConfig = resolve(false, Some(&ci("genneg_traffic")), &[]).unwrap();
     assert_eq!(traffic.baseline.iters, 1000);
     assert!(traffic.baseline.map_probe);
