@@ -8,6 +8,7 @@ use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::dlsm_images::{
     classwise_figure, method_grid, summarise, DlsmImagesConfig, Evaluator, Method, Scores, Stages,
 };
+use scoreguide::guidance::Score;
 use scoreguide::image_metrics::{FeatureNetwork, Images};
 use scoreguide::inception::FidInception;
 use scoreguide::runtime::{write_json, CommonArgs};
@@ -74,8 +75,14 @@ fn run(args: Args) -> candle_core::Result<()> {
     };
     let mut seconds = BTreeMap::new();
     let t = Instant::now();
-    let (score_ckpt, prior) = stages.score_model()?;
-    let score_step = score_ckpt.meta::<u64>("step").ok();
+    // Cross-entropy alone needs no score model: `--only ce` trains while it trains.
+    let (score_step, prior) = match args.only.as_deref() {
+        Some("ce") if until > Stage::Score => (None, None),
+        _ => {
+            let (c, prior) = stages.score_model()?;
+            (c.meta::<u64>("step").ok(), Some(prior))
+        }
+    };
     seconds.insert("score", t.elapsed().as_secs_f64());
     if until == Stage::Score {
         return Ok(());
@@ -95,7 +102,10 @@ fn run(args: Args) -> candle_core::Result<()> {
     let t = Instant::now();
     let mut classifiers = BTreeMap::new();
     for name in needed {
-        classifiers.insert(name, stages.classifier(name, &prior)?);
+        classifiers.insert(
+            name,
+            stages.classifier(name, prior.as_ref().map(|p| p as &dyn Score))?,
+        );
     }
     let real = match only {
         None => Some(stages.real_classifier()?),
@@ -106,6 +116,9 @@ fn run(args: Args) -> candle_core::Result<()> {
         return Ok(());
     }
 
+    let Some(prior) = prior else {
+        return Ok(());
+    };
     let t = Instant::now();
     let mut samples: BTreeMap<(Method, u64), Images> = BTreeMap::new();
     for &method in &methods {

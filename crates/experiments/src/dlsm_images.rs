@@ -378,14 +378,15 @@ impl DlsmImagesConfig {
 }
 
 /// Trains a guidance classifier on `set` with `loss` (cross-entropy, or L_DLSM + λ L_CE
-/// against the frozen `prior`); returns the final checkpoint (`model` metadata: the
+/// against the frozen `prior`, which cross-entropy does not read); returns the final
+/// checkpoint (`model` metadata: the
 /// classifier). The DLSM terms differentiate through ∇x log p_φ(y | x; σ): the process
 /// must run with `CANDLE_GRAD_DO_NOT_DETACH=1` set before its first backward pass.
 #[allow(clippy::too_many_arguments)]
 pub fn train_guidance_classifier(
     cfg: &GuidanceClassifierConfig,
     loss: ClassifierLoss,
-    prior: &dyn Score,
+    prior: Option<&dyn Score>,
     set: &ImageSet,
     seed: u64,
     staged: Option<Staged>,
@@ -401,6 +402,9 @@ pub fn train_guidance_classifier(
         );
     }
     let second_order = !matches!(loss, ClassifierLoss::CrossEntropy);
+    if second_order && prior.is_none() {
+        bail!("guidance classifier: the DLSM loss needs the score model");
+    }
     if second_order && std::env::var("CANDLE_GRAD_DO_NOT_DETACH").as_deref() != Ok("1") {
         bail!("guidance classifier: the DLSM loss differentiates through an input gradient; set CANDLE_GRAD_DO_NOT_DETACH=1 before the first backward pass (the dlsm_images example does)");
     }
@@ -445,6 +449,9 @@ pub fn train_guidance_classifier(
         let grads = log_p.sum_all()?.backward()?;
         let Some(g) = grads.get(xv.as_tensor()) else {
             bail!("guidance classifier: no input gradient (the ResNet does not see its input)");
+        };
+        let Some(prior) = prior else {
+            bail!("guidance classifier: the DLSM loss needs the score model");
         };
         let s = prior.score(&x, &sigma)?.detach();
         let l = (dlsm(g, &s, &x0, &sigma, &z, cfg.dlsm_weighting)? * (lambda_dlsm / pixels))?;
@@ -742,8 +749,8 @@ impl Stages<'_> {
     }
 
     /// The guidance classifier `ce` (cross-entropy) or `dlsm` (L_DLSM + λ L_CE), trained
-    /// on the frozen `prior` (resumable).
-    pub fn classifier(&self, name: &str, prior: &dyn Score) -> Result<Classifier> {
+    /// on the frozen `prior` (resumable; cross-entropy needs none).
+    pub fn classifier(&self, name: &str, prior: Option<&dyn Score>) -> Result<Classifier> {
         let cfg = &self.cfg.classifier;
         let loss = match name {
             "ce" => ClassifierLoss::CrossEntropy,

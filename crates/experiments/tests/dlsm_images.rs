@@ -80,7 +80,7 @@ fn train(loss: ClassifierLoss, iters: u64) -> Classifier {
     let c: Checkpoint = train_guidance_classifier(
         &cfg,
         loss,
-        &mixture(),
+        Some(&mixture()),
         &data(),
         3,
         None,
