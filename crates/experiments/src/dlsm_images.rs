@@ -764,6 +764,27 @@ impl Stages<'_> {
             .score
             .data
             .training_images(self.cfg.score.data_dir.as_deref(), 0)?;
+        // A kept classifier (finished or partial) must be this configuration's.
+        for kept in [
+            format!("classifier_{name}.safetensors"),
+            format!("classifier_{name}.partial.safetensors"),
+        ] {
+            let path = self.out.join(kept);
+            if !(self.reuse && path.exists()) {
+                continue;
+            }
+            let c = Checkpoint::load(&path)?;
+            let (was, was_loss) = (
+                c.meta::<GuidanceClassifierConfig>("guidance_classifier")?,
+                c.meta::<ClassifierLoss>("loss")?,
+            );
+            if (&was, was_loss) != (cfg, loss) {
+                bail!(
+                    "{}: trained with {was:?} and loss {was_loss:?}, but the configuration asks for {cfg:?} and {loss:?}; use another --out or remove the file",
+                    path.display()
+                );
+            }
+        }
         let c = train_resumable(
             &self.out,
             &format!("classifier_{name}"),
@@ -856,13 +877,22 @@ impl Stages<'_> {
         );
         for class in 0..classes as u32 {
             let path = dir.join(format!("{tag}-seed{seed}-class{class}.safetensors"));
-            let x = match Checkpoint::load(&path) {
-                Ok(c) if self.reuse => match c.tensors.get("images") {
-                    Some(x) if x.dims() == [per_class, u.in_dim()] => Some(x.clone()),
-                    _ => None,
-                },
-                _ => None,
+            // A kept class is reused only if it was drawn the same way.
+            let kept = match self.reuse && path.exists() {
+                true => Some(Checkpoint::load(&path)?),
+                false => None,
             };
+            let x = kept.and_then(|c| {
+                let same = c.meta::<Method>("method").ok() == Some(method)
+                    && c.meta::<ImageSampler>("sampler").ok().as_ref() == Some(sampler);
+                match c.tensors.get("images") {
+                    Some(x) if same && x.dims() == [per_class, u.in_dim()] => Some(x.clone()),
+                    _ => {
+                        eprintln!("{}: drawn otherwise; drawing again", path.display());
+                        None
+                    }
+                }
+            });
             let x = match x {
                 Some(x) => x.to_device(&self.device)?,
                 None => {
