@@ -359,3 +359,48 @@ pub fn train_resumable(
     std::fs::remove_file(&partial).ok();
     Ok(c)
 }
+
+#[cfg(test)]
+mod resumable_tests {
+    use super::*;
+
+    fn at_step(step: u64) -> Checkpoint {
+        let mut c = Checkpoint::new();
+        c.set_meta("step", &step).unwrap();
+        c
+    }
+
+    #[test]
+    fn finished_models_are_reused_and_saved_states_continued() {
+        let dir = std::env::temp_dir().join(format!("sg-resumable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let partial = dir.join("m.partial.safetensors");
+        // A run cut off after saving its state at step 4 of 10…
+        at_step(4).save(&partial).unwrap();
+        // …is continued from it with `reuse`, saving every 5 steps.
+        let c = train_resumable(&dir, "m", true, 5, 10, |staged| {
+            let from: u64 = staged.resume.unwrap().meta("step").unwrap();
+            assert_eq!((from, staged.save_every), (4, 5));
+            (staged.save)(&at_step(5))?;
+            Ok(at_step(10))
+        })
+        .unwrap();
+        assert_eq!(c.meta::<u64>("step").unwrap(), 10);
+        assert!(
+            !partial.exists(),
+            "the finished model supersedes the saved state"
+        );
+        // The finished model is reused as it is.
+        let again = train_resumable(&dir, "m", true, 5, 10, |_| panic!("trained again")).unwrap();
+        assert_eq!(again.meta::<u64>("step").unwrap(), 10);
+        // Without `reuse`, training starts afresh (no state), saving once at the end.
+        let fresh = train_resumable(&dir, "m", false, 0, 10, |staged| {
+            assert!(staged.resume.is_none());
+            assert_eq!(staged.save_every, 10);
+            Ok(at_step(3))
+        })
+        .unwrap();
+        assert_eq!(fresh.meta::<u64>("step").unwrap(), 3);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
