@@ -6,7 +6,8 @@
 use clap::{Parser, ValueEnum};
 use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::dlsm_images::{
-    classwise_figure, method_grid, summarise, DlsmImagesConfig, Evaluator, Method, Scores, Stages,
+    classes_above, classwise_figure, first_per_class, mean_per_class, method_grid, summarise,
+    table, DlsmImagesConfig, Evaluator, Method, Scores, Stages,
 };
 use scoreguide::guidance::Score;
 use scoreguide::image_metrics::{FeatureNetwork, Images};
@@ -141,7 +142,7 @@ fn run(args: Args) -> candle_core::Result<()> {
         let seed = cfg.seeds[0];
         let per = cfg.compare_per_class.min(cfg.n_per_class);
         for s in &cfg.compare_samplers {
-            let tag = format!("base-{}", sampler_tag(s));
+            let tag = format!("base-{}", s.tag());
             let x = stages.samples(&tag, Method::Base, &prior, &classifiers["ce"], s, per, seed)?;
             compared.push((s.describe(), tag, x));
         }
@@ -150,7 +151,7 @@ fn run(args: Args) -> candle_core::Result<()> {
             0,
             (
                 cfg.sampler.describe(),
-                format!("base-{}", sampler_tag(&cfg.sampler)),
+                format!("base-{}", cfg.sampler.tag()),
                 main,
             ),
         );
@@ -166,7 +167,7 @@ fn run(args: Args) -> candle_core::Result<()> {
     let t = Instant::now();
     let evaluator = Evaluator {
         real: cfg.real_test()?,
-        test: stages_test(&stages)?,
+        test: stages.test_set()?,
         domain: FeatureNetwork::Domain {
             classifier: real_classifier,
             name: real_name.clone(),
@@ -204,7 +205,7 @@ fn run(args: Args) -> candle_core::Result<()> {
     )?;
     seconds.insert("scores", t.elapsed().as_secs_f64());
 
-    print_table(&rows, &cfg);
+    print!("{}", table(&rows, &cfg));
     println!("\nCAS of the real-data classifier (upper bound): {real_cas:.4}");
     if !comparison.is_empty() {
         println!("\nsampler comparison (base method, seed {}):", cfg.seeds[0]);
@@ -228,20 +229,15 @@ fn run(args: Args) -> candle_core::Result<()> {
         .collect();
     let fig = out.join("classwise.png");
     classwise_figure(&fig, &per_class)?;
-    let mut better = BTreeMap::new();
-    if let (Some(base), Some(ours)) = (rows.get(&Method::Base), rows.get(&Method::Dlsm)) {
-        let (b, o) = (mean_per_class(base), mean_per_class(ours));
-        for (k, metric) in ["precision", "recall", "density", "coverage"]
-            .iter()
-            .enumerate()
-        {
-            let n = b.iter().zip(&o).filter(|(b, o)| o[k] > b[k]).count();
-            better.insert(*metric, n);
-            println!(
-                "classes where dlsm's class-wise {metric} is above base's: {n} of {}",
-                b.len()
-            );
-        }
+    let better = match (rows.get(&Method::Base), rows.get(&Method::Dlsm)) {
+        (Some(base), Some(ours)) => classes_above(base, ours),
+        _ => BTreeMap::new(),
+    };
+    for (metric, n) in &better {
+        println!(
+            "classes where dlsm's class-wise {metric} is above base's: {n} of {}",
+            cfg.classifier.resnet.classes
+        );
     }
     eprintln!(
         "wrote {} (rows: classes; columns: {}) and {}",
@@ -279,96 +275,4 @@ fn run(args: Args) -> candle_core::Result<()> {
         eprintln!("wrote {}", p.display());
     }
     Ok(())
-}
-
-fn stages_test(stages: &Stages) -> candle_core::Result<scoreguide::data::ImageSet> {
-    let c = stages.cfg;
-    c.data().load(
-        c.score.data_dir.as_deref(),
-        scoreguide::data::ImageSplit::Test,
-    )
-}
-
-fn sampler_tag(s: &scoreguide::dlsm_images::ImageSampler) -> String {
-    use scoreguide::dlsm_images::ImageSampler::*;
-    match s {
-        Heun { steps } => format!("heun{steps}"),
-        Pc { steps, .. } => format!("pc{steps}"),
-    }
-}
-
-/// The first `m` images of each class of a set of `per_class` images per class.
-fn first_per_class(x: &Images, per_class: usize, m: usize) -> candle_core::Result<Images> {
-    let classes = x.len() / per_class;
-    let rows = (0..classes)
-        .map(|c| x.rows.narrow(0, c * per_class, m))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Images {
-        rows: candle_core::Tensor::cat(&rows, 0)?,
-        labels: Some(
-            (0..classes as u32)
-                .flat_map(|c| std::iter::repeat_n(c, m))
-                .collect(),
-        ),
-        name: format!("{} (first {m} per class)", x.name),
-        ..x.clone()
-    })
-}
-
-fn mean_per_class(rows: &[Scores]) -> Vec<[f64; 4]> {
-    let classes = rows.first().map_or(0, |r| r.per_class.len());
-    (0..classes)
-        .map(|c| {
-            let mut v = [0.0; 4];
-            for r in rows {
-                for (k, x) in v.iter_mut().enumerate() {
-                    *x += r.per_class[c][k] / rows.len() as f64;
-                }
-            }
-            v
-        })
-        .collect()
-}
-
-fn print_table(rows: &BTreeMap<Method, Vec<Scores>>, cfg: &DlsmImagesConfig) {
-    let fmt = |xs: Vec<f64>| {
-        let (m, s) = scoreguide::dlsm_images::mean_std(&xs);
-        match xs.len() {
-            1 => format!("{m:.3}"),
-            _ => format!("{m:.3} ± {s:.3}"),
-        }
-    };
-    println!(
-        "\n{:?}, {} samples per class and method, {} seed(s), {}",
-        cfg.data(),
-        cfg.n_per_class,
-        cfg.seeds.len(),
-        cfg.sampler.describe()
-    );
-    let names: Vec<&str> = rows.keys().map(|m| m.name()).collect();
-    println!("| metric | {} |", names.join(" | "));
-    println!("|---|{}", "---|".repeat(names.len()));
-    type Get = fn(&Scores) -> f64;
-    let metrics: [(&str, Get); 13] = [
-        ("FID", |s| s.fid),
-        ("IS", |s| s.is),
-        ("precision", |s| s.precision),
-        ("recall", |s| s.recall),
-        ("density", |s| s.density),
-        ("coverage", |s| s.coverage),
-        ("CAS", |s| s.cas),
-        ("(CW) precision", |s| s.cw_precision),
-        ("(CW) recall", |s| s.cw_recall),
-        ("(CW) density", |s| s.cw_density),
-        ("(CW) coverage", |s| s.cw_coverage),
-        ("FID (domain)", |s| s.fid_domain),
-        ("KID", |s| s.kid),
-    ];
-    for (name, get) in metrics {
-        let cells: Vec<String> = rows
-            .values()
-            .map(|r| fmt(r.iter().map(get).collect()))
-            .collect();
-        println!("| {name} | {} |", cells.join(" | "));
-    }
 }

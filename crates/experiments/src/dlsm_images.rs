@@ -153,6 +153,14 @@ impl ImageSampler {
         }
     }
 
+    /// A short name for file names: `heun18`, `pc200`.
+    pub fn tag(&self) -> String {
+        match *self {
+            Self::Heun { steps } => format!("heun{steps}"),
+            Self::Pc { steps, .. } => format!("pc{steps}"),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match *self {
             Self::Heun { steps } => format!("Heun, {steps} steps (Karras grid)"),
@@ -557,6 +565,18 @@ pub struct Scores {
     pub cas: f64,
     /// FID on the real-data classifier's penultimate features.
     pub fid_domain: f64,
+    /// Σ x and Σ x² over the scored images: kept scores are reused only for the same
+    /// samples.
+    pub checksum: [f64; 2],
+}
+
+/// [`Scores::checksum`] of a set of images.
+pub fn checksum(images: &Tensor) -> Result<[f64; 2]> {
+    let x = images.to_dtype(DType::F64)?;
+    Ok([
+        x.sum_all()?.to_scalar::<f64>()?,
+        x.sqr()?.sum_all()?.to_scalar::<f64>()?,
+    ])
 }
 
 /// What the samples are scored against: the real test images, the real-data classifier
@@ -652,6 +672,7 @@ impl Evaluator {
                 .collect(),
             cas,
             fid_domain: domain.fid,
+            checksum: checksum(&fake.rows)?,
         })
     }
 }
@@ -839,6 +860,12 @@ impl Stages<'_> {
         Ok((net, name))
     }
 
+    /// The real test split (CAS's test set).
+    pub fn test_set(&self) -> Result<ImageSet> {
+        let c = &self.cfg.score;
+        c.data.load(c.data_dir.as_deref(), ImageSplit::Test)
+    }
+
     fn cas_splits(&self) -> Result<(ImageSet, ImageSet)> {
         ImageClassifierConfig {
             data: self.cfg.score.data,
@@ -947,11 +974,15 @@ impl Stages<'_> {
             .join("scores")
             .join(format!("{tag}-seed{seed}.json"));
         if self.reuse {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                if let Ok(s) = serde_json::from_str::<Scores>(&text) {
+            let kept = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Scores>(&text).ok());
+            if let Some(s) = kept {
+                if s.checksum == checksum(&fake.rows)? {
                     eprintln!("{tag} seed {seed}: scores from {}", path.display());
                     return Ok(s);
                 }
+                eprintln!("{}: scores of other samples; scoring again", path.display());
             }
         }
         let s = evaluator.score(self.cfg, fake, seed, &self.device)?;
@@ -1012,4 +1043,115 @@ pub fn classwise_figure(path: &std::path::Path, methods: &[(&str, Vec<[f64; 4]>)
         })
         .collect();
     save_grid(path, &panels, 2)
+}
+
+/// The first `m` images of each class of `x`, which holds `per_class` images of each
+/// class in class order (as [`Stages::samples`] returns them).
+pub fn first_per_class(x: &Images, per_class: usize, m: usize) -> Result<Images> {
+    if per_class == 0 || m > per_class || x.len() % per_class != 0 {
+        bail!(
+            "{}: cannot take {m} of {per_class} images per class from {} images",
+            x.name,
+            x.len()
+        );
+    }
+    let classes = x.len() / per_class;
+    let rows = (0..classes)
+        .map(|c| x.rows.narrow(0, c * per_class, m))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Images {
+        rows: Tensor::cat(&rows, 0)?,
+        labels: Some(
+            (0..classes as u32)
+                .flat_map(|c| std::iter::repeat_n(c, m))
+                .collect(),
+        ),
+        name: format!("{} (first {m} per class)", x.name),
+        ..x.clone()
+    })
+}
+
+/// Per class, the mean over seeds of [precision, recall, density, coverage].
+pub fn mean_per_class(rows: &[Scores]) -> Vec<[f64; 4]> {
+    let classes = rows.first().map_or(0, |r| r.per_class.len());
+    (0..classes)
+        .map(|c| {
+            let mut v = [0.0; 4];
+            for r in rows {
+                for (k, x) in v.iter_mut().enumerate() {
+                    *x += r.per_class[c][k] / rows.len() as f64;
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// For each class-wise metric, the number of classes where `ours` (mean over seeds) is
+/// above `base`.
+pub fn classes_above(
+    base: &[Scores],
+    ours: &[Scores],
+) -> std::collections::BTreeMap<&'static str, usize> {
+    let (b, o) = (mean_per_class(base), mean_per_class(ours));
+    ["precision", "recall", "density", "coverage"]
+        .into_iter()
+        .enumerate()
+        .map(|(k, metric)| {
+            (
+                metric,
+                b.iter().zip(&o).filter(|(b, o)| o[k] > b[k]).count(),
+            )
+        })
+        .collect()
+}
+
+/// Table 2 as markdown: a row per metric, a column per method, mean ± sample deviation
+/// over the seeds.
+pub fn table(
+    rows: &std::collections::BTreeMap<Method, Vec<Scores>>,
+    cfg: &DlsmImagesConfig,
+) -> String {
+    use std::fmt::Write;
+    let fmt = |xs: Vec<f64>| {
+        let (m, s) = mean_std(&xs);
+        match xs.len() {
+            1 => format!("{m:.3}"),
+            _ => format!("{m:.3} ± {s:.3}"),
+        }
+    };
+    let mut out = format!(
+        "\n{:?}, {} samples per class and method, {} seed(s), {}\n",
+        cfg.data(),
+        cfg.n_per_class,
+        cfg.seeds.len(),
+        cfg.sampler.describe()
+    );
+    let names: Vec<&str> = rows.keys().map(|m| m.name()).collect();
+    let _ = writeln!(out, "| metric | {} |", names.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---|".repeat(names.len()));
+    type Get = fn(&Scores) -> f64;
+    let metrics: [(&str, Get); 13] = [
+        ("FID", |s| s.fid),
+        ("IS", |s| s.is),
+        ("precision", |s| s.precision),
+        ("recall", |s| s.recall),
+        ("density", |s| s.density),
+        ("coverage", |s| s.coverage),
+        ("CAS", |s| s.cas),
+        ("(CW) precision", |s| s.cw_precision),
+        ("(CW) recall", |s| s.cw_recall),
+        ("(CW) density", |s| s.cw_density),
+        ("(CW) coverage", |s| s.cw_coverage),
+        ("FID (domain)", |s| s.fid_domain),
+        ("KID", |s| s.kid),
+    ];
+    for (name, get) in metrics {
+        let cells: Vec<String> = rows
+            .values()
+            .map(|r| fmt(r.iter().map(get).collect()))
+            .collect();
+        let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
+    }
+    out
 }

@@ -215,6 +215,7 @@ fn summaries_are_means_and_sample_deviations_over_seeds() {
         per_class: vec![[0.5; 4]],
         cas,
         fid_domain: 2.0,
+        checksum: [0.0, 0.0],
     };
     let s = summarise("dlsm", 1.0, &[row(0, 10.0, 0.6), row(1, 14.0, 0.8)]).unwrap();
     assert_eq!(s["name"], "dlsm");
