@@ -178,7 +178,7 @@ pub struct DlsmImagesConfig {
     #[serde(default)]
     pub score_checkpoint: Option<PathBuf>,
     pub classifier: GuidanceClassifierConfig,
-    /// α of the scaling method.
+    /// α of the scaling method (Table 2's is Table A5's α = 10).
     pub scaling: f64,
     /// Conditional samples per class, for each method and seed.
     pub n_per_class: usize,
