@@ -454,15 +454,16 @@ pub fn train_guidance_classifier(
         let xv = Var::from_tensor(&x)?;
         let logits = classifier.logits(xv.as_tensor(), &sigma, &Cond::none())?;
         let log_p = (log_softmax(&logits)? * one_hot(&y, r.classes, logits.dtype())?)?.sum(1)?;
-        let grads = log_p.sum_all()?.backward()?;
-        let Some(g) = grads.get(xv.as_tensor()) else {
+        // Only the input gradient is kept: the weights' first-order gradients (and the
+        // graph only they hold) go before the second pass.
+        let Some(g) = log_p.sum_all()?.backward()?.remove(xv.as_tensor()) else {
             bail!("guidance classifier: no input gradient (the ResNet does not see its input)");
         };
         let Some(prior) = prior else {
             bail!("guidance classifier: the DLSM loss needs the score model");
         };
         let s = prior.score(&x, &sigma)?.detach();
-        let l = (dlsm(g, &s, &x0, &sigma, &z, cfg.dlsm_weighting)? * (lambda_dlsm / pixels))?;
+        let l = (dlsm(&g, &s, &x0, &sigma, &z, cfg.dlsm_weighting)? * (lambda_dlsm / pixels))?;
         if lambda_ce == 0.0 {
             return Ok(l);
         }
