@@ -96,6 +96,25 @@ impl Stages<'_> {
                 );
             }
         }
+        // A DLSM classifier fits the residual of its score model: kept states are reused
+        // only with the same one (its output at a fixed input, kept beside them).
+        if let Some(prior) = prior.filter(|_| loss != ClassifierLoss::CrossEntropy) {
+            let print = self.prior_fingerprint(prior)?;
+            let side = self.out.join(format!("classifier_{name}.prior.json"));
+            let kept = std::fs::read_to_string(&side)
+                .ok()
+                .and_then(|t| serde_json::from_str::<[f64; 2]>(&t).ok());
+            let has_state = ["safetensors", "partial.safetensors"]
+                .iter()
+                .any(|e| self.out.join(format!("classifier_{name}.{e}")).exists());
+            match kept {
+                Some(k) if self.reuse && has_state && k != print => bail!(
+                    "{}: the kept DLSM classifier was trained on another score model (its output at a fixed input differs); use another --out or remove it",
+                    side.display()
+                ),
+                _ => crate::runtime::write_json(&side, &print)?,
+            }
+        }
         let c = train_resumable(
             &self.out,
             &format!("classifier_{name}"),
@@ -122,6 +141,17 @@ impl Stages<'_> {
             },
         )?;
         load_guidance_classifier(&c, &self.device)
+    }
+
+    /// [`super::checksum`] of the score model's output on a fixed input at σ = 0.5.
+    fn prior_fingerprint(&self, prior: &dyn Score) -> Result<[f64; 2]> {
+        let d = self.cfg.score.unet.in_dim();
+        let x = Tensor::arange(0u32, 2 * d as u32, &self.device)?
+            .to_dtype(candle_core::DType::F32)?
+            .affine(1.0 / d as f64, -1.0)?
+            .reshape((2, d))?;
+        let sigma = Tensor::new(&[0.5f32, 0.5], &self.device)?;
+        checksum(&prior.score(&x, &sigma)?)
     }
 
     /// The classifier of real images: domain features, IS and CAS's upper bound; the
