@@ -178,7 +178,11 @@ fn run(args: Args) -> candle_core::Result<()> {
             )?)),
             false => None,
         },
-        cache: Some(out.join("feature_cache")),
+        cache: Some(
+            cfg.feature_cache
+                .clone()
+                .unwrap_or_else(|| out.join("feature_cache")),
+        ),
     };
     let mut rows: BTreeMap<Method, Vec<Scores>> = BTreeMap::new();
     for (&(method, seed), x) in &samples {

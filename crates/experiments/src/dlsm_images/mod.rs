@@ -163,6 +163,11 @@ pub struct DlsmImagesConfig {
     /// A real-data classifier from the `cas` example to use instead of training one.
     #[serde(default)]
     pub domain_classifier: Option<PathBuf>,
+    /// Where the real images' Inception features are kept between runs (the folder
+    /// `scoreguide metrics --feature-cache` uses shares them; default: the output
+    /// folder's `feature_cache`).
+    #[serde(default)]
+    pub feature_cache: Option<PathBuf>,
     /// Samplers compared with `sampler` on the base method, `compare_per_class` images
     /// per class (empty: no comparison).
     pub compare_samplers: Vec<ImageSampler>,
@@ -242,6 +247,7 @@ impl Preset for DlsmImagesConfig {
                 ..ImageClassifierConfig::full()
             },
             domain_classifier: None,
+            feature_cache: None,
             compare_samplers: vec![ImageSampler::Pc {
                 steps: 200,
                 snr: 0.16,

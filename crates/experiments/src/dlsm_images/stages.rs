@@ -70,11 +70,6 @@ impl Stages<'_> {
             },
             other => bail!("guidance classifier {other:?}: expected ce or dlsm"),
         };
-        let set = self
-            .cfg
-            .score
-            .data
-            .training_images(self.cfg.score.data_dir.as_deref(), 0)?;
         // A kept classifier (finished or partial) must be this configuration's.
         for kept in [
             format!("classifier_{name}.safetensors"),
@@ -126,6 +121,12 @@ impl Stages<'_> {
                     "ce" => "classifier (cross-entropy)",
                     _ => "classifier (DLSM + CE)",
                 };
+                // Read only when there is training to do.
+                let set = self
+                    .cfg
+                    .score
+                    .data
+                    .training_images(self.cfg.score.data_dir.as_deref(), 0)?;
                 let mut progress = Progress::new(what, cfg.iters as usize);
                 let seed = self.cfg.score.seed + 1;
                 train_guidance_classifier(
