@@ -8,6 +8,8 @@
 //! * [`Parzen`]: the exact score of a point set smoothed at σ (DLSM's oracle scores).
 //! * [`images`]: labelled image sets (Fashion-MNIST and MNIST from IDX files, CIFAR-10/100
 //!   binary batches) scaled to [−1, 1], with seeded flipped batches.
+//! * [`motion`]: procedural human motions (six actions on HumanML3D's skeleton, feet
+//!   planted on the ground), HumanML3D's own files, feature standardisation.
 //! * [`scenes`]: procedural traffic scenes (road maps, vehicles on lanes) with seeded
 //!   train/validation/test splits, saved as safetensors.
 //!
@@ -22,6 +24,7 @@
 mod dataset;
 pub mod images;
 mod mixture;
+pub mod motion;
 mod parzen;
 pub mod scenes;
 mod toy;

@@ -79,7 +79,13 @@ pub fn dsm(
     weighting: DsmWeighting,
 ) -> Result<Tensor> {
     let x = noised(x0, sigma, noise, "DSM loss")?;
-    weighted_error(&model.denoise_with(&x, sigma, cond)?, x0, sigma, weighting)
+    weighted_error(
+        &model.denoise_with(&x, sigma, cond)?,
+        x0,
+        sigma,
+        cond,
+        weighting,
+    )
 }
 
 /// x0 + σ z, after checking the shapes (`what` names the loss in errors).
@@ -95,16 +101,34 @@ fn noised(x0: &Tensor, sigma: &Tensor, noise: &Tensor, what: &str) -> Result<Ten
     x0 + noise.broadcast_mul(&per_sample(sigma, x0)?)?
 }
 
-/// Batch mean of λ_D(σ) ‖d − target‖² summed over data dimensions.
+/// Batch mean of λ_D(σ) ‖d − target‖² summed over data dimensions; where the condition
+/// has a mask `[B, M]` (M frames or agents of D/M values each), only the values of
+/// present parts (mask 1) count.
 fn weighted_error(
     d: &Tensor,
     target: &Tensor,
     sigma: &Tensor,
+    cond: &Cond,
     weighting: DsmWeighting,
 ) -> Result<Tensor> {
     let w = denoiser_weights(sigma, weighting, target)?;
-    let per = (d - target)?.sqr()?.flatten_from(1)?.sum(1)?;
-    (per * w)?.mean_all()
+    let sq = (d - target)?.sqr()?.flatten_from(1)?;
+    let sq = match &cond.mask {
+        None => sq,
+        Some(mask) => {
+            let (b, dim) = sq.dims2()?;
+            let parts = match mask.dims() {
+                &[mb, m] if mb == b && m > 0 && dim % m == 0 => m,
+                dims => bail!(
+                    "loss mask: must be [{b}, M] with M dividing the {dim} values of a row, got {dims:?}"
+                ),
+            };
+            sq.reshape((b, parts, dim / parts))?
+                .broadcast_mul(&mask.to_dtype(sq.dtype())?.unsqueeze(2)?)?
+                .flatten_from(1)?
+        }
+    };
+    (sq.sum(1)? * w)?.mean_all()
 }
 
 /// Per-class weights of a binary cross-entropy.
@@ -205,6 +229,7 @@ pub fn distillation(
         &student.denoise_with(&x, sigma, cond)?,
         &target,
         sigma,
+        cond,
         weighting,
     )
 }
@@ -262,5 +287,5 @@ pub fn dlsm(
     let s2 = per_sample(sigma, x0)?.sqr()?;
     let posterior = (likelihood_grad + prior_score)?;
     let denoised = (x + posterior.broadcast_mul(&s2)?)?;
-    weighted_error(&denoised, x0, sigma, weighting)? * 0.5
+    weighted_error(&denoised, x0, sigma, &Cond::none(), weighting)? * 0.5
 }

@@ -87,3 +87,34 @@ fn dsm_recovers_the_score_of_a_gaussian() {
         );
     }
 }
+
+/// The denoiser of data at the origin (D = 0 everywhere).
+struct Origin;
+impl Score for Origin {
+    fn score_with(&self, x: &Tensor, sigma: &Tensor, _cond: &Cond) -> candle_core::Result<Tensor> {
+        x.neg()?
+            .broadcast_div(&scoreguide_guidance::per_sample(sigma, x)?.sqr()?)
+    }
+}
+
+#[test]
+fn a_mask_leaves_absent_parts_out_of_the_loss() {
+    let dev = Device::Cpu;
+    // Two rows of two parts (frames) of two values; D = 0, so the error is ‖x0‖² per part.
+    let x0 = Tensor::new(&[[1f32, 1., 2., 2.], [3., 0., 0., 1.]], &dev).unwrap();
+    let z = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+    let sigma = Tensor::new(&[0.5f32, 2.0], &dev).unwrap();
+    let w = DsmWeighting::SigmaFourth; // weight 1 on the denoiser error
+    let loss = |cond: &Cond| {
+        dsm(&Origin, &x0, &sigma, &z, cond, w)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!((loss(&Cond::none()) - (10.0 + 10.0) / 2.0).abs() < 1e-4);
+    let mask = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
+    assert!((loss(&Cond::none().with_mask(mask)) - (2.0 + 1.0) / 2.0).abs() < 1e-4);
+    let bad = Tensor::new(&[[1f32, 0., 1.], [0., 1., 1.]], &dev).unwrap();
+    let e = dsm(&Origin, &x0, &sigma, &z, &Cond::none().with_mask(bad), w).unwrap_err();
+    assert!(e.to_string().contains("loss mask"), "{e}");
+}

@@ -10,7 +10,7 @@
 //! * [`prdc`], [`prdc_classwise`]: precision, recall, density, coverage.
 //! * [`inception_score`]: IS of any classifier's class probabilities.
 //! * [`score_errors`]: DLSM's D_P and D_L between estimated and true scores.
-//! * [`read_npy`]: 2-D `.npy` arrays (f32 / f64).
+//! * [`read_npy`], [`read_npy_vector`]: 2-D and 1-D `.npy` arrays (f32 / f64).
 //! * [`roc_auc`]: area under the ROC curve of a scorer (a classifier's check).
 //!
 //! The set metrics take row-major `f64` slices with the row width `d`, and reject NaN,
@@ -45,6 +45,6 @@ pub use inception_score::inception_score;
 pub use infraction::{infraction_rate, parallel_samples_needed, Rate};
 pub use likelihood::{negative_log_likelihood, Divergence, NllConfig};
 pub use mmd::{kid, mmd2_gaussian};
-pub use npy::{read_npy, Array2};
+pub use npy::{read_npy, read_npy_vector, Array2};
 pub use prdc::{prdc, prdc_classwise, Prdc};
 pub use score_error::score_errors;

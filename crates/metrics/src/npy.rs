@@ -12,6 +12,24 @@ pub struct Array2 {
 
 /// Parses `.npy` bytes holding a 2-D `<f4` or `<f8` array in C order.
 pub fn read_npy(bytes: &[u8]) -> Result<Array2> {
+    let (dims, data) = parse(bytes)?;
+    let [rows, cols] = dims[..] else {
+        bail!(".npy array must be 2-D [N, D], got shape {dims:?}");
+    };
+    Ok(Array2 { rows, cols, data })
+}
+
+/// Parses `.npy` bytes holding a 1-D `<f4` or `<f8` array (a vector of statistics).
+pub fn read_npy_vector(bytes: &[u8]) -> Result<Vec<f64>> {
+    let (dims, data) = parse(bytes)?;
+    if dims.len() != 1 {
+        bail!(".npy array must be 1-D, got shape {dims:?}");
+    }
+    Ok(data)
+}
+
+/// The shape and values (as f64) of a `.npy` array of any rank.
+fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f64>)> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         bail!("not a .npy file (bad magic)");
     }
@@ -66,16 +84,14 @@ pub fn read_npy(bytes: &[u8]) -> Result<Array2> {
             })
         })
         .collect::<Result<_>>()?;
-    let [rows, cols] = dims[..] else {
-        bail!(".npy array must be 2-D [N, D], got shape {dims:?}");
-    };
     let body = &bytes[start + header_len..];
-    let count = rows
-        .checked_mul(cols)
+    let count = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| candle_core::Error::msg(".npy shape overflows"))?;
     if body.len() != count * width {
         bail!(
-            ".npy data holds {} bytes, shape {rows}x{cols} needs {}",
+            ".npy data holds {} bytes, shape {dims:?} needs {}",
             body.len(),
             count * width
         );
@@ -89,5 +105,5 @@ pub fn read_npy(bytes: &[u8]) -> Result<Array2> {
             .map(|c| f32::from_le_bytes(c.try_into().expect("4-byte chunk")) as f64)
             .collect()
     };
-    Ok(Array2 { rows, cols, data })
+    Ok((dims, data))
 }

@@ -1,6 +1,7 @@
 //! Serializable model configurations: what a checkpoint records to rebuild a model.
 
 use crate::mlp::{ResMlp, ResMlpConfig};
+use crate::motion::{MotionOutput, MotionTransformer, MotionTransformerConfig};
 use crate::net::NoiseNet;
 use crate::precond::{Precond, ScoreNet};
 use crate::resnet::{ResNet, ResNetConfig};
@@ -26,6 +27,8 @@ pub enum NetConfig {
     /// A ResNet image classifier (`classes` logits per row).
     #[serde(rename = "resnet")]
     ResNet(ResNetConfig),
+    /// An MDM-style motion transformer (rows of `frames · features` values).
+    MotionTransformer(MotionTransformerConfig),
 }
 
 impl NetConfig {
@@ -38,6 +41,9 @@ impl NetConfig {
             Self::ToyMlp(c) => AnyNet::ToyMlp(c.build(vb)?),
             Self::UNet(c) => AnyNet::UNet(Box::new(UNet::new(c.clone(), vb.clone())?)),
             Self::ResNet(c) => AnyNet::ResNet(Box::new(ResNet::new(c.clone(), vb.clone())?)),
+            Self::MotionTransformer(c) => {
+                AnyNet::MotionTransformer(Box::new(MotionTransformer::new(*c, vb.clone())?))
+            }
         })
     }
 
@@ -49,6 +55,7 @@ impl NetConfig {
             Self::ToyMlp(c) => c.in_dim,
             Self::UNet(c) => c.in_dim(),
             Self::ResNet(c) => c.in_dim(),
+            Self::MotionTransformer(c) => c.in_dim(),
         }
     }
 
@@ -60,6 +67,7 @@ impl NetConfig {
             Self::ToyMlp(c) => c.out_dim,
             Self::UNet(c) => c.out_dim(),
             Self::ResNet(c) => c.classes,
+            Self::MotionTransformer(c) => c.out_dim(),
         }
     }
 
@@ -82,6 +90,10 @@ impl NetConfig {
                 classes: out,
                 ..c.clone()
             }),
+            Self::MotionTransformer(c) => Self::MotionTransformer(MotionTransformerConfig {
+                output: MotionOutput::Pooled(out),
+                ..*c
+            }),
         }
     }
 }
@@ -93,6 +105,7 @@ pub enum AnyNet {
     ToyMlp(ToyMlp),
     UNet(Box<UNet>),
     ResNet(Box<ResNet>),
+    MotionTransformer(Box<MotionTransformer>),
 }
 
 impl NoiseNet for AnyNet {
@@ -103,6 +116,7 @@ impl NoiseNet for AnyNet {
             Self::ToyMlp(n) => NoiseNet::forward(n, x, c_noise, cond),
             Self::UNet(n) => n.forward(x, c_noise, cond),
             Self::ResNet(n) => n.forward(x, c_noise, cond),
+            Self::MotionTransformer(n) => n.forward(x, c_noise, cond),
         }
     }
     fn out_dim(&self) -> usize {
@@ -112,6 +126,7 @@ impl NoiseNet for AnyNet {
             Self::ToyMlp(n) => NoiseNet::out_dim(n),
             Self::UNet(n) => n.out_dim(),
             Self::ResNet(n) => n.out_dim(),
+            Self::MotionTransformer(n) => n.out_dim(),
         }
     }
 }

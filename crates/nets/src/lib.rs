@@ -17,6 +17,9 @@
 //!   with relative-position self-attention and cross-attention to map tokens from a
 //!   [`MapEncoder`], the maps coming in as each row's condition
 //!   ([`scoreguide_guidance::Cond`]); a score network or a per-agent classifier.
+//! * [`MotionTransformer`]: an MDM-style transformer over motion frames (a token of the
+//!   noise level and action label, padding frames masked), a score network or a
+//!   classifier of whole motions.
 //! * [`UNet`]: a DDPM++-style image U-Net (residual blocks with the noise embedding,
 //!   attention at low resolutions) on the fused convolutions of `scoreguide_kernels`; its
 //!   pooled variant is a classifier of the same architecture.
@@ -49,6 +52,7 @@ mod embedding;
 mod layers;
 mod maps;
 mod mlp;
+mod motion;
 mod net;
 mod params;
 mod precond;
@@ -62,6 +66,7 @@ pub use config::{AnyNet, NetConfig, ScoreModelConfig};
 pub use embedding::SinusoidalEmbedding;
 pub use maps::{MapEncoder, MapProbe, SceneMaps};
 pub use mlp::{ResMlp, ResMlpConfig};
+pub use motion::{MotionOutput, MotionTransformer, MotionTransformerConfig};
 pub use net::NoiseNet;
 pub use params::ParamStore;
 pub use precond::{Precond, ScoreNet};

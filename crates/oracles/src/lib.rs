@@ -7,6 +7,8 @@
 //! * [`Checkerboard`]: the Gen-neG toy (off the board, black square).
 //! * [`scene`]: traffic scenes — vehicles as oriented rectangles on a road raster,
 //!   judged per vehicle for collision (separating axes) and offroad.
+//! * [`motion`]: human motion in HumanML3D's layout — joint positions from features, ground
+//!   penetration per frame ([`motion::GroundOracle`]), foot skating.
 //!
 //! ```
 //! use scoreguide_oracles::{Checkerboard, Oracle};
@@ -20,6 +22,7 @@
 
 use std::fmt;
 
+pub mod motion;
 pub mod scene;
 pub use scene::{check_scene, OrientedBox, RoadRaster, SceneOracle, SceneVerdict};
 
