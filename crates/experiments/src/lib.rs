@@ -11,6 +11,8 @@
 //!   DLSM on a frozen U-Net, class-conditional samples, Table 2's metrics).
 //! * [`images`]: image score models (a U-Net on Fashion-MNIST or CIFAR with DSM, in
 //!   resumable stages; EDM's Heun sampler; image grids).
+//! * [`motion`]: Gen-neG §4.3 on procedural human motions (MDM-style baseline, the
+//!   ground-penetration task, the motion encoder of FID/KID, stick-figure strips).
 //! * [`traffic`]: Gen-neG §4.2 on procedural traffic scenes, split by stage: `config`,
 //!   `data`, `model`, `genneg` (the scenes as a [`scoreguide_genneg::Task`]), `eval`,
 //!   `render`.
@@ -34,6 +36,7 @@ pub mod dlsm_images;
 pub mod image_metrics;
 pub mod images;
 pub mod moons;
+pub mod motion;
 pub mod plot;
 pub mod runtime;
 pub mod traffic;

@@ -8,6 +8,7 @@ use scoreguide_experiments::config::{preset_toml, resolve, Preset};
 use scoreguide_experiments::dlsm_images::DlsmImagesConfig;
 use scoreguide_experiments::images::{ImageClassifierConfig, ImageScoreConfig};
 use scoreguide_experiments::moons::DlsmMoonsConfig;
+use scoreguide_experiments::motion::MotionRunConfig;
 use scoreguide_experiments::traffic::run::TrafficRunConfig;
 use std::fmt::Debug;
 use std::path::PathBuf;
@@ -46,6 +47,7 @@ fn checked_in_configs_are_the_presets() {
     check::<ImageScoreConfig>("image_score");
     check::<ImageClassifierConfig>("cas");
     check::<DlsmImagesConfig>("dlsm_images");
+    check::<MotionRunConfig>("genneg_motion");
 }
 
 /// The partial configurations CI runs (configs/*/ci.toml) resolve.

@@ -220,8 +220,10 @@ impl MotionTransformer {
     }
 }
 
-impl NoiseNet for MotionTransformer {
-    fn forward(&self, x: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<Tensor> {
+impl MotionTransformer {
+    /// The normalised tokens `[B, T+1, hidden]` (the noise/label token first) and the
+    /// frame mask `[B, T]`.
+    fn encode(&self, x: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<(Tensor, Tensor)> {
         let MotionTransformerConfig {
             frames: t,
             features: f,
@@ -287,7 +289,20 @@ impl NoiseNet for MotionTransformer {
             hs = (&hs + block.out.forward(&merge_heads(&attended)?)?)?;
             hs = (&hs + block.mlp.forward(&hs)?)?;
         }
-        let hs = self.final_norm.forward(&hs)?;
+        Ok((self.final_norm.forward(&hs)?, mask))
+    }
+
+    /// The normalised noise/label token `[B, hidden]`: what a pooled output reads (a
+    /// classifier's penultimate features, e.g. for FID).
+    pub fn pooled_features(&self, x: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<Tensor> {
+        self.encode(x, c_noise, cond)?.0.narrow(1, 0, 1)?.squeeze(1)
+    }
+}
+
+impl NoiseNet for MotionTransformer {
+    fn forward(&self, x: &Tensor, c_noise: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let (hs, mask) = self.encode(x, c_noise, cond)?;
+        let (b, t, f) = (x.dim(0)?, self.cfg.frames, self.cfg.features);
         match self.cfg.output {
             MotionOutput::Frames => self
                 .output

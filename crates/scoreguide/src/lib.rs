@@ -31,7 +31,7 @@
 pub use scoreguide_data as data;
 pub use scoreguide_experiments as experiments;
 pub use scoreguide_experiments::{
-    checkerboard, config, dlsm_images, image_metrics, images, moons, plot, runtime, traffic,
+    checkerboard, config, dlsm_images, image_metrics, images, moons, motion, plot, runtime, traffic,
 };
 pub use scoreguide_genneg as genneg;
 pub use scoreguide_guidance as guidance;

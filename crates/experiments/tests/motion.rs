@@ -1,0 +1,149 @@
+//! The motion experiment end to end at toy sizes: the task labels what the oracle says,
+//! every stage runs and is reused, and the table's rows are what the issue names.
+
+use candle_core::{Device, Tensor};
+use scoreguide_experiments::config::{resolve, Preset};
+use scoreguide_experiments::motion::stages::{Models, Run};
+use scoreguide_experiments::motion::{MotionData, MotionRunConfig, MotionTask};
+use scoreguide_genneg::Task;
+use scoreguide_oracles::motion::{FEATURES, ROOT_Y};
+use scoreguide_train::{load_score_model, Weights};
+
+fn tiny() -> MotionRunConfig {
+    let sets = [
+        "data.frames=12",
+        "data.min_frames=8",
+        "data.train=80",
+        "data.test=24",
+        "model.net.frames=12",
+        "model.net.hidden=32",
+        "model.net.blocks=1",
+        "model.diffusion_steps=50",
+        "model.iters=60",
+        "model.save_every=30",
+        "sampler.steps=6",
+        "genneg.per_class=10",
+        "genneg.budget=60",
+        "genneg.classifier_iters=20",
+        "genneg.distill_iters=10",
+        "encoder.iters=30",
+        "eval.samples=24",
+        "eval.seeds=2",
+        "eval.r_elbo_draws=1",
+    ]
+    .map(String::from);
+    resolve(true, None, &sets).unwrap()
+}
+
+#[test]
+fn the_task_labels_what_the_oracle_sees() {
+    let cfg = tiny();
+    let (train, _) = MotionData::load(&cfg, 0, &Device::Cpu).unwrap();
+    let task = MotionTask {
+        data: &train,
+        oracle: cfg.oracle(),
+    };
+    let keys = [0u32, 1, 2];
+    let x = train.rows(&keys).unwrap();
+    assert_eq!(task.label(&x, &keys).unwrap(), vec![true; 3]);
+    // Motion 1's root 10 cm under the ground in its first frame: that motion infracts.
+    let mut v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let d = train.set.row_dim();
+    v[d + ROOT_Y] -= (train.set.motion(1)[ROOT_Y] + 0.1) / train.norm.std[ROOT_Y];
+    let x = Tensor::from_vec(v, (3, d), &Device::Cpu).unwrap();
+    assert_eq!(task.label(&x, &keys).unwrap(), vec![true, false, true]);
+    // Padding is never judged: garbage past a motion's length changes nothing.
+    let len = train.set.lengths[2];
+    if len < train.set.frames {
+        let mut v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        v[2 * d + len * FEATURES + ROOT_Y] = -1e3;
+        let x = Tensor::from_vec(v, (3, d), &Device::Cpu).unwrap();
+        assert_eq!(task.label(&x, &keys).unwrap(), vec![true, false, true]);
+    }
+    let cond = task.cond(&keys).unwrap();
+    assert_eq!(cond.mask.unwrap().dims(), &[3, train.set.frames]);
+}
+
+#[test]
+fn a_tiny_run_goes_through_every_stage_and_is_reused() {
+    let out = std::env::temp_dir().join(format!("sg-motion-{}", std::process::id()));
+    std::fs::remove_dir_all(&out).ok();
+    let run = |reuse| Run {
+        cfg: tiny(),
+        out: out.clone(),
+        dev: Device::Cpu,
+        seed: 3,
+        reuse,
+    };
+    let go = |run: &Run| {
+        let (train, test) = run.data().unwrap();
+        let base = run.baseline(&train).unwrap();
+        let encoder = run.encoder(&train, &test).unwrap();
+        let (model, _) =
+            load_score_model(&base, Weights::Ema, candle_core::DType::F32, &run.dev).unwrap();
+        let draws = run.draws(&train, &model).unwrap();
+        let classifiers = run.classifiers(&train, &draws).unwrap();
+        let distilled = run.distill(&train, &base, &classifiers[0].1).unwrap();
+        let models = Models {
+            base,
+            classifiers,
+            distilled,
+            alpha: draws.alpha(),
+        };
+        run.evaluate(&test, &encoder, &models).unwrap()
+    };
+    let rows = go(&run(false));
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "baseline",
+            "genneg_1",
+            "wo_is",
+            "imbalanced",
+            "time_independent",
+            "distilled"
+        ]
+    );
+    for r in &rows {
+        assert!((0.0..=1.0).contains(&r.infraction_rate), "{r:?}");
+        assert!(r.infraction_per_frame <= r.infraction_rate + 1e-12);
+        assert!(
+            r.fid.is_finite() && r.kid.is_finite() && r.r_elbo < 0.0,
+            "{r:?}"
+        );
+        assert_eq!(r.seeds.len(), 2);
+    }
+    assert!(out.join("motions.png").exists());
+    let stamp = |f: &str| std::fs::metadata(out.join(f)).unwrap().modified().unwrap();
+    let before = (
+        stamp("baseline.safetensors"),
+        stamp("classifier_wo_is.safetensors"),
+    );
+    let again = go(&run(true));
+    assert_eq!(again, rows);
+    assert_eq!(
+        before,
+        (
+            stamp("baseline.safetensors"),
+            stamp("classifier_wo_is.safetensors")
+        )
+    );
+    // A kept model of another configuration is refused, naming what differs.
+    let mut other = run(true);
+    other.cfg.model.net.hidden = 16;
+    let (train, _) = other.data().unwrap();
+    let e = other.baseline(&train).unwrap_err().to_string();
+    assert!(e.contains("another model"), "{e}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn presets_validate() {
+    MotionRunConfig::quick().validate().unwrap();
+    MotionRunConfig::full().validate().unwrap();
+    let e = resolve::<MotionRunConfig>(true, None, &["model.net.frames=30".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.frames"), "{e}");
+}
