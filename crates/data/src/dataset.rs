@@ -73,6 +73,9 @@ impl Dataset {
     /// `batch_size` (see [`Dataset::epoch_batches`]); a batch at least as large as the
     /// data is the whole data, in order (full-batch training).
     pub fn step_batch(&self, batch_size: usize, seed: u64, step: u64) -> Result<Vec<u32>> {
+        if batch_size == 0 {
+            bail!("dataset `{}`: batch size must be positive", self.name);
+        }
         if batch_size >= self.len() {
             return Ok((0..self.len() as u32).collect());
         }
@@ -91,5 +94,19 @@ impl Dataset {
         let mut idx: Vec<u32> = (0..self.len() as u32).collect();
         idx.shuffle(&mut StdRng::seed_from_u64(derive_seed(seed, epoch)));
         Ok(idx.chunks(batch_size).map(|c| c.to_vec()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_batch_is_an_error_not_a_division_by_zero() {
+        let x = Tensor::zeros((5, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let d = Dataset::new(x, "five").unwrap();
+        let e = d.step_batch(0, 0, 3).unwrap_err().to_string();
+        assert!(e.contains("five") && e.contains("batch size"), "{e}");
+        assert_eq!(d.step_batch(2, 0, 3).unwrap().len(), 2);
     }
 }

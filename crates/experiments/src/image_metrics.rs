@@ -136,12 +136,30 @@ fn read_image_array(path: &Path) -> Result<Images> {
                 "{name}: no tensor `images` (and not a single tensor)"
             ))
         })?;
+        // Candle converts F8 slowly enough to look like a hang.
+        if !matches!(
+            images.dtype(),
+            DType::U8 | DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        ) {
+            return Err(Error::msg(format!(
+                "{name}: images stored as {:?}; need u8, f16, bf16, f32 or f64",
+                images.dtype()
+            )));
+        }
         let images = images
             .flatten_from(1)
             .map_err(named)?
             .to_dtype(DType::F32)?;
         let labels = match t.get("labels") {
-            Some(l) => Some(l.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?),
+            Some(l) if matches!(l.dtype(), DType::U8 | DType::U32 | DType::I64) => {
+                Some(l.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?)
+            }
+            Some(l) => {
+                return Err(Error::msg(format!(
+                    "{name}: labels stored as {:?}; need u8, u32 or i64",
+                    l.dtype()
+                )))
+            }
             None => None,
         };
         (images, labels)

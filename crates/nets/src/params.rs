@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 pub struct ParamStore {
     vars: Arc<Mutex<BTreeMap<String, Var>>>,
     seed: u64,
+    /// The only parameters a model may create here, with their shapes (what a
+    /// checkpoint holds), when the store was made to rebuild one.
+    expected: Option<Arc<BTreeMap<String, Vec<usize>>>>,
 }
 
 fn name_hash(name: &str) -> u64 {
@@ -69,6 +72,22 @@ impl ParamStore {
         Self {
             vars: Arc::new(Mutex::new(BTreeMap::new())),
             seed,
+            expected: None,
+        }
+    }
+
+    /// A store in which a model may create only the parameters of `stored` (names and
+    /// shapes, e.g. a checkpoint's tensors): the first other one fails, naming it, before
+    /// anything is allocated for it — so a configuration read from a file cannot make
+    /// the rebuild allocate more than the file implies. `what` names the source.
+    pub fn expecting(seed: u64, stored: &BTreeMap<String, Tensor>) -> Self {
+        let shapes = stored
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        Self {
+            expected: Some(Arc::new(shapes)),
+            ..Self::new(seed)
         }
     }
 
@@ -127,6 +146,12 @@ impl ParamStore {
             let Some(t) = values.get(name) else {
                 bail!("{what}: tensor `{name}` is missing");
             };
+            if !matches!(t.dtype(), DType::F32 | DType::F64) {
+                bail!(
+                    "{what}: tensor `{name}` is stored as {:?}; weights must be f32 or f64 (they would be converted silently)",
+                    t.dtype()
+                );
+            }
             if t.dims() != var.dims() {
                 bail!(
                     "{what}: tensor `{name}` has shape {:?}, the model expects {:?}",
@@ -164,6 +189,19 @@ impl SimpleBackend for ParamStore {
                 );
             }
             return Ok(v.as_tensor().clone());
+        }
+        if let Some(expected) = &self.expected {
+            match expected.get(name) {
+                None => bail!(
+                    "the configuration asks for a parameter `{name}` of shape {:?} that the stored weights do not hold (another architecture?)",
+                    s.dims()
+                ),
+                Some(dims) if dims[..] != *s.dims() => bail!(
+                    "the configuration asks for parameter `{name}` of shape {:?}, the stored one has shape {dims:?}",
+                    s.dims()
+                ),
+                Some(_) => {}
+            }
         }
         let mut rng = StdRng::seed_from_u64(derive_seed(self.seed, name_hash(name)));
         let values = init_values(&s, h, &mut rng);

@@ -345,6 +345,19 @@ fn read_rows(path: &std::path::Path) -> candle_core::Result<scoreguide::metrics:
             "a safetensors input must hold exactly one tensor",
         )));
     };
+    // Candle converts F8 slowly enough to look like a hang, and integers silently.
+    if !matches!(
+        t.dtype(),
+        candle_core::DType::F16
+            | candle_core::DType::BF16
+            | candle_core::DType::F32
+            | candle_core::DType::F64
+    ) {
+        return Err(named(candle_core::Error::msg(format!(
+            "features stored as {:?}; need f16, bf16, f32 or f64",
+            t.dtype()
+        ))));
+    }
     let (rows, cols) = t.dims2().map_err(|_| {
         named(candle_core::Error::msg(format!(
             "need a 2-D [N, D] tensor, got shape {:?}",

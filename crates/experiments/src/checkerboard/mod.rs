@@ -97,8 +97,13 @@ impl Preset for CheckerboardConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.samples == 0 || self.steps == 0 || self.sample_batch == 0 {
-            bail!("checkerboard config: samples, steps and sample_batch must be positive, got {self:?}");
+        if self.samples == 0
+            || self.steps == 0
+            || self.sample_batch == 0
+            || self.baseline.batch_size == 0
+            || self.baseline.train_points == 0
+        {
+            bail!("checkerboard config: samples, steps, sample_batch, baseline.batch_size and baseline.train_points must be positive, got {self:?}");
         }
         self.baseline.train.validate()?;
         self.baseline.sigma.validate()
