@@ -30,7 +30,7 @@ mod progress;
 mod trainer;
 
 pub use checkpoint::{load_frozen, load_score_model, Weights};
-pub use optim::{clip_grad_norm, Adam, AdamConfig, Ema};
+pub use optim::{clip_grad_norm, grad_norm, Adam, AdamConfig, Ema};
 pub use progress::Progress;
 pub use scoreguide_checkpoint::{write_atomic, Checkpoint, FORMAT};
 pub use trainer::{train_resumable, Staged, StepStats, TrainConfig, Trainer};

@@ -140,23 +140,30 @@ impl Ema {
     }
 }
 
-/// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`;
-/// returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
+/// The global L2 norm of the gradients of `vars`; an error naming the first parameter
+/// whose gradient holds NaN or an infinity.
+pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
     let mut total = 0f64;
-    for (_, var) in vars {
+    for (name, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            total += g
+            let s = g
                 .sqr()?
                 .sum_all()?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
+            if !s.is_finite() {
+                bail!("the gradient of `{name}` holds NaN or infinite values");
+            }
+            total += s;
         }
     }
-    let norm = total.sqrt();
-    if !norm.is_finite() {
-        bail!("gradient norm is {norm}: the loss produced NaN or infinite gradients");
-    }
+    Ok(total.sqrt())
+}
+
+/// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`;
+/// returns the norm before clipping (an error naming the parameter if one is not finite).
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads, vars)?;
     if norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         for (_, var) in vars {

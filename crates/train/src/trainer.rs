@@ -1,6 +1,6 @@
 //! The training loop.
 
-use crate::optim::{clip_grad_norm, Adam, AdamConfig, Ema};
+use crate::optim::{clip_grad_norm, grad_norm, Adam, AdamConfig, Ema};
 use crate::progress::Progress;
 use candle_core::{bail, DType, Result, Tensor};
 use rand::rngs::StdRng;
@@ -154,9 +154,17 @@ impl Trainer {
             bail!("training step {}: loss is {value}", self.step);
         }
         let mut grads = loss.backward()?;
+        // A non-finite gradient would poison Adam's moments and every step after it; the
+        // last saved state stays the last good one.
+        let named = |e: candle_core::Error| {
+            candle_core::Error::msg(format!("training step {} (loss {value}): {e}", self.step))
+        };
         let grad_norm = match self.config.grad_clip {
-            Some(c) => Some(clip_grad_norm(&mut grads, self.adam.vars(), c)?),
-            None => None,
+            Some(c) => Some(clip_grad_norm(&mut grads, self.adam.vars(), c).map_err(named)?),
+            None => {
+                grad_norm(&grads, self.adam.vars()).map_err(named)?;
+                None
+            }
         };
         let lr = self.lr();
         self.adam.step(&grads, lr)?;
@@ -402,5 +410,42 @@ mod resumable_tests {
         .unwrap();
         assert_eq!(fresh.meta::<u64>("step").unwrap(), 3);
         std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[cfg(test)]
+mod nonfinite_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn an_infinite_gradient_stops_training_naming_the_step_and_parameter() {
+        let store = ParamStore::new(0);
+        let w = store
+            .var_builder(DType::F32, &Device::Cpu)
+            .get_with_hints(3, "w", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let mut t = Trainer::new(store, TrainConfig::default()).unwrap();
+        // √w at w = 0: a finite loss (0) with an infinite gradient.
+        let e = t
+            .step(&w.sqrt().unwrap().sum_all().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("training step 0") && e.contains("`w`"), "{e}");
+        assert_eq!(t.steps_done(), 0);
+        // The same with clipping on.
+        let mut t = Trainer::new(
+            t.store().clone(),
+            TrainConfig {
+                grad_clip: Some(1.0),
+                ..TrainConfig::default()
+            },
+        )
+        .unwrap();
+        let e = t
+            .step(&w.sqrt().unwrap().sum_all().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`w`"), "{e}");
     }
 }
