@@ -186,11 +186,13 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
     }
     let dims: Vec<usize> = (0..rank).map(|i| be_u32(&bytes, 4 + 4 * i)).collect();
     let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if count != Some(bytes.len() - header) {
-        bail!(
-            "{what}: the header says {dims:?} ({count:?} values) but the file holds {}",
+    match count {
+        None => bail!("{what}: the header's dimensions {dims:?} overflow"),
+        Some(n) if n != bytes.len() - header => bail!(
+            "{what}: the header says {dims:?} ({n} values) but the file holds {}",
             bytes.len() - header
-        );
+        ),
+        Some(_) => {}
     }
     Ok((dims, bytes[header..].to_vec()))
 }

@@ -107,9 +107,17 @@ pub fn resolve<T: Preset>(quick: bool, file: Option<&Path>, sets: &[String]) -> 
         let parsed = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
         set_path(&mut value, key.trim(), parsed)?;
     }
+    // Name what the values came from: the file and the overrides.
+    let source = match (file, sets.is_empty()) {
+        (Some(p), true) => format!("config {}", p.display()),
+        (Some(p), false) => format!("config {} with --set {}", p.display(), sets.join(" ")),
+        (None, false) => format!("configuration with --set {}", sets.join(" ")),
+        (None, true) => "configuration".to_string(),
+    };
     let cfg: T = serde_json::from_value(value)
-        .map_err(|e| candle_core::Error::msg(format!("configuration: {e}")))?;
-    cfg.validate()?;
+        .map_err(|e| candle_core::Error::msg(format!("{source}: {e}")))?;
+    cfg.validate()
+        .map_err(|e| candle_core::Error::msg(format!("{source}: {e}")))?;
     Ok(cfg)
 }
 

@@ -10,7 +10,8 @@
 //! * [`prdc`], [`prdc_classwise`]: precision, recall, density, coverage.
 //! * [`inception_score`]: IS of any classifier's class probabilities.
 //! * [`score_errors`]: DLSM's D_P and D_L between estimated and true scores.
-//! * [`read_npy`], [`read_npy_vector`]: 2-D and 1-D `.npy` arrays (f32 / f64).
+//! * [`read_npy`], [`read_npy_vector`]: 2-D and 1-D `.npy` arrays (f32 / f64);
+//!   [`read_feature_rows`]: `[N, D]` rows from `.npy` or a one-tensor safetensors file.
 //! * [`roc_auc`]: area under the ROC curve of a scorer (a classifier's check).
 //!
 //! The set metrics take row-major `f64` slices with the row width `d`, and reject NaN,
@@ -28,6 +29,7 @@
 //! ```
 
 mod auc;
+mod features;
 mod fid;
 mod inception_score;
 mod infraction;
@@ -41,6 +43,7 @@ mod score_error;
 pub use auc::roc_auc;
 pub use fid::{fid, frechet_distance, mean_and_covariance, symmetric_eigen, symmetric_eigenvalues};
 
+pub use features::read_feature_rows;
 pub use inception_score::inception_score;
 pub use infraction::{infraction_rate, parallel_samples_needed, Rate};
 pub use likelihood::{negative_log_likelihood, Divergence, NllConfig};

@@ -325,53 +325,6 @@ fn info(path: &std::path::Path) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// Reads an [N, D] array from `.npy` (f32/f64) or from a safetensors file holding exactly
-/// one tensor (any float dtype), as f64 rows.
-fn read_rows(path: &std::path::Path) -> candle_core::Result<scoreguide::metrics::Array2> {
-    let named = |e: candle_core::Error| candle_core::Error::msg(format!("{}: {e}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| named(e.into()))?;
-    if bytes.starts_with(b"\x93NUMPY") {
-        return scoreguide::metrics::read_npy(&bytes).map_err(named);
-    }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .map_err(|e| {
-            named(candle_core::Error::msg(format!(
-                "neither .npy nor safetensors ({e})"
-            )))
-        })?;
-    let mut it = tensors.into_values();
-    let (Some(t), None) = (it.next(), it.next()) else {
-        return Err(named(candle_core::Error::msg(
-            "a safetensors input must hold exactly one tensor",
-        )));
-    };
-    // Candle converts F8 slowly enough to look like a hang, and integers silently.
-    if !matches!(
-        t.dtype(),
-        candle_core::DType::F16
-            | candle_core::DType::BF16
-            | candle_core::DType::F32
-            | candle_core::DType::F64
-    ) {
-        return Err(named(candle_core::Error::msg(format!(
-            "features stored as {:?}; need f16, bf16, f32 or f64",
-            t.dtype()
-        ))));
-    }
-    let (rows, cols) = t.dims2().map_err(|_| {
-        named(candle_core::Error::msg(format!(
-            "need a 2-D [N, D] tensor, got shape {:?}",
-            t.dims()
-        )))
-    })?;
-    let data = t
-        .to_dtype(candle_core::DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-        .map_err(named)?;
-    Ok(scoreguide::metrics::Array2 { rows, cols, data })
-}
-
 /// The median heuristic: median Euclidean distance between distinct rows of the pooled
 /// sets (at most 1000 rows of each, evenly spaced, so it stays cheap).
 fn median_distance(a: &[f64], b: &[f64], d: usize) -> f64 {
@@ -403,8 +356,8 @@ fn metrics(
     json: bool,
 ) -> candle_core::Result<()> {
     use scoreguide::metrics::{fid, kid, mmd2_gaussian, prdc};
-    let real = read_rows(real_path)?;
-    let fake = read_rows(fake_path)?;
+    let real = scoreguide::metrics::read_feature_rows(real_path)?;
+    let fake = scoreguide::metrics::read_feature_rows(fake_path)?;
     if real.cols != fake.cols {
         candle_core::bail!(
             "{} has rows of {} values but {} has rows of {}",
