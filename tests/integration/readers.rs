@@ -125,6 +125,16 @@ fn with_net(key: &str, value: serde_json::Value) -> Vec<u8> {
 
 type Reader = fn(&Path) -> candle_core::Result<String>;
 
+/// (reader, input class, file name, bytes, whether reading it is right).
+type Case = (
+    &'static str,
+    Reader,
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    bool,
+);
+
 fn read_checkpoint(p: &Path) -> candle_core::Result<String> {
     let c = Checkpoint::load(p)?;
     let (_, cfg) = load_score_model(&c, Weights::Ema, DType::F32, &Device::Cpu)
@@ -177,22 +187,15 @@ fn read_motion(p: &Path) -> candle_core::Result<String> {
     Ok(format!("{} motions", set.len()))
 }
 
-/// (reader, input class, file name, bytes, whether reading it is right).
-fn cases() -> Vec<(
-    &'static str,
-    Reader,
-    &'static str,
-    &'static str,
-    Vec<u8>,
-    bool,
-)> {
+/// Every case, grouped by reader.
+fn cases() -> Vec<Case> {
     let (ckpt, _) = checkpoint_bytes();
     let garbage: Vec<u8> = (0..200u32).map(|i| (i * 37 % 251) as u8).collect();
     let features = |dtype: &str, bytes: Vec<u8>, shape: Vec<i64>| {
         safetensors(&[("x", dtype, shape, bytes)], &[])
     };
     let f8 = vec![0x38u8; 8];
-    let mut v: Vec<(&str, Reader, &str, &str, Vec<u8>, bool)> = vec![
+    let mut v: Vec<Case> = vec![
         (
             "checkpoint",
             read_checkpoint,
