@@ -699,3 +699,172 @@ fn every_reader_names_the_file_and_never_panics_or_hangs() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The fuzz targets' bodies (fuzz/fuzz_targets/*.rs), run here on their corpora.
+fn fuzz_target(name: &str, data: &[u8]) {
+    use scoreguide::data::motion::humanml3d_motion;
+    match name {
+        "checkpoint_reader" => {
+            if let Ok(ck) = Checkpoint::from_bytes(data) {
+                if ck.tensors.values().map(|t| t.elem_count()).sum::<usize>() < 1 << 20 {
+                    let _ = load_score_model(&ck, Weights::Ema, DType::F32, &Device::Cpu);
+                }
+            }
+        }
+        "npy_reader" => {
+            let _ = read_npy(data);
+            let _ = scoreguide::metrics::read_npy_vector(data);
+        }
+        "feature_reader" => {
+            let _ = scoreguide::metrics::parse_feature_rows(data);
+        }
+        "config_reader" => {
+            if let Ok(text) = std::str::from_utf8(data) {
+                for (name, quick) in [("c.toml", true), ("c.json", false)] {
+                    let _ = scoreguide::experiments::config::resolve_text::<
+                        scoreguide::motion::MotionRunConfig,
+                    >(quick, Some((text, Path::new(name))), &[]);
+                }
+            }
+        }
+        "idx_reader" => {
+            let _ = scoreguide::data::parse_idx(data, 3, "images");
+            let _ = scoreguide::data::parse_idx(data, 1, "labels");
+            let _ = scoreguide::data::parse_cifar(data, 1, "batch");
+        }
+        "scene_reader" => {
+            let _ = SceneSet::from_bytes(data);
+        }
+        "motion_reader" => {
+            let cfg = MotionConfig {
+                frames: 60,
+                min_frames: 2,
+            };
+            let _ = humanml3d_motion(data, "motion.npy", &cfg);
+        }
+        other => panic!("no fuzz target {other}"),
+    }
+}
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
+}
+
+const FUZZ_TARGETS: [&str; 7] = [
+    "checkpoint_reader",
+    "npy_reader",
+    "feature_reader",
+    "config_reader",
+    "idx_reader",
+    "scene_reader",
+    "motion_reader",
+];
+
+/// Every file of every target's corpus (fuzz/corpus/<target>/: the seeds, and inputs the
+/// fuzzer found that reach new code) goes through the target's body, so CI exercises
+/// what the fuzzer did without nightly; a crash the fuzzer finds becomes a file here.
+#[test]
+fn fuzz_corpora_replay_without_a_panic() {
+    let mut replayed = 0;
+    for target in FUZZ_TARGETS {
+        let dir = fuzz_dir().join("corpus").join(target);
+        let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(!files.is_empty(), "{} is empty", dir.display());
+        for f in files {
+            let data = std::fs::read(&f).unwrap();
+            let name = f.display().to_string();
+            let o = outcome(move || {
+                fuzz_target(target, &data);
+                Ok(String::new())
+            });
+            assert!(matches!(o, Outcome::Read(_)), "{name}: {o:?}");
+            replayed += 1;
+        }
+    }
+    eprintln!("replayed {replayed} corpus files");
+}
+
+/// Writes each target's seed inputs into its corpus (run by hand after a format change:
+/// `cargo test --test integration -- --ignored write_fuzz_corpus_seeds`).
+#[test]
+#[ignore]
+fn write_fuzz_corpus_seeds() {
+    let small_ckpt = std::fs::read(fuzz_dir().join("seeds/tiny.safetensors")).unwrap();
+    let scenes = {
+        let cfg = scoreguide::data::SceneConfig {
+            raster_cells: 16,
+            vehicles: 2,
+            ..Default::default()
+        };
+        let set = SceneSet::generate(&cfg, scoreguide::data::Split::Train, 1, 2, 0).unwrap();
+        let p = std::env::temp_dir().join("sg-scene-seed.safetensors");
+        set.save(&p).unwrap();
+        std::fs::read(&p).unwrap()
+    };
+    let motion = npy(
+        "<f4",
+        false,
+        "(3, 263)",
+        &f32_bytes(&(0..3 * 263).map(|i| i as f32 * 1e-3).collect::<Vec<_>>()),
+    );
+    let idx = [
+        vec![0, 0, 8, 3],
+        2u32.to_be_bytes().to_vec(),
+        2u32.to_be_bytes().to_vec(),
+        2u32.to_be_bytes().to_vec(),
+        vec![7; 8],
+    ]
+    .concat();
+    let labels = [vec![0, 0, 8, 1], 3u32.to_be_bytes().to_vec(), vec![1, 2, 3]].concat();
+    let cifar = [vec![3u8], vec![128; 3072]].concat();
+    let quick = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/genneg_motion/quick.toml"),
+    )
+    .unwrap();
+    let seeds: Vec<(&str, Vec<(&str, Vec<u8>)>)> = vec![
+        ("checkpoint_reader", vec![("tiny", small_ckpt)]),
+        (
+            "npy_reader",
+            vec![
+                ("f4", npy("<f4", false, "(2, 3)", &f32_bytes(&[1.0; 6]))),
+                ("f8-vector", npy("<f8", false, "(3,)", &[0; 24])),
+            ],
+        ),
+        (
+            "feature_reader",
+            vec![
+                ("npy", npy("<f4", false, "(2, 3)", &f32_bytes(&[1.0; 6]))),
+                (
+                    "safetensors",
+                    safetensors(&[("x", "F32", vec![2, 2], f32_bytes(&[1.0; 4]))], &[]),
+                ),
+            ],
+        ),
+        (
+            "config_reader",
+            vec![
+                ("quick.toml", quick),
+                (
+                    "partial.json",
+                    br#"{"model": {"iters": 10}, "eval": {"seeds": 1}}"#.to_vec(),
+                ),
+            ],
+        ),
+        (
+            "idx_reader",
+            vec![("images", idx), ("labels", labels), ("cifar", cifar)],
+        ),
+        ("scene_reader", vec![("two-scenes", scenes)]),
+        ("motion_reader", vec![("three-frames", motion)]),
+    ];
+    for (target, files) in seeds {
+        let dir = fuzz_dir().join("corpus").join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in files {
+            std::fs::write(dir.join(format!("seed-{name}")), bytes).unwrap();
+        }
+    }
+}

@@ -166,8 +166,11 @@ fn be_u32(bytes: &[u8], at: usize) -> usize {
 /// An IDX file of unsigned bytes (MNIST's format): its dimensions and values. Refuses
 /// another element type, a wrong rank, or a size that disagrees with the header.
 pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bytes = read_maybe_gz(path)?;
-    let what = path.display();
+    parse_idx(&read_maybe_gz(path)?, rank, &path.display().to_string())
+}
+
+/// [`read_idx`] on the bytes of a file (`what` names it in errors).
+pub fn parse_idx(bytes: &[u8], rank: usize, what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
         bail!("{what}: not an IDX file (bad magic number)");
     }
@@ -260,6 +263,26 @@ pub fn fashion_mnist(dir: Option<&Path>, split: ImageSplit) -> Result<ImageSet> 
     mnist_format(&dir, split, "Fashion-MNIST")
 }
 
+/// One CIFAR binary batch's bytes (`what` names it in errors): records of
+/// `label_bytes` label bytes (the last is the label) and 3072 pixel bytes, as pixels in
+/// [−1, 1] and labels.
+pub fn parse_cifar(bytes: &[u8], label_bytes: usize, what: &str) -> Result<(Vec<f32>, Vec<u32>)> {
+    let record = label_bytes + 3072;
+    if label_bytes == 0 || bytes.is_empty() || bytes.len() % record != 0 {
+        bail!(
+            "{what}: {} bytes is not a whole number of {record}-byte records",
+            bytes.len()
+        );
+    }
+    let mut x = Vec::with_capacity(bytes.len() / record * 3072);
+    let mut labels = Vec::with_capacity(bytes.len() / record);
+    for r in bytes.chunks_exact(record) {
+        labels.push(r[label_bytes - 1] as u32);
+        x.extend(r[label_bytes..].iter().map(|&p| p as f32 / 127.5 - 1.0));
+    }
+    Ok((x, labels))
+}
+
 /// CIFAR-10 (`data_batch_1.bin` … `data_batch_5.bin`, `test_batch.bin`: records of one
 /// label byte and 3072 pixel bytes) or CIFAR-100 (`train.bin`, `test.bin`: a coarse and
 /// a fine label byte, then the pixels; the fine label, 100 classes) from `dir`.
@@ -276,7 +299,6 @@ pub fn cifar(dir: &Path, hundred: bool, split: ImageSplit) -> Result<ImageSet> {
             (true, ImageSplit::Train) => (vec!["train.bin".into()], 2, 100, "CIFAR-100"),
             (true, ImageSplit::Test) => (vec!["test.bin".into()], 2, 100, "CIFAR-100"),
         };
-    let record = label_bytes + 3072;
     let (mut x, mut labels) = (Vec::new(), Vec::new());
     for f in &files {
         let path = dir.join(f);
@@ -287,18 +309,13 @@ pub fn cifar(dir: &Path, hundred: bool, split: ImageSplit) -> Result<ImageSet> {
                 dir.display()
             );
         }
-        let bytes = read_maybe_gz(&path)?;
-        if bytes.is_empty() || bytes.len() % record != 0 {
-            bail!(
-                "{}: {} bytes is not a whole number of {record}-byte records",
-                path.display(),
-                bytes.len()
-            );
-        }
-        for r in bytes.chunks_exact(record) {
-            labels.push(r[label_bytes - 1] as u32);
-            x.extend(r[label_bytes..].iter().map(|&p| p as f32 / 127.5 - 1.0));
-        }
+        let (pixels, l) = parse_cifar(
+            &read_maybe_gz(&path)?,
+            label_bytes,
+            &path.display().to_string(),
+        )?;
+        x.extend(pixels);
+        labels.extend(l);
     }
     let n = labels.len();
     ImageSet::new(

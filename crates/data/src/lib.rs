@@ -30,7 +30,9 @@ pub mod scenes;
 mod toy;
 
 pub use dataset::Dataset;
-pub use images::{cifar, fashion_mnist, mnist_format, read_idx, ImageSet, ImageSplit};
+pub use images::{
+    cifar, fashion_mnist, mnist_format, parse_cifar, parse_idx, read_idx, ImageSet, ImageSplit,
+};
 pub use mixture::GaussianMixture;
 pub use parzen::Parzen;
 pub use scenes::{MapLayers, SceneConfig, SceneSet, Split, DISTANCE_LAYER_REACH_M};

@@ -489,7 +489,6 @@ impl MotionSet {
                 list.display()
             ))
         })?;
-        let cols = scoreguide_oracles::motion::humanml3d_columns();
         let mut set = Self {
             frames: cfg.frames,
             features: Vec::new(),
@@ -501,34 +500,10 @@ impl MotionSet {
             let bytes = std::fs::read(&path).map_err(|e| {
                 candle_core::Error::msg(format!("HumanML3D: {} ({e})", path.display()))
             })?;
-            let a = scoreguide_metrics::read_npy(&bytes).map_err(|e| {
-                candle_core::Error::msg(format!("HumanML3D: {}: {e}", path.display()))
-            })?;
-            if a.cols != 263 {
-                bail!(
-                    "HumanML3D: {} has {} features per frame, expected 263",
-                    path.display(),
-                    a.cols
-                );
-            }
-            if a.rows < cfg.min_frames {
+            let Some((row, len)) = humanml3d_motion(&bytes, &path.display().to_string(), cfg)?
+            else {
                 continue;
-            }
-            let len = a.rows.min(cfg.frames);
-            let mut row = vec![0f32; set.row_dim()];
-            for t in 0..len {
-                for (k, &c) in cols.iter().enumerate() {
-                    row[t * FEATURES + k] = a.data[t * 263 + c] as f32;
-                }
-            }
-            if let Some(i) = row.iter().position(|v| !v.is_finite()) {
-                bail!(
-                    "HumanML3D: {} holds {} at frame {}",
-                    path.display(),
-                    row[i],
-                    i / FEATURES
-                );
-            }
+            };
             set.features.extend(row);
             set.lengths.push(len);
             set.actions.push(0);
@@ -542,6 +517,45 @@ impl MotionSet {
         }
         Ok(set)
     }
+}
+
+/// One HumanML3D motion file's bytes (`new_joint_vecs/<id>.npy`, `[T, 263]`; `what`
+/// names it in errors): our columns of its first `cfg.frames` frames, padded, and its
+/// length; `None` for a motion shorter than `cfg.min_frames`.
+pub fn humanml3d_motion(
+    bytes: &[u8],
+    what: &str,
+    cfg: &MotionConfig,
+) -> Result<Option<(Vec<f32>, usize)>> {
+    let a = scoreguide_metrics::read_npy(bytes)
+        .map_err(|e| candle_core::Error::msg(format!("HumanML3D: {what}: {e}")))?;
+    if a.cols != 263 {
+        bail!(
+            "HumanML3D: {what} has {} features per frame, expected 263",
+            a.cols
+        );
+    }
+    if a.rows < cfg.min_frames {
+        return Ok(None);
+    }
+    let len = a.rows.min(cfg.frames);
+    let mut row = vec![0f32; cfg.frames * FEATURES];
+    for (k, c) in scoreguide_oracles::motion::humanml3d_columns()
+        .into_iter()
+        .enumerate()
+    {
+        for t in 0..len {
+            row[t * FEATURES + k] = a.data[t * 263 + c] as f32;
+        }
+    }
+    if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "HumanML3D: {what} holds {} at frame {}",
+            row[i],
+            i / FEATURES
+        );
+    }
+    Ok(Some((row, len)))
 }
 
 /// Per-feature mean and standard deviation over the real frames of a set: what the

@@ -751,6 +751,11 @@ impl SceneSet {
         Self::from_checkpoint(&c).map_err(named)
     }
 
+    /// [`SceneSet::load`] on a file's bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::from_checkpoint(&Checkpoint::from_bytes(bytes)?)
+    }
+
     fn from_checkpoint(c: &Checkpoint) -> Result<Self> {
         let kind: String = c.meta("kind")?;
         if kind != SCENE_SET_KIND {

@@ -73,12 +73,28 @@ impl ConfigArgs {
 /// The quick or full preset, with `file` laid over it and then each `KEY=VALUE` of
 /// `sets`, deserialised and validated. Errors name the file, key or value at fault.
 pub fn resolve<T: Preset>(quick: bool, file: Option<&Path>, sets: &[String]) -> Result<T> {
+    let text = match file {
+        Some(path) => Some((
+            std::fs::read_to_string(path)
+                .map_err(|e| candle_core::Error::msg(format!("config {}: {e}", path.display())))?,
+            path,
+        )),
+        None => None,
+    };
+    resolve_text(quick, text.as_ref().map(|(t, p)| (t.as_str(), *p)), sets)
+}
+
+/// [`resolve`] on a configuration file's text (`path` names it and says its format:
+/// JSON by extension, TOML otherwise).
+pub fn resolve_text<T: Preset>(
+    quick: bool,
+    file: Option<(&str, &Path)>,
+    sets: &[String],
+) -> Result<T> {
     let mut layer = None;
     let mut quick = quick;
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::msg(format!("config {}: {e}", path.display())))?;
-        let mut v = parse_file(&text, path)?;
+    if let Some((text, path)) = file {
+        let mut v = parse_file(text, path)?;
         if let Some(p) = v.as_object_mut().and_then(|m| m.remove(PRESET_KEY)) {
             quick = match p.as_str() {
                 Some("quick") => true,
@@ -108,7 +124,7 @@ pub fn resolve<T: Preset>(quick: bool, file: Option<&Path>, sets: &[String]) -> 
         set_path(&mut value, key.trim(), parsed)?;
     }
     // Name what the values came from: the file and the overrides.
-    let source = match (file, sets.is_empty()) {
+    let source = match (file.map(|(_, p)| p), sets.is_empty()) {
         (Some(p), true) => format!("config {}", p.display()),
         (Some(p), false) => format!("config {} with --set {}", p.display(), sets.join(" ")),
         (None, false) => format!("configuration with --set {}", sets.join(" ")),

@@ -43,7 +43,7 @@ mod score_error;
 pub use auc::roc_auc;
 pub use fid::{fid, frechet_distance, mean_and_covariance, symmetric_eigen, symmetric_eigenvalues};
 
-pub use features::read_feature_rows;
+pub use features::{parse_feature_rows, read_feature_rows};
 pub use inception_score::inception_score;
 pub use infraction::{infraction_rate, parallel_samples_needed, Rate};
 pub use likelihood::{negative_log_likelihood, Divergence, NllConfig};
