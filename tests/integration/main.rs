@@ -5,4 +5,5 @@
 mod bad_input;
 mod cli;
 mod determinism;
+mod kill;
 mod readers;
