@@ -187,7 +187,7 @@ pub fn parse_idx(bytes: &[u8], rank: usize, what: &str) -> Result<(Vec<usize>, V
     if bytes.len() < header {
         bail!("{what}: truncated IDX header");
     }
-    let dims: Vec<usize> = (0..rank).map(|i| be_u32(&bytes, 4 + 4 * i)).collect();
+    let dims: Vec<usize> = (0..rank).map(|i| be_u32(bytes, 4 + 4 * i)).collect();
     let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     match count {
         None => bail!("{what}: the header's dimensions {dims:?} overflow"),
