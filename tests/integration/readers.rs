@@ -787,6 +787,9 @@ fn fuzz_corpora_replay_without_a_panic() {
     eprintln!("replayed {replayed} corpus files");
 }
 
+/// A fuzz target and its seed files (name, bytes).
+type TargetSeeds = (&'static str, Vec<(&'static str, Vec<u8>)>);
+
 /// Writes each target's seed inputs into its corpus (run by hand after a format change:
 /// `cargo test --test integration -- --ignored write_fuzz_corpus_seeds`).
 #[test]
@@ -824,7 +827,7 @@ fn write_fuzz_corpus_seeds() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/genneg_motion/quick.toml"),
     )
     .unwrap();
-    let seeds: Vec<(&str, Vec<(&str, Vec<u8>)>)> = vec![
+    let seeds: Vec<TargetSeeds> = vec![
         ("checkpoint_reader", vec![("tiny", small_ckpt)]),
         (
             "npy_reader",
