@@ -238,3 +238,119 @@ fn metrics_on_classifier_features() {
         "{stderr}"
     );
 }
+
+/// `train` → `sample` → `eval` on a small checkerboard configuration give what the
+/// library gives on the same seeds; `genneg` writes a stack `sample` reads; bad input
+/// exits 1 naming it, bad usage exits 2.
+#[test]
+fn train_genneg_sample_eval_compose() {
+    let dir = tmp("cli-run");
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let d = dir.to_str().unwrap();
+    let cb = configs.join("checkerboard/quick.toml");
+    let (ok, _, err) = run(&[
+        "train",
+        "--config",
+        cb.to_str().unwrap(),
+        "--set",
+        "baseline.iters=30",
+        "--out",
+        d,
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let base = dir.join("baseline.safetensors");
+    let samples = dir.join("samples.safetensors");
+    let (ok, _, err) = run(&[
+        "sample",
+        "--model",
+        base.to_str().unwrap(),
+        "--n",
+        "300",
+        "--steps",
+        "8",
+        "--seed",
+        "4",
+        "--out",
+        samples.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["eval", "--samples", samples.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The library on the same checkpoint and seed.
+    let b = scoreguide::checkerboard::load_baseline(&base, &candle_core::Device::Cpu).unwrap();
+    let x = scoreguide::checkerboard::sample(
+        &b.model,
+        300,
+        8,
+        4,
+        10_000,
+        &candle_core::Device::Cpu,
+        "s",
+    )
+    .unwrap();
+    let (rate, _) = scoreguide::checkerboard::label(&x).unwrap();
+    assert_eq!(v["samples"], 300);
+    assert_eq!(v["infraction_rate"].as_f64().unwrap(), rate.rate);
+
+    let g = configs.join("genneg_checkerboard/quick.toml");
+    let (ok, _, err) = run(&[
+        "genneg",
+        "--config",
+        g.to_str().unwrap(),
+        "--set",
+        "iterations=1",
+        "--set",
+        "per_class=50",
+        "--set",
+        "budget=2000",
+        "--set",
+        "first_budget=2000",
+        "--set",
+        "min_negatives=10",
+        "--set",
+        "classifier.iters=20",
+        "--set",
+        "steps=8",
+        "--baseline",
+        base.to_str().unwrap(),
+        "--out",
+        d,
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let guided = dir.join("guided.safetensors");
+    let stack = dir.join("genneg_1.safetensors");
+    let (ok, _, err) = run(&[
+        "sample",
+        "--model",
+        stack.to_str().unwrap(),
+        "--n",
+        "100",
+        "--steps",
+        "8",
+        "--out",
+        guided.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+
+    // Bad input: status 1, the file named; bad usage: status 2.
+    let status = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_scoreguide"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = status(&["eval", "--samples", base.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("baseline.safetensors"));
+    assert_eq!(status(&["sample", "--n", "3"]).status.code(), Some(2));
+    let e = status(&["train", "--config", g.to_str().unwrap()]);
+    assert_eq!(e.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("genneg_checkerboard"));
+}
