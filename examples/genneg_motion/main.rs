@@ -6,7 +6,7 @@
 
 use clap::Parser;
 use scoreguide::config::{save_resolved, ConfigArgs};
-use scoreguide::motion::stages::{Models, Run};
+use scoreguide::motion::stages::{sampler_table, Models, Run, SamplerRow};
 use scoreguide::motion::{table, ModelRow, MotionRunConfig};
 use scoreguide::runtime::{write_json, CommonArgs};
 use scoreguide::train::{load_score_model, Weights};
@@ -40,6 +40,8 @@ struct Report<'a> {
     draws: usize,
     seed: u64,
     models: &'a [ModelRow],
+    /// The baseline and genneg_1 with the configured sampler and DDPM's ancestral one.
+    sampler_comparison: &'a [SamplerRow],
 }
 
 fn main() -> candle_core::Result<()> {
@@ -73,7 +75,11 @@ fn run(args: Args) -> candle_core::Result<()> {
         alpha: draws.alpha(),
     };
     let rows = run.evaluate(&test, &encoder, &models)?;
+    let samplers = run.compare_samplers(&test, &encoder, &models)?;
     println!("{}", table(&rows, run.cfg.eval.samples));
+    if !samplers.is_empty() {
+        println!("{}", sampler_table(&samplers));
+    }
     if let Some(p) = &args.common.json {
         write_json(
             p,
@@ -85,6 +91,7 @@ fn run(args: Args) -> candle_core::Result<()> {
                 draws: draws.drawn,
                 seed: run.seed,
                 models: &rows,
+                sampler_comparison: &samplers,
             },
         )?;
     }

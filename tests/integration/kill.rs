@@ -36,6 +36,8 @@ fn tiny() -> MotionRunConfig {
         "eval.samples=24",
         "eval.seeds=2",
         "eval.r_elbo_draws=1",
+        "eval.sampler_comparison.samples=8",
+        "eval.sampler_comparison.ddpm_steps=20",
     ]
     .map(String::from);
     resolve(true, None, &sets).unwrap()

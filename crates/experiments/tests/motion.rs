@@ -30,6 +30,8 @@ fn tiny() -> MotionRunConfig {
         "eval.samples=24",
         "eval.seeds=2",
         "eval.r_elbo_draws=1",
+        "eval.sampler_comparison.samples=8",
+        "eval.sampler_comparison.ddpm_steps=20",
     ]
     .map(String::from);
     resolve(true, None, &sets).unwrap()
@@ -90,7 +92,23 @@ fn a_tiny_run_goes_through_every_stage_and_is_reused() {
             distilled,
             alpha: draws.alpha(),
         };
-        run.evaluate(&test, &encoder, &models).unwrap()
+        let rows = run.evaluate(&test, &encoder, &models).unwrap();
+        let samplers = run.compare_samplers(&test, &encoder, &models).unwrap();
+        let names: Vec<String> = samplers
+            .iter()
+            .map(|r| format!("{} {}", r.model, r.sampler))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "baseline heun-6",
+                "baseline ddpm-20",
+                "genneg_1 heun-6",
+                "genneg_1 ddpm-20"
+            ]
+        );
+        assert!(samplers.iter().all(|r| r.samples == 8 && r.fid.is_finite()));
+        rows
     };
     let rows = go(&run(false));
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();

@@ -113,6 +113,19 @@ pub struct EvalConfig {
     pub r_elbo_draws: usize,
     /// δ of "parallel samples needed" (one valid motion with probability 1 − δ).
     pub delta: f64,
+    /// The baseline and Gen-neG iteration 1 drawn once more with the paper's DDPM
+    /// ancestral sampler, beside the configured sampler on as many motions.
+    #[serde(default)]
+    pub sampler_comparison: Option<SamplerComparison>,
+}
+
+/// The paper's sampler (DDPM ancestral) against the configured one, on a subset.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerComparison {
+    pub samples: usize,
+    /// DDPM steps (the process's own noise levels, evenly spaced in step index).
+    pub ddpm_steps: usize,
 }
 
 /// Everything a `genneg_motion` run needs.
@@ -177,6 +190,10 @@ impl Preset for MotionRunConfig {
                 seeds: 2,
                 r_elbo_draws: 2,
                 delta: 0.01,
+                sampler_comparison: Some(SamplerComparison {
+                    samples: 40,
+                    ddpm_steps: 100,
+                }),
             },
         }
     }
@@ -225,6 +242,10 @@ impl Preset for MotionRunConfig {
                 seeds: 3,
                 r_elbo_draws: 2,
                 delta: 0.01,
+                sampler_comparison: Some(SamplerComparison {
+                    samples: 200,
+                    ddpm_steps: 1000,
+                }),
             },
         }
     }
@@ -279,6 +300,14 @@ impl Preset for MotionRunConfig {
         }
         if self.encoder.iters == 0 || self.encoder.batch == 0 {
             bail!("motion encoder: iters and batch must be positive");
+        }
+        if let Some(c) = &self.eval.sampler_comparison {
+            if c.samples == 0 || c.ddpm_steps < 2 || c.ddpm_steps > m.diffusion_steps {
+                bail!(
+                    "motion evaluation: the sampler comparison needs samples > 0 and 2..={} DDPM steps, got {c:?}",
+                    m.diffusion_steps
+                );
+            }
         }
         let e = &self.eval;
         if e.samples == 0

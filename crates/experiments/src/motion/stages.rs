@@ -5,7 +5,7 @@
 use super::{
     check_trained_on, features_of, motion_strip, r_elbo, sample_motions, score_draws,
     train_baseline, train_encoder, ModelRow, MotionData, MotionEncoder, MotionRunConfig,
-    MotionTask, SeedScores,
+    MotionSampler, MotionTask, SeedScores,
 };
 use crate::plot::save_grid;
 use crate::runtime::write_json;
@@ -20,6 +20,42 @@ use scoreguide_oracles::motion::GroundOracle;
 use scoreguide_sde::derive_seed;
 use scoreguide_train::{load_score_model, train_resumable, Checkpoint, Progress, Weights};
 use std::path::PathBuf;
+
+/// One model drawn with one sampler (the sampler comparison).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplerRow {
+    pub model: String,
+    pub sampler: String,
+    pub samples: usize,
+    pub infraction_rate: f64,
+    pub infraction_ci95: (f64, f64),
+    pub infraction_per_frame: f64,
+    pub fid: f64,
+    pub kid: f64,
+    /// Wall time of the drawing.
+    pub seconds: f64,
+}
+
+/// The comparison as markdown.
+pub fn sampler_table(rows: &[SamplerRow]) -> String {
+    let mut s = "| model | sampler | motions | infraction % (95% interval) | per frame % | FID | KID ×10³ | seconds |\n|---|---|---|---|---|---|---|---|\n".to_string();
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.2} | {:.3} | {:.2} | {:.0} |\n",
+            r.model,
+            r.sampler,
+            r.samples,
+            100.0 * r.infraction_rate,
+            100.0 * r.infraction_ci95.0,
+            100.0 * r.infraction_ci95.1,
+            100.0 * r.infraction_per_frame,
+            r.fid,
+            1e3 * r.kid,
+            r.seconds
+        );
+    }
+    s
+}
 
 /// The noise level a time-independent classifier is trained and conditioned at: the
 /// DDPM process's smallest.
@@ -371,6 +407,76 @@ impl Run {
         let png = self.out.join("motions.png");
         save_grid(&png, &strips, 3)?;
         eprintln!("wrote {}", png.display());
+        Ok(rows)
+    }
+
+    /// The baseline and Gen-neG iteration 1 drawn with the configured sampler and with
+    /// DDPM's ancestral one on the same motions and noise seed (`eval.sampler_comparison`;
+    /// each kept as `eval/sampler-<model>-<sampler>.json`).
+    pub fn compare_samplers(
+        &self,
+        test: &MotionData,
+        encoder: &MotionEncoder,
+        models: &Models,
+    ) -> Result<Vec<SamplerRow>> {
+        let Some(cmp) = self.cfg.eval.sampler_comparison else {
+            return Ok(Vec::new());
+        };
+        let all: Vec<u32> = (0..test.len() as u32).collect();
+        let real = features_of(encoder, test, &test.rows(&all)?, &all)?;
+        let ddpm = MotionRunConfig {
+            sampler: MotionSampler::Ddpm {
+                steps: cmp.ddpm_steps,
+            },
+            ..self.cfg.clone()
+        };
+        let seed = derive_seed(self.seed, 100);
+        let mut rows = Vec::new();
+        for (name, model) in self.scorers(models)? {
+            if name != "baseline" && name != "genneg_1" {
+                continue;
+            }
+            for cfg in [&self.cfg, &ddpm] {
+                let sampler = match cfg.sampler {
+                    MotionSampler::Heun { steps } => format!("heun-{steps}"),
+                    MotionSampler::Ddpm { steps } => format!("ddpm-{steps}"),
+                };
+                let json = self
+                    .out
+                    .join("eval")
+                    .join(format!("sampler-{name}-{sampler}.json"));
+                if self.reuse && json.exists() {
+                    let kept: SamplerRow =
+                        serde_json::from_slice(&std::fs::read(&json).map_err(|e| {
+                            candle_core::Error::msg(format!("{}: {e}", json.display()))
+                        })?)
+                        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", json.display())))?;
+                    if kept.samples == cmp.samples {
+                        rows.push(kept);
+                        continue;
+                    }
+                }
+                let t0 = std::time::Instant::now();
+                let mut p = Progress::new(&format!("{name} with {sampler}"), cmp.samples);
+                let (x, keys) =
+                    sample_motions(model.as_ref(), cfg, test, cmp.samples, seed, &mut p)?;
+                let seconds = t0.elapsed().as_secs_f64();
+                let s = score_draws(cfg, test, encoder, &real, &x, &keys, seed, f64::NAN)?;
+                let row = SamplerRow {
+                    model: name.clone(),
+                    sampler,
+                    samples: cmp.samples,
+                    infraction_rate: s.infraction.rate,
+                    infraction_ci95: s.infraction.ci95,
+                    infraction_per_frame: s.infraction_per_frame.rate,
+                    fid: s.fid,
+                    kid: s.kid,
+                    seconds,
+                };
+                write_json(&json, &row)?;
+                rows.push(row);
+            }
+        }
         Ok(rows)
     }
 
