@@ -221,7 +221,7 @@ impl Preset for MotionRunConfig {
                 label_dropout: 0.1,
                 save_every: 500,
             },
-            tolerance: 0.02,
+            tolerance: 0.005,
             sampler: MotionSampler::Heun { steps: 24 },
             genneg: GennegConfig {
                 per_class: 2_000,
