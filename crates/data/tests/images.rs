@@ -85,7 +85,7 @@ fn malformed_idx_files_are_named_errors() {
         (idx(&[2, 2], &[0; 4]), "rank 2"),
         (idx(&[2, 2, 2], &[0; 7]), "holds 7"),
         (vec![0, 0, 8, 3, 0, 0], "truncated"),
-        (idx(&[u32::MAX, u32::MAX, u32::MAX], &[]), "header says"),
+        (idx(&[u32::MAX, u32::MAX, u32::MAX], &[]), "overflow"),
     ];
     for (bytes, expected) in cases {
         let path = dir.join("bad-idx3-ubyte");

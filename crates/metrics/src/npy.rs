@@ -85,15 +85,15 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f64>)> {
         })
         .collect::<Result<_>>()?;
     let body = &bytes[start + header_len..];
-    let count = dims
+    // In bytes, so that a shape whose byte count wraps cannot match a short body.
+    let needed = dims
         .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .try_fold(width as usize, |a: usize, &d| a.checked_mul(d))
         .ok_or_else(|| candle_core::Error::msg(".npy shape overflows"))?;
-    if body.len() != count * width {
+    if body.len() != needed {
         bail!(
-            ".npy data holds {} bytes, shape {dims:?} needs {}",
-            body.len(),
-            count * width
+            ".npy data holds {} bytes, shape {dims:?} needs {needed}",
+            body.len()
         );
     }
     let data = if width == 8 {
@@ -106,4 +106,33 @@ fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f64>)> {
             .collect()
     };
     Ok((dims, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(shape: &str) -> Vec<u8> {
+        let mut h =
+            format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}").into_bytes();
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(b' ');
+        }
+        h.push(b'\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((h.len() as u16).to_le_bytes());
+        b.extend(h);
+        b
+    }
+
+    /// 2^62 rows of one f4 is 2^64 bytes: a byte count that wraps to 0 must not match
+    /// the empty body (the fuzzer's corpus replayed with overflow checks found it).
+    #[test]
+    fn a_shape_whose_byte_count_wraps_is_refused() {
+        let e = read_npy(&npy("(4611686018427387904, 1)"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overflows"), "{e}");
+        assert_eq!(read_npy(&npy("(0, 3)")).unwrap().rows, 0);
+    }
 }

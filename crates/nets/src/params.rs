@@ -193,7 +193,7 @@ impl SimpleBackend for ParamStore {
         if let Some(expected) = &self.expected {
             match expected.get(name) {
                 None => bail!(
-                    "the configuration asks for a parameter `{name}` of shape {:?} that the stored weights do not hold (another architecture?)",
+                    "the stored weights are missing `{name}` (shape {:?}), which the configuration asks for (another architecture?)",
                     s.dims()
                 ),
                 Some(dims) if dims[..] != *s.dims() => bail!(
