@@ -1,10 +1,11 @@
-//! Runs survive `kill -9`: a Gen-neG motion run (baseline training, encoder, draws,
+//! Runs survive `kill -9`. A Gen-neG motion run (baseline training, encoder, draws,
 //! classifiers, distillation, evaluation) is killed at random moments, 20 times, and
 //! continued with reuse each time. After every kill each kept file must load; at the
 //! end the rows and every model's tensors must equal an uninterrupted run's, bit for bit.
 //!
 //! The run being killed is this test binary itself, re-executed on the ignored test
-//! `kill::motion_run_child` with the folder in `SG_KILL_DIR`.
+//! `kill::motion_run_child` with the folder in `SG_KILL_DIR`. The `scoreguide train`
+//! command's checkerboard training is killed 10 times the same way.
 
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
@@ -180,4 +181,69 @@ fn same_tensors(whole: &Path, killed: &Path) {
             );
         }
     }
+}
+
+/// The `scoreguide train --resume` command on the checkerboard, killed at random moments
+/// and rerun until it finishes: the final baseline equals an uninterrupted one, to the bit.
+#[test]
+fn checkerboard_training_killed_ten_times_ends_as_an_uninterrupted_one() {
+    let root = std::env::temp_dir().join(format!("sg-kill-cb-{}", std::process::id()));
+    std::fs::remove_dir_all(&root).ok();
+    let config =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/checkerboard/quick.toml");
+    let train = |out: &Path| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_scoreguide"));
+        c.args(["train", "--config"])
+            .arg(&config)
+            .args([
+                "--set",
+                "baseline.iters=100",
+                "--set",
+                "save_every=10",
+                "--resume",
+                "--threads",
+                "1",
+                "--out",
+            ])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    let whole = root.join("whole");
+    let t0 = Instant::now();
+    assert!(train(&whole).status().unwrap().success());
+    let run_time = t0.elapsed();
+    let killed = root.join("killed");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let (mut kills, mut starts) = (0, 0);
+    loop {
+        starts += 1;
+        assert!(starts < 200, "the training never finished");
+        let mut child = train(&killed).spawn().unwrap();
+        if kills < 10 {
+            let ms = rng.random_range(20..(run_time.as_millis() as u64 / 3).max(100));
+            std::thread::sleep(Duration::from_millis(ms));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+                for f in kept_files(&killed) {
+                    Checkpoint::load(&f)
+                        .unwrap_or_else(|e| panic!("after kill {kills}: {}: {e}", f.display()));
+                }
+                continue;
+            }
+        }
+        assert!(child.wait().unwrap().success());
+        if kills >= 10 {
+            break;
+        }
+        // Finished before ten kills landed: start over in an empty folder.
+        same_tensors(&whole, &killed);
+        std::fs::remove_dir_all(&killed).ok();
+    }
+    eprintln!("checkerboard training: killed {kills} times over {starts} starts");
+    same_tensors(&whole, &killed);
+    std::fs::remove_dir_all(&root).ok();
 }
