@@ -31,8 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train an experiment's baseline from its configuration (checkerboard), as its
-    /// example does; `--resume` continues a run cut off.
+    /// Train an experiment's baseline from its configuration (checkerboard,
+    /// genneg_motion), as its example does; `--resume` continues a run cut off.
     Train {
         #[command(flatten)]
         config: ConfigArgs,
@@ -50,16 +50,18 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Gen-neG iterations on a trained baseline (genneg_checkerboard), each stack into
-    /// OUT/genneg_<k>.safetensors.
+    /// Gen-neG on a trained baseline: genneg_checkerboard's iterations (each stack into
+    /// OUT/genneg_<k>.safetensors), or genneg_motion's whole run (classifiers, ablations,
+    /// distillation, the table) continuing what `train` kept in OUT.
     Genneg {
         #[command(flatten)]
         config: ConfigArgs,
         #[arg(long)]
         experiment: Option<String>,
-        /// The baseline checkpoint (what `scoreguide train` wrote).
+        /// The baseline checkpoint (what `scoreguide train` wrote; the motion run reads
+        /// its own from --out).
         #[arg(long)]
-        baseline: PathBuf,
+        baseline: Option<PathBuf>,
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
@@ -205,7 +207,7 @@ fn main() {
         } => scoreguide::runtime::on_compute_threads(threads, || {
             let e = run::experiment_of(&config, experiment.as_deref(), "genneg_checkerboard");
             let out = out.unwrap_or_else(|| run::default_out(&e));
-            run::genneg(&config, &e, &baseline, &out, seed)
+            run::genneg(&config, &e, baseline.as_deref(), &out, seed)
         }),
         Command::Sample {
             model,

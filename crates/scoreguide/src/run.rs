@@ -31,7 +31,8 @@ pub fn experiment_of(config: &ConfigArgs, given: Option<&str>, default: &str) ->
 }
 
 /// `scoreguide train`: the checkerboard baseline (resumable), as the `checkerboard`
-/// example trains it, into `out/baseline.safetensors`.
+/// example trains it, or the motion baseline, as `genneg_motion` does, into
+/// `out/baseline.safetensors`.
 pub fn train(
     config: &ConfigArgs,
     experiment: &str,
@@ -39,10 +40,18 @@ pub fn train(
     seed: u64,
     resume: bool,
 ) -> Result<()> {
-    if experiment != "checkerboard" {
-        bail!(
-            "scoreguide train: experiment `{experiment}` is not one this command trains yet (checkerboard); run its example: cargo run --release --example {experiment}"
-        );
+    match experiment {
+        "checkerboard" => {}
+        "genneg_motion" => {
+            let run = motion_run(config, out, seed, resume)?;
+            let (train, _) = run.data()?;
+            run.baseline(&train)?;
+            println!("baseline: {}", out.join("baseline.safetensors").display());
+            return Ok(());
+        }
+        _ => bail!(
+            "scoreguide train: experiment `{experiment}` is not one this command trains yet (checkerboard, genneg_motion); run its example: cargo run --release --example {experiment}"
+        ),
     }
     let cfg = config.resolve::<CheckerboardConfig>()?.seeded(seed);
     save_resolved(&cfg, out)?;
@@ -75,19 +84,50 @@ pub fn train(
 }
 
 /// `scoreguide genneg`: Gen-neG iterations on a checkerboard baseline, as the
-/// `genneg_checkerboard` example runs them, each stack into `out/genneg_<k>.safetensors`.
+/// `genneg_checkerboard` example runs them, each stack into `out/genneg_<k>.safetensors`;
+/// or the motion run's Gen-neG stages and table, as `genneg_motion` runs them.
 pub fn genneg(
     config: &ConfigArgs,
     experiment: &str,
-    baseline: &Path,
+    baseline: Option<&Path>,
     out: &Path,
     seed: u64,
 ) -> Result<()> {
-    if experiment != "genneg_checkerboard" {
-        bail!(
-            "scoreguide genneg: experiment `{experiment}` is not one this command runs yet (genneg_checkerboard); run its example: cargo run --release --example {experiment}"
-        );
+    match experiment {
+        "genneg_checkerboard" => {}
+        "genneg_motion" => {
+            // The motion run keeps every stage in `out` (its baseline too), so it
+            // continues what `scoreguide train` left there.
+            if baseline.is_some() {
+                bail!("scoreguide genneg: the motion run reads its baseline from --out (what `scoreguide train` wrote there), not --baseline");
+            }
+            let run = motion_run(config, out, seed, true)?;
+            let (train, test) = run.data()?;
+            let base = run.baseline(&train)?;
+            let encoder = run.encoder(&train, &test)?;
+            let (model, _) = load_score_model(&base, Weights::Ema, DType::F32, &run.dev)?;
+            let draws = run.draws(&train, &model)?;
+            let classifiers = run.classifiers(&train, &draws)?;
+            let distilled = run.distill(&train, &base, &classifiers[0].1)?;
+            let models = scoreguide::motion::stages::Models {
+                base,
+                classifiers,
+                distilled,
+                alpha: draws.alpha(),
+            };
+            let rows = run.evaluate(&test, &encoder, &models)?;
+            println!("{}", scoreguide::motion::table(&rows, run.cfg.eval.samples));
+            return Ok(());
+        }
+        _ => bail!(
+            "scoreguide genneg: experiment `{experiment}` is not one this command runs yet (genneg_checkerboard, genneg_motion); run its example: cargo run --release --example {experiment}"
+        ),
     }
+    let Some(baseline) = baseline else {
+        bail!(
+            "scoreguide genneg: the checkerboard needs --baseline (what `scoreguide train` wrote)"
+        );
+    };
     let cfg = config.resolve::<GennegCheckerboardConfig>()?.seeded(seed);
     save_resolved(&cfg, out)?;
     let dev = Device::Cpu;
@@ -106,6 +146,24 @@ pub fn genneg(
         stack = next;
     }
     Ok(())
+}
+
+/// The motion run of a configuration, kept in `out` (reused when `reuse`).
+fn motion_run(
+    config: &ConfigArgs,
+    out: &Path,
+    seed: u64,
+    reuse: bool,
+) -> Result<scoreguide::motion::stages::Run> {
+    let cfg: scoreguide::motion::MotionRunConfig = config.resolve()?;
+    save_resolved(&cfg, out)?;
+    Ok(scoreguide::motion::stages::Run {
+        cfg,
+        out: out.to_path_buf(),
+        dev: Device::Cpu,
+        seed,
+        reuse,
+    })
 }
 
 /// A model file as a score: a Gen-neG stack (`genneg_<k>.safetensors`) guided by its
