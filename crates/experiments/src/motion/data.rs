@@ -104,7 +104,12 @@ impl MotionData {
         keys.iter()
             .enumerate()
             .map(|(r, &k)| {
-                let len = self.set.lengths[k as usize];
+                let Some(&len) = self.set.lengths.get(k as usize) else {
+                    bail!(
+                        "motion judging: row {r} was drawn under motion {k}, the set has {}",
+                        self.len()
+                    );
+                };
                 oracle
                     .check(&values[r * d..(r + 1) * d], len)
                     .map_err(|e| candle_core::Error::msg(format!("motion {r}: {e}")))
