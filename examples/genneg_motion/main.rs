@@ -6,10 +6,9 @@
 
 use clap::Parser;
 use scoreguide::config::{save_resolved, ConfigArgs};
-use scoreguide::motion::stages::{sampler_table, Models, Run, SamplerRow};
+use scoreguide::motion::stages::{sampler_table, Run, SamplerRow};
 use scoreguide::motion::{table, ModelRow, MotionRunConfig};
 use scoreguide::runtime::{write_json, CommonArgs};
-use scoreguide::train::{load_score_model, Weights};
 use serde::Serialize;
 
 #[global_allocator]
@@ -61,22 +60,9 @@ fn run(args: Args) -> candle_core::Result<()> {
         seed: args.common.seed,
         reuse: args.reuse,
     };
-    let (train, test) = run.data()?;
-    let base = run.baseline(&train)?;
-    let encoder = run.encoder(&train, &test)?;
-    let (model, _) = load_score_model(&base, Weights::Ema, candle_core::DType::F32, &run.dev)?;
-    let draws = run.draws(&train, &model)?;
-    let classifiers = run.classifiers(&train, &draws)?;
-    let distilled = run.distill(&train, &base, &classifiers[0].1)?;
-    let models = Models {
-        base,
-        classifiers,
-        distilled,
-        alpha: draws.alpha(),
-    };
-    let rows = run.evaluate(&test, &encoder, &models)?;
-    let samplers = run.compare_samplers(&test, &encoder, &models)?;
-    println!("{}", table(&rows, run.cfg.eval.samples));
+    let o = run.run_all()?;
+    let samplers = run.compare_samplers(&o.test, &o.encoder, &o.models)?;
+    println!("{}", table(&o.rows, run.cfg.eval.samples));
     if !samplers.is_empty() {
         println!("{}", sampler_table(&samplers));
     }
@@ -85,12 +71,12 @@ fn run(args: Args) -> candle_core::Result<()> {
             p,
             &Report {
                 prediction: run.cfg.model.prediction.name(),
-                train_motions: train.len(),
-                test_motions: test.len(),
-                alpha: models.alpha,
-                draws: draws.drawn,
+                train_motions: o.train.len(),
+                test_motions: o.test.len(),
+                alpha: o.models.alpha,
+                draws: o.drawn,
                 seed: run.seed,
-                models: &rows,
+                models: &o.rows,
                 sampler_comparison: &samplers,
             },
         )?;

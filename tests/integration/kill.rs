@@ -10,9 +10,9 @@
 use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use scoreguide::experiments::config::resolve;
-use scoreguide::motion::stages::{Models, Run};
+use scoreguide::motion::stages::Run;
 use scoreguide::motion::{ModelRow, MotionRunConfig};
-use scoreguide::train::{load_score_model, Checkpoint, Weights};
+use scoreguide::train::Checkpoint;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,21 +53,7 @@ fn run_in(out: &Path) -> Vec<ModelRow> {
         seed: 5,
         reuse: true,
     };
-    let (train, test) = run.data().unwrap();
-    let base = run.baseline(&train).unwrap();
-    let encoder = run.encoder(&train, &test).unwrap();
-    let (model, _) =
-        load_score_model(&base, Weights::Ema, candle_core::DType::F32, &run.dev).unwrap();
-    let draws = run.draws(&train, &model).unwrap();
-    let classifiers = run.classifiers(&train, &draws).unwrap();
-    let distilled = run.distill(&train, &base, &classifiers[0].1).unwrap();
-    let models = Models {
-        base,
-        classifiers,
-        distilled,
-        alpha: draws.alpha(),
-    };
-    run.evaluate(&test, &encoder, &models).unwrap()
+    run.run_all().unwrap().rows
 }
 
 #[test]

@@ -3,11 +3,10 @@
 
 use candle_core::{Device, Tensor};
 use scoreguide_experiments::config::{resolve, Preset};
-use scoreguide_experiments::motion::stages::{Models, Run};
+use scoreguide_experiments::motion::stages::Run;
 use scoreguide_experiments::motion::{MotionData, MotionRunConfig, MotionTask};
 use scoreguide_genneg::Task;
 use scoreguide_oracles::motion::{FEATURES, ROOT_Y};
-use scoreguide_train::{load_score_model, Weights};
 
 fn tiny() -> MotionRunConfig {
     let sets = [
@@ -78,22 +77,10 @@ fn a_tiny_run_goes_through_every_stage_and_is_reused() {
         reuse,
     };
     let go = |run: &Run| {
-        let (train, test) = run.data().unwrap();
-        let base = run.baseline(&train).unwrap();
-        let encoder = run.encoder(&train, &test).unwrap();
-        let (model, _) =
-            load_score_model(&base, Weights::Ema, candle_core::DType::F32, &run.dev).unwrap();
-        let draws = run.draws(&train, &model).unwrap();
-        let classifiers = run.classifiers(&train, &draws).unwrap();
-        let distilled = run.distill(&train, &base, &classifiers[0].1).unwrap();
-        let models = Models {
-            base,
-            classifiers,
-            distilled,
-            alpha: draws.alpha(),
-        };
-        let rows = run.evaluate(&test, &encoder, &models).unwrap();
-        let samplers = run.compare_samplers(&test, &encoder, &models).unwrap();
+        let o = run.run_all().unwrap();
+        let samplers = run
+            .compare_samplers(&o.test, &o.encoder, &o.models)
+            .unwrap();
         let names: Vec<String> = samplers
             .iter()
             .map(|r| format!("{} {}", r.model, r.sampler))
@@ -108,7 +95,7 @@ fn a_tiny_run_goes_through_every_stage_and_is_reused() {
             ]
         );
         assert!(samplers.iter().all(|r| r.samples == 8 && r.fid.is_finite()));
-        rows
+        o.rows
     };
     let rows = go(&run(false));
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();

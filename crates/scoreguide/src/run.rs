@@ -102,21 +102,8 @@ pub fn genneg(
                 bail!("scoreguide genneg: the motion run reads its baseline from --out (what `scoreguide train` wrote there), not --baseline");
             }
             let run = motion_run(config, out, seed, true)?;
-            let (train, test) = run.data()?;
-            let base = run.baseline(&train)?;
-            let encoder = run.encoder(&train, &test)?;
-            let (model, _) = load_score_model(&base, Weights::Ema, DType::F32, &run.dev)?;
-            let draws = run.draws(&train, &model)?;
-            let classifiers = run.classifiers(&train, &draws)?;
-            let distilled = run.distill(&train, &base, &classifiers[0].1)?;
-            let models = scoreguide::motion::stages::Models {
-                base,
-                classifiers,
-                distilled,
-                alpha: draws.alpha(),
-            };
-            let rows = run.evaluate(&test, &encoder, &models)?;
-            println!("{}", scoreguide::motion::table(&rows, run.cfg.eval.samples));
+            let o = run.run_all()?;
+            println!("{}", scoreguide::motion::table(&o.rows, run.cfg.eval.samples));
             return Ok(());
         }
         _ => bail!(

@@ -80,7 +80,45 @@ pub struct Models {
     pub alpha: f64,
 }
 
+/// A run carried through every stage: its data, its encoder, its models and the table.
+pub struct Outcome {
+    pub train: MotionData,
+    pub test: MotionData,
+    pub encoder: MotionEncoder,
+    pub models: Models,
+    pub rows: Vec<ModelRow>,
+    /// Motions Gen-neG drew from the baseline.
+    pub drawn: usize,
+}
+
 impl Run {
+    /// Every stage in order (each reusing what the output folder keeps, with `reuse`):
+    /// data, baseline, encoder, draws, classifiers, distillation, evaluation.
+    pub fn run_all(&self) -> Result<Outcome> {
+        let (train, test) = self.data()?;
+        let base = self.baseline(&train)?;
+        let encoder = self.encoder(&train, &test)?;
+        let (model, _) = load_score_model(&base, Weights::Ema, DType::F32, &self.dev)?;
+        let draws = self.draws(&train, &model)?;
+        let classifiers = self.classifiers(&train, &draws)?;
+        let distilled = self.distill(&train, &base, &classifiers[0].1)?;
+        let models = Models {
+            base,
+            classifiers,
+            distilled,
+            alpha: draws.alpha(),
+        };
+        let rows = self.evaluate(&test, &encoder, &models)?;
+        Ok(Outcome {
+            train,
+            test,
+            encoder,
+            models,
+            rows,
+            drawn: draws.drawn,
+        })
+    }
+
     fn oracle(&self) -> GroundOracle {
         self.cfg.oracle()
     }
