@@ -253,7 +253,7 @@ fn train_genneg_sample_eval_compose() {
         "--config",
         cb.to_str().unwrap(),
         "--set",
-        "baseline.iters=30",
+        "baseline.iters=300",
         "--out",
         d,
         "--threads",
@@ -339,6 +339,8 @@ fn train_genneg_sample_eval_compose() {
     ]);
     assert!(ok, "{err}");
 
+    at_scale(&dir, &base, &stack);
+
     // Bad input: status 1, the file named; bad usage: status 2.
     let status = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_scoreguide"))
@@ -353,4 +355,137 @@ fn train_genneg_sample_eval_compose() {
     let e = status(&["train", "--config", g.to_str().unwrap()]);
     assert_eq!(e.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&e.stderr).contains("genneg_checkerboard"));
+}
+
+/// `sample --shard` and `draws --shard` (from the model, and from the baseline by SIS)
+/// in 4 shards merge to the single run's file byte for byte; `sample --valid` returns
+/// only valid samples within its bound; a shard of another run is refused.
+fn at_scale(dir: &Path, base: &Path, stack: &Path) {
+    let (base, stack) = (base.to_str().unwrap(), stack.to_str().unwrap());
+    let file = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let sharded = |what: &[&str], name: &str| -> (Vec<u8>, Vec<u8>) {
+        let single = file(&format!("{name}.safetensors"));
+        let mut args = what.to_vec();
+        args.extend(["--out", &single, "--threads", "1"]);
+        let (ok, _, err) = run(&args);
+        assert!(ok, "{err}");
+        let mut parts = Vec::new();
+        for i in [2, 0, 3, 1] {
+            let part = file(&format!("{name}-{i}.safetensors"));
+            let shard = format!("{i}/4");
+            let mut args = what.to_vec();
+            args.extend(["--shard", &shard, "--out", &part, "--threads", "1"]);
+            let (ok, _, err) = run(&args);
+            assert!(ok, "{err}");
+            parts.push(part);
+        }
+        let merged = file(&format!("{name}-merged.safetensors"));
+        let mut args = vec!["merge", "--out", &merged];
+        args.extend(parts.iter().map(String::as_str));
+        let (ok, _, err) = run(&args);
+        assert!(ok, "{err}");
+        // Three of four shards are not a run.
+        let mut args = vec!["merge", "--out", &merged];
+        args.extend(parts[1..].iter().map(String::as_str));
+        assert!(!run(&args).0, "a merge of 3 of 4 shards succeeded");
+        (
+            std::fs::read(&single).unwrap(),
+            std::fs::read(&merged).unwrap(),
+        )
+    };
+    let (a, b) = sharded(
+        &[
+            "sample", "--model", stack, "--n", "250", "--steps", "12", "--batch", "40",
+        ],
+        "samples",
+    );
+    assert!(
+        a == b,
+        "sampling: 4 shards merged differ from the single run"
+    );
+    let (a, b) = sharded(
+        &[
+            "draws",
+            "--model",
+            stack,
+            "--per-class",
+            "15",
+            "--budget",
+            "400",
+            "--batch",
+            "50",
+            "--min-negatives",
+            "5",
+            "--steps",
+            "12",
+        ],
+        "draws",
+    );
+    assert!(a == b, "draws: 4 shards merged differ from the single run");
+    let (a, b) = sharded(
+        &[
+            "draws",
+            "--model",
+            stack,
+            "--proposal",
+            base,
+            "--sampler",
+            "ancestral",
+            "--per-class",
+            "15",
+            "--budget",
+            "400",
+            "--batch",
+            "50",
+            "--min-negatives",
+            "5",
+            "--steps",
+            "12",
+        ],
+        "sis",
+    );
+    assert!(
+        a == b,
+        "SIS draws: 4 shards merged differ from the single run"
+    );
+    let sis = scoreguide::train::Checkpoint::load(dir.join("sis.safetensors")).unwrap();
+    let d = scoreguide::genneg::Draws::from_checkpoint(&sis, &candle_core::Device::Cpu).unwrap();
+    assert!(d.sis.is_some(), "{}", d.summary());
+
+    // A shard of another run (another seed) is refused by name.
+    let other = file("other-shard.safetensors");
+    let (ok, _, err) = run(&[
+        "sample", "--model", stack, "--n", "250", "--steps", "12", "--batch", "40", "--seed", "9",
+        "--shard", "0/4", "--out", &other,
+    ]);
+    assert!(ok, "{err}");
+    let merged = file("bad-merge.safetensors");
+    let mut args = vec!["merge", "--out", &merged, &other];
+    let rest: Vec<String> = (1..4)
+        .map(|i| file(&format!("samples-{i}.safetensors")))
+        .collect();
+    args.extend(rest.iter().map(String::as_str));
+    let (ok, _, err) = run(&args);
+    assert!(
+        !ok && err.contains("other-shard.safetensors") && err.contains("another run"),
+        "{err}"
+    );
+
+    let valid = file("valid.safetensors");
+    let (ok, out, err) = run(&[
+        "sample", "--model", stack, "--valid", "200", "--steps", "12", "--json", "--out", &valid,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["within_bound"], true, "{v}");
+    assert!(v["drawn"].as_u64().unwrap() >= 200);
+    let (ok, out, err) = run(&["eval", "--samples", &valid, "--json"]);
+    assert!(ok, "{err}");
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["samples"], 200);
+    assert_eq!(e["infraction_rate"].as_f64().unwrap(), 0.0);
+    // --valid and --shard do not go together.
+    assert!(
+        !run(&["sample", "--model", stack, "--valid", "5", "--shard", "0/2", "--out", &valid]).0
+    );
 }

@@ -85,8 +85,9 @@ impl Checkpoint {
             .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
             .collect::<Result<_>>()?;
         let meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
-        safetensors::serialize(cpu.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
-            .map_err(|e| candle_core::Error::msg(format!("serialising checkpoint: {e}")))
+        let bytes = safetensors::serialize(cpu.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+            .map_err(|e| candle_core::Error::msg(format!("serialising checkpoint: {e}")))?;
+        canonical_header(bytes)
     }
 
     /// Parses a checkpoint; every failure (truncation, bad header, foreign file) is an
@@ -142,6 +143,63 @@ impl Checkpoint {
     }
 }
 
+/// The same safetensors file with its JSON header's keys sorted: safetensors writes the
+/// metadata map in hash order, and equal checkpoints should be equal bytes (a sharded
+/// run's merge is checked against a single run's file byte for byte).
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let broken = || candle_core::Error::msg("serialising checkpoint: safetensors wrote no header");
+    let len = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .ok_or_else(broken)?
+            .try_into()
+            .map_err(|_| broken())?,
+    ) as usize;
+    let header = bytes.get(8..8 + len).ok_or_else(broken)?;
+    let value: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| candle_core::Error::msg(format!("serialising checkpoint: header: {e}")))?;
+    let mut json = String::with_capacity(len);
+    write_sorted(&value, &mut json);
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - len);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&bytes[8 + len..]);
+    Ok(out)
+}
+
+fn write_sorted(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                write_sorted(&map[k], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_sorted(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary sibling file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
@@ -192,6 +250,27 @@ mod tests {
         // read it back one ulp off, and resuming that run refused its own checkpoint.
         let scale = 14.817414283752441f64;
         assert_eq!(reread(&scale)?.to_bits(), scale.to_bits());
+        Ok(())
+    }
+
+    #[test]
+    fn equal_checkpoints_are_equal_bytes() -> Result<()> {
+        let build = |order: &[usize]| -> Result<Vec<u8>> {
+            let mut c = Checkpoint::new();
+            for &i in order {
+                c.set_meta(&format!("key{i}"), &vec![i as f64 * 0.5; i])?;
+                c.tensors
+                    .insert(format!("t{i}"), Tensor::new(&[i as f32; 3], &Device::Cpu)?);
+            }
+            c.to_bytes()
+        };
+        let a = build(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9])?;
+        for _ in 0..5 {
+            assert_eq!(build(&[9, 3, 0, 7, 1, 5, 2, 8, 6, 4])?, a);
+        }
+        let back = Checkpoint::from_bytes(&a)?;
+        assert_eq!(back.meta::<Vec<f64>>("key3")?, vec![1.5; 3]);
+        assert_eq!(back.tensors["t9"].to_vec1::<f32>()?, vec![9.0; 3]);
         Ok(())
     }
 

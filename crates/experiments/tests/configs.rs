@@ -3,6 +3,7 @@
 //! scoreguide-experiments --test configs` rewrites them from the presets.
 
 use scoreguide_experiments::checkerboard::genneg::GennegCheckerboardConfig;
+use scoreguide_experiments::checkerboard::sis::SisCheckerboardConfig;
 use scoreguide_experiments::checkerboard::CheckerboardConfig;
 use scoreguide_experiments::config::{preset_toml, resolve, Preset};
 use scoreguide_experiments::dlsm_images::DlsmImagesConfig;
@@ -43,6 +44,7 @@ fn checked_in_configs_are_the_presets() {
     check::<CheckerboardConfig>("checkerboard");
     check::<DlsmMoonsConfig>("dlsm_moons");
     check::<GennegCheckerboardConfig>("genneg_checkerboard");
+    check::<SisCheckerboardConfig>("genneg_sis");
     check::<TrafficRunConfig>("genneg_traffic");
     check::<ImageScoreConfig>("image_score");
     check::<ImageClassifierConfig>("cas");

@@ -13,6 +13,11 @@
 //! components are valid (K = 1 for a point, K = agents for a traffic scene). Labels and
 //! importance weights are `[N, K]`, and the classifier has one logit per component.
 //!
+//! At scale: a synthetic set can be drawn from an earlier, more often invalid model and
+//! weighted for the current one by sequential importance sampling ([`Source::Sis`],
+//! App. D.2), or in shards by row ranges merged into the single process's set
+//! ([`collect_shard`], [`merge_shards`]); [`sample_valid`] returns k valid samples in
+//! few draws.
 
 //!
 //! ```
@@ -34,12 +39,17 @@ mod collect;
 mod distill;
 mod stack;
 mod task;
+mod valid;
 
 pub use classify::{
     train_classifier, ClassifierKind, ClassifierTrainConfig, LabelledSet, TrainedClassifier,
 };
-pub use collect::{collect, CollectConfig, Draws};
+pub use collect::{
+    collect, collect_from, collect_shard, merge_shards, CollectConfig, Draws, Shard, ShardDraws,
+    SisWeights, Source,
+};
 pub use distill::{distill, DistillConfig, RowCond};
 pub use scoreguide_train::Staged;
 pub use stack::{Stack, StackedClassifier};
 pub use task::{Task, Unconditioned};
+pub use valid::{sample_valid, valid_draws, ValidConfig, ValidReport, ValidSamples};

@@ -5,7 +5,8 @@
 //! clean data), the rows' condition ([`Cond`], k-diffusion's `extra_args`; `Cond::none()`
 //! for an unconditioned model), a [`SampleNoise`] with one seeded generator per sample, and a per-step
 //! [`Callback`] that may stop the run early. [`Sampler`] names each with its options, so
-//! swapping one for another is a one-word change.
+//! swapping one for another is a one-word change. [`sample_sis`] runs a stochastic sampler
+//! with one model's transitions and weights each chain for another's (Gen-neG App. D.2).
 //!
 //! ```
 //! use candle_core::{DType, Device};
@@ -24,7 +25,9 @@
 //! ```
 
 mod samplers;
+mod sis;
 
 pub use samplers::*;
 pub use scoreguide_guidance::{Cond, Score};
 pub use scoreguide_sde::SampleNoise;
+pub use sis::sample_sis;

@@ -145,7 +145,7 @@ pub fn initial_noise(
     noise.randn(shape, dtype, device)? * sigma_max
 }
 
-fn check_grid(sigmas: &[f64], descending_only: bool) -> Result<()> {
+pub(crate) fn check_grid(sigmas: &[f64], descending_only: bool) -> Result<()> {
     if sigmas.len() < 2 {
         bail!("σ grid: need at least 2 noise levels, got {}", sigmas.len());
     }
@@ -169,7 +169,7 @@ fn check_grid(sigmas: &[f64], descending_only: bool) -> Result<()> {
     Ok(())
 }
 
-fn check_state(x: &Tensor, noise: &SampleNoise, cond: &Cond) -> Result<()> {
+pub(crate) fn check_state(x: &Tensor, noise: &SampleNoise, cond: &Cond) -> Result<()> {
     if x.rank() < 2 {
         bail!("sampler: x must be [batch, ...], got {:?}", x.dims());
     }
@@ -184,7 +184,7 @@ fn check_state(x: &Tensor, noise: &SampleNoise, cond: &Cond) -> Result<()> {
     Ok(())
 }
 
-fn sigma_vec(x: &Tensor, sigma: f64) -> Result<Tensor> {
+pub(crate) fn sigma_vec(x: &Tensor, sigma: f64) -> Result<Tensor> {
     Tensor::full(sigma as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype())
 }
 
@@ -204,7 +204,7 @@ fn ode_derivative(
 }
 
 /// Tells the callback about step `index` of `sigmas` (σ_index → σ_index+1); true to stop.
-fn report(
+pub(crate) fn report(
     callback: &mut Option<Callback>,
     sigmas: &[f64],
     index: usize,

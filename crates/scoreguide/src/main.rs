@@ -2,10 +2,12 @@
 
 use clap::{Parser, Subcommand};
 use scoreguide::config::ConfigArgs;
+use scoreguide::genneg::{CollectConfig, Shard};
 use scoreguide::train::Checkpoint;
 use std::path::{Path, PathBuf};
 
 mod run;
+mod scale;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -22,6 +24,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
   scoreguide genneg --config configs/genneg_checkerboard/quick.toml --baseline out/cli/baseline.safetensors --out out/cli\n\
   scoreguide sample --model out/cli/genneg_1.safetensors --n 10000 --seed 1 --out out/cli/genneg-samples.safetensors\n\
   scoreguide eval --samples out/cli/genneg-samples.safetensors --oracle checkerboard\n\
+\nAt scale: 1000 valid samples; a synthetic set in 4 shards (one per process or machine), merged\n\
+\n  scoreguide sample --model out/cli/genneg_1.safetensors --valid 1000 --out out/cli/valid.safetensors\n\
+  scoreguide draws --model out/cli/genneg_1.safetensors --shard 0/4 --out out/cli/draws-0.safetensors   (and 1/4, 2/4, 3/4)\n\
+  scoreguide merge out/cli/draws-*.safetensors --out out/cli/draws.safetensors\n\
 \nExit status: 0 done, 1 bad input (the message names it), 2 bad usage."
 )]
 struct Cli {
@@ -69,27 +75,90 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Draw samples of a model (a score model or a Gen-neG stack) with the checkerboard
-    /// paper's Heun sampler into a safetensors file (`samples`, [N, 2]).
+    /// Draw samples of a checkerboard model (a score model or a Gen-neG stack) into a
+    /// safetensors file (`samples`, [N, 2]): N of them (in shards with --shard i/n,
+    /// joined by `merge`), or K valid ones with --valid K.
     Sample {
         /// A checkpoint: baseline.safetensors, genneg_<k>.safetensors, …
         #[arg(long)]
         model: PathBuf,
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 10_000, conflicts_with = "valid")]
         n: usize,
-        /// Heun steps (the checkerboard example's default).
+        /// Return K samples the checkerboard oracle calls valid, in as few batched draws
+        /// as the acceptance rate allows; prints draws used and the acceptance rate.
+        #[arg(long)]
+        valid: Option<usize>,
+        /// With --valid: each batch after the first is sized to finish with probability
+        /// ≥ 1 − δ.
+        #[arg(long, default_value_t = 1e-3)]
+        delta: f64,
+        /// `heun` (the checkerboard paper's, churn 10) or `ancestral` (DDPM's).
+        #[arg(long, default_value = "heun")]
+        sampler: String,
+        /// Sampler steps (the checkerboard example's default).
         #[arg(long, default_value_t = 100)]
         steps: usize,
         /// Noise seed: draw i uses stream (seed, i); the checkerboard example samples with
         /// its --seed + 1.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Rows per sampler call (the most, with --valid).
         #[arg(long, default_value_t = 10_000)]
         batch: usize,
+        /// Draw only shard i of n (its contiguous range of batches); `scoreguide merge`
+        /// joins the shards into the single run's file.
+        #[arg(long, conflicts_with = "valid")]
+        shard: Option<Shard>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Print --valid's figures as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Draw a Gen-neG synthetic set of a checkerboard model: until N valid and N invalid
+    /// samples are in hand or the budget is spent, from the model itself or from
+    /// --proposal weighted for the model (sequential importance sampling, App. D.2);
+    /// in shards with --shard i/n (each draws its batches of the whole budget), joined
+    /// by `merge` into the single run's file.
+    Draws {
+        /// The model the set is for (a Gen-neG stack or a baseline).
+        #[arg(long)]
+        model: PathBuf,
+        /// Draw from this model instead (an earlier, more often invalid one) and weight
+        /// each chain for --model; needs --sampler ancestral.
+        #[arg(long)]
+        proposal: Option<PathBuf>,
+        #[arg(long, default_value_t = 1_000)]
+        per_class: usize,
+        #[arg(long, default_value_t = 100_000)]
+        budget: usize,
+        #[arg(long, default_value_t = 100)]
+        min_negatives: usize,
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+        #[arg(long, default_value = "heun")]
+        sampler: String,
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        shard: Option<Shard>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// Join the shards of one `sample` or `draws` run into the file a single process
+    /// writes (byte for byte).
+    Merge {
+        /// The shard files, in any order.
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Infraction rate (with its 95% interval) of samples under an oracle.
     Eval {
@@ -212,14 +281,53 @@ fn main() {
         Command::Sample {
             model,
             n,
+            valid,
+            delta,
+            sampler,
             steps,
             seed,
             batch,
+            shard,
+            out,
+            json,
+            threads,
+        } => scoreguide::runtime::on_compute_threads(threads, || match valid {
+            Some(k) => {
+                scale::sample_valid_cmd(&model, k, delta, &sampler, steps, seed, batch, &out, json)
+            }
+            None => scale::sample(&model, n, &sampler, steps, seed, batch, shard, &out),
+        }),
+        Command::Draws {
+            model,
+            proposal,
+            per_class,
+            budget,
+            min_negatives,
+            batch,
+            sampler,
+            steps,
+            seed,
+            shard,
             out,
             threads,
         } => scoreguide::runtime::on_compute_threads(threads, || {
-            run::sample_cmd(&model, n, steps, seed, batch, &out)
+            scale::draws(scale::DrawsArgs {
+                model: &model,
+                proposal: proposal.as_deref(),
+                collect: CollectConfig {
+                    per_class: Some(per_class),
+                    batch,
+                    budget,
+                    min_negatives,
+                    seed,
+                },
+                sampler: &sampler,
+                steps,
+                shard,
+                out: &out,
+            })
         }),
+        Command::Merge { shards, out } => scale::merge(&shards, &out),
         Command::Eval {
             samples,
             oracle,

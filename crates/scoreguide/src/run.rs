@@ -5,7 +5,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 use scoreguide::checkerboard::genneg::{iteration, GennegCheckerboardConfig, COLLECTION_META};
 use scoreguide::checkerboard::{
-    label, load_baseline, paper_sampler, sample, train_baseline, CheckerboardConfig,
+    label, load_baseline, paper_sampler, train_baseline, CheckerboardConfig,
 };
 use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::genneg::{Stack, Unconditioned};
@@ -155,7 +155,7 @@ fn motion_run(
 
 /// A model file as a score: a Gen-neG stack (`genneg_<k>.safetensors`) guided by its
 /// classifiers, or a score model's EMA weights.
-fn model_of(path: &Path, dev: &Device) -> Result<Box<dyn Score>> {
+pub(crate) fn model_of(path: &Path, dev: &Device) -> Result<Box<dyn Score>> {
     let c = Checkpoint::load(path)?;
     let named = |e: candle_core::Error| candle_core::Error::msg(format!("{}: {e}", path.display()));
     Ok(if c.metadata.contains_key("classifiers") {
@@ -172,33 +172,6 @@ fn model_of(path: &Path, dev: &Device) -> Result<Box<dyn Score>> {
                 .0,
         )
     })
-}
-
-/// `scoreguide sample`: `n` draws of a two-dimensional model with the checkerboard
-/// paper's Heun sampler (draw i from noise stream (seed, i)), into `out` as a
-/// safetensors file of one tensor `samples` `[n, 2]`.
-pub fn sample_cmd(
-    model: &Path,
-    n: usize,
-    steps: usize,
-    seed: u64,
-    batch: usize,
-    out: &Path,
-) -> Result<()> {
-    if n == 0 || steps == 0 || batch == 0 {
-        bail!("scoreguide sample: --n, --steps and --batch must be positive");
-    }
-    let dev = Device::Cpu;
-    let score = model_of(model, &dev)?;
-    let x = sample(score.as_ref(), n, steps, seed, batch, &dev, "sample")?;
-    let mut c = Checkpoint::new();
-    c.tensors.insert("samples".into(), x);
-    c.set_meta("model", &model.display().to_string())?;
-    c.set_meta("steps", &steps)?;
-    c.set_meta("seed", &seed)?;
-    c.save(out)?;
-    println!("{n} samples of {} in {}", model.display(), out.display());
-    Ok(())
 }
 
 /// `scoreguide eval`: the infraction rate of samples under an oracle, as the examples'

@@ -4,6 +4,7 @@
 
 pub mod genneg;
 pub mod nll;
+pub mod sis;
 
 use crate::config::Preset;
 use crate::plot::{Canvas, BLUE, GREY, RED};

@@ -212,18 +212,9 @@ impl Run {
                     path.display()
                 );
             }
-            let x =
-                c.tensors.get("x").cloned().ok_or_else(|| {
-                    candle_core::Error::msg(format!("{}: no `x`", path.display()))
-                })?;
-            let keys: Vec<u32> = c.meta("keys")?;
-            let valid: Vec<bool> = c.meta("valid")?;
-            let mut d = Draws::from_rows(x.to_device(&self.dev)?, keys, valid, 1)?;
+            let mut d = Draws::from_checkpoint(&c, &self.dev)
+                .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
             d.per_class = cc.per_class;
-            d.drawn = c.meta("drawn")?;
-            d.valid_found = c.meta("valid_found")?;
-            d.invalid_found = c.meta("invalid_found")?;
-            d.budget_exhausted = c.meta("budget_exhausted")?;
             eprintln!(
                 "Gen-neG draws: reusing {} ({})",
                 path.display(),
@@ -246,16 +237,9 @@ impl Run {
             },
         )?;
         eprintln!("Gen-neG draws: {}", d.summary());
-        let mut c = Checkpoint::new();
-        c.tensors.insert("x".into(), d.x.to_device(&Device::Cpu)?);
+        let mut c = d.to_checkpoint()?;
         c.set_meta("collect", &cc)?;
         c.set_meta("tolerance", &self.cfg.tolerance)?;
-        c.set_meta("keys", &d.keys)?;
-        c.set_meta("valid", &d.valid)?;
-        c.set_meta("drawn", &d.drawn)?;
-        c.set_meta("valid_found", &d.valid_found)?;
-        c.set_meta("invalid_found", &d.invalid_found)?;
-        c.set_meta("budget_exhausted", &d.budget_exhausted)?;
         c.save(&path)?;
         Ok(d)
     }
