@@ -484,6 +484,19 @@ fn at_scale(dir: &Path, base: &Path, stack: &Path) {
     let e: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(e["samples"], 200);
     assert_eq!(e["infraction_rate"].as_f64().unwrap(), 0.0);
+    // Data-parallel training needs the NCCL build; this one says how to make it.
+    let (ok, _, err) = run(&[
+        "train",
+        "--world-size",
+        "2",
+        "--rank",
+        "0",
+        "--set",
+        "baseline.iters=5",
+        "--out",
+        dir.join("dp").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--features nccl"), "{err}");
     // --valid and --shard do not go together.
     assert!(
         !run(&["sample", "--model", stack, "--valid", "5", "--shard", "0/2", "--out", &valid]).0

@@ -55,6 +55,17 @@ enum Command {
         /// CPU threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Data-parallel training over N GPUs (checkerboard; a build with `--features
+        /// nccl`): without --rank, starts ranks 0 … N−1 on cuda:0 … cuda:N−1 and waits.
+        #[arg(long)]
+        world_size: Option<usize>,
+        /// This process's rank in a --world-size run (ranks on other machines share OUT
+        /// over a common file system, where rank 0 leaves NCCL's id).
+        #[arg(long, requires = "world_size")]
+        rank: Option<usize>,
+        /// The rank's device (default: cuda:RANK).
+        #[arg(long, requires = "rank")]
+        device: Option<String>,
     },
     /// Gen-neG on a trained baseline: genneg_checkerboard's iterations (each stack into
     /// OUT/genneg_<k>.safetensors), or genneg_motion's whole run (classifiers, ablations,
@@ -261,10 +272,22 @@ fn main() {
             seed,
             resume,
             threads,
+            world_size,
+            rank,
+            device,
         } => scoreguide::runtime::on_compute_threads(threads, || {
             let e = run::experiment_of(&config, experiment.as_deref(), "checkerboard");
             let out = out.unwrap_or_else(|| run::default_out(&e));
-            run::train(&config, &e, &out, seed, resume)
+            let parallel = match (world_size, rank) {
+                (Some(w), None) if w > 1 => return run::launch_ranks(w, &out),
+                (Some(world), Some(rank)) => Some(run::Parallel {
+                    rank,
+                    world,
+                    device: device.unwrap_or_else(|| format!("cuda:{rank}")),
+                }),
+                _ => None,
+            };
+            run::train(&config, &e, &out, seed, resume, parallel)
         }),
         Command::Genneg {
             config,

@@ -5,7 +5,7 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 use scoreguide::checkerboard::genneg::{iteration, GennegCheckerboardConfig, COLLECTION_META};
 use scoreguide::checkerboard::{
-    label, load_baseline, paper_sampler, train_baseline, CheckerboardConfig,
+    label, load_baseline, paper_sampler, train_baseline_synced, CheckerboardConfig,
 };
 use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::genneg::{Stack, Unconditioned};
@@ -33,12 +33,21 @@ pub fn experiment_of(config: &ConfigArgs, given: Option<&str>, default: &str) ->
 /// `scoreguide train`: the checkerboard baseline (resumable), as the `checkerboard`
 /// example trains it, or the motion baseline, as `genneg_motion` does, into
 /// `out/baseline.safetensors`.
+/// One process of a data-parallel run: its rank, the number of processes, its device.
+pub struct Parallel {
+    pub rank: usize,
+    pub world: usize,
+    pub device: String,
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     config: &ConfigArgs,
     experiment: &str,
     out: &Path,
     seed: u64,
     resume: bool,
+    parallel: Option<Parallel>,
 ) -> Result<()> {
     match experiment {
         "checkerboard" => {}
@@ -54,14 +63,24 @@ pub fn train(
         ),
     }
     let cfg = config.resolve::<CheckerboardConfig>()?.seeded(seed);
-    save_resolved(&cfg, out)?;
+    let (rank, dev, sync) = match parallel {
+        None => (0, Device::Cpu, None),
+        Some(p) => {
+            let (dev, sync) = data_parallel(&p, out)?;
+            (p.rank, dev, Some(sync))
+        }
+    };
+    if rank == 0 {
+        save_resolved(&cfg, out)?;
+    }
     let path = out.join("baseline.safetensors");
     let partial = out.join("baseline.partial.safetensors");
     let kept = match resume && partial.exists() {
         true => Some(Checkpoint::load(&partial)?),
         false => None,
     };
-    let mut save = |c: &Checkpoint| c.save(&partial);
+    // Every rank holds the same state; rank 0 keeps it.
+    let mut save = |c: &Checkpoint| if rank == 0 { c.save(&partial) } else { Ok(()) };
     let staged = Staged {
         resume: kept.as_ref(),
         save_every: match cfg.save_every {
@@ -71,7 +90,10 @@ pub fn train(
         save: &mut save,
     };
     let mut progress = Progress::new("train", cfg.baseline.iters as usize);
-    let b = train_baseline(&cfg.baseline, Some(staged), &Device::Cpu, &mut progress)?;
+    let b = train_baseline_synced(&cfg.baseline, Some(staged), sync, &dev, &mut progress)?;
+    if rank != 0 {
+        return Ok(());
+    }
     b.checkpoint.save(&path)?;
     std::fs::remove_file(&partial).ok();
     println!(
@@ -224,4 +246,58 @@ pub fn eval(samples: &Path, oracle: &str, json: bool) -> Result<()> {
 /// The default output folder of an experiment's commands.
 pub fn default_out(experiment: &str) -> PathBuf {
     Path::new("out").join(format!("cli-{experiment}"))
+}
+
+/// The gradient average of rank `p.rank` of a data-parallel run (NCCL; the id handed
+/// over in `out/nccl-id`).
+#[cfg(feature = "nccl")]
+fn data_parallel(
+    p: &Parallel,
+    out: &Path,
+) -> Result<(Device, Box<dyn scoreguide::train::GradientSync>)> {
+    let dev = scoreguide::runtime::device(&p.device)?;
+    std::fs::create_dir_all(out)?;
+    let id = out.join("nccl-id");
+    let sync = scoreguide::train::DataParallel::join(p.rank, p.world, &id, &dev)?;
+    Ok((dev, Box::new(sync)))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn data_parallel(
+    p: &Parallel,
+    _out: &Path,
+) -> Result<(Device, Box<dyn scoreguide::train::GradientSync>)> {
+    bail!(
+        "scoreguide train --world-size {} (rank {} on {}): this build has no NCCL; build it with `cargo build --release --features nccl` (CUDA and NCCL needed)",
+        p.world,
+        p.rank,
+        p.device
+    )
+}
+
+/// `scoreguide train --world-size N` without `--rank`: starts ranks 0 … N−1 of this very
+/// command, rank r on `cuda:r`, and waits for them all (a stale NCCL id of an earlier
+/// run is removed first).
+pub fn launch_ranks(world: usize, out: &Path) -> Result<()> {
+    std::fs::remove_file(out.join("nccl-id")).ok();
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let children: Vec<_> = (0..world)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(&args)
+                .args(["--rank", &r.to_string(), "--device", &format!("cuda:{r}")])
+                .spawn()
+        })
+        .collect::<std::io::Result<_>>()?;
+    let mut failed = Vec::new();
+    for (r, mut c) in children.into_iter().enumerate() {
+        if !c.wait()?.success() {
+            failed.push(r);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("scoreguide train: ranks {failed:?} of {world} failed");
+    }
+    Ok(())
 }

@@ -26,11 +26,15 @@
 
 mod checkpoint;
 mod optim;
+#[cfg(feature = "nccl")]
+mod parallel;
 mod progress;
 mod trainer;
 
 pub use checkpoint::{load_frozen, load_score_model, Weights};
 pub use optim::{clip_grad_norm, grad_norm, Adam, AdamConfig, Ema};
+#[cfg(feature = "nccl")]
+pub use parallel::DataParallel;
 pub use progress::Progress;
 pub use scoreguide_checkpoint::{write_atomic, Checkpoint, FORMAT};
-pub use trainer::{train_resumable, Staged, StepStats, TrainConfig, Trainer};
+pub use trainer::{train_resumable, GradientSync, Staged, StepStats, TrainConfig, Trainer};

@@ -90,6 +90,18 @@ pub struct StepStats {
     pub grad_norm: Option<f64>,
 }
 
+/// Averages each parameter's gradient over the processes of a data-parallel run before
+/// the optimiser sees it (`DataParallel`, feature `nccl`: NCCL's all-reduce).
+pub trait GradientSync {
+    fn sync(
+        &self,
+        grads: &mut candle_core::backprop::GradStore,
+        vars: &[(String, candle_core::Var)],
+    ) -> Result<()>;
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+}
+
 /// Owns the optimisation state of a [`ParamStore`].
 pub struct Trainer {
     config: TrainConfig,
@@ -97,6 +109,7 @@ pub struct Trainer {
     adam: Adam,
     ema: Ema,
     step: u64,
+    sync: Option<Box<dyn GradientSync>>,
 }
 
 impl Trainer {
@@ -115,7 +128,23 @@ impl Trainer {
             adam,
             ema,
             step: 0,
+            sync: None,
         })
+    }
+
+    /// This trainer as one rank of a data-parallel run: every step's gradients are
+    /// averaged over the ranks, and each rank draws its own step randomness (rank r's
+    /// noise stream is (seed, step, r)), so W ranks together take one step on W times the
+    /// noise draws of a single process. Every rank must start from the same parameters
+    /// (the same `ParamStore` seed) and save only from rank 0.
+    pub fn with_gradient_sync(mut self, sync: Box<dyn GradientSync>) -> Self {
+        self.sync = Some(sync);
+        self
+    }
+
+    /// (rank, world) of a data-parallel run; (0, 1) otherwise.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        self.sync.as_ref().map_or((0, 1), |s| (s.rank(), s.world()))
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -144,7 +173,11 @@ impl Trainer {
 
     /// The generator of the next step: a function of (seed, step) only.
     pub fn step_rng(&self) -> StdRng {
-        StdRng::seed_from_u64(derive_seed(self.config.seed, self.step))
+        let seed = derive_seed(self.config.seed, self.step);
+        match self.rank_and_world() {
+            (_, 1) => StdRng::seed_from_u64(seed),
+            (rank, _) => StdRng::seed_from_u64(derive_seed(seed, rank as u64)),
+        }
     }
 
     /// Backward pass, optional clipping, Adam update, EMA update.
@@ -154,6 +187,9 @@ impl Trainer {
             bail!("training step {}: loss is {value}", self.step);
         }
         let mut grads = loss.backward()?;
+        if let Some(sync) = &self.sync {
+            sync.sync(&mut grads, self.adam.vars())?;
+        }
         // A non-finite gradient would poison Adam's moments and every step after it; the
         // last saved state stays the last good one.
         let named = |e: candle_core::Error| {

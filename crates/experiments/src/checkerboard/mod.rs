@@ -167,6 +167,18 @@ pub fn train_baseline(
     device: &Device,
     progress: &mut Progress,
 ) -> Result<Baseline> {
+    train_baseline_synced(cfg, staged, None, device, progress)
+}
+
+/// [`train_baseline`] as one rank of a data-parallel run (`sync`: the gradients'
+/// average over the ranks); every rank trains on the full batch with its own noise.
+pub fn train_baseline_synced(
+    cfg: &BaselineConfig,
+    staged: Option<Staged>,
+    sync: Option<Box<dyn scoreguide_train::GradientSync>>,
+    device: &Device,
+    progress: &mut Progress,
+) -> Result<Baseline> {
     cfg.sigma.validate()?;
     let data = Dataset::new(
         checkerboard(cfg.train_points, cfg.data_seed)?,
@@ -176,6 +188,9 @@ pub fn train_baseline(
     let store = ParamStore::new(cfg.train.seed);
     let model = cfg.model.build(&store.var_builder(DType::F32, device))?;
     let mut trainer = Trainer::new(store, cfg.train.clone())?;
+    if let Some(sync) = sync {
+        trainer = trainer.with_gradient_sync(sync);
+    }
     if let Some(c) = staged.as_ref().and_then(|s| s.resume) {
         let saved: BaselineConfig = c.meta("baseline")?;
         if (BaselineConfig {
