@@ -133,7 +133,10 @@ impl LabelledSet {
             }
         }
         if let Some(sis) = &draws.sis {
-            reweight(&mut weights, &labels, &keep_rows, &sis.log_weights, k);
+            // The imbalanced set keeps the draws' class proportions, so its weights are
+            // normalised over both classes together; the balanced ones within each.
+            let by_class = kind != ClassifierKind::Imbalanced;
+            reweight(&mut weights, &labels, &keep_rows, &sis.log_weights, k, by_class);
         }
         let m = keep_rows.len();
         debug_assert!(m <= rows);
@@ -154,26 +157,35 @@ impl LabelledSet {
 
 /// Rows drawn from a proposal stand for the target's class-conditional distributions
 /// once each kept component is weighted by its row's importance weight, normalised to
-/// mean 1 over the kept components of its class: the class weights (α, 1 − α, or 1)
-/// are kept as they are, and equal importance weights change nothing.
-fn reweight(weights: &mut [f32], labels: &[f32], rows: &[u32], log_w: &[f64], k: usize) {
+/// mean 1 over the kept components of its class (`by_class`; else over all of them):
+/// the class weights (α, 1 − α, or 1) are kept as they are, and equal importance
+/// weights change nothing.
+fn reweight(
+    weights: &mut [f32],
+    labels: &[f32],
+    rows: &[u32],
+    log_w: &[f64],
+    k: usize,
+    by_class: bool,
+) {
     let lw = |i: usize| log_w[rows[i / k] as usize];
     let kept = |i: usize| weights[i] > 0.0;
+    let class = |l: f32| if by_class { l as usize } else { 0 };
     // Per class, log Σ w over its kept components (shifted by the class's largest).
     let mut top = [f64::NEG_INFINITY; 2];
     for i in (0..weights.len()).filter(|&i| kept(i)) {
-        let c = labels[i] as usize;
+        let c = class(labels[i]);
         top[c] = top[c].max(lw(i));
     }
     let (mut sum, mut count) = ([0f64; 2], [0usize; 2]);
     for i in (0..weights.len()).filter(|&i| kept(i)) {
-        let c = labels[i] as usize;
+        let c = class(labels[i]);
         sum[c] += (lw(i) - top[c]).exp();
         count[c] += 1;
     }
     for (i, l) in labels.iter().enumerate() {
         if weights[i] > 0.0 {
-            let c = *l as usize;
+            let c = class(*l);
             let w = (lw(i) - top[c]).exp() * count[c] as f64 / sum[c];
             weights[i] = (weights[i] as f64 * w) as f32;
         }

@@ -302,4 +302,13 @@ fn sis_draws_estimate_the_targets_valid_rate() {
         spread.1 > 2.0 * spread.0,
         "importance weights left no spread: {spread:?}"
     );
+
+    // The imbalanced set keeps every draw; weighted, its valid share is the target's α.
+    let set = LabelledSet::new(&sis, ClassifierKind::Imbalanced).unwrap();
+    let w = set.weights.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let l = set.labels.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let total: f64 = w.iter().map(|&w| w as f64).sum();
+    let share = w.iter().zip(&l).map(|(&w, &l)| (w * l) as f64).sum::<f64>() / total;
+    assert!((share - a_sis).abs() < 1e-4, "{share} vs {a_sis}");
+    assert!((total / w.len() as f64 - 1.0).abs() < 1e-4);
 }
