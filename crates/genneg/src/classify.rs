@@ -136,7 +136,14 @@ impl LabelledSet {
             // The imbalanced set keeps the draws' class proportions, so its weights are
             // normalised over both classes together; the balanced ones within each.
             let by_class = kind != ClassifierKind::Imbalanced;
-            reweight(&mut weights, &labels, &keep_rows, &sis.log_weights, k, by_class);
+            reweight(
+                &mut weights,
+                &labels,
+                &keep_rows,
+                &sis.log_weights,
+                k,
+                by_class,
+            );
         }
         let m = keep_rows.len();
         debug_assert!(m <= rows);

@@ -259,6 +259,17 @@ struct Batch {
     log_weights: Option<Vec<f64>>,
 }
 
+/// `parts` stacked, or no rows of `sample_shape` when there are none.
+fn cat_rows(parts: &[Tensor], sample_shape: &[usize], device: &Device) -> Result<Tensor> {
+    if parts.is_empty() {
+        let mut shape = vec![0];
+        shape.extend_from_slice(sample_shape);
+        Tensor::zeros(shape, DType::F32, device)
+    } else {
+        Tensor::cat(parts, 0)
+    }
+}
+
 /// Everything a batch is drawn from.
 struct Drawer<'a> {
     source: Source<'a>,
@@ -440,13 +451,7 @@ impl Selector {
                 cfg.min_negatives
             );
         }
-        let x = if self.rows.is_empty() {
-            let mut shape = vec![0];
-            shape.extend_from_slice(sample_shape);
-            Tensor::zeros(shape, DType::F32, device)?
-        } else {
-            Tensor::cat(&self.rows, 0)?
-        };
+        let x = cat_rows(&self.rows, sample_shape, device)?;
         let sis = self.weighted.then(|| {
             let alpha = if n_pos == 0 {
                 0.0
@@ -650,13 +655,7 @@ pub fn collect_shard(
         }
         on_batch(done + 1, range.len());
     }
-    let x = if parts.is_empty() {
-        let mut shape = vec![0];
-        shape.extend_from_slice(sample_shape);
-        Tensor::zeros(shape, DType::F32, device)?
-    } else {
-        Tensor::cat(&parts, 0)?
-    };
+    let x = cat_rows(&parts, sample_shape, device)?;
     let mut draws = Draws::from_rows(x, keys, valid, task.components())?;
     draws.per_class = cfg.per_class;
     Ok(ShardDraws {
