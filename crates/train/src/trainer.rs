@@ -485,3 +485,80 @@ mod nonfinite_tests {
         assert!(e.contains("`w`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod sync_tests {
+    use super::*;
+    use candle_core::backprop::GradStore;
+    use candle_core::{Device, Var};
+    use rand::Rng;
+
+    /// Stands in for the ranks' average: scales every gradient.
+    struct Scale {
+        factor: f64,
+        world: usize,
+    }
+
+    impl GradientSync for Scale {
+        fn sync(&self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<()> {
+            for (_, v) in vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let scaled = (g * self.factor)?;
+                    grads.insert(v.as_tensor(), scaled);
+                }
+            }
+            Ok(())
+        }
+        fn rank(&self) -> usize {
+            1
+        }
+        fn world(&self) -> usize {
+            self.world
+        }
+    }
+
+    fn trainer(sync: Option<Scale>) -> (Trainer, Tensor) {
+        let store = ParamStore::new(0);
+        let w = store
+            .var_builder(DType::F32, &Device::Cpu)
+            .get_with_hints(3, "w", candle_nn::Init::Const(1.0))
+            .unwrap();
+        let mut t = Trainer::new(store, TrainConfig::default()).unwrap();
+        if let Some(s) = sync {
+            t = t.with_gradient_sync(Box::new(s));
+        }
+        (t, w)
+    }
+
+    /// The optimiser sees the synced gradients: zeroed ones leave the parameters where
+    /// they were, and the rank draws its own step noise.
+    #[test]
+    fn gradients_pass_through_the_sync_before_the_optimiser() {
+        let (mut plain, w) = trainer(None);
+        plain.step(&w.sqr().unwrap().sum_all().unwrap()).unwrap();
+        let moved = plain.store().vars()[0]
+            .1
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(moved.iter().all(|&v| v < 1.0), "{moved:?}");
+
+        let zero = Scale {
+            factor: 0.0,
+            world: 2,
+        };
+        let (mut synced, w) = trainer(Some(zero));
+        assert_eq!(synced.rank_and_world(), (1, 2));
+        let rng_rank1 = synced.step_rng().random::<u64>();
+        synced.step(&w.sqr().unwrap().sum_all().unwrap()).unwrap();
+        let kept = synced.store().vars()[0]
+            .1
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(kept, vec![1.0; 3]);
+        let (single, _) = trainer(None);
+        let mut rng_single = single.step_rng();
+        assert_ne!(rng_rank1, rng_single.random::<u64>());
+    }
+}
