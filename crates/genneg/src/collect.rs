@@ -158,6 +158,35 @@ impl Draws {
         self.per_class.map_or(rarer, |n| n.min(rarer))
     }
 
+    /// Kish's effective sample size of the first N valid and the first N invalid
+    /// components (what a balanced set keeps) under their importance weights; `None`
+    /// for unweighted draws. An effective count far below N means the class's weights
+    /// have degenerated: the set stands for fewer samples than it holds.
+    pub fn class_ess(&self) -> Option<(f64, f64)> {
+        let sis = self.sis.as_ref()?;
+        let n = self.balanced_count();
+        let k = self.components;
+        let ess = |class: bool| {
+            let lw: Vec<f64> = self
+                .valid
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v == class)
+                .take(n)
+                .map(|(i, _)| sis.log_weights[i / k])
+                .collect();
+            let top = lw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = lw.iter().map(|l| (l - top).exp()).collect();
+            let (s, s2) = (w.iter().sum::<f64>(), w.iter().map(|v| v * v).sum::<f64>());
+            if s2 > 0.0 {
+                s * s / s2
+            } else {
+                0.0
+            }
+        };
+        Some((ess(true), ess(false)))
+    }
+
     /// Rows kept.
     pub fn rows(&self) -> usize {
         self.x.dim(0).unwrap_or(0)
@@ -178,9 +207,9 @@ impl Draws {
             self.invalid_found,
             self.alpha()
         );
-        if let Some(w) = &self.sis {
+        if let (Some(w), Some((ev, ei))) = (&self.sis, self.class_ess()) {
             s.push_str(&format!(
-                " for the target, weighted; ESS {:.0} of {}",
+                " for the target, weighted; ESS {:.0} of {}; of the {n} + {n} kept, effective {ev:.0} valid and {ei:.0} invalid",
                 w.ess, self.drawn
             ));
         }

@@ -279,6 +279,16 @@ fn sis_draws_estimate_the_targets_valid_rate() {
         "SIS α {a_sis} vs the target's {a_t} (se {se:.4}, ESS {ess:.0})"
     );
     assert_eq!(sis.valid_found, plain_proposal.valid_found);
+    // Per class, the effective counts lie between 1 and the counts kept; the invalid
+    // class, whose mass the target has mostly removed, is the degenerate one.
+    let (ev, ei) = sis.class_ess().unwrap();
+    let n = sis.balanced_count() as f64;
+    assert!(
+        ev > 1.0 && ev <= n + 1e-9 && ei > 1.0 && ei <= n + 1e-9,
+        "{ev} {ei} of {n}"
+    );
+    assert!(ei < ev, "effective valid {ev}, invalid {ei}");
+    assert!(direct.class_ess().is_none());
 
     let set = LabelledSet::new(&sis, ClassifierKind::IsBalanced).unwrap();
     let w = set.weights.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -153,6 +153,9 @@ pub struct SisRow {
     /// α of the current model (weighted for SIS), and SIS's effective sample size.
     pub alpha: f64,
     pub ess: Option<f64>,
+    /// SIS: the effective number of the kept invalid samples (of `per_class`).
+    #[serde(default)]
+    pub ess_invalid: Option<f64>,
     /// Wall-clock seconds drawing and labelling the set.
     pub sampling_seconds: f64,
     /// The new model's infraction rate and its 95% interval, over `samples` draws.
@@ -246,6 +249,7 @@ pub fn chain(
             invalid_found: draws.invalid_found,
             alpha: draws.alpha(),
             ess: draws.sis.as_ref().map(|s| s.ess),
+            ess_invalid: draws.class_ess().map(|(_, invalid)| invalid),
             sampling_seconds,
             infraction: rate.rate,
             ci95: rate.ci95,
@@ -292,13 +296,13 @@ pub fn table(baseline: &scoreguide_metrics::Rate, rows: &[SisRow]) -> String {
         100.0 * baseline.ci95.0,
         100.0 * baseline.ci95.1
     );
-    s.push_str("| iteration | set | drawn | valid / invalid | α | ESS | sampling s | infraction % | 95% interval |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| iteration | set | drawn | valid / invalid | α | ESS | invalid kept, effective | sampling s | infraction % | 95% interval |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     let mut sorted: Vec<&SisRow> = rows.iter().collect();
     sorted.sort_by_key(|r| (r.iteration, r.method.name()));
     for r in sorted {
         s.push_str(&format!(
-            "| {} | {} | {} | {} / {} | {:.5} | {} | {:.1} | {:.3} | [{:.3}, {:.3}] |\n",
+            "| {} | {} | {} | {} / {} | {:.5} | {} | {} | {:.1} | {:.3} | [{:.3}, {:.3}] |\n",
             r.iteration,
             r.method.name(),
             r.drawn,
@@ -306,6 +310,7 @@ pub fn table(baseline: &scoreguide_metrics::Rate, rows: &[SisRow]) -> String {
             r.invalid_found,
             r.alpha,
             r.ess.map_or("—".into(), |e| format!("{e:.0}")),
+            r.ess_invalid.map_or("—".into(), |e| format!("{e:.0}")),
             r.sampling_seconds,
             100.0 * r.infraction,
             100.0 * r.ci95.0,
