@@ -40,6 +40,12 @@ pub struct SisCheckerboardConfig {
     pub steps: usize,
     /// Samples per model for the infraction rate.
     pub samples: usize,
+    /// Size each SIS set by its effective invalid count instead of its raw count: a
+    /// pilot set of `per_class` shows how many effective invalid samples it holds, and
+    /// the set is drawn again with `per_class` scaled so that this count reaches
+    /// `per_class` (the standard set's; at most `budget` rows).
+    #[serde(default)]
+    pub sis_effective: bool,
 }
 
 impl Preset for SisCheckerboardConfig {
@@ -62,6 +68,7 @@ impl Preset for SisCheckerboardConfig {
             },
             steps: 24,
             samples: 4_000,
+            sis_effective: false,
         }
     }
 
@@ -83,6 +90,7 @@ impl Preset for SisCheckerboardConfig {
             },
             steps: 40,
             samples: 10_000,
+            sis_effective: false,
         }
     }
 
@@ -210,19 +218,35 @@ pub fn chain(
             },
             _ => Source::Model(&target),
         };
-        let collect_cfg = cfg.collect(derive_seed(seed, 100 + it as u64));
-        let mut progress = Progress::new(&format!("{name} {it}: drawing"), cfg.budget);
+        let mut collect_cfg = cfg.collect(derive_seed(seed, 100 + it as u64));
         let t0 = Instant::now();
-        let draws = collect_from(
-            source,
-            &sampler,
-            &sigmas,
-            task,
-            &[2],
-            &collect_cfg,
-            dev,
-            &mut |drawn, p, n| progress.update(drawn, &format!("{p} valid, {n} invalid")),
-        )?;
+        let draw = |c: &CollectConfig| {
+            let mut progress = Progress::new(&format!("{name} {it}: drawing"), c.budget);
+            collect_from(
+                source,
+                &sampler,
+                &sigmas,
+                task,
+                &[2],
+                c,
+                dev,
+                &mut |drawn, p, n| progress.update(drawn, &format!("{p} valid, {n} invalid")),
+            )
+        };
+        let mut draws = draw(&collect_cfg)?;
+        if let (true, Some((_, ess))) = (cfg.sis_effective, draws.class_ess()) {
+            // The pilot's rows are the first rows of the larger set (same seed).
+            let n = cfg.per_class as f64;
+            let scaled = (n * n / ess.max(1.0)).ceil() as usize;
+            collect_cfg.per_class = Some(scaled.max(cfg.per_class));
+            eprintln!(
+                "{name} {it}: {} effective invalid of {}; drawing for {} per class",
+                ess.round(),
+                cfg.per_class,
+                scaled
+            );
+            draws = draw(&collect_cfg)?;
+        }
         let sampling_seconds = t0.elapsed().as_secs_f64();
         eprintln!(
             "{name} {it}: {} in {sampling_seconds:.1} s",
