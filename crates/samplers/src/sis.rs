@@ -92,9 +92,10 @@ pub fn sample_sis(
     let mut log_w = vec![0f64; rows];
     for i in 0..sigmas.len() - 1 {
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
-        let (mean_q, std, denoised) = transition.step(proposal, &x, s, s_next, cond)?;
-        let (mean_p, _, _) = transition.step(target, &x, s, s_next, cond)?;
-        x = if std > 0.0 {
+        let (mean_p, std, target_denoised) = transition.step(target, &x, s, s_next, cond)?;
+        // The noise-free last step is the target's alone: no proposal evaluation.
+        let denoised = if std > 0.0 {
+            let (mean_q, _, denoised) = transition.step(proposal, &x, s, s_next, cond)?;
             let next = (&mean_q + (noise.randn_like(&x)? * std)?)?;
             let dq = (&next - &mean_q)?.to_dtype(DType::F64)?.sqr()?;
             let dp = (&next - &mean_p)?.to_dtype(DType::F64)?.sqr()?;
@@ -106,9 +107,11 @@ pub fn sample_sis(
             for (w, d) in log_w.iter_mut().zip(step.to_vec1::<f64>()?) {
                 *w += d;
             }
-            next
+            x = next;
+            denoised
         } else {
-            mean_p
+            x = mean_p;
+            target_denoised
         };
         if report(&mut callback, sigmas, i, &x, &denoised) {
             break;
