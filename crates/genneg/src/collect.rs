@@ -601,6 +601,33 @@ impl Shard {
         let start = self.index * q + self.index.min(r);
         start..start + q + usize::from(self.index < r)
     }
+
+    /// `parts` in shard order, when they are shards 0 … n − 1 of one n, each once (in
+    /// any order); otherwise an error saying which shard is missing, repeated or of
+    /// another count.
+    pub fn in_order<T>(mut parts: Vec<(Shard, T)>) -> Result<Vec<T>> {
+        let Some(count) = parts.first().map(|(s, _)| s.count) else {
+            bail!("no shards given");
+        };
+        parts.sort_by_key(|(s, _)| s.index);
+        for (i, (s, _)) in parts.iter().enumerate() {
+            if s.count != count {
+                bail!("shard {}/{} among shards of {count}", s.index, s.count);
+            }
+            if s.index != i {
+                let what = if s.index < i {
+                    "given twice"
+                } else {
+                    "missing"
+                };
+                bail!("shard {i}/{count} is {what}");
+            }
+        }
+        if parts.len() != count {
+            bail!("{} of {count} shards given", parts.len());
+        }
+        Ok(parts.into_iter().map(|(_, t)| t).collect())
+    }
 }
 
 /// A shard's part of a collection: every row of its batches, labelled, with the
@@ -709,30 +736,17 @@ pub fn merge_shards(
         bail!("Gen-neG merge: no shards given");
     };
     let (cfg, count) = (&first.cfg, first.shard.count);
-    let mut order: Vec<&ShardDraws> = shards.iter().collect();
-    order.sort_by_key(|s| s.shard.index);
-    for (i, s) in order.iter().enumerate() {
-        if s.cfg != *cfg || s.shard.count != count {
-            bail!(
-                "Gen-neG merge: shard {}/{} was drawn under {:?}, shard {}/{count} under {cfg:?}",
-                s.shard.index,
-                s.shard.count,
-                s.cfg,
-                first.shard.index
-            );
-        }
-        if s.shard.index != i {
-            let what = if s.shard.index < i {
-                "given twice"
-            } else {
-                "missing"
-            };
-            bail!("Gen-neG merge: shard {i}/{count} is {what}");
-        }
+    if let Some(s) = shards.iter().find(|s| s.cfg != *cfg) {
+        bail!(
+            "Gen-neG merge: shard {}/{} was drawn under {:?}, shard {}/{count} under {cfg:?}",
+            s.shard.index,
+            s.shard.count,
+            s.cfg,
+            first.shard.index
+        );
     }
-    if order.len() != count {
-        bail!("Gen-neG merge: {} of {count} shards given", order.len());
-    }
+    let order = Shard::in_order(shards.iter().map(|s| (s.shard, s)).collect())
+        .map_err(|e| candle_core::Error::msg(format!("Gen-neG merge: {e}")))?;
     let k = first.draws.components;
     let weighted = first.log_weights.is_some();
     let mut selector = Selector::new(cfg, k, weighted);
