@@ -159,14 +159,12 @@ pub fn valid_draws(
     })
 }
 
-/// Wilson's lower bound for a binomial proportion `s / n` at the normal quantile `z`.
+/// Wilson's lower bound for a binomial proportion `s / n` at the normal quantile `z`,
+/// kept above 0 so that batch sizes stay finite.
 fn wilson_lower(s: usize, n: usize, z: f64) -> f64 {
-    let (s, n) = (s as f64, n as f64);
-    let p = s / n;
-    let z2 = z * z;
-    let centre = p + z2 / (2.0 * n);
-    let spread = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    ((centre - spread) / (1.0 + z2 / n)).max(f64::MIN_POSITIVE)
+    scoreguide_metrics::wilson_interval(s, n, z)
+        .0
+        .max(f64::MIN_POSITIVE)
 }
 
 /// The smallest n with n p − z √(n p (1 − p)) ≥ need: a quadratic in √n.

@@ -19,19 +19,24 @@ impl Rate {
         if count > n {
             bail!("rate: count {count} exceeds n {n}");
         }
-        let z = 1.959_963_984_540_054f64;
-        let nf = n as f64;
-        let p = count as f64 / nf;
-        let den = 1.0 + z * z / nf;
-        let centre = (p + z * z / (2.0 * nf)) / den;
-        let half = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt() / den;
         Ok(Self {
             count,
             n,
-            rate: p,
-            ci95: ((centre - half).max(0.0), (centre + half).min(1.0)),
+            rate: count as f64 / n as f64,
+            ci95: wilson_interval(count, n, 1.959_963_984_540_054),
         })
     }
+}
+
+/// Wilson's score interval for the proportion `count / n` (n > 0) at the normal
+/// quantile `z` (1.96 for 95%), clamped to [0, 1].
+pub fn wilson_interval(count: usize, n: usize, z: f64) -> (f64, f64) {
+    let nf = n as f64;
+    let p = count as f64 / nf;
+    let den = 1.0 + z * z / nf;
+    let centre = (p + z * z / (2.0 * nf)) / den;
+    let half = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt() / den;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
 /// Labels the rows of `samples: [N, D]` with `oracle` and returns the rejected fraction

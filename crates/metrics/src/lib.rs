@@ -45,7 +45,7 @@ pub use fid::{fid, frechet_distance, mean_and_covariance, symmetric_eigen, symme
 
 pub use features::{parse_feature_rows, read_feature_rows};
 pub use inception_score::inception_score;
-pub use infraction::{infraction_rate, parallel_samples_needed, Rate};
+pub use infraction::{infraction_rate, parallel_samples_needed, wilson_interval, Rate};
 pub use likelihood::{negative_log_likelihood, Divergence, NllConfig};
 pub use mmd::{kid, mmd2_gaussian};
 pub use npy::{read_npy, read_npy_vector, Array2};
