@@ -12,6 +12,7 @@ use scoreguide::metrics::{read_feature_rows, read_npy};
 use scoreguide::nets::{ParamStore, ScoreModelConfig};
 use scoreguide::train::Checkpoint;
 use scoreguide::train::{load_score_model, Weights};
+use scoreguide_testing::{f32_bytes, npy_bytes as npy};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -73,27 +74,6 @@ fn safetensors(tensors: &[(&str, &str, Vec<i64>, Vec<u8>)], meta: &[(&str, &str)
     out.extend(h);
     out.extend(body);
     out
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn npy(descr: &str, fortran: bool, shape: &str, body: &[u8]) -> Vec<u8> {
-    let mut h = format!(
-        "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
-        if fortran { "True" } else { "False" }
-    )
-    .into_bytes();
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(b' ');
-    }
-    h.push(b'\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend((h.len() as u16).to_le_bytes());
-    b.extend(h);
-    b.extend(body);
-    b
 }
 
 /// A small checkerboard score model's checkpoint (weights as `ema.*`, metadata `model`).

@@ -780,19 +780,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sg-humanml3d-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("new_joint_vecs")).unwrap();
         let npy = |shape: &str, data: &[f32]| {
-            let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
-            let mut h = header.into_bytes();
-            while (10 + h.len() + 1) % 64 != 0 {
-                h.push(b' ');
-            }
-            h.push(b'\n');
-            let mut b = b"\x93NUMPY\x01\x00".to_vec();
-            b.extend((h.len() as u16).to_le_bytes());
-            b.extend(h);
-            for v in data {
-                b.extend(v.to_le_bytes());
-            }
-            b
+            scoreguide_testing::npy_bytes("<f4", false, shape, &scoreguide_testing::f32_bytes(data))
         };
         let long: Vec<f32> = (0..50 * 263).map(|i| (i % 263) as f32).collect();
         std::fs::write(dir.join("new_joint_vecs/a.npy"), npy("(50, 263)", &long)).unwrap();

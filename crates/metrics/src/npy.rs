@@ -113,16 +113,7 @@ mod tests {
     use super::*;
 
     fn npy(shape: &str) -> Vec<u8> {
-        let mut h =
-            format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}").into_bytes();
-        while (10 + h.len() + 1) % 64 != 0 {
-            h.push(b' ');
-        }
-        h.push(b'\n');
-        let mut b = b"\x93NUMPY\x01\x00".to_vec();
-        b.extend((h.len() as u16).to_le_bytes());
-        b.extend(h);
-        b
+        scoreguide_testing::npy_bytes("<f4", false, shape, &[])
     }
 
     /// 2^62 rows of one f4 is 2^64 bytes: a byte count that wraps to 0 must not match

@@ -1,5 +1,5 @@
-//! Helpers the scoreguide crates' tests share: tensor comparisons and the check that
-//! every parameter of a model gets a gradient.
+//! Helpers the scoreguide crates' tests share: tensor comparisons, the check that
+//! every parameter of a model gets a gradient, and `.npy` files written byte by byte.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -94,4 +94,27 @@ pub fn device() -> candle_core::Device {
                 .unwrap_or_else(|e| panic!("SCOREGUIDE_TEST_DEVICE={s}: {e}"))
         }
     }
+}
+
+/// A `.npy` file (format 1.0): the header for `descr` (`<f4`, `>f8`, …), Fortran order
+/// or not and `shape` (Python's tuple text, e.g. `(2, 3)`), padded to 64 bytes as numpy
+/// pads it, then `body` as given — right or deliberately wrong.
+pub fn npy_bytes(descr: &str, fortran: bool, shape: &str, body: &[u8]) -> Vec<u8> {
+    let order = if fortran { "True" } else { "False" };
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}")
+        .into_bytes();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(b' ');
+    }
+    h.push(b'\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h);
+    b.extend_from_slice(body);
+    b
+}
+
+/// Little-endian bytes of `v`.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
