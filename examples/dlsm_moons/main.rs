@@ -3,19 +3,13 @@
 //! classifier-guided posterior score is from the true (Parzen) one. See README.md beside
 //! this file.
 
-use candle_core::DType;
 use clap::Parser;
 use scoreguide::config::{save_resolved, ConfigArgs};
-use scoreguide::data::Dataset;
 use scoreguide::moons::eval::{evaluate, print_table, prior_error_profile, Method, SIGMA_EVAL};
 use scoreguide::moons::render::figure;
-use scoreguide::moons::{
-    load_classifier, load_score, moons_data, train_classifier, train_score, ClassifierLoss,
-    DlsmMoonsConfig,
-};
+use scoreguide::moons::{moons_data, train_models, DlsmMoonsConfig, MoonsModels};
 use scoreguide::nets::ToyClassifier;
 use scoreguide::runtime::{write_json, CommonArgs};
-use scoreguide::train::{train_resumable, Checkpoint, Progress, Staged};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -57,72 +51,28 @@ fn main() -> candle_core::Result<()> {
 }
 
 fn run(args: Args) -> candle_core::Result<()> {
-    if let Some(only) = args.train_only.as_deref() {
-        if !["score", "ce", "dlsm", "total"].contains(&only) {
-            candle_core::bail!("--train-only {only:?}: expected score, ce, dlsm or total");
-        }
-    }
     let mut cfg: DlsmMoonsConfig = args.config.resolve()?;
     cfg.moons.seed = args.common.seed;
     let dev = args.common.setup_flushing_subnormals()?;
     let out = args.common.out_dir("dlsm_moons");
     save_resolved(&cfg, &out)?;
     let (points, labels) = moons_data(&cfg.moons)?;
-    let data = Dataset::new(points.to_device(&dev)?, "two moons")?;
 
     // Training (or reuse), each model saved as it finishes; with `save_every`, its state
     // as it goes.
     let t0 = Instant::now();
-    let obtain = |name: &str,
-                  iters: u64,
-                  train: &mut dyn FnMut(Staged) -> candle_core::Result<Checkpoint>|
-     -> candle_core::Result<Checkpoint> {
-        train_resumable(&out, name, args.reuse, cfg.save_every, iters, train)
-    };
-    let m = &cfg.moons;
-    let score_ckpt = obtain("score", m.score_iters, &mut |staged| {
-        let mut progress = Progress::new("score model (DSM)", m.score_iters as usize);
-        train_score(m, &data, Some(staged), &dev, &mut progress)
-    })?;
-    let prior = load_score(&score_ckpt, DType::F32, &dev)?;
+    let only = args.train_only.as_deref();
+    let MoonsModels { prior, classifiers } =
+        train_models(&cfg, &points, &labels, &out, args.reuse, only, &dev)?;
+    eprintln!("models ready in {:.0}s", t0.elapsed().as_secs_f64());
+    if only.is_some() {
+        return Ok(());
+    }
     // How well the prior itself knows the data at each noise level.
     let prior_errors = prior_error_profile(&prior, &points, args.common.seed)?;
     eprintln!("prior score vs Parzen, mean ‖s_θ − s‖ / mean ‖s‖:");
     for (sigma, e) in &prior_errors {
         eprintln!("  σ = {sigma:<5}: {e:.3}");
-    }
-    let mut classifiers = Vec::new();
-    for (name, loss) in [
-        ("ce", ClassifierLoss::CrossEntropy),
-        ("dlsm", ClassifierLoss::Dlsm),
-        ("total", ClassifierLoss::Total { ce_weight: 0.125 }),
-    ] {
-        if args.train_only.as_deref().is_some_and(|only| only != name) {
-            continue;
-        }
-        let c = obtain(
-            &format!("classifier_{name}"),
-            m.classifier_iters,
-            &mut |staged| {
-                let mut progress =
-                    Progress::new(&format!("classifier {name}"), m.classifier_iters as usize);
-                train_classifier(
-                    m,
-                    loss,
-                    &prior,
-                    &data,
-                    &labels,
-                    Some(staged),
-                    &dev,
-                    &mut progress,
-                )
-            },
-        )?;
-        classifiers.push((name, load_classifier(&c, DType::F32, &dev)?));
-    }
-    eprintln!("models ready in {:.0}s", t0.elapsed().as_secs_f64());
-    if args.train_only.is_some() {
-        return Ok(());
     }
     let clf = |n: &str| -> &ToyClassifier {
         &classifiers

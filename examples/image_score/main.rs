@@ -6,10 +6,10 @@
 use clap::Parser;
 use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::images::{
-    load_image_score, sample_images, save_image_grid, train_image_score, ImageScoreConfig,
+    load_image_score, sample_images, save_image_grid, train_image_score_in, ImageScoreConfig,
 };
 use scoreguide::runtime::{write_json, CommonArgs};
-use scoreguide::train::{train_resumable, Checkpoint, Progress};
+use scoreguide::train::{Checkpoint, Progress};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -78,17 +78,7 @@ fn run(args: Args) -> candle_core::Result<()> {
         eprintln!("sampling the saved state {}", partial.display());
         Checkpoint::load(&partial)?
     } else {
-        train_resumable(
-            &out,
-            "score",
-            args.reuse,
-            cfg.save_every,
-            cfg.iters,
-            |staged| {
-                let mut progress = Progress::new("U-Net (DSM)", cfg.iters as usize);
-                train_image_score(&cfg, &set, Some(staged), &dev, &mut progress)
-            },
-        )?
+        train_image_score_in(&cfg, &set, &out, args.reuse, &dev)?
     };
     let train_seconds = t0.elapsed().as_secs_f64();
     let params: usize = ckpt.section("ema").values().map(|t| t.elem_count()).sum();

@@ -16,7 +16,8 @@ use scoreguide_nets::{
 use scoreguide_samplers::{sample_many, HeunOptions, Sampler};
 use scoreguide_sde::{karras, randn, SigmaDistribution};
 use scoreguide_train::{
-    load_frozen, load_score_model, Checkpoint, Progress, Staged, TrainConfig, Trainer, Weights,
+    load_frozen, load_score_model, train_resumable, Checkpoint, Progress, Staged, TrainConfig,
+    Trainer, Weights,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -226,6 +227,22 @@ pub fn train_image_score(
         )
     };
     Ok(trainer.fit(cfg.iters, staged, progress, loss, &describe)?.0)
+}
+
+/// [`train_image_score`] in `out` as a stage: `score.safetensors` when finished, its
+/// state every `save_every` steps in `score.partial.safetensors`; with `reuse`, a
+/// finished model is returned as it is and a saved state continued.
+pub fn train_image_score_in(
+    cfg: &ImageScoreConfig,
+    set: &ImageSet,
+    out: &Path,
+    reuse: bool,
+    device: &Device,
+) -> Result<Checkpoint> {
+    train_resumable(out, "score", reuse, cfg.save_every, cfg.iters, |staged| {
+        let mut progress = Progress::new("U-Net (DSM)", cfg.iters as usize);
+        train_image_score(cfg, set, Some(staged), device, &mut progress)
+    })
 }
 
 /// The EMA score model of a checkpoint of [`train_image_score`].

@@ -37,8 +37,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train an experiment's baseline from its configuration (checkerboard,
-    /// genneg_motion), as its example does; `--resume` continues a run cut off.
+    /// Train an experiment's models from its configuration (checkerboard, genneg_motion,
+    /// genneg_traffic: the baseline; dlsm_moons: the score model and classifiers;
+    /// image_score: the U-Net; dlsm_images: the U-Net and classifiers), as its example
+    /// does; `--resume` continues a run cut off.
     Train {
         #[command(flatten)]
         config: ConfigArgs,
@@ -68,21 +70,26 @@ enum Command {
         device: Option<String>,
     },
     /// Gen-neG on a trained baseline: genneg_checkerboard's iterations (each stack into
-    /// OUT/genneg_<k>.safetensors), or genneg_motion's whole run (classifiers, ablations,
-    /// distillation, the table) continuing what `train` kept in OUT.
+    /// OUT/genneg_<k>.safetensors), or genneg_motion's or genneg_traffic's whole run
+    /// (classifiers, ablations, distillation, the table) continuing what `train` kept in
+    /// OUT.
     Genneg {
         #[command(flatten)]
         config: ConfigArgs,
         #[arg(long)]
         experiment: Option<String>,
-        /// The baseline checkpoint (what `scoreguide train` wrote; the motion run reads
-        /// its own from --out).
+        /// The baseline checkpoint (what `scoreguide train` wrote; the motion and traffic
+        /// runs read their own from --out).
         #[arg(long)]
         baseline: Option<PathBuf>,
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Continue from the iterations an earlier run kept in OUT (checkerboard; the
+        /// motion and traffic runs always continue).
+        #[arg(long)]
+        resume: bool,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -275,31 +282,44 @@ fn main() {
             world_size,
             rank,
             device,
-        } => scoreguide::runtime::on_compute_threads(threads, || {
+        } => {
             let e = run::experiment_of(&config, experiment.as_deref(), "checkerboard");
-            let out = out.unwrap_or_else(|| run::default_out(&e));
-            let parallel = match (world_size, rank) {
-                (Some(w), None) if w > 1 => return run::launch_ranks(w, &out),
-                (Some(world), Some(rank)) => Some(run::Parallel {
-                    rank,
-                    world,
-                    device: device.unwrap_or_else(|| format!("cuda:{rank}")),
-                }),
-                _ => None,
-            };
-            run::train(&config, &e, &out, seed, resume, parallel)
-        }),
+            if e == "dlsm_images" {
+                // The DLSM loss differentiates through ∇x log p(y | x): candle must keep
+                // the graph of every backward pass, a setting each thread reads once.
+                std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+            }
+            scoreguide::runtime::on_compute_threads(threads, || {
+                if e == "dlsm_moons" {
+                    // As the example runs: its trainings' last bits depend on it.
+                    let n = scoreguide::runtime::set_threads(threads);
+                    scoreguide::runtime::flush_subnormals_to_zero(n)?;
+                }
+                let out = out.unwrap_or_else(|| run::default_out(&e));
+                let parallel = match (world_size, rank) {
+                    (Some(w), None) if w > 1 => return run::launch_ranks(w, &out),
+                    (Some(world), Some(rank)) => Some(run::Parallel {
+                        rank,
+                        world,
+                        device: device.unwrap_or_else(|| format!("cuda:{rank}")),
+                    }),
+                    _ => None,
+                };
+                run::train(&config, &e, &out, seed, resume, parallel)
+            })
+        }
         Command::Genneg {
             config,
             experiment,
             baseline,
             out,
             seed,
+            resume,
             threads,
         } => scoreguide::runtime::on_compute_threads(threads, || {
             let e = run::experiment_of(&config, experiment.as_deref(), "genneg_checkerboard");
             let out = out.unwrap_or_else(|| run::default_out(&e));
-            run::genneg(&config, &e, baseline.as_deref(), &out, seed)
+            run::genneg(&config, &e, baseline.as_deref(), &out, seed, resume)
         }),
         Command::Sample {
             model,

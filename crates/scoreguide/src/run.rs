@@ -8,11 +8,21 @@ use scoreguide::checkerboard::{
     label, load_baseline, paper_sampler, train_baseline_synced, CheckerboardConfig,
 };
 use scoreguide::config::{save_resolved, ConfigArgs};
+use scoreguide::dlsm_images::{DlsmImagesConfig, Stages};
 use scoreguide::genneg::{Stack, Unconditioned};
 use scoreguide::guidance::Score;
+use scoreguide::images::{train_image_score_in, ImageScoreConfig};
+use scoreguide::moons::{moons_data, train_models, DlsmMoonsConfig};
 use scoreguide::oracles::Checkerboard;
+use scoreguide::traffic::run::{print_table, TrafficRunConfig};
+use scoreguide::traffic::stages::Run as TrafficRun;
 use scoreguide::train::{load_score_model, Checkpoint, Progress, Staged, Weights};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// The experiments `scoreguide train` trains.
+pub const TRAINS: &str =
+    "checkerboard, genneg_motion, genneg_traffic, dlsm_moons, image_score, dlsm_images";
 
 /// The experiment a configuration file belongs to: `--experiment`, else the name of the
 /// folder it is in (`configs/<experiment>/…`).
@@ -30,9 +40,6 @@ pub fn experiment_of(config: &ConfigArgs, given: Option<&str>, default: &str) ->
         .unwrap_or_else(|| default.to_string())
 }
 
-/// `scoreguide train`: the checkerboard baseline (resumable), as the `checkerboard`
-/// example trains it, or the motion baseline, as `genneg_motion` does, into
-/// `out/baseline.safetensors`.
 /// One process of a data-parallel run: its rank, the number of processes, its device.
 pub struct Parallel {
     pub rank: usize,
@@ -40,6 +47,10 @@ pub struct Parallel {
     pub device: String,
 }
 
+/// `scoreguide train`: an experiment's models, as its example trains them, into `out`
+/// (each resumable with `resume`): the checkerboard's and the motion and traffic runs'
+/// baselines (`baseline.safetensors`), the two-moons score model and classifiers, the
+/// image U-Net (`score.safetensors`), and `dlsm_images`' U-Net and classifiers.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     config: &ConfigArgs,
@@ -49,6 +60,10 @@ pub fn train(
     resume: bool,
     parallel: Option<Parallel>,
 ) -> Result<()> {
+    let dev = Device::Cpu;
+    if parallel.is_some() && experiment != "checkerboard" {
+        bail!("scoreguide train --world-size: data-parallel training is built for the checkerboard only, not `{experiment}`");
+    }
     match experiment {
         "checkerboard" => {}
         "genneg_motion" => {
@@ -58,13 +73,55 @@ pub fn train(
             println!("baseline: {}", out.join("baseline.safetensors").display());
             return Ok(());
         }
+        "genneg_traffic" => {
+            let run = traffic_run(config, out, seed, resume)?;
+            let mut data = run.data(None)?;
+            run.baseline(&mut data)?;
+            println!("baseline: {}", out.join("baseline.safetensors").display());
+            return Ok(());
+        }
+        "dlsm_moons" => {
+            let mut cfg: DlsmMoonsConfig = config.resolve()?;
+            cfg.moons.seed = seed;
+            save_resolved(&cfg, out)?;
+            let (points, labels) = moons_data(&cfg.moons)?;
+            train_models(&cfg, &points, &labels, out, resume, None, &dev)?;
+            println!("score model and classifiers ce, dlsm, total: {}", out.display());
+            return Ok(());
+        }
+        "image_score" => {
+            let mut cfg: ImageScoreConfig = config.resolve()?;
+            cfg.seed = seed;
+            save_resolved(&cfg, out)?;
+            let set = cfg.training_set()?;
+            train_image_score_in(&cfg, &set, out, resume, &dev)?;
+            println!("score model: {}", out.join("score.safetensors").display());
+            return Ok(());
+        }
+        "dlsm_images" => {
+            let mut cfg: DlsmImagesConfig = config.resolve()?;
+            cfg.score.seed = seed;
+            save_resolved(&cfg, out)?;
+            let stages = Stages {
+                cfg: &cfg,
+                out: out.to_path_buf(),
+                reuse: resume,
+                device: dev,
+            };
+            let (_, prior) = stages.score_model()?;
+            stages.classifier("ce", None)?;
+            stages.classifier("dlsm", Some(&prior))?;
+            stages.real_classifier()?;
+            println!("score model and classifiers: {}", out.display());
+            return Ok(());
+        }
         _ => bail!(
-            "scoreguide train: experiment `{experiment}` is not one this command trains yet (checkerboard, genneg_motion); run its example: cargo run --release --example {experiment}"
+            "scoreguide train: experiment `{experiment}` is not one this command trains ({TRAINS}); run its example: cargo run --release --example {experiment}"
         ),
     }
     let cfg = config.resolve::<CheckerboardConfig>()?.seeded(seed);
     let (rank, dev, sync) = match parallel {
-        None => (0, Device::Cpu, None),
+        None => (0, dev, None),
         Some(p) => {
             let (dev, sync) = data_parallel(&p, out)?;
             (p.rank, dev, Some(sync))
@@ -74,6 +131,12 @@ pub fn train(
         save_resolved(&cfg, out)?;
     }
     let path = out.join("baseline.safetensors");
+    if resume && path.exists() {
+        // Finished: what was kept is the run's result (checked to load).
+        Checkpoint::load(&path)?;
+        println!("baseline kept: {}", path.display());
+        return Ok(());
+    }
     let partial = out.join("baseline.partial.safetensors");
     let kept = match resume && partial.exists() {
         true => Some(Checkpoint::load(&partial)?),
@@ -106,30 +169,44 @@ pub fn train(
 }
 
 /// `scoreguide genneg`: Gen-neG iterations on a checkerboard baseline, as the
-/// `genneg_checkerboard` example runs them, each stack into `out/genneg_<k>.safetensors`;
-/// or the motion run's Gen-neG stages and table, as `genneg_motion` runs them.
+/// `genneg_checkerboard` example runs them, each stack into `out/genneg_<k>.safetensors`
+/// (with `resume`, iterations kept there are continued from); or the motion or traffic
+/// run's Gen-neG stages and table, as their examples run them, continuing from `out`.
 pub fn genneg(
     config: &ConfigArgs,
     experiment: &str,
     baseline: Option<&Path>,
     out: &Path,
     seed: u64,
+    resume: bool,
 ) -> Result<()> {
     match experiment {
         "genneg_checkerboard" => {}
-        "genneg_motion" => {
-            // The motion run keeps every stage in `out` (its baseline too), so it
-            // continues what `scoreguide train` left there.
+        "genneg_motion" | "genneg_traffic" => {
+            // These runs keep every stage in `out` (their baseline too), so they
+            // continue what `scoreguide train` left there.
             if baseline.is_some() {
-                bail!("scoreguide genneg: the motion run reads its baseline from --out (what `scoreguide train` wrote there), not --baseline");
+                bail!("scoreguide genneg: {experiment} reads its baseline from --out (what `scoreguide train` wrote there), not --baseline");
             }
-            let run = motion_run(config, out, seed, true)?;
-            let o = run.run_all()?;
-            println!("{}", scoreguide::motion::table(&o.rows, run.cfg.eval.samples));
+            if experiment == "genneg_motion" {
+                let run = motion_run(config, out, seed, true)?;
+                let o = run.run_all()?;
+                println!("{}", scoreguide::motion::table(&o.rows, run.cfg.eval.samples));
+            } else {
+                let run = traffic_run(config, out, seed, true)?;
+                let mut data = run.data(None)?;
+                let base = run.baseline(&mut data)?;
+                let genneg = run.genneg(&data, &base)?;
+                let distilled = run.distill(&data, &base, &genneg)?;
+                let control = run.control(&data, &base)?;
+                let rows =
+                    run.evaluate(&data, &base, &genneg, distilled.as_ref(), control.as_ref())?;
+                print_table(&rows);
+            }
             return Ok(());
         }
         _ => bail!(
-            "scoreguide genneg: experiment `{experiment}` is not one this command runs yet (genneg_checkerboard, genneg_motion); run its example: cargo run --release --example {experiment}"
+            "scoreguide genneg: experiment `{experiment}` is not one this command runs (genneg_checkerboard, genneg_motion, genneg_traffic); run its example: cargo run --release --example {experiment}"
         ),
     }
     let Some(baseline) = baseline else {
@@ -146,15 +223,79 @@ pub fn genneg(
     let b = load_baseline(baseline, &dev)?;
     let mut stack = Stack::new(b.checkpoint.meta("model")?, b.checkpoint.section("ema"));
     for it in 1..=cfg.iterations {
+        let path = out.join(format!("genneg_{it}.safetensors"));
+        if resume && path.exists() {
+            stack = kept_iteration(&path, &stack)?;
+            println!("iteration {it}: kept {}", path.display());
+            continue;
+        }
         let (next, log, _) = iteration(&cfg, &stack, it, &sampler, &sigmas, &task, seed, &dev)?;
         let mut ck = next.to_checkpoint()?;
         ck.set_meta(COLLECTION_META, &log)?;
-        let path = out.join(format!("genneg_{it}.safetensors"));
         ck.save(&path)?;
         println!("iteration {it}: {}", path.display());
         stack = next;
     }
     Ok(())
+}
+
+/// The stack an earlier run kept at `path`, refused unless it is `previous` with one
+/// classifier more (the same baseline and the classifiers before it, to the bit).
+fn kept_iteration(path: &Path, previous: &Stack) -> Result<Stack> {
+    let named = |what: &str| {
+        candle_core::Error::msg(format!(
+            "{}: {what}; use another --out or drop --resume",
+            path.display()
+        ))
+    };
+    let kept =
+        Stack::from_checkpoint(&Checkpoint::load(path)?).map_err(|e| named(&e.to_string()))?;
+    let same = |a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>| -> Result<bool> {
+        if a.keys().ne(b.keys()) {
+            return Ok(false);
+        }
+        for (k, t) in a {
+            let u = &b[k];
+            if t.dims() != u.dims()
+                || t.flatten_all()?.to_vec1::<f32>()? != u.flatten_all()?.to_vec1::<f32>()?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let n = previous.classifiers.len();
+    if kept.classifiers.len() != n + 1 || !same(&kept.base, &previous.base)? {
+        return Err(named(&format!(
+            "not this run's iteration {} (a stack of {} classifiers on another baseline or of another length)",
+            n + 1,
+            kept.classifiers.len()
+        )));
+    }
+    for (i, (a, b)) in kept
+        .classifiers
+        .iter()
+        .zip(&previous.classifiers)
+        .enumerate()
+    {
+        if !same(&a.tensors, &b.tensors)? {
+            return Err(named(&format!("classifier {} is not this run's", i + 1)));
+        }
+    }
+    Ok(kept)
+}
+
+/// The traffic run of a configuration, kept in `out` (reused when `reuse`).
+fn traffic_run(config: &ConfigArgs, out: &Path, seed: u64, reuse: bool) -> Result<TrafficRun> {
+    let cfg: TrafficRunConfig = config.resolve()?;
+    save_resolved(&cfg, out)?;
+    Ok(TrafficRun::new(
+        cfg,
+        seed,
+        out.to_path_buf(),
+        Device::Cpu,
+        reuse,
+    ))
 }
 
 /// The motion run of a configuration, kept in `out` (reused when `reuse`).

@@ -8,7 +8,7 @@ use super::{
 use crate::image_metrics::Images;
 use crate::images::{
     feature_network, load_image_classifier, load_image_score, train_image_classifier,
-    train_image_score, ImageClassifierConfig,
+    train_image_score_in, ImageClassifierConfig,
 };
 use crate::moons::ClassifierLoss;
 use candle_core::{bail, Device, Result, Tensor};
@@ -42,17 +42,7 @@ impl Stages<'_> {
             }
             None => {
                 let set = cfg.training_set()?;
-                train_resumable(
-                    &self.out,
-                    "score",
-                    self.reuse,
-                    cfg.save_every,
-                    cfg.iters,
-                    |staged| {
-                        let mut progress = Progress::new("U-Net (DSM)", cfg.iters as usize);
-                        train_image_score(cfg, &set, Some(staged), &self.device, &mut progress)
-                    },
-                )?
+                train_image_score_in(cfg, &set, &self.out, self.reuse, &self.device)?
             }
         };
         let model = load_image_score(&c, &self.device)?;

@@ -18,9 +18,11 @@ use scoreguide_nets::{
 use scoreguide_samplers::{initial_noise, PcOptions, Sampler};
 use scoreguide_sde::{append_zero, log_linear, randn, SampleNoise, SigmaDistribution};
 use scoreguide_train::{
-    load_frozen, load_score_model, Checkpoint, Progress, Staged, TrainConfig, Trainer, Weights,
+    load_frozen, load_score_model, train_resumable, Checkpoint, Progress, Staged, TrainConfig,
+    Trainer, Weights,
 };
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// How a classifier is trained (the score model frozen).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -302,6 +304,84 @@ pub fn train_classifier(
     Ok(trainer
         .fit(cfg.classifier_iters, staged, progress, step_loss, &describe)?
         .0)
+}
+
+/// The run's classifiers: the paper's base (cross-entropy), DLSM alone, and its "ours"
+/// (L_DLSM + 0.125 · L_CE).
+pub const CLASSIFIERS: [(&str, ClassifierLoss); 3] = [
+    ("ce", ClassifierLoss::CrossEntropy),
+    ("dlsm", ClassifierLoss::Dlsm),
+    ("total", ClassifierLoss::Total { ce_weight: 0.125 }),
+];
+
+/// The frozen models of a run: the score model and the classifiers trained on it.
+pub struct MoonsModels {
+    pub prior: ScoreNet<AnyNet>,
+    pub classifiers: Vec<(&'static str, ToyClassifier)>,
+}
+
+/// The run's models, trained in `out` (`score.safetensors`, `classifier_<name>.safetensors`)
+/// or, with `reuse`, reused when finished there and continued from their saved states
+/// (`save_every`) when not: the score model, then the classifiers of [`CLASSIFIERS`]
+/// (only the one named `only`, when given; `"score"`: none).
+pub fn train_models(
+    cfg: &DlsmMoonsConfig,
+    points: &Tensor,
+    labels: &[u32],
+    out: &Path,
+    reuse: bool,
+    only: Option<&str>,
+    device: &Device,
+) -> Result<MoonsModels> {
+    if let Some(only) = only {
+        if only != "score" && !CLASSIFIERS.iter().any(|(n, _)| *n == only) {
+            bail!("dlsm_moons: no model named {only:?} (score, ce, dlsm or total)");
+        }
+    }
+    let data = Dataset::new(points.to_device(device)?, "two moons")?;
+    let m = &cfg.moons;
+    let score = train_resumable(
+        out,
+        "score",
+        reuse,
+        cfg.save_every,
+        m.score_iters,
+        |staged| {
+            let mut progress = Progress::new("score model (DSM)", m.score_iters as usize);
+            train_score(m, &data, Some(staged), device, &mut progress)
+        },
+    )?;
+    let prior = load_score(&score, DType::F32, device)?;
+    let mut classifiers = Vec::new();
+    for (name, loss) in CLASSIFIERS {
+        if only.is_some_and(|only| only != name) {
+            continue;
+        }
+        let file = format!("classifier_{name}");
+        let c = train_resumable(
+            out,
+            &file,
+            reuse,
+            cfg.save_every,
+            m.classifier_iters,
+            |staged| {
+                let mut progress =
+                    Progress::new(&format!("classifier {name}"), m.classifier_iters as usize);
+                train_classifier(
+                    m,
+                    loss,
+                    &prior,
+                    &data,
+                    labels,
+                    Some(staged),
+                    device,
+                    &mut progress,
+                )
+            },
+        )?;
+        classifiers.push((name, load_classifier(&c, DType::F32, device)?));
+    }
+    Ok(MoonsModels { prior, classifiers })
 }
 
 /// DLSM's evaluation points: a 35 × 35 grid over [−40, 40] × [−25, 25] (`[1225, 2]`).
