@@ -27,6 +27,11 @@ struct Args {
     /// saved training states.
     #[arg(long)]
     reuse: bool,
+    /// Stop after the baseline and the motion encoder: draw from the baseline with the
+    /// configured sampler and DDPM's ancestral one (`eval.sampler_comparison`) and print
+    /// their infraction, the check before Gen-neG draws from it.
+    #[arg(long)]
+    check_baseline: bool,
 }
 
 #[derive(Serialize)]
@@ -60,6 +65,20 @@ fn run(args: Args) -> candle_core::Result<()> {
         seed: args.common.seed,
         reuse: args.reuse,
     };
+    if args.check_baseline {
+        let (train, test) = run.data()?;
+        let base = run.baseline(&train)?;
+        let encoder = run.encoder(&train, &test)?;
+        println!("| t | σ | MSE of D (per value) | MSE of x |\n|---|---|---|---|");
+        for [t, sigma, d, x] in run.denoise_profile(&test, &base, 100)? {
+            println!("| {t} | {sigma:.4} | {d:.5} | {x:.3e} |");
+        }
+        println!(
+            "{}",
+            sampler_table(&run.check_baseline(&test, &encoder, &base)?)
+        );
+        return Ok(());
+    }
     let o = run.run_all()?;
     let samplers = run.compare_samplers(&o.test, &o.encoder, &o.models)?;
     println!("{}", table(&o.rows, run.cfg.eval.samples));

@@ -134,6 +134,25 @@ fn a_tiny_run_goes_through_every_stage_and_is_reused() {
             stamp("classifier_wo_is.safetensors")
         )
     );
+    // The baseline check: where the noise outweighs the data (σ > 1), even this
+    // barely trained denoiser is closer to the clean motions than its noisy input; the
+    // sampler rows are the comparison's baseline rows.
+    let r = run(true);
+    let (train, test) = r.data().unwrap();
+    let base = r.baseline(&train).unwrap();
+    let profile = r.denoise_profile(&test, &base, 16).unwrap();
+    assert_eq!(profile.len(), 8);
+    assert!(profile.iter().any(|[_, sigma, _, _]| *sigma < 1.0));
+    for [t, sigma, d, x] in profile.iter().filter(|p| p[1] > 1.0) {
+        assert!(d < x && d.is_finite(), "t {t}, σ {sigma}: {d} vs {x}");
+    }
+    let encoder = r.encoder(&train, &test).unwrap();
+    let check = r.check_baseline(&test, &encoder, &base).unwrap();
+    let names: Vec<String> = check
+        .iter()
+        .map(|r| format!("{} {}", r.model, r.sampler))
+        .collect();
+    assert_eq!(names, ["baseline heun-6", "baseline ddpm-20"]);
     // A kept model of another configuration is refused, naming what differs.
     let mut other = run(true);
     other.cfg.model.net.hidden = 16;

@@ -25,6 +25,14 @@ impl Dense {
         })
     }
 
+    /// Weights and bias initialised to zero (a correction that starts as nothing).
+    pub(crate) fn zeros(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::Init::Const(0.0))?,
+            bias: vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         dense(x, &self.weight, &self.bias, Act::Identity)
     }

@@ -10,8 +10,9 @@
 //! `hidden` plus a sinusoidal position code; the first token is an MLP of the sinusoidal
 //! noise embedding plus the label's embedding (MDM's timestep embedder and its text
 //! embedding); `blocks` × (pre-norm masked self-attention, MLP), residual; a final norm
-//! and a linear map per frame to F values (padding frames output 0), or from the first
-//! token to `k` logits.
+//! and a linear map per frame to F values (padding frames output 0; with `input_skip`,
+//! plus the frame's input through the identity and a learned linear correction), or
+//! from the first token to `k` logits.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -66,6 +67,13 @@ pub struct MotionTransformerConfig {
     /// 0–999; 1 for EDM's ¼ ln σ).
     pub time_scale: f64,
     pub output: MotionOutput,
+    /// Each frame's input added to its output through the identity plus a learned
+    /// linear map that starts at zero (`Frames` only): at high noise an ε-predicting
+    /// network must return its input almost exactly (ε ≈ x_t there, and x̂0 = (x_t −
+    /// √(1−ᾱ) ε̂)/√ᾱ multiplies the error by σ), which the token embedding, norms and
+    /// readout pass only to ~1% (U-ViT's long skips answer the same need).
+    #[serde(default)]
+    pub input_skip: bool,
 }
 
 impl MotionTransformerConfig {
@@ -85,6 +93,7 @@ impl MotionTransformerConfig {
             },
             time_scale: 1e-3,
             output: MotionOutput::Frames,
+            input_skip: false,
         }
     }
 
@@ -105,6 +114,9 @@ impl MotionTransformerConfig {
         }
         if self.heads == 0 || self.hidden == 0 || self.hidden % self.heads != 0 {
             bail!("motion transformer: hidden must be a positive multiple of heads, got {self:?}");
+        }
+        if self.input_skip && self.output != MotionOutput::Frames {
+            bail!("motion transformer: input_skip needs per-frame output");
         }
         if self.output == MotionOutput::Pooled(0) {
             bail!("motion transformer: a pooled output needs at least one value");
@@ -140,6 +152,7 @@ pub struct MotionTransformer {
     blocks: Vec<Block>,
     final_norm: LayerNorm,
     output: Dense,
+    skip: Option<Dense>,
 }
 
 impl MotionTransformer {
@@ -184,6 +197,10 @@ impl MotionTransformer {
             blocks,
             final_norm: LayerNorm::new(h, vb.pp("final_norm"))?,
             output: Dense::new(h, out_dim, vb.pp("output"))?,
+            skip: match cfg.input_skip {
+                true => Some(Dense::zeros(cfg.features, cfg.features, vb.pp("skip"))?),
+                false => None,
+            },
             cfg,
         })
     }
@@ -304,11 +321,15 @@ impl NoiseNet for MotionTransformer {
         let (hs, mask) = self.encode(x, c_noise, cond)?;
         let (b, t, f) = (x.dim(0)?, self.cfg.frames, self.cfg.features);
         match self.cfg.output {
-            MotionOutput::Frames => self
-                .output
-                .forward(&hs.narrow(1, 1, t)?)?
-                .broadcast_mul(&mask.unsqueeze(D::Minus1)?)?
-                .reshape((b, t * f)),
+            MotionOutput::Frames => {
+                let mut out = self.output.forward(&hs.narrow(1, 1, t)?)?;
+                if let Some(skip) = &self.skip {
+                    let x = x.reshape((b, t, f))?;
+                    out = ((out + skip.forward(&x)?)? + x)?;
+                }
+                out.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?
+                    .reshape((b, t * f))
+            }
             MotionOutput::Pooled(_) => self.output.forward(&hs.narrow(1, 0, 1)?.squeeze(1)?),
         }
     }
@@ -365,6 +386,57 @@ mod tests {
         let b: Vec<Vec<f32>> = net.forward(&y, &c, &cond).unwrap().to_vec2().unwrap();
         assert!((a[0][0] - b[0][0]).abs() < 1e-5, "{a:?} {b:?}");
         assert!((a[1][0] - b[1][0]).abs() > 1e-4);
+    }
+
+    #[test]
+    fn input_skip_starts_as_the_identity_on_real_frames_and_is_refused_for_a_pooled_output() {
+        let (plain, _) = net(MotionOutput::Frames);
+        let cfg = MotionTransformerConfig {
+            input_skip: true,
+            ..*plain.config()
+        };
+        let store = ParamStore::new(1);
+        let skip =
+            MotionTransformer::new(cfg, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        // Two parameters more, the correction, at zero; the others drawn as the plain
+        // network's: the difference is the input on real frames, 0 on padding.
+        assert_eq!(store.len(), 2 + plain_params());
+        let mask = Tensor::new(
+            &[[1f32, 1., 1., 1., 1., 0.], [1., 1., 1., 1., 1., 1.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let cond = Cond::labels(Tensor::new(&[0u32, 1], &Device::Cpu).unwrap()).with_mask(mask);
+        let c = Tensor::new(&[3f32, 500.0], &Device::Cpu).unwrap();
+        let x = input(4);
+        let d: Vec<f32> = (skip.forward(&x, &c, &cond).unwrap()
+            - plain.forward(&x, &c, &cond).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (d, x)) in d.iter().zip(&xs).enumerate() {
+            let want = if (20..24).contains(&i) { 0.0 } else { *x };
+            assert!((d - want).abs() < 1e-5, "value {i}: {d} vs {want}");
+        }
+        let pooled = MotionTransformerConfig {
+            output: MotionOutput::Pooled(1),
+            ..cfg
+        };
+        let e = pooled.validate().unwrap_err().to_string();
+        assert!(e.contains("input_skip"), "{e}");
+        // Configurations written before the option read as without it.
+        let mut json = serde_json::to_value(plain.config()).unwrap();
+        json.as_object_mut().unwrap().remove("input_skip");
+        let back: MotionTransformerConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(&back, plain.config());
+    }
+
+    fn plain_params() -> usize {
+        let (_, store) = net(MotionOutput::Frames);
+        store.len()
     }
 
     #[test]

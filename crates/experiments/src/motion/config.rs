@@ -410,6 +410,7 @@ impl MotionRunConfig {
         let net = MotionTransformerConfig {
             labels: 0,
             output: MotionOutput::Pooled(1),
+            input_skip: false,
             ..self.model.net
         };
         ClassifierConfig::of_architecture(&NetConfig::MotionTransformer(net), self.process())

@@ -112,6 +112,7 @@ pub fn encoder_config(cfg: &MotionRunConfig, actions: usize) -> MotionTransforme
     MotionTransformerConfig {
         labels: 0,
         output: MotionOutput::Pooled(actions),
+        input_skip: false,
         ..cfg.model.net
     }
 }

@@ -441,6 +441,74 @@ impl Run {
         encoder: &MotionEncoder,
         models: &Models,
     ) -> Result<Vec<SamplerRow>> {
+        let scorers = self
+            .scorers(models)?
+            .into_iter()
+            .filter(|(name, _)| name == "baseline" || name == "genneg_1")
+            .collect();
+        self.compare_samplers_of(test, encoder, scorers)
+    }
+
+    /// The baseline alone through [`Run::compare_samplers`]: whether its samples are
+    /// sound under both samplers before Gen-neG draws from it.
+    pub fn check_baseline(
+        &self,
+        test: &MotionData,
+        encoder: &MotionEncoder,
+        base: &Checkpoint,
+    ) -> Result<Vec<SamplerRow>> {
+        let (m, _) = load_score_model(base, Weights::Ema, DType::F32, &self.dev)?;
+        self.compare_samplers_of(test, encoder, vec![("baseline".into(), Box::new(m))])
+    }
+
+    /// The baseline's denoising error on `motions` rows of `data` at step indices over
+    /// the process, noise seeded by the run's seed: (t, σ, mean squared error of D
+    /// against the clean motion per real value, the same for D = x (no denoising)). Where
+    /// it is large, so is what a sampler carries forward from that level.
+    pub fn denoise_profile(
+        &self,
+        data: &MotionData,
+        base: &Checkpoint,
+        motions: usize,
+    ) -> Result<Vec<[f64; 4]>> {
+        let (model, _) = load_score_model(base, Weights::Ema, DType::F32, &self.dev)?;
+        let idx: Vec<u32> = (0..motions.min(data.len()) as u32).collect();
+        let x0 = data.rows(&idx)?;
+        let cond = data.cond_of(&idx)?;
+        let mask = data.set.masks(&idx, &self.dev)?;
+        let process = self.cfg.process();
+        let steps = self.cfg.model.diffusion_steps;
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(derive_seed(self.seed, 200));
+        let mut rows = Vec::new();
+        for frac in [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.97, 1.0] {
+            let t = (frac * (steps - 1) as f64).round();
+            let sigma = process.sigma(t);
+            let z = scoreguide_sde::randn(&mut rng, x0.dims(), &self.dev)?;
+            let x = (&x0 + (&z * sigma)?)?;
+            let s = Tensor::full(sigma as f32, idx.len(), &self.dev)?;
+            let d = model.denoise_with(&x, &s, &cond)?;
+            // Real frames only: padding is no motion's, and the ε-predicting network's
+            // masked output leaves it as noisy as x.
+            let mse = |a: &Tensor| -> Result<f64> {
+                let sq = (a - &x0)?
+                    .sqr()?
+                    .reshape((idx.len(), mask.dim(1)?, ()))?
+                    .broadcast_mul(&mask.unsqueeze(2)?)?;
+                let values = (mask.sum_all()?.to_scalar::<f32>()? as usize * sq.dim(2)?) as f64;
+                Ok(sq.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? / values)
+            };
+            rows.push([t, sigma, mse(&d)?, mse(&x)?]);
+        }
+        Ok(rows)
+    }
+
+    fn compare_samplers_of(
+        &self,
+        test: &MotionData,
+        encoder: &MotionEncoder,
+        scorers: Vec<(String, Box<dyn Score>)>,
+    ) -> Result<Vec<SamplerRow>> {
         let Some(cmp) = self.cfg.eval.sampler_comparison else {
             return Ok(Vec::new());
         };
@@ -454,10 +522,7 @@ impl Run {
         };
         let seed = derive_seed(self.seed, 100);
         let mut rows = Vec::new();
-        for (name, model) in self.scorers(models)? {
-            if name != "baseline" && name != "genneg_1" {
-                continue;
-            }
+        for (name, model) in scorers {
             for cfg in [&self.cfg, &ddpm] {
                 let sampler = match cfg.sampler {
                     MotionSampler::Heun { steps } => format!("heun-{steps}"),
