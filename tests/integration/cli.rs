@@ -502,3 +502,77 @@ fn at_scale(dir: &Path, base: &Path, stack: &Path) {
         !run(&["sample", "--model", stack, "--valid", "5", "--shard", "0/2", "--out", &valid]).0
     );
 }
+
+/// `scoreguide train` on image_score, then `sample` of the U-Net it wrote: N images in
+/// [−1, 1] and their grid, the same seed giving the same images; `--valid` refused. On
+/// Fashion-MNIST (skipped where it is not installed, unless SCOREGUIDE_REQUIRE_DATA=1).
+#[test]
+fn train_then_sample_an_image_model() {
+    use scoreguide::data::{fashion_mnist, ImageSplit};
+    if let Err(e) = fashion_mnist(None, ImageSplit::Test) {
+        if std::env::var("SCOREGUIDE_REQUIRE_DATA").is_ok_and(|v| v == "1") {
+            panic!("SCOREGUIDE_REQUIRE_DATA=1 but {e}");
+        }
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let dir = tmp("image");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/image_score/quick.toml");
+    let d = dir.display().to_string();
+    let (ok, _, err) = run(&[
+        "train",
+        "--config",
+        &config.display().to_string(),
+        "--set",
+        "train_images=64",
+        "--set",
+        "iters=4",
+        "--set",
+        "batch=4",
+        "--set",
+        "unet.base_channels=8",
+        "--set",
+        "unet.groups=4",
+        "--set",
+        "unet.attention_resolutions=[]",
+        "--threads",
+        "1",
+        "--out",
+        &d,
+    ]);
+    assert!(ok, "{err}");
+    let model = dir.join("score.safetensors").display().to_string();
+    let sample = |seed: &str, out: &str| {
+        let out = dir.join(out);
+        let (ok, _, err) = run(&[
+            "sample",
+            "--model",
+            &model,
+            "--n",
+            "5",
+            "--steps",
+            "3",
+            "--seed",
+            seed,
+            "--out",
+            &out.display().to_string(),
+            "--threads",
+            "1",
+        ]);
+        assert!(ok, "{err}");
+        let c = scoreguide::train::Checkpoint::load(&out).unwrap();
+        assert!(out.with_extension("png").exists());
+        c.tensors["images"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let a = sample("2", "a.safetensors");
+    assert_eq!(a.len(), 5 * 784);
+    assert!(a.iter().all(|v| (-1.0..=1.0).contains(v)));
+    assert_eq!(sample("2", "b.safetensors"), a);
+    assert_ne!(sample("3", "c.safetensors"), a);
+    let (ok, _, err) = run(&["sample", "--model", &model, "--valid", "3", "--out", &d]);
+    assert!(!ok && err.contains("image model"), "{err}");
+}

@@ -95,7 +95,9 @@ enum Command {
     },
     /// Draw samples of a checkerboard model (a score model or a Gen-neG stack) into a
     /// safetensors file (`samples`, [N, 2]): N of them (in shards with --shard i/n,
-    /// joined by `merge`), or K valid ones with --valid K.
+    /// joined by `merge`), or K valid ones with --valid K. An image U-Net (what `train`
+    /// writes for image_score) gives N images (`images`, [N, C·S·S] in [−1, 1], as its
+    /// example samples them) and a PNG grid of the first 100 beside the file.
     Sample {
         /// A checkpoint: baseline.safetensors, genneg_<k>.safetensors, …
         #[arg(long)]
@@ -113,9 +115,10 @@ enum Command {
         /// `heun` (the checkerboard paper's, churn 10) or `ancestral` (DDPM's).
         #[arg(long, default_value = "heun")]
         sampler: String,
-        /// Sampler steps (the checkerboard example's default).
-        #[arg(long, default_value_t = 100)]
-        steps: usize,
+        /// Sampler steps (default: the checkerboard example's 100; an image model's own
+        /// `sampler_steps`).
+        #[arg(long)]
+        steps: Option<usize>,
         /// Noise seed: draw i uses stream (seed, i); the checkerboard example samples with
         /// its --seed + 1.
         #[arg(long, default_value_t = 1)]
@@ -334,11 +337,20 @@ fn main() {
             out,
             json,
             threads,
-        } => scoreguide::runtime::on_compute_threads(threads, || match valid {
-            Some(k) => {
-                scale::sample_valid_cmd(&model, k, delta, &sampler, steps, seed, batch, &out, json)
+        } => scoreguide::runtime::on_compute_threads(threads, || {
+            if scale::is_image_model(&model)? {
+                if valid.is_some() || shard.is_some() {
+                    candle_core::bail!("scoreguide sample: --valid and --shard are for checkerboard models; {} is an image model", model.display());
+                }
+                return scale::sample_images_cmd(&model, n, steps, seed, &out);
             }
-            None => scale::sample(&model, n, &sampler, steps, seed, batch, shard, &out),
+            let steps = steps.unwrap_or(100);
+            match valid {
+                Some(k) => scale::sample_valid_cmd(
+                    &model, k, delta, &sampler, steps, seed, batch, &out, json,
+                ),
+                None => scale::sample(&model, n, &sampler, steps, seed, batch, shard, &out),
+            }
         }),
         Command::Draws {
             model,

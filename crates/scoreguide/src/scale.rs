@@ -1,6 +1,7 @@
-//! The `scoreguide` command at scale, for checkerboard models: sampling in shards and
-//! k valid samples (`sample --shard`, `sample --valid`), Gen-neG synthetic sets drawn
-//! whole, in shards or by sequential importance sampling (`draws`), and `merge`.
+//! The `scoreguide` command's sampling: checkerboard models at scale (in shards and k
+//! valid samples: `sample --shard`, `sample --valid`; Gen-neG synthetic sets drawn
+//! whole, in shards or by sequential importance sampling: `draws`; `merge`), and image
+//! score models.
 
 use crate::run::model_of;
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -9,6 +10,7 @@ use scoreguide::genneg::{
     collect_from, collect_shard, merge_shards, sample_valid, CollectConfig, Shard, ShardDraws,
     Source, Unconditioned, ValidConfig,
 };
+use scoreguide::images::{load_image_score, sample_images, save_image_grid, ImageScoreConfig};
 use scoreguide::oracles::Checkerboard;
 use scoreguide::samplers::{initial_noise, Sampler};
 use scoreguide::sde::SampleNoise;
@@ -102,6 +104,62 @@ pub fn sample(
         ),
         None => println!("{n} samples of {} in {}", model.display(), out.display()),
     }
+    Ok(())
+}
+
+/// Whether `model` is an image score model (a checkpoint of `images::train_image_score`,
+/// which records its configuration under `images`).
+pub fn is_image_model(model: &Path) -> Result<bool> {
+    Ok(Checkpoint::load(model)?.metadata.contains_key("images"))
+}
+
+/// `scoreguide sample` of an image score model: `n` images with the model's own sampler
+/// (EDM Heun, `steps` or its `sampler_steps`), image i from noise stream (seed, i) as
+/// the `image_score` example draws them; `images` in `out` and the first 100 in a PNG
+/// grid beside it.
+pub fn sample_images_cmd(
+    model: &Path,
+    n: usize,
+    steps: Option<usize>,
+    seed: u64,
+    out: &Path,
+) -> Result<()> {
+    if n == 0 || steps == Some(0) {
+        bail!("scoreguide sample: --n and --steps must be positive");
+    }
+    let dev = Device::Cpu;
+    let c = Checkpoint::load(model)?;
+    let named =
+        |e: candle_core::Error| candle_core::Error::msg(format!("{}: {e}", model.display()));
+    let mut cfg: ImageScoreConfig = c.meta("images").map_err(named)?;
+    if let Some(s) = steps {
+        cfg.sampler_steps = s;
+    }
+    let net = load_image_score(&c, &dev).map_err(named)?;
+    let mut progress = Progress::new("sample", n);
+    let x = sample_images(&cfg, &net, n, seed, &dev, &mut progress)?;
+    let mut file = Checkpoint::new();
+    file.tensors.insert("images".into(), x.clone());
+    file.set_meta("model", &model.display().to_string())?;
+    file.set_meta("sampler_steps", &cfg.sampler_steps)?;
+    file.set_meta("seed", &seed)?;
+    file.save(out)?;
+    let shown = n.min(100);
+    let png = out.with_extension("png");
+    let cols = (shown as f64).sqrt().ceil() as usize;
+    save_image_grid(
+        &png,
+        &x.narrow(0, 0, shown)?,
+        cfg.unet.channels,
+        cfg.unet.size,
+        cols,
+    )?;
+    println!(
+        "{n} images of {} in {} (grid: {})",
+        model.display(),
+        out.display(),
+        png.display()
+    );
     Ok(())
 }
 
