@@ -6,7 +6,7 @@
 use clap::Parser;
 use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::images::{
-    load_image_score, sample_images, save_image_grid, train_image_score_in, ImageScoreConfig,
+    load_image_score, sample_images, save_first_images, train_image_score_in, ImageScoreConfig,
 };
 use scoreguide::runtime::{write_json, CommonArgs};
 use scoreguide::train::{Checkpoint, Progress};
@@ -109,23 +109,15 @@ fn run(args: Args) -> candle_core::Result<()> {
     let mut samples = Checkpoint::new();
     samples.tensors.insert("images".into(), x.clone());
     samples.save(&array)?;
-    let shown = cfg.samples.min(100);
-    let cols = (shown as f64).sqrt().ceil() as usize;
     let png = out.join("samples.png");
-    save_image_grid(
-        &png,
-        &x.narrow(0, 0, shown)?,
-        cfg.unet.channels,
-        cfg.unet.size,
-        cols,
-    )?;
+    let shown = save_first_images(&png, &x, cfg.unet.channels, cfg.unet.size, 100)?;
     let real = set.take(shown)?;
-    save_image_grid(
+    save_first_images(
         &out.join("data.png"),
         real.images.tensor(),
         set.channels,
         set.size,
-        cols,
+        shown,
     )?;
     eprintln!(
         "wrote {} (and data.png, real images) and {} — {per_image:.2} s per image",

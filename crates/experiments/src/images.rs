@@ -276,6 +276,21 @@ pub fn sample_images(
     x.clamp(-1.0, 1.0)
 }
 
+/// The first `most` of `images` (`[n, C·S·S]`) as a square-ish PNG grid
+/// ([`save_image_grid`]); returns how many it shows.
+pub fn save_first_images(
+    path: &Path,
+    images: &Tensor,
+    channels: usize,
+    size: usize,
+    most: usize,
+) -> Result<usize> {
+    let shown = images.dim(0)?.min(most);
+    let cols = (shown as f64).sqrt().ceil() as usize;
+    save_image_grid(path, &images.narrow(0, 0, shown)?, channels, size, cols)?;
+    Ok(shown)
+}
+
 /// Writes `images` (`[n, C·S·S]` in [−1, 1], C = 1 or 3) as a PNG grid of `cols`
 /// columns with a 2-pixel gap, atomically.
 pub fn save_image_grid(

@@ -10,7 +10,7 @@ use scoreguide::genneg::{
     collect_from, collect_shard, merge_shards, sample_valid, CollectConfig, Shard, ShardDraws,
     Source, Unconditioned, ValidConfig,
 };
-use scoreguide::images::{load_image_score, sample_images, save_image_grid, ImageScoreConfig};
+use scoreguide::images::{load_image_score, sample_images, save_first_images, ImageScoreConfig};
 use scoreguide::oracles::Checkerboard;
 use scoreguide::samplers::{initial_noise, Sampler};
 use scoreguide::sde::SampleNoise;
@@ -144,16 +144,8 @@ pub fn sample_images_cmd(
     file.set_meta("sampler_steps", &cfg.sampler_steps)?;
     file.set_meta("seed", &seed)?;
     file.save(out)?;
-    let shown = n.min(100);
     let png = out.with_extension("png");
-    let cols = (shown as f64).sqrt().ceil() as usize;
-    save_image_grid(
-        &png,
-        &x.narrow(0, 0, shown)?,
-        cfg.unet.channels,
-        cfg.unet.size,
-        cols,
-    )?;
+    save_first_images(&png, &x, cfg.unet.channels, cfg.unet.size, 100)?;
     println!(
         "{n} images of {} in {} (grid: {})",
         model.display(),
