@@ -324,6 +324,34 @@ fn train_genneg_sample_eval_compose() {
         "1",
     ]);
     assert!(ok, "{err}");
+    // --resume continues from a kept iteration only on the baseline it was built on.
+    let mut other = scoreguide::train::Checkpoint::load(&base).unwrap();
+    let (name, t) = other
+        .tensors
+        .iter()
+        .find(|(k, _)| k.starts_with("ema."))
+        .map(|(k, t)| (k.clone(), (t + 1.0).unwrap()))
+        .unwrap();
+    other.tensors.insert(name, t);
+    let other_base = dir.join("other-baseline.safetensors");
+    other.save(&other_base).unwrap();
+    let (ok, _, err) = run(&[
+        "genneg",
+        "--config",
+        g.to_str().unwrap(),
+        "--set",
+        "iterations=1",
+        "--baseline",
+        other_base.to_str().unwrap(),
+        "--out",
+        d,
+        "--resume",
+    ]);
+    assert!(
+        !ok && err.contains("genneg_1.safetensors")
+            && err.contains("not built on this run's baseline"),
+        "{err}"
+    );
     let guided = dir.join("guided.safetensors");
     let stack = dir.join("genneg_1.safetensors");
     let (ok, _, err) = run(&[

@@ -3,7 +3,9 @@
 //! command writes is what the example would.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
-use scoreguide::checkerboard::genneg::{iteration, GennegCheckerboardConfig, COLLECTION_META};
+use scoreguide::checkerboard::genneg::{
+    iteration, resume_iteration, GennegCheckerboardConfig, COLLECTION_META,
+};
 use scoreguide::checkerboard::{
     label, load_baseline, paper_sampler, train_baseline_synced, CheckerboardConfig,
 };
@@ -17,7 +19,6 @@ use scoreguide::oracles::Checkerboard;
 use scoreguide::traffic::run::{print_table, TrafficRunConfig};
 use scoreguide::traffic::stages::Run as TrafficRun;
 use scoreguide::train::{load_score_model, Checkpoint, Progress, Staged, Weights};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The experiments `scoreguide train` trains.
@@ -225,7 +226,11 @@ pub fn genneg(
     for it in 1..=cfg.iterations {
         let path = out.join(format!("genneg_{it}.safetensors"));
         if resume && path.exists() {
-            stack = kept_iteration(&path, &stack)?;
+            stack = resume_iteration(&path, it, &stack)
+                .map_err(|e| {
+                    candle_core::Error::msg(format!("{e}; use another --out or drop --resume"))
+                })?
+                .0;
             println!("iteration {it}: kept {}", path.display());
             continue;
         }
@@ -237,52 +242,6 @@ pub fn genneg(
         stack = next;
     }
     Ok(())
-}
-
-/// The stack an earlier run kept at `path`, refused unless it is `previous` with one
-/// classifier more (the same baseline and the classifiers before it, to the bit).
-fn kept_iteration(path: &Path, previous: &Stack) -> Result<Stack> {
-    let named = |what: &str| {
-        candle_core::Error::msg(format!(
-            "{}: {what}; use another --out or drop --resume",
-            path.display()
-        ))
-    };
-    let kept =
-        Stack::from_checkpoint(&Checkpoint::load(path)?).map_err(|e| named(&e.to_string()))?;
-    let same = |a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>| -> Result<bool> {
-        if a.keys().ne(b.keys()) {
-            return Ok(false);
-        }
-        for (k, t) in a {
-            let u = &b[k];
-            if t.dims() != u.dims()
-                || t.flatten_all()?.to_vec1::<f32>()? != u.flatten_all()?.to_vec1::<f32>()?
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    };
-    let n = previous.classifiers.len();
-    if kept.classifiers.len() != n + 1 || !same(&kept.base, &previous.base)? {
-        return Err(named(&format!(
-            "not this run's iteration {} (a stack of {} classifiers on another baseline or of another length)",
-            n + 1,
-            kept.classifiers.len()
-        )));
-    }
-    for (i, (a, b)) in kept
-        .classifiers
-        .iter()
-        .zip(&previous.classifiers)
-        .enumerate()
-    {
-        if !same(&a.tensors, &b.tensors)? {
-            return Err(named(&format!("classifier {} is not this run's", i + 1)));
-        }
-    }
-    Ok(kept)
 }
 
 /// The traffic run of a configuration, kept in `out` (reused when `reuse`).
