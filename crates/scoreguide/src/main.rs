@@ -19,15 +19,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Score-based generative modelling with guidance",
     after_help = "Example: the checkerboard baseline, one Gen-neG iteration, and their infraction rates\n\
 \n  scoreguide train --config configs/checkerboard/quick.toml --out out/cli\n\
-  scoreguide sample --model out/cli/baseline.safetensors --n 10000 --seed 1 --out out/cli/baseline-samples.safetensors\n\
-  scoreguide eval --samples out/cli/baseline-samples.safetensors --oracle checkerboard\n\
-  scoreguide genneg --config configs/genneg_checkerboard/quick.toml --baseline out/cli/baseline.safetensors --out out/cli\n\
-  scoreguide sample --model out/cli/genneg_1.safetensors --n 10000 --seed 1 --out out/cli/genneg-samples.safetensors\n\
-  scoreguide eval --samples out/cli/genneg-samples.safetensors --oracle checkerboard\n\
+\x20 scoreguide sample --model out/cli/baseline.safetensors --n 10000 --seed 1 --out out/cli/baseline-samples.safetensors\n\
+\x20 scoreguide eval --samples out/cli/baseline-samples.safetensors --oracle checkerboard\n\
+\x20 scoreguide genneg --config configs/genneg_checkerboard/quick.toml --baseline out/cli/baseline.safetensors --out out/cli\n\
+\x20 scoreguide sample --model out/cli/genneg_1.safetensors --n 10000 --seed 1 --out out/cli/genneg-samples.safetensors\n\
+\x20 scoreguide eval --samples out/cli/genneg-samples.safetensors --oracle checkerboard\n\
+\nThe other experiments the same way: the configuration's folder names the experiment\n\
+\n  scoreguide train --config configs/genneg_traffic/quick.toml --out out/traffic\n\
+\x20 scoreguide genneg --config configs/genneg_traffic/quick.toml --out out/traffic     (the table)\n\
+\x20 scoreguide train --config configs/image_score/quick.toml --out out/unet\n\
+\x20 scoreguide sample --model out/unet/score.safetensors --n 100 --out out/unet/samples.safetensors\n\
+\x20 scoreguide metrics --real fashion-mnist:test --fake out/unet/samples.safetensors\n\
 \nAt scale: 1000 valid samples; a synthetic set in 4 shards (one per process or machine), merged\n\
 \n  scoreguide sample --model out/cli/genneg_1.safetensors --valid 1000 --out out/cli/valid.safetensors\n\
-  scoreguide draws --model out/cli/genneg_1.safetensors --shard 0/4 --out out/cli/draws-0.safetensors   (and 1/4, 2/4, 3/4)\n\
-  scoreguide merge out/cli/draws-*.safetensors --out out/cli/draws.safetensors\n\
+\x20 scoreguide draws --model out/cli/genneg_1.safetensors --shard 0/4 --out out/cli/draws-0.safetensors   (and 1/4, 2/4, 3/4)\n\
+\x20 scoreguide merge out/cli/draws-*.safetensors --out out/cli/draws.safetensors\n\
 \nExit status: 0 done, 1 bad input (the message names it), 2 bad usage."
 )]
 struct Cli {
