@@ -345,8 +345,8 @@ fn main() {
             threads,
         } => scoreguide::runtime::on_compute_threads(threads, || {
             if scale::is_image_model(&model)? {
-                if valid.is_some() || shard.is_some() {
-                    candle_core::bail!("scoreguide sample: --valid and --shard are for checkerboard models; {} is an image model", model.display());
+                if valid.is_some() || shard.is_some() || sampler != "heun" {
+                    candle_core::bail!("scoreguide sample: --valid, --shard and --sampler are for checkerboard models; {} is an image model (sampled with its own EDM Heun)", model.display());
                 }
                 return scale::sample_images_cmd(&model, n, steps, seed, &out);
             }
