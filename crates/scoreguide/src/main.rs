@@ -344,11 +344,13 @@ fn main() {
             json,
             threads,
         } => scoreguide::runtime::on_compute_threads(threads, || {
-            if scale::is_image_model(&model)? {
+            // Read once: an image model is sampled from it as it is.
+            let checkpoint = Checkpoint::load(&model)?;
+            if scale::is_image_model(&checkpoint) {
                 if valid.is_some() || shard.is_some() || sampler != "heun" {
                     candle_core::bail!("scoreguide sample: --valid, --shard and --sampler are for checkerboard models; {} is an image model (sampled with its own EDM Heun)", model.display());
                 }
-                return scale::sample_images_cmd(&model, n, steps, seed, &out);
+                return scale::sample_images_cmd(&model, &checkpoint, n, steps, seed, &out);
             }
             let steps = steps.unwrap_or(100);
             match valid {

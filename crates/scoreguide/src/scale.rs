@@ -107,18 +107,19 @@ pub fn sample(
     Ok(())
 }
 
-/// Whether `model` is an image score model (a checkpoint of `images::train_image_score`,
-/// which records its configuration under `images`).
-pub fn is_image_model(model: &Path) -> Result<bool> {
-    Ok(Checkpoint::load(model)?.metadata.contains_key("images"))
+/// Whether a checkpoint holds an image score model (`images::train_image_score`
+/// records its configuration under `images`).
+pub fn is_image_model(c: &Checkpoint) -> bool {
+    c.metadata.contains_key("images")
 }
 
-/// `scoreguide sample` of an image score model: `n` images with the model's own sampler
-/// (EDM Heun, `steps` or its `sampler_steps`), image i from noise stream (seed, i) as
-/// the `image_score` example draws them; `images` in `out` and the first 100 in a PNG
-/// grid beside it.
+/// `scoreguide sample` of an image score model (`c`, read from `model`): `n` images
+/// with the model's own sampler (EDM Heun, `steps` or its `sampler_steps`), image i from
+/// noise stream (seed, i) as the `image_score` example draws them; `images` in `out`
+/// and the first 100 in a PNG grid beside it.
 pub fn sample_images_cmd(
     model: &Path,
+    c: &Checkpoint,
     n: usize,
     steps: Option<usize>,
     seed: u64,
@@ -128,14 +129,13 @@ pub fn sample_images_cmd(
         bail!("scoreguide sample: --n and --steps must be positive");
     }
     let dev = Device::Cpu;
-    let c = Checkpoint::load(model)?;
     let named =
         |e: candle_core::Error| candle_core::Error::msg(format!("{}: {e}", model.display()));
     let mut cfg: ImageScoreConfig = c.meta("images").map_err(named)?;
     if let Some(s) = steps {
         cfg.sampler_steps = s;
     }
-    let net = load_image_score(&c, &dev).map_err(named)?;
+    let net = load_image_score(c, &dev).map_err(named)?;
     let mut progress = Progress::new("sample", n);
     let x = sample_images(&cfg, &net, n, seed, &dev, &mut progress)?;
     let mut file = Checkpoint::new();
