@@ -8,6 +8,7 @@
 //! trains through the classifier's input gradient). candle's CPU conv2d backward, the
 //! alternative, was slower than a whole transformer step here.
 
+use crate::channel::channel_sum;
 use crate::gemm::{matmul, matmul_serial, View};
 use crate::ops::{
     contiguous_data, fast_path, gradient_for, output_buffer, second_order, with_data,
@@ -589,7 +590,7 @@ impl CustomOp3 for Conv {
         let db = match b.track_op() {
             false => None,
             true if second_order() => Some(match b.rank() {
-                1 => g.sum((0, 2, 3))?,
+                1 => channel_sum(g)?,
                 _ => g.sum((2, 3))?,
             }),
             // candle's strided sum over (0, 2, 3) cost as much as one of the GEMMs.

@@ -7,7 +7,9 @@
 //! position attention from its definition ([`relative_attention`]), batched products
 //! of small strided matrices ([`batched_matmul`]), 2-D convolution as im2col + GEMM
 //! whose backward passes are again convolution ops, so that it differentiates to any
-//! order ([`conv2d`]), group norm with its SiLU ([`group_norm`]); [`manual`] has the forward and
+//! order ([`conv2d`]), group norm with its SiLU ([`group_norm`]) and, for its
+//! differentiable backward pass, per-channel scale and sum that do not reduce element by
+//! element as candle does over leading axes; [`manual`] has the forward and
 //! backward halves for hand-written input gradients. Adam and EMA updates are one pass
 //! each ([`adam_update`], [`ema_update`]). [`threads`] holds the thread policy: one pool
 //! (rayon's), and threads only for work large enough to gain from them.
@@ -30,6 +32,7 @@
 //! ```
 
 mod bmm;
+mod channel;
 mod conv;
 mod gemm;
 mod norm;

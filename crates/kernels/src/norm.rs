@@ -2,6 +2,7 @@
 //! SiLU) over channel groups, as single ops with their own backward passes (candle's
 //! fused versions have none, and its composed ones take a dozen allocating passes each).
 
+use crate::channel::{channel_affine, channel_sum};
 use crate::ops::{
     contiguous_data, fast_path, gradient_for, output_buffer, second_order, with_data,
 };
@@ -380,16 +381,14 @@ fn group_norm_backward_composed(
     let (xh, rstd) = group_normalised(x, op.groups, op.eps)?;
     let gy = gy.reshape(xh.shape())?;
     let dz = if op.silu {
-        let z = xh
-            .broadcast_mul(&per_channel(gain)?)?
-            .broadcast_add(&per_channel(bias)?)?;
+        let z = channel_affine(&xh, gain, Some(bias))?;
         (gy * crate::ops::silu_derivative(&z)?)?
     } else {
         gy
     };
-    let gg = (&dz * &xh)?.sum((0, 2))?;
-    let gb = dz.sum((0, 2))?;
-    let d = dz.broadcast_mul(&per_channel(gain)?)?;
+    let gg = channel_sum(&(&dz * &xh)?)?;
+    let gb = channel_sum(&dz)?;
+    let d = channel_affine(&dz, gain, None)?;
     let (n, groups) = (x.dim(0)?, op.groups);
     let d = d.reshape((n, groups, ()))?;
     let xh = xh.reshape((n, groups, ()))?;

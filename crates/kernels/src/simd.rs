@@ -186,6 +186,17 @@ multiversion! {
 }
 
 multiversion! {
+    /// `acc[i mod C] += Σ plane_i` over consecutive planes of `plane` values, C =
+    /// `acc.len()`: the per-channel sums of an `[N, C, plane]` tensor.
+    pub fn add_plane_sums(x: &[f32], plane: usize, acc: &mut [f32]) {
+        let c = acc.len();
+        for (i, p) in x.chunks_exact(plane).enumerate() {
+            acc[i % c] += lane_sum_by(plane, |j| p[j]);
+        }
+    }
+}
+
+multiversion! {
     /// Rows `[cos(f c_i) for f in freqs, sin(f c_i) for f in freqs]` of width
     /// `2 · freqs.len()`, one per c_i.
     pub fn sinusoidal(c: &[f32], freqs: &[f32], out: &mut [f32]) {
