@@ -1,7 +1,8 @@
 //! Gen-neG's cheaper synthetic sets on the checkerboard (App. D.2, Fig. 9): two Gen-neG
 //! chains from one baseline, one drawing each iteration's set from its current model
-//! (the standard set), the other from the baseline with sequential importance weights
-//! for the current model (the SIS set); per iteration, the set's sampling time and the
+//! (the standard set), the other from a proposal (the baseline, or the current stack at
+//! a fraction of its guidance) with sequential importance weights for the current model
+//! (the SIS set); per iteration, the set's sampling time and the
 //! new model's infraction rate.
 
 use super::{label, sample_with, BaselineConfig};
@@ -46,6 +47,12 @@ pub struct SisCheckerboardConfig {
     /// `per_class` (the standard set's; at most `budget` rows).
     #[serde(default)]
     pub sis_effective: bool,
+    /// The SIS proposal: the baseline guided by the current stack with every
+    /// classifier's weight times this (0: the baseline itself). Between 0 and 1 the
+    /// proposal keeps more invalid mass than the target, in the regions the target
+    /// still puts it, at the cost of evaluating the stack twice per step.
+    #[serde(default)]
+    pub proposal_guidance: f64,
 }
 
 impl Preset for SisCheckerboardConfig {
@@ -69,6 +76,7 @@ impl Preset for SisCheckerboardConfig {
             steps: 24,
             samples: 4_000,
             sis_effective: false,
+            proposal_guidance: 0.0,
         }
     }
 
@@ -91,12 +99,19 @@ impl Preset for SisCheckerboardConfig {
             steps: 40,
             samples: 10_000,
             sis_effective: false,
+            proposal_guidance: 0.0,
         }
     }
 
     fn validate(&self) -> Result<()> {
         if self.iterations == 0 || self.per_class == 0 || self.samples == 0 || self.steps < 2 {
             bail!("genneg_sis config: iterations, per_class and samples must be positive and steps ≥ 2, got {self:?}");
+        }
+        if !(0.0..=1.0).contains(&self.proposal_guidance) {
+            bail!(
+                "genneg_sis config: proposal_guidance must lie in [0, 1], got {}",
+                self.proposal_guidance
+            );
         }
         self.collect(0).validate()?;
         self.classifier.sigma.validate()
@@ -136,7 +151,8 @@ impl SisCheckerboardConfig {
 pub enum SetMethod {
     /// From the current model.
     Standard,
-    /// From the baseline, weighted for the current model.
+    /// From a proposal (the baseline, or the stack at `proposal_guidance`), weighted
+    /// for the current model.
     Sis,
 }
 
@@ -188,7 +204,6 @@ pub fn chain(
     dev: &Device,
 ) -> Result<Vec<SisRow>> {
     let (sampler, sigmas) = cfg.sampler()?;
-    let proposal = baseline.guided(dev)?;
     let mut current = baseline.clone();
     let mut rows = Vec::new();
     for it in 1..=cfg.iterations {
@@ -210,6 +225,7 @@ pub fn chain(
             continue;
         }
         let target = current.guided(dev)?;
+        let proposal = tempered(&current, cfg.proposal_guidance).guided(dev)?;
         // Iteration 1's target is the baseline itself: no weights to compute.
         let source = match method {
             SetMethod::Sis if it > 1 => Source::Sis {
@@ -286,6 +302,18 @@ pub fn chain(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// `stack` with every classifier's weight times `gamma` (none at 0).
+pub fn tempered(stack: &Stack, gamma: f64) -> Stack {
+    let mut t = stack.clone();
+    if gamma == 0.0 {
+        t.classifiers.clear();
+    }
+    for c in &mut t.classifiers {
+        c.weight *= gamma;
+    }
+    t
 }
 
 /// The infraction rate of `model` over `cfg.samples` draws (the same noise for every
@@ -372,4 +400,52 @@ pub fn plot(dir: &Path, rows: &[SisRow]) -> Result<()> {
             (ORANGE, series(SetMethod::Sis, &|r| 100.0 * r.infraction)),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scoreguide_genneg::StackedClassifier;
+    use scoreguide_nets::{ClassifierConfig, ScoreModelConfig};
+    use std::collections::BTreeMap;
+
+    fn stack(weights: &[f64]) -> Stack {
+        let mut s = Stack::new(ScoreModelConfig::checkerboard(), BTreeMap::new());
+        for &weight in weights {
+            s = s.with(StackedClassifier {
+                config: ClassifierConfig::checkerboard(),
+                weight,
+                time_independent: None,
+                gate: None,
+                tensors: BTreeMap::new(),
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn tempered_proposal_scales_every_weight_and_is_the_baseline_at_zero() {
+        let weights = |s: &Stack| s.classifiers.iter().map(|c| c.weight).collect::<Vec<_>>();
+        assert_eq!(weights(&tempered(&stack(&[1.0, 2.0]), 0.5)), [0.5, 1.0]);
+        assert_eq!(weights(&tempered(&stack(&[1.0, 2.0]), 1.0)), [1.0, 2.0]);
+        assert!(tempered(&stack(&[1.0, 2.0]), 0.0).classifiers.is_empty());
+        assert!(tempered(&stack(&[]), 0.5).classifiers.is_empty());
+    }
+
+    #[test]
+    fn proposal_guidance_outside_the_unit_interval_is_refused() {
+        for g in [-0.1, 1.5, f64::NAN] {
+            let cfg = SisCheckerboardConfig {
+                proposal_guidance: g,
+                ..SisCheckerboardConfig::quick()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("proposal_guidance"), "{err}");
+        }
+        let cfg = SisCheckerboardConfig {
+            proposal_guidance: 0.5,
+            ..SisCheckerboardConfig::quick()
+        };
+        cfg.validate().unwrap();
+    }
 }
