@@ -385,9 +385,10 @@ fn train_genneg_sample_eval_compose() {
     assert!(String::from_utf8_lossy(&e.stderr).contains("genneg_checkerboard"));
 }
 
-/// `sample --shard` and `draws --shard` (from the model, and from the baseline by SIS)
-/// in 4 shards merge to the single run's file byte for byte; `sample --valid` returns
-/// only valid samples within its bound; a shard of another run is refused.
+/// `sample --shard` and `draws --shard` (from the model, and by SIS from the baseline
+/// or from the stack at half its guidance) in 4 shards merge to the single run's file
+/// byte for byte; `sample --valid` returns only valid samples within its bound; a shard
+/// of another run is refused.
 fn at_scale(dir: &Path, base: &Path, stack: &Path) {
     let (base, stack) = (base.to_str().unwrap(), stack.to_str().unwrap());
     let file = |name: &str| dir.join(name).to_str().unwrap().to_string();
@@ -479,6 +480,56 @@ fn at_scale(dir: &Path, base: &Path, stack: &Path) {
     let sis = scoreguide::train::Checkpoint::load(dir.join("sis.safetensors")).unwrap();
     let d = scoreguide::genneg::Draws::from_checkpoint(&sis, &candle_core::Device::Cpu).unwrap();
     assert!(d.sis.is_some(), "{}", d.summary());
+    // The stack at half its guidance as the proposal: weighted draws, the same sharded.
+    let (a, b) = sharded(
+        &[
+            "draws",
+            "--model",
+            stack,
+            "--proposal-guidance",
+            "0.5",
+            "--sampler",
+            "ancestral",
+            "--per-class",
+            "15",
+            "--budget",
+            "400",
+            "--batch",
+            "50",
+            "--min-negatives",
+            "5",
+            "--steps",
+            "12",
+        ],
+        "tempered",
+    );
+    assert!(
+        a == b,
+        "tempered SIS draws: 4 shards merged differ from the single run"
+    );
+    let t = scoreguide::train::Checkpoint::load(dir.join("tempered.safetensors")).unwrap();
+    let d = scoreguide::genneg::Draws::from_checkpoint(&t, &candle_core::Device::Cpu).unwrap();
+    assert!(d.sis.is_some(), "{}", d.summary());
+    assert_ne!(
+        std::fs::read(dir.join("tempered.safetensors")).unwrap(),
+        std::fs::read(dir.join("sis.safetensors")).unwrap()
+    );
+    // A baseline has no guidance to temper; the error names the file.
+    let (ok, _, err) = run(&[
+        "draws",
+        "--model",
+        base,
+        "--proposal-guidance",
+        "0.5",
+        "--sampler",
+        "ancestral",
+        "--out",
+        &file("refused.safetensors"),
+    ]);
+    assert!(
+        !ok && err.contains("is a baseline, not a Gen-neG stack"),
+        "{err}"
+    );
 
     // A shard of another run (another seed) is refused by name.
     let other = file("other-shard.safetensors");

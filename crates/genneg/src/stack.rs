@@ -112,6 +112,25 @@ impl Stack {
         }
     }
 
+    /// Every classifier's weight times `gamma` ∈ [0, 1] (the base alone at 0): a
+    /// proposal for sequential importance sampling that keeps more invalid mass than
+    /// the stack, where the stack still puts it.
+    pub fn tempered(&self, gamma: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&gamma) {
+            candle_core::bail!(
+                "tempered stack: the guidance fraction must lie in [0, 1], got {gamma}"
+            );
+        }
+        let mut t = self.clone();
+        if gamma == 0.0 {
+            t.classifiers.clear();
+        }
+        for c in &mut t.classifiers {
+            c.weight *= gamma;
+        }
+        Ok(t)
+    }
+
     /// The guided model on frozen f32 weights: sampling computes no weight gradient.
     pub fn guided(&self, device: &Device) -> Result<Guided<'static>> {
         self.guided_as(DType::F32, device)

@@ -299,6 +299,20 @@ fn guidance_lowers_the_infraction_rate_of_an_undertrained_model_and_stacks_round
         r_guided < 0.8 * r_base,
         "guidance did not lower infractions: base {r_base}, guided {r_guided}"
     );
+    // At half its guidance (a sequential importance sampling proposal) the stack
+    // infracts between the two; at none it is the base, to the bit.
+    let r_half = rate(&draw(&stack.tempered(0.5).unwrap().guided(&dev).unwrap()));
+    assert!(
+        r_guided < r_half && r_half < r_base,
+        "half guidance: base {r_base}, half {r_half}, guided {r_guided}"
+    );
+    let unguided = stack.tempered(0.0).unwrap().guided(&dev).unwrap();
+    assert_eq!(
+        draw(&unguided).to_vec2::<f32>().unwrap(),
+        draw(&base).to_vec2::<f32>().unwrap()
+    );
+    let err = stack.tempered(1.5).unwrap_err().to_string();
+    assert!(err.contains("[0, 1]"), "{err}");
 
     // A stack saves and loads as one checkpoint and samples the same afterwards.
     let dir = std::env::temp_dir().join(format!("sg-stack-{}", std::process::id()));

@@ -157,6 +157,11 @@ enum Command {
         /// each chain for --model; needs --sampler ancestral.
         #[arg(long)]
         proposal: Option<PathBuf>,
+        /// Draw from --model's own stack with every classifier's weight times this
+        /// fraction (0 to 1; 0.5 matched the standard sets on the checkerboard, see
+        /// docs/SCALING.md) and weight each chain for --model; needs --sampler ancestral.
+        #[arg(long, conflicts_with = "proposal")]
+        proposal_guidance: Option<f64>,
         #[arg(long, default_value_t = 1_000)]
         per_class: usize,
         #[arg(long, default_value_t = 100_000)]
@@ -363,6 +368,7 @@ fn main() {
         Command::Draws {
             model,
             proposal,
+            proposal_guidance,
             per_class,
             budget,
             min_negatives,
@@ -377,6 +383,7 @@ fn main() {
             scale::draws(scale::DrawsArgs {
                 model: &model,
                 proposal: proposal.as_deref(),
+                proposal_guidance,
                 collect: CollectConfig {
                     per_class: Some(per_class),
                     batch,

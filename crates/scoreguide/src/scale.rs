@@ -8,8 +8,9 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use scoreguide::checkerboard::paper_sampler;
 use scoreguide::genneg::{
     collect_from, collect_shard, merge_shards, sample_valid, CollectConfig, Shard, ShardDraws,
-    Source, Unconditioned, ValidConfig,
+    Source, Stack, Unconditioned, ValidConfig,
 };
+use scoreguide::guidance::Score;
 use scoreguide::images::{load_image_score, sample_images, save_first_images, ImageScoreConfig};
 use scoreguide::oracles::Checkerboard;
 use scoreguide::samplers::{initial_noise, Sampler};
@@ -223,10 +224,37 @@ pub fn sample_valid_cmd(
     Ok(())
 }
 
+/// The Gen-neG stack in `path` at `gamma` of its guidance ([`Stack::tempered`]).
+fn tempered_model_of(path: &Path, gamma: f64, dev: &Device) -> Result<Box<dyn Score>> {
+    let named = |e: candle_core::Error| {
+        candle_core::Error::msg(format!(
+            "--proposal-guidance {gamma} with --model {}: {e}",
+            path.display()
+        ))
+    };
+    let c = Checkpoint::load(path)?;
+    if !c.metadata.contains_key("classifiers") {
+        bail!(
+            "--proposal-guidance: {} is a baseline, not a Gen-neG stack: it has no guidance to temper",
+            path.display()
+        );
+    }
+    let stack = Stack::from_checkpoint(&c).map_err(named)?;
+    Ok(Box::new(
+        stack
+            .tempered(gamma)
+            .map_err(named)?
+            .guided(dev)
+            .map_err(named)?,
+    ))
+}
+
 /// What `scoreguide draws` collects.
 pub struct DrawsArgs<'a> {
     pub model: &'a Path,
     pub proposal: Option<&'a Path>,
+    /// Or `model`'s stack at this fraction of its guidance as the proposal.
+    pub proposal_guidance: Option<f64>,
     pub collect: CollectConfig,
     pub sampler: &'a str,
     pub steps: usize,
@@ -241,7 +269,14 @@ pub struct DrawsArgs<'a> {
 pub fn draws(a: DrawsArgs) -> Result<()> {
     let dev = Device::Cpu;
     let target = model_of(a.model, &dev)?;
-    let proposal = a.proposal.map(|p| model_of(p, &dev)).transpose()?;
+    let proposal = match (a.proposal, a.proposal_guidance) {
+        (Some(_), Some(_)) => {
+            bail!("scoreguide draws: give --proposal or --proposal-guidance, not both")
+        }
+        (Some(p), None) => Some(model_of(p, &dev)?),
+        (None, Some(gamma)) => Some(tempered_model_of(a.model, gamma, &dev)?),
+        (None, None) => None,
+    };
     let source = match &proposal {
         Some(p) => Source::Sis {
             target: target.as_ref(),
@@ -299,6 +334,7 @@ pub fn draws(a: DrawsArgs) -> Result<()> {
     };
     c.set_meta("model", &a.model.display().to_string())?;
     c.set_meta("proposal", &a.proposal.map(|p| p.display().to_string()))?;
+    c.set_meta("proposal_guidance", &a.proposal_guidance)?;
     c.set_meta("sampler", &a.sampler)?;
     c.set_meta("steps", &a.steps)?;
     c.save(a.out)?;

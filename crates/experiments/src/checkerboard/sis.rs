@@ -225,7 +225,7 @@ pub fn chain(
             continue;
         }
         let target = current.guided(dev)?;
-        let proposal = tempered(&current, cfg.proposal_guidance).guided(dev)?;
+        let proposal = current.tempered(cfg.proposal_guidance)?.guided(dev)?;
         // Iteration 1's target is the baseline itself: no weights to compute.
         let source = match method {
             SetMethod::Sis if it > 1 => Source::Sis {
@@ -302,18 +302,6 @@ pub fn chain(
         rows.push(row);
     }
     Ok(rows)
-}
-
-/// `stack` with every classifier's weight times `gamma` (none at 0).
-pub fn tempered(stack: &Stack, gamma: f64) -> Stack {
-    let mut t = stack.clone();
-    if gamma == 0.0 {
-        t.classifiers.clear();
-    }
-    for c in &mut t.classifiers {
-        c.weight *= gamma;
-    }
-    t
 }
 
 /// The infraction rate of `model` over `cfg.samples` draws (the same noise for every
@@ -405,32 +393,6 @@ pub fn plot(dir: &Path, rows: &[SisRow]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use scoreguide_genneg::StackedClassifier;
-    use scoreguide_nets::{ClassifierConfig, ScoreModelConfig};
-    use std::collections::BTreeMap;
-
-    fn stack(weights: &[f64]) -> Stack {
-        let mut s = Stack::new(ScoreModelConfig::checkerboard(), BTreeMap::new());
-        for &weight in weights {
-            s = s.with(StackedClassifier {
-                config: ClassifierConfig::checkerboard(),
-                weight,
-                time_independent: None,
-                gate: None,
-                tensors: BTreeMap::new(),
-            });
-        }
-        s
-    }
-
-    #[test]
-    fn tempered_proposal_scales_every_weight_and_is_the_baseline_at_zero() {
-        let weights = |s: &Stack| s.classifiers.iter().map(|c| c.weight).collect::<Vec<_>>();
-        assert_eq!(weights(&tempered(&stack(&[1.0, 2.0]), 0.5)), [0.5, 1.0]);
-        assert_eq!(weights(&tempered(&stack(&[1.0, 2.0]), 1.0)), [1.0, 2.0]);
-        assert!(tempered(&stack(&[1.0, 2.0]), 0.0).classifiers.is_empty());
-        assert!(tempered(&stack(&[]), 0.5).classifiers.is_empty());
-    }
 
     #[test]
     fn proposal_guidance_outside_the_unit_interval_is_refused() {
