@@ -365,7 +365,17 @@ pub fn line_chart(
         x_ticks.last().copied().unwrap_or(1.0),
     );
     let xpad = 0.05 * (xhi - xlo).max(1.0);
+    let y_ticks: Vec<f64> = (0..=4)
+        .map(|k| ylo + pad + (yhi - ylo - 2.0 * pad) * k as f64 / 4.0)
+        .collect();
     let mut c = Canvas::new(760, 480, (xlo - xpad, xhi + xpad), (ylo, yhi));
+    // Room for the widest y label left of the axis.
+    let widest = y_ticks
+        .iter()
+        .map(|&t| Canvas::text_width(&fmt_tick(t), 2))
+        .max()
+        .unwrap_or(0);
+    c.margin.0 = c.margin.0.max(widest as usize + 16);
     for (colour, p) in series {
         for w in p.windows(2) {
             c.line(w[0], w[1], *colour, 3);
@@ -374,9 +384,6 @@ pub fn line_chart(
             c.dot(q.0, q.1, 6.0, *colour, 1.0);
         }
     }
-    let y_ticks: Vec<f64> = (0..=4)
-        .map(|k| ylo + pad + (yhi - ylo - 2.0 * pad) * k as f64 / 4.0)
-        .collect();
     c.axes(title, x_ticks, &y_ticks);
     c.save(path)
 }

@@ -85,6 +85,15 @@ fn ci_configs_resolve() {
     )
     .unwrap();
     assert_eq!((g.per_class, g.classifier.iters), (30_000, 5_000));
+    let s: SisCheckerboardConfig =
+        resolve(false, Some(&run("genneg_sis", "tempered.toml")), &[]).unwrap();
+    assert_eq!(
+        s,
+        SisCheckerboardConfig {
+            proposal_guidance: 0.5,
+            ..SisCheckerboardConfig::full()
+        }
+    );
     let m: DlsmMoonsConfig = resolve(false, Some(&run("dlsm_moons", "table1.toml")), &[]).unwrap();
     assert_eq!((m.moons.classifier_iters, m.samples), (40_000, 2_000));
     for f in ["lu-seeds.toml", "lu-s1.toml"] {
