@@ -28,8 +28,9 @@ struct Args {
     #[arg(long)]
     reuse: bool,
     /// Train (or reuse) the score model and only this classifier (`ce`, `dlsm` or
-    /// `total`; `score`: none), then stop: lets the classifiers train in parallel
-    /// processes, one per core, before a `--reuse` run evaluates them all.
+    /// `total`; `score`: none, and print the score model's error profile), then stop:
+    /// lets the classifiers train in parallel processes, one per core, before a
+    /// `--reuse` run evaluates them all.
     #[arg(long)]
     train_only: Option<String>,
 }
@@ -65,7 +66,7 @@ fn run(args: Args) -> candle_core::Result<()> {
     let MoonsModels { prior, classifiers } =
         train_models(&cfg, &points, &labels, &out, args.reuse, only, &dev)?;
     eprintln!("models ready in {:.0}s", t0.elapsed().as_secs_f64());
-    if only.is_some() {
+    if only.is_some_and(|o| o != "score") {
         return Ok(());
     }
     // How well the prior itself knows the data at each noise level.
@@ -73,6 +74,9 @@ fn run(args: Args) -> candle_core::Result<()> {
     eprintln!("prior score vs Parzen, mean ‖s_θ − s‖ / mean ‖s‖:");
     for (sigma, e) in &prior_errors {
         eprintln!("  σ = {sigma:<5}: {e:.3}");
+    }
+    if only.is_some() {
+        return Ok(());
     }
     let clf = |n: &str| -> &ToyClassifier {
         &classifiers

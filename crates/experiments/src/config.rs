@@ -154,6 +154,12 @@ fn parse_file(text: &str, path: &Path) -> Result<Value> {
 /// anything else replaces. `at` is the key path so far, for errors.
 fn merge(base: &mut Value, layer: Value, at: &str, file: &Path) -> Result<()> {
     match (base, layer) {
+        // Another network (`arch`, the tag of every network configuration) has other
+        // keys: the layer's table replaces the preset's whole.
+        (slot @ Value::Object(_), Value::Object(l)) if changes_variant(slot, &l) => {
+            *slot = Value::Object(l);
+            Ok(())
+        }
         (Value::Object(b), Value::Object(l)) => {
             for (k, v) in l {
                 let key = if at.is_empty() {
@@ -177,6 +183,11 @@ fn merge(base: &mut Value, layer: Value, at: &str, file: &Path) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Whether `layer` names a network architecture other than the one in `base`.
+fn changes_variant(base: &Value, layer: &serde_json::Map<String, Value>) -> bool {
+    matches!((base.get("arch"), layer.get("arch")), (Some(a), Some(b)) if a != b)
 }
 
 /// TOML has no null: the string `"none"` in place of a value that is not a string

@@ -96,6 +96,15 @@ fn ci_configs_resolve() {
     );
     let m: DlsmMoonsConfig = resolve(false, Some(&run("dlsm_moons", "table1.toml")), &[]).unwrap();
     assert_eq!((m.moons.classifier_iters, m.samples), (40_000, 2_000));
+    let r: DlsmMoonsConfig =
+        resolve(false, Some(&run("dlsm_moons", "table1-resmlp.toml")), &[]).unwrap();
+    assert_eq!(
+        (r.moons.score_net.clone(), r.samples),
+        (
+            scoreguide_nets::NetConfig::ResMlp(scoreguide_nets::ResMlpConfig::default()),
+            2_000
+        )
+    );
     for f in ["lu-seeds.toml", "lu-s1.toml"] {
         let t: TrafficRunConfig = resolve(false, Some(&run("genneg_traffic", f)), &[]).unwrap();
         assert_eq!(t.baseline.iters, 16_000);
@@ -153,5 +162,33 @@ fn unknown_keys_and_bad_values_are_named() {
         (cfg.steps, cfg.samples),
         (7, CheckerboardConfig::quick().samples)
     );
+    // Another network (`arch`) replaces the preset's table whole; within one network
+    // an unknown key is still named.
+    let net = dir.join("net.toml");
+    let res_mlp = "[moons.score_net]\narch = \"res_mlp\"\nin_dim = 2\nout_dim = 2\nhidden = 64\nblocks = 1\n[moons.score_net.embedding]\ndim = 32\nmax_freq = 1000.0\n";
+    std::fs::write(&net, format!("preset = \"quick\"\n{res_mlp}")).unwrap();
+    let m: DlsmMoonsConfig = resolve(false, Some(&net), &[]).unwrap();
+    assert_eq!(m.moons.score_model().net.in_dim(), 2);
+    assert!(
+        matches!(m.moons.score_net, scoreguide_nets::NetConfig::ResMlp(c) if c.hidden == 64 && c.blocks == 1),
+        "{:?}",
+        m.moons.score_net
+    );
+    std::fs::write(
+        &net,
+        "preset = \"quick\"\n[moons.score_net]\narch = \"toy_mlp\"\nhidden = 3\n",
+    )
+    .unwrap();
+    let e = resolve::<DlsmMoonsConfig>(false, Some(&net), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("moons.score_net.hidden"), "{e}");
+    // A score network that does not map the plane to itself is refused by name.
+    let three = res_mlp.replace("out_dim = 2", "out_dim = 3");
+    std::fs::write(&net, format!("preset = \"quick\"\n{three}")).unwrap();
+    let e = resolve::<DlsmMoonsConfig>(false, Some(&net), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("moons.score_net"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -84,6 +84,14 @@ impl Preset for DlsmMoonsConfig {
         if self.moons.points == 0 || self.moons.batch == 0 {
             bail!("dlsm_moons config: moons.points and moons.batch must be positive");
         }
+        let net = &self.moons.score_net;
+        if (net.in_dim(), net.out_dim()) != (2, 2) {
+            bail!(
+                "dlsm_moons config: moons.score_net must map 2 values to 2, got {} to {}",
+                net.in_dim(),
+                net.out_dim()
+            );
+        }
         self.moons.sigma.validate()?;
         self.moons.precond.validate()
     }
@@ -103,6 +111,10 @@ pub struct MoonsConfig {
     /// Multiplies the centred make_moons coordinates.
     pub scale: f64,
     pub sigma: SigmaDistribution,
+    /// The score model's network: DLSM's toy MLP (the default), or any of the
+    /// registry's with 2 inputs and 2 outputs (e.g. the checkerboard's residual MLP).
+    #[serde(default = "toy_score_net")]
+    pub score_net: NetConfig,
     /// The score model's preconditioning: DLSM's toy code feeds the raw σ and reads the
     /// score off the output (`identity`); `edm` lets it stay accurate at small σ.
     pub precond: Precond,
@@ -126,6 +138,7 @@ impl Default for MoonsConfig {
                 min: 1e-3,
                 max: 10.0,
             },
+            score_net: toy_score_net(),
             precond: Precond::Edm {
                 sigma_data: MOONS_SIGMA_DATA,
             },
@@ -162,6 +175,10 @@ pub fn moons_data(cfg: &MoonsConfig) -> Result<(Tensor, Vec<u32>)> {
 
 fn toy_config(out_dim: usize) -> ToyMlpConfig {
     ToyMlpConfig { in_dim: 2, out_dim }
+}
+
+fn toy_score_net() -> NetConfig {
+    NetConfig::ToyMlp(toy_config(2))
 }
 
 /// Trains the score model with DSM; returns the checkpoint (EMA weights under `ema.`).
@@ -201,11 +218,11 @@ pub fn train_score(
 }
 
 impl MoonsConfig {
-    /// DLSM's toy MLP under the configured preconditioning (identity: its output is the
-    /// score, s = F(x, σ)).
+    /// The score network under the configured preconditioning (identity: its output is
+    /// the score, s = F(x, σ)).
     pub fn score_model(&self) -> ScoreModelConfig {
         ScoreModelConfig {
-            net: NetConfig::ToyMlp(toy_config(2)),
+            net: self.score_net.clone(),
             precond: self.precond.clone(),
         }
     }
