@@ -451,15 +451,12 @@ fn at_scale(dir: &Path, base: &Path, stack: &Path) {
         "draws",
     );
     assert!(a == b, "draws: 4 shards merged differ from the single run");
-    let (a, b) = sharded(
-        &[
-            "draws",
-            "--model",
-            stack,
-            "--proposal",
-            base,
-            "--sampler",
-            "ancestral",
+    // By SIS, from the baseline and from the stack at half its guidance: weighted
+    // draws, the same sharded, and not the same as each other.
+    let sis_draws = |proposal: [&str; 2], name: &str| {
+        let mut args = vec!["draws", "--model", stack, "--sampler", "ancestral"];
+        args.extend(proposal);
+        args.extend([
             "--per-class",
             "15",
             "--budget",
@@ -470,50 +467,21 @@ fn at_scale(dir: &Path, base: &Path, stack: &Path) {
             "5",
             "--steps",
             "12",
-        ],
-        "sis",
-    );
-    assert!(
-        a == b,
-        "SIS draws: 4 shards merged differ from the single run"
-    );
-    let sis = scoreguide::train::Checkpoint::load(dir.join("sis.safetensors")).unwrap();
-    let d = scoreguide::genneg::Draws::from_checkpoint(&sis, &candle_core::Device::Cpu).unwrap();
-    assert!(d.sis.is_some(), "{}", d.summary());
-    // The stack at half its guidance as the proposal: weighted draws, the same sharded.
-    let (a, b) = sharded(
-        &[
-            "draws",
-            "--model",
-            stack,
-            "--proposal-guidance",
-            "0.5",
-            "--sampler",
-            "ancestral",
-            "--per-class",
-            "15",
-            "--budget",
-            "400",
-            "--batch",
-            "50",
-            "--min-negatives",
-            "5",
-            "--steps",
-            "12",
-        ],
-        "tempered",
-    );
-    assert!(
-        a == b,
-        "tempered SIS draws: 4 shards merged differ from the single run"
-    );
-    let t = scoreguide::train::Checkpoint::load(dir.join("tempered.safetensors")).unwrap();
-    let d = scoreguide::genneg::Draws::from_checkpoint(&t, &candle_core::Device::Cpu).unwrap();
-    assert!(d.sis.is_some(), "{}", d.summary());
-    assert_ne!(
-        std::fs::read(dir.join("tempered.safetensors")).unwrap(),
-        std::fs::read(dir.join("sis.safetensors")).unwrap()
-    );
+        ]);
+        let (a, b) = sharded(&args, name);
+        assert!(
+            a == b,
+            "{name} draws: 4 shards merged differ from the single run"
+        );
+        let c =
+            scoreguide::train::Checkpoint::load(dir.join(format!("{name}.safetensors"))).unwrap();
+        let d = scoreguide::genneg::Draws::from_checkpoint(&c, &candle_core::Device::Cpu).unwrap();
+        assert!(d.sis.is_some(), "{}", d.summary());
+        a
+    };
+    let from_base = sis_draws(["--proposal", base], "sis");
+    let tempered = sis_draws(["--proposal-guidance", "0.5"], "tempered");
+    assert_ne!(from_base, tempered);
     // A baseline has no guidance to temper; the error names the file.
     let (ok, _, err) = run(&[
         "draws",
