@@ -110,12 +110,11 @@ impl CustomOp2 for PerChannel {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The per-channel values' gradient only where something asks for it.
+        let dv = |t: &Tensor| v.track_op().then(|| channel_sum(t)).transpose();
         Ok(match self {
-            PerChannel::Scale => (
-                Some(per_channel(*self, g, v)?),
-                Some(channel_sum(&(g * x)?)?),
-            ),
-            PerChannel::Shift => (Some(g.clone()), Some(channel_sum(g)?)),
+            PerChannel::Scale => (Some(per_channel(*self, g, v)?), dv(&(g * x)?)?),
+            PerChannel::Shift => (Some(g.clone()), dv(g)?),
         })
     }
 }
