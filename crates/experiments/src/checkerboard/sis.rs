@@ -225,14 +225,18 @@ pub fn chain(
             continue;
         }
         let target = current.guided(dev)?;
-        let proposal = current.tempered(cfg.proposal_guidance)?.guided(dev)?;
-        // Iteration 1's target is the baseline itself: no weights to compute.
-        let source = match method {
-            SetMethod::Sis if it > 1 => Source::Sis {
+        // Iteration 1's target is the baseline itself: no weights to compute, and the
+        // standard chain needs no proposal.
+        let proposal = match method {
+            SetMethod::Sis if it > 1 => Some(current.tempered(cfg.proposal_guidance)?.guided(dev)?),
+            _ => None,
+        };
+        let source = match &proposal {
+            Some(proposal) => Source::Sis {
                 target: &target,
-                proposal: &proposal,
+                proposal,
             },
-            _ => Source::Model(&target),
+            None => Source::Model(&target),
         };
         let mut collect_cfg = cfg.collect(derive_seed(seed, 100 + it as u64));
         let t0 = Instant::now();
