@@ -42,6 +42,8 @@ struct Report {
     k: usize,
     samples_per_class: usize,
     pc_steps: usize,
+    /// The sampler's smallest σ (its last step returns the denoised estimate there).
+    sample_sigma_min: f64,
     /// (σ, mean ‖s_θ − s_Parzen‖ / mean ‖s_Parzen‖) of the prior score model.
     prior_relative_error: Vec<(f64, f64)>,
 }
@@ -103,6 +105,10 @@ fn run(args: Args) -> candle_core::Result<()> {
         &dev,
     )?;
     print_table(&eval.methods, cfg.k);
+    println!(
+        "(samples: predictor–corrector, {} steps geometric from σ = 10 to {}, the last returning the denoised estimate)",
+        cfg.steps, cfg.sample_sigma_min
+    );
     let png = out.join("moons.png");
     figure(&png, &eval)?;
     eprintln!("wrote {}", png.display());
@@ -115,6 +121,7 @@ fn run(args: Args) -> candle_core::Result<()> {
                 k: cfg.k,
                 samples_per_class: cfg.samples,
                 pc_steps: cfg.steps,
+                sample_sigma_min: cfg.sample_sigma_min,
                 prior_relative_error: prior_errors,
             },
         )?;

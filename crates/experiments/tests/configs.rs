@@ -190,5 +190,14 @@ fn unknown_keys_and_bad_values_are_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("moons.score_net"), "{e}");
+    // The sampler stops above 0 and below where it starts.
+    for bad in ["sample_sigma_min=0", "sample_sigma_min=10"] {
+        let e = resolve::<DlsmMoonsConfig>(true, None, &[bad.into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sample_sigma_min"), "{bad}: {e}");
+    }
+    let m: DlsmMoonsConfig = resolve(true, None, &["sample_sigma_min=0.1".into()]).unwrap();
+    assert_eq!(m.sample_sigma_min, 0.1);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -2,7 +2,10 @@
 //! scores on the paper's grid, and precision/recall/density/coverage of class-conditional
 //! samples, per method (Table 1).
 
-use super::{class_parzen, error_grid, pc_sampler, sample_class, to_f64_rows, DlsmMoonsConfig};
+use super::{
+    class_parzen, error_grid, pc_sampler, sample_class, to_f64_rows, DlsmMoonsConfig,
+    MOONS_SAMPLE_SIGMA_MAX,
+};
 use candle_core::{Device, Result, Tensor};
 use scoreguide_data::Parzen;
 use scoreguide_guidance::{Cond, LogProb, Score};
@@ -84,7 +87,7 @@ pub fn evaluate(
     };
 
     // Conditional samples, PRDC against each class's data.
-    let (sampler, sigmas) = pc_sampler(cfg.steps, 0.01, 10.0)?;
+    let (sampler, sigmas) = pc_sampler(cfg.steps, cfg.sample_sigma_min, MOONS_SAMPLE_SIGMA_MAX)?;
     let class_points: Vec<Vec<f64>> = CLASSES
         .iter()
         .map(|&c| {

@@ -44,6 +44,11 @@ pub struct DlsmMoonsConfig {
     pub samples: usize,
     /// Predictor–corrector steps.
     pub steps: usize,
+    /// The sampler's smallest σ (its grid runs geometrically from 10 down to it, then its
+    /// last step returns the denoised estimate there): a score model that is accurate
+    /// only down to some σ is sampled no further.
+    #[serde(default = "default_sample_sigma_min")]
+    pub sample_sigma_min: f64,
     /// Nearest neighbours of precision/recall/density/coverage.
     pub k: usize,
     /// Save each training's state every this many steps (`--resume` continues it);
@@ -72,6 +77,7 @@ impl Preset for DlsmMoonsConfig {
             moons: MoonsConfig::default(),
             samples: 10_000,
             steps: 1_000,
+            sample_sigma_min: default_sample_sigma_min(),
             k: 5,
             save_every: 0,
         }
@@ -80,6 +86,12 @@ impl Preset for DlsmMoonsConfig {
     fn validate(&self) -> Result<()> {
         if self.samples == 0 || self.steps == 0 || self.k == 0 {
             bail!("dlsm_moons config: samples, steps and k must be positive, got {self:?}");
+        }
+        if !(self.sample_sigma_min > 0.0 && self.sample_sigma_min < MOONS_SAMPLE_SIGMA_MAX) {
+            bail!(
+                "dlsm_moons config: sample_sigma_min must lie in (0, {MOONS_SAMPLE_SIGMA_MAX}), got {}",
+                self.sample_sigma_min
+            );
         }
         if self.moons.points == 0 || self.moons.batch == 0 {
             bail!("dlsm_moons config: moons.points and moons.batch must be positive");
@@ -95,6 +107,13 @@ impl Preset for DlsmMoonsConfig {
         self.moons.sigma.validate()?;
         self.moons.precond.validate()
     }
+}
+
+/// The σ at which conditional sampling starts.
+pub const MOONS_SAMPLE_SIGMA_MAX: f64 = 10.0;
+
+fn default_sample_sigma_min() -> f64 {
+    0.01
 }
 
 /// The per-coordinate RMS of the centred moons at scale 20 (√0.4975 · 20, from
