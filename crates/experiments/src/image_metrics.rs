@@ -494,7 +494,11 @@ pub fn image_metrics(
         Some((net, name)) => {
             let probs = class_probabilities(net, fake, batch)?;
             let splits = 10.min(fake.len());
-            let (m, s) = inception_score(&probs.data, probs.cols, splits)?;
+            // IS takes consecutive parts; class-conditional samples come grouped by
+            // class, which would put one class in each part, so the rows are dealt
+            // round-robin first (a partition as good as any for unordered rows).
+            let dealt = deal_rows(&probs.data, probs.cols, splits);
+            let (m, s) = inception_score(&dealt, probs.cols, splits)?;
             Some((m, s, name.to_string()))
         }
         None => None,
@@ -533,4 +537,45 @@ pub fn domain_network(path: &Path, device: &Device) -> Result<FeatureNetwork> {
         classifier,
         name: path.display().to_string(),
     })
+}
+
+/// The rows of `data` (`cols` values each) reordered so that `parts` consecutive equal
+/// parts each take every `parts`-th row: row i goes to part i mod `parts`.
+pub fn deal_rows(data: &[f64], cols: usize, parts: usize) -> Vec<f64> {
+    let n = data.len() / cols.max(1);
+    let mut out = Vec::with_capacity(data.len());
+    for p in 0..parts.max(1) {
+        for i in (p..n).step_by(parts.max(1)) {
+            out.extend_from_slice(&data[i * cols..(i + 1) * cols]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deal_rows;
+    use scoreguide_metrics::inception_score;
+
+    /// Confident samples grouped by class: consecutive parts each hold one class (IS 1);
+    /// dealt round-robin, every part holds all ten (IS 10), and every row is kept once.
+    #[test]
+    fn dealt_rows_give_grouped_classes_their_inception_score() {
+        let (classes, per) = (10, 10);
+        let probs: Vec<f64> = (0..classes * per)
+            .flat_map(|i| (0..classes).map(move |c| f64::from(u8::from(c == i / per))))
+            .collect();
+        let (grouped, _) = inception_score(&probs, classes, 10).unwrap();
+        assert!((grouped - 1.0).abs() < 1e-9, "{grouped}");
+        let dealt = deal_rows(&probs, classes, 10);
+        let (is, std) = inception_score(&dealt, classes, 10).unwrap();
+        assert!((is - 10.0).abs() < 1e-9 && std < 1e-9, "{is} ± {std}");
+        let mut a: Vec<_> = probs.chunks(classes).collect();
+        let mut b: Vec<_> = dealt.chunks(classes).collect();
+        a.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        b.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        assert_eq!(a, b);
+        // Rows that do not fill the parts evenly are all kept too.
+        assert_eq!(deal_rows(&[1.0, 2.0, 3.0], 1, 2), vec![1.0, 3.0, 2.0]);
+    }
 }
