@@ -6,8 +6,9 @@
 use clap::{Parser, ValueEnum};
 use scoreguide::config::{save_resolved, ConfigArgs};
 use scoreguide::dlsm_images::{
-    classes_above, classwise_figure, first_per_class, mean_per_class, method_grid, summarise,
-    table, DlsmImagesConfig, Evaluator, Method, Scores, Stages,
+    classes_above, classwise_figure, first_per_class, likelihood_score_excess, mean_per_class,
+    method_grid, summarise, table, DlsmImagesConfig, Evaluator, Method, Scores, Stages,
+    EXCESS_SIGMAS,
 };
 use scoreguide::guidance::Score;
 use scoreguide::image_metrics::{FeatureNetwork, Images};
@@ -16,6 +17,9 @@ use scoreguide::runtime::{write_json, CommonArgs};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Instant;
+
+/// Test images of the held-out likelihood-score check.
+const EXCESS_IMAGES: usize = 1000;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -207,10 +211,41 @@ fn run(args: Args) -> candle_core::Result<()> {
         500,
         &device,
     )?;
+    // How near each classifier's input gradient is to the likelihood score: its held-out
+    // DLSM loss over that of no guidance (the paper's Fig. 5a, measured on real images).
+    let held_out = evaluator
+        .test
+        .take(EXCESS_IMAGES.min(evaluator.test.len()))?;
+    let mut excess = BTreeMap::new();
+    for (name, c) in &classifiers {
+        let e = likelihood_score_excess(
+            c,
+            &prior,
+            &held_out,
+            &EXCESS_SIGMAS,
+            cfg.seeds[0],
+            cfg.sample_batch,
+            &device,
+        )?;
+        excess.insert(*name, e);
+    }
     seconds.insert("scores", t.elapsed().as_secs_f64());
 
     print!("{}", table(&rows, &cfg));
     println!("\nCAS of the real-data classifier (upper bound): {real_cas:.4}");
+    println!(
+        "\nheld-out L_DLSM over no guidance, per pixel ({} test images; lower: nearer the likelihood score)",
+        held_out.len()
+    );
+    println!(
+        "| classifier | {} |",
+        EXCESS_SIGMAS.map(|s| format!("σ = {s}")).join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(EXCESS_SIGMAS.len()));
+    for (name, e) in &excess {
+        let cells: Vec<String> = e.iter().map(|v| format!("{v:.3e}")).collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
     if !comparison.is_empty() {
         println!("\nsampler comparison (base method, seed {}):", cfg.seeds[0]);
         for c in &comparison {
@@ -272,6 +307,11 @@ fn run(args: Args) -> candle_core::Result<()> {
                 "methods": methods_json,
                 "classes_dlsm_above_base": better,
                 "real_data_cas": real_cas,
+                "likelihood_score_excess": {
+                    "sigmas": EXCESS_SIGMAS,
+                    "images": held_out.len(),
+                    "classifiers": excess,
+                },
                 "sampler_comparison": comparison,
                 "seconds": seconds,
             }),

@@ -7,8 +7,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use scoreguide_data::{GaussianMixture, ImageSet};
 use scoreguide_experiments::dlsm_images::{
-    load_guidance_classifier, mean_std, sample_class, summarise, train_guidance_classifier,
-    GuidanceClassifierConfig, ImageSampler, Method, Scores,
+    likelihood_score_excess, load_guidance_classifier, mean_std, sample_class, summarise,
+    train_guidance_classifier, DlsmReduction, GuidanceClassifierConfig, ImageSampler, Method,
+    Scores,
 };
 use scoreguide_experiments::moons::ClassifierLoss;
 use scoreguide_guidance::{Cond, LogProb, Score};
@@ -70,6 +71,7 @@ fn config() -> GuidanceClassifierConfig {
         sigma: SigmaDistribution::LogUniform { min: 0.1, max: 3.0 },
         ce_weight: 1.0,
         dlsm_weighting: DsmWeighting::SigmaSquared,
+        dlsm_reduction: DlsmReduction::PixelMean,
         flip: false,
         save_every: 0,
     }
@@ -91,8 +93,9 @@ fn train(loss: ClassifierLoss, iters: u64) -> Classifier {
     load_guidance_classifier(&c, &Device::Cpu).unwrap()
 }
 
-/// mean ‖∇x log p_φ(y | x) − ∇x log p(y | x)‖ / mean ‖∇x log p(y | x)‖ on noised data at σ.
-fn likelihood_score_error(classifier: &Classifier, sigma: f64) -> f64 {
+/// On noised data at σ: mean ‖∇x log p_φ(y | x) − ∇x log p(y | x)‖ / mean ‖∇x log p(y | x)‖,
+/// and per pixel E‖∇x log p_φ − ∇x log p‖² − E‖∇x log p‖² beside E‖∇x log p‖².
+fn likelihood_score_error(classifier: &Classifier, sigma: f64) -> (f64, f64, f64) {
     let set = data();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(99);
     let x0 = set.images.tensor();
@@ -116,7 +119,7 @@ fn likelihood_score_error(classifier: &Classifier, sigma: f64) -> f64 {
                 .unwrap()
         })
         .collect();
-    let (mut err, mut norm) = (0.0, 0.0);
+    let (mut err, mut norm, mut sq_err, mut sq_norm) = (0.0, 0.0, 0.0, 0.0);
     for i in 0..512 {
         let c = set.labels[i] as usize;
         let (mut e, mut n) = (0.0f64, 0.0f64);
@@ -127,8 +130,15 @@ fn likelihood_score_error(classifier: &Classifier, sigma: f64) -> f64 {
         }
         err += e.sqrt();
         norm += n.sqrt();
+        sq_err += e;
+        sq_norm += n;
     }
-    err / norm
+    let per_pixel = (512 * D) as f64;
+    (
+        err / norm,
+        (sq_err - sq_norm) / per_pixel,
+        sq_norm / per_pixel,
+    )
 }
 
 #[test]
@@ -138,12 +148,25 @@ fn dlsm_learns_the_likelihood_score_and_guides_samples_into_their_class() {
         let untrained = train(ClassifierLoss::CrossEntropy, 1);
         let ce = train(ClassifierLoss::CrossEntropy, 600);
         let total = train(ClassifierLoss::Total { ce_weight: 1.0 }, 600);
+        let excess = |c: &Classifier, sigma: f64| {
+            likelihood_score_excess(c, &mixture(), &data(), &[sigma], 5, 100, &Device::Cpu)
+                .unwrap()[0]
+        };
         for sigma in [0.3, 1.0] {
-            let (e0, e_ce, e_total) = (
-                likelihood_score_error(&untrained, sigma),
-                likelihood_score_error(&ce, sigma),
+            let (e0, e_ce, (e_total, exact, scale)) = (
+                likelihood_score_error(&untrained, sigma).0,
+                likelihood_score_error(&ce, sigma).0,
                 likelihood_score_error(&total, sigma),
             );
+            // The held-out DLSM excess estimates E‖g − ∇ log p‖² − E‖∇ log p‖² (the prior
+            // here is exact) and ranks the classifiers as the exact error does.
+            let (x_ce, x_total) = (excess(&ce, sigma), excess(&total, sigma));
+            eprintln!("σ = {sigma}: excess CE {x_ce:.4}, DLSM + CE {x_total:.4} (exact {exact:.4} of {scale:.4})");
+            assert!(
+                (x_total - exact).abs() < 0.2 * scale,
+                "σ = {sigma}: estimated excess {x_total} vs exact {exact} (E‖∇ log p‖² {scale})"
+            );
+            assert!(x_total < x_ce, "σ = {sigma}: excess DLSM {x_total} vs CE {x_ce}");
             eprintln!("σ = {sigma}: untrained {e0:.3}, CE {e_ce:.3}, DLSM + CE {e_total:.3}");
             assert!(
                 e_total < 0.5 * e0,
@@ -202,8 +225,8 @@ fn summaries_are_means_and_sample_deviations_over_seeds() {
         features: "test".into(),
         fid,
         kid: 0.0,
-        is: 1.0,
-        is_std: 0.0,
+        is: fid / 2.0,
+        is_split_std: 0.5,
         precision: 0.5,
         recall: 0.5,
         density: 1.0,
@@ -222,6 +245,9 @@ fn summaries_are_means_and_sample_deviations_over_seeds() {
     approx::assert_relative_eq!(s["fid"].as_f64().unwrap(), 12.0);
     approx::assert_relative_eq!(s["fid_std"].as_f64().unwrap(), 8f64.sqrt());
     approx::assert_relative_eq!(s["cas"].as_f64().unwrap(), 0.7, epsilon = 1e-12);
+    // `is_std` is IS's spread over seeds, not the mean of its spread over splits.
+    approx::assert_relative_eq!(s["is_std"].as_f64().unwrap(), 2f64.sqrt());
+    approx::assert_relative_eq!(s["is_split_std"].as_f64().unwrap(), 0.5);
     assert_eq!(s["seeds"].as_array().unwrap().len(), 2);
     assert_eq!(mean_std(&[3.0]), (3.0, 0.0));
     assert_eq!(Method::parse("scaling").unwrap(), Method::Scaling);

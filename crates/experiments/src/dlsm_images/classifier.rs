@@ -1,12 +1,12 @@
 //! The guidance classifiers: trained with cross-entropy, or with L_DLSM + λ L_CE through
 //! the input gradient, on a frozen score model.
 
-use super::GuidanceClassifierConfig;
+use super::{DlsmReduction, GuidanceClassifierConfig};
 use crate::moons::ClassifierLoss;
-use candle_core::{bail, DType, Device, Result, Var};
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use scoreguide_data::images::flip_rng;
 use scoreguide_data::ImageSet;
-use scoreguide_guidance::{log_softmax, one_hot, Cond, Score};
+use scoreguide_guidance::{log_softmax, one_hot, Cond, LogProb, Score};
 use scoreguide_losses::{cross_entropy, dlsm};
 use scoreguide_nets::{Classifier, ClassifierConfig, ParamStore};
 use scoreguide_sde::randn;
@@ -61,7 +61,10 @@ pub fn train_guidance_classifier(
         c.set_meta("guidance_classifier", cfg)?;
         Ok(c)
     };
-    let pixels = r.in_dim() as f64;
+    let per_image = match cfg.dlsm_reduction {
+        DlsmReduction::PixelMean => 1.0 / r.in_dim() as f64,
+        DlsmReduction::PixelSum => 1.0,
+    };
     let step_loss = |step: u64, rng: &mut rand::rngs::StdRng| {
         let idx = set.images.step_batch(cfg.batch, seed, step)?;
         let (x0, y) = set.batch(&idx, cfg.flip, &mut flip_rng(seed, step))?;
@@ -90,7 +93,7 @@ pub fn train_guidance_classifier(
             bail!("guidance classifier: the DLSM loss needs the score model");
         };
         let s = prior.score(&x, &sigma)?.detach();
-        let l = (dlsm(&g, &s, &x0, &sigma, &z, cfg.dlsm_weighting)? * (lambda_dlsm / pixels))?;
+        let l = (dlsm(&g, &s, &x0, &sigma, &z, cfg.dlsm_weighting)? * (lambda_dlsm * per_image))?;
         if lambda_ce == 0.0 {
             return Ok(l);
         }
@@ -113,4 +116,61 @@ pub fn load_guidance_classifier(c: &Checkpoint, device: &Device) -> Result<Class
         |vb| ccfg.build(vb),
     )?
     .0)
+}
+
+/// Noise levels of [`likelihood_score_excess`].
+pub const EXCESS_SIGMAS: [f64; 6] = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0];
+
+/// A guidance classifier's held-out DLSM loss at each σ of `sigmas`, as its excess over a
+/// classifier with no input gradient, per pixel: E‖g‖² + 2 E[g · (s_θ + z/σ)] over `set`'s
+/// images x0 and labels y, with x = x0 + σ z and g = ∇x log p_φ(y | x; σ). Where the
+/// frozen `prior` s_θ is the true score this is E‖g − ∇x log p(y | x)‖² − E‖∇x log p(y | x)‖²:
+/// lower is a closer likelihood score (the quantity L_DLSM trains), 0 is no guidance.
+/// The noise comes from `seed`, so classifiers compared with one seed see the same draws.
+pub fn likelihood_score_excess(
+    classifier: &Classifier,
+    prior: &dyn Score,
+    set: &ImageSet,
+    sigmas: &[f64],
+    seed: u64,
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    if set.is_empty() || batch == 0 {
+        bail!(
+            "likelihood score excess: no images ({} held out, batch {batch})",
+            set.len()
+        );
+    }
+    let mut out = Vec::with_capacity(sigmas.len());
+    for (i, &s) in sigmas.iter().enumerate() {
+        if !(s > 0.0 && s.is_finite()) {
+            bail!("likelihood score excess: σ = {s} must be positive and finite");
+        }
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ ((i as u64) << 32));
+        let (mut total, mut count) = (0f64, 0usize);
+        for start in (0..set.len()).step_by(batch) {
+            let idx: Vec<u32> = (start..(start + batch).min(set.len()))
+                .map(|j| j as u32)
+                .collect();
+            let (x0, y) = set.batch(&idx, false, &mut flip_rng(seed, 0))?;
+            let (x0, y) = (x0.to_device(device)?, y.to_device(device)?);
+            let sigma = Tensor::full(s as f32, idx.len(), device)?;
+            let z = randn(&mut rng, x0.dims(), device)?;
+            let x = (&x0 + (&z * s)?)?;
+            let xv = Var::from_tensor(&x)?;
+            let log_p = classifier.log_prob_with(xv.as_tensor(), &sigma, &Cond::labels(y))?;
+            let Some(g) = log_p.sum_all()?.backward()?.remove(xv.as_tensor()) else {
+                bail!("likelihood score excess: the classifier does not see its input");
+            };
+            let g = g.detach();
+            let residual = (prior.score(&x, &sigma)?.detach() + (&z / s)?)?;
+            let excess = (g.sqr()? + ((&g * &residual)? * 2.0)?)?;
+            total += excess.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            count += g.elem_count();
+        }
+        out.push(total / count as f64);
+    }
+    Ok(out)
 }

@@ -17,7 +17,9 @@ pub mod sampling;
 pub mod scores;
 pub mod stages;
 
-pub use classifier::{load_guidance_classifier, train_guidance_classifier};
+pub use classifier::{
+    likelihood_score_excess, load_guidance_classifier, train_guidance_classifier, EXCESS_SIGMAS,
+};
 pub use figures::{classwise_figure, method_grid};
 pub use sampling::{class_seed, sample_class, ImageSampler};
 pub use scores::{
@@ -77,6 +79,20 @@ impl Method {
     }
 }
 
+/// How L_DLSM's squared error over an image's pixels becomes one number per image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DlsmReduction {
+    /// The mean over pixels (the authors' `torch.mean` over every element). With λ = 1
+    /// it leaves L_DLSM's parameter gradient 10⁻² to 10⁻⁷ of the cross-entropy's at
+    /// σ ≥ 0.1 on 28² images (docs/notes/dlsm-images.md).
+    #[default]
+    PixelMean,
+    /// The sum over pixels (score_sde's DSM with `reduce_mean = False`): with λ = σ² its
+    /// gradient is of the cross-entropy's size from σ = 1 to 10.
+    PixelSum,
+}
+
 /// The noise-conditioned classifier that guides, and how it is trained (the score model
 /// frozen).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,9 +110,12 @@ pub struct GuidanceClassifierConfig {
     pub sigma: SigmaDistribution,
     /// λ of L_total = L_DLSM + λ L_CE (the paper: 1 on images).
     pub ce_weight: f64,
-    /// λ(σ) of L_DLSM. The authors' image code uses 1 and averages the squared error over
-    /// pixels (not summed), which is what is done here.
+    /// λ(σ) of L_DLSM (the authors' image code: 1).
     pub dlsm_weighting: DsmWeighting,
+    /// How L_DLSM's squared error is reduced over an image's pixels (the authors' code:
+    /// the mean).
+    #[serde(default)]
+    pub dlsm_reduction: DlsmReduction,
     /// Random left–right flips of training images.
     pub flip: bool,
     /// State saved every this many steps (0: only at the end).
@@ -229,6 +248,7 @@ impl Preset for DlsmImagesConfig {
                 },
                 ce_weight: 1.0,
                 dlsm_weighting: DsmWeighting::Unit,
+                dlsm_reduction: DlsmReduction::PixelMean,
                 flip: false,
                 save_every: 250,
             },
@@ -346,5 +366,27 @@ impl DlsmImagesConfig {
             0 => Ok(images),
             n => images.take(n),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Classifiers saved before `dlsm_reduction` existed averaged over pixels: their
+    /// configuration must read back as the same one, so `--reuse` keeps them.
+    #[test]
+    fn a_configuration_without_dlsm_reduction_averages_over_pixels() {
+        let cfg = DlsmImagesConfig::full().classifier;
+        let mut json = serde_json::to_value(&cfg).unwrap();
+        json.as_object_mut()
+            .unwrap()
+            .remove("dlsm_reduction")
+            .unwrap();
+        let old: GuidanceClassifierConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old, cfg);
+        assert_eq!(old.dlsm_reduction, DlsmReduction::PixelMean);
+        let sum: DlsmReduction = serde_json::from_str("\"pixel_sum\"").unwrap();
+        assert_eq!(sum, DlsmReduction::PixelSum);
     }
 }

@@ -25,7 +25,9 @@ pub struct Scores {
     /// Inception Score under the real-data classifier (the wheel's Inception has no
     /// classification head).
     pub is: f64,
-    pub is_std: f64,
+    /// The spread of IS over its splits (not over seeds: the summary's `is_std` is that).
+    #[serde(alias = "is_std")]
+    pub is_split_std: f64,
     pub precision: f64,
     pub recall: f64,
     pub density: f64,
@@ -131,7 +133,7 @@ impl Evaluator {
             fid: m.fid,
             kid: m.kid,
             is: domain.is.unwrap_or(f64::NAN),
-            is_std: domain.is_std.unwrap_or(f64::NAN),
+            is_split_std: domain.is_std.unwrap_or(f64::NAN),
             precision: m.precision,
             recall: m.recall,
             density: m.density,
