@@ -30,6 +30,7 @@ pub use stages::Stages;
 
 use crate::config::Preset;
 use crate::images::{ImageClassifierConfig, ImageData, ImageScoreConfig};
+use crate::moons::ClassifierLoss;
 use candle_core::{bail, Result};
 use scoreguide_data::ImageSplit;
 use scoreguide_losses::DsmWeighting;
@@ -125,6 +126,19 @@ pub struct GuidanceClassifierConfig {
 impl GuidanceClassifierConfig {
     pub fn classifier(&self) -> ClassifierConfig {
         ClassifierConfig::categorical(NetConfig::ResNet(self.resnet.clone()))
+    }
+
+    /// The configuration as training with `loss` reads it: cross-entropy reads none of
+    /// the DLSM terms, so a kept CE classifier serves any of them.
+    pub fn read_by(&self, loss: ClassifierLoss) -> Self {
+        let mut c = self.clone();
+        if loss == ClassifierLoss::CrossEntropy {
+            let unread = DlsmImagesConfig::full().classifier;
+            c.ce_weight = unread.ce_weight;
+            c.dlsm_weighting = unread.dlsm_weighting;
+            c.dlsm_reduction = unread.dlsm_reduction;
+        }
+        c
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -388,5 +402,25 @@ mod tests {
         assert_eq!(old.dlsm_reduction, DlsmReduction::PixelMean);
         let sum: DlsmReduction = serde_json::from_str("\"pixel_sum\"").unwrap();
         assert_eq!(sum, DlsmReduction::PixelSum);
+    }
+
+    #[test]
+    fn a_cross_entropy_classifier_does_not_read_the_dlsm_terms() {
+        let cfg = DlsmImagesConfig::full().classifier;
+        let other = GuidanceClassifierConfig {
+            ce_weight: 0.5,
+            dlsm_weighting: DsmWeighting::SigmaSquared,
+            dlsm_reduction: DlsmReduction::PixelSum,
+            ..cfg.clone()
+        };
+        let ce = ClassifierLoss::CrossEntropy;
+        assert_eq!(other.read_by(ce), cfg.read_by(ce));
+        let total = ClassifierLoss::Total { ce_weight: 1.0 };
+        assert_ne!(other.read_by(total), cfg.read_by(total));
+        let wider = GuidanceClassifierConfig {
+            iters: cfg.iters + 1,
+            ..cfg.clone()
+        };
+        assert_ne!(wider.read_by(ce), cfg.read_by(ce));
     }
 }

@@ -74,7 +74,7 @@ impl Stages<'_> {
                 c.meta::<GuidanceClassifierConfig>("guidance_classifier")?,
                 c.meta::<ClassifierLoss>("loss")?,
             );
-            if (&was, was_loss) != (cfg, loss) {
+            if (was.read_by(loss), was_loss) != (cfg.read_by(loss), loss) {
                 bail!(
                     "{}: trained with {was:?} and loss {was_loss:?}, but the configuration asks for {cfg:?} and {loss:?}; use another --out or remove the file",
                     path.display()
