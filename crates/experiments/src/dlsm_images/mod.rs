@@ -417,10 +417,10 @@ mod tests {
         assert_eq!(other.read_by(ce), cfg.read_by(ce));
         let total = ClassifierLoss::Total { ce_weight: 1.0 };
         assert_ne!(other.read_by(total), cfg.read_by(total));
-        let wider = GuidanceClassifierConfig {
+        let longer = GuidanceClassifierConfig {
             iters: cfg.iters + 1,
             ..cfg.clone()
         };
-        assert_ne!(wider.read_by(ce), cfg.read_by(ce));
+        assert_ne!(longer.read_by(ce), cfg.read_by(ce));
     }
 }

@@ -136,13 +136,23 @@ impl Stages<'_> {
 
     /// [`super::checksum`] of the score model's output on a fixed input at σ = 0.5.
     fn prior_fingerprint(&self, prior: &dyn Score) -> Result<[f64; 2]> {
+        let (x, sigma) = self.fingerprint_input()?;
+        checksum(&prior.score(&x, &sigma)?)
+    }
+
+    /// [`super::checksum`] of a guidance classifier's logits on the same fixed input.
+    fn classifier_fingerprint(&self, classifier: &Classifier) -> Result<[f64; 2]> {
+        let (x, sigma) = self.fingerprint_input()?;
+        checksum(&classifier.logits(&x, &sigma, &scoreguide_guidance::Cond::none())?)
+    }
+
+    fn fingerprint_input(&self) -> Result<(Tensor, Tensor)> {
         let d = self.cfg.score.unet.in_dim();
         let x = Tensor::arange(0u32, 2 * d as u32, &self.device)?
             .to_dtype(candle_core::DType::F32)?
             .affine(1.0 / d as f64, -1.0)?
             .reshape((2, d))?;
-        let sigma = Tensor::new(&[0.5f32, 0.5], &self.device)?;
-        checksum(&prior.score(&x, &sigma)?)
+        Ok((x, Tensor::new(&[0.5f32, 0.5], &self.device)?))
     }
 
     /// The classifier of real images: domain features, IS and CAS's upper bound; the
@@ -207,6 +217,7 @@ impl Stages<'_> {
         let dir = self.out.join("samples");
         std::fs::create_dir_all(&dir)
             .map_err(|e| candle_core::Error::msg(format!("{}: {e}", dir.display())))?;
+        let guide = self.classifier_fingerprint(classifier)?;
         let mut parts = Vec::with_capacity(classes);
         let steps = per_class.div_ceil(self.cfg.sample_batch.min(per_class)) * sampler.steps();
         let mut progress = Progress::new(
@@ -221,8 +232,7 @@ impl Stages<'_> {
                 false => None,
             };
             let x = kept.and_then(|c| {
-                let same = c.meta::<Method>("method").ok() == Some(method)
-                    && c.meta::<ImageSampler>("sampler").ok().as_ref() == Some(sampler);
+                let same = drawn_by(&c, method, sampler, guide);
                 match c.tensors.get("images") {
                     Some(x) if same && x.dims() == [per_class, u.in_dim()] => Some(x.clone()),
                     _ => {
@@ -252,6 +262,7 @@ impl Stages<'_> {
                     c.tensors.insert("images".into(), x.clone());
                     c.set_meta("method", &method)?;
                     c.set_meta("sampler", sampler)?;
+                    c.set_meta("classifier", &guide)?;
                     c.save(&path)?;
                     x
                 }
@@ -299,5 +310,56 @@ impl Stages<'_> {
         let s = evaluator.score(self.cfg, fake, seed, &self.device)?;
         crate::runtime::write_json(&path, &s)?;
         Ok(s)
+    }
+}
+
+/// Whether a kept class of samples was drawn by `method` with `sampler`, guided by the
+/// classifier whose fingerprint is `guide` (to rounding: thread counts may sum a GEMM in
+/// another order). Files kept before fingerprints were recorded are taken as drawn by it.
+fn drawn_by(kept: &Checkpoint, method: Method, sampler: &ImageSampler, guide: [f64; 2]) -> bool {
+    let near = |a: [f64; 2]| {
+        a.iter()
+            .zip(guide)
+            .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()))
+    };
+    kept.meta::<Method>("method").ok() == Some(method)
+        && kept.meta::<ImageSampler>("sampler").ok().as_ref() == Some(sampler)
+        && kept.meta::<[f64; 2]>("classifier").map_or(true, near)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_samples_are_reused_only_from_the_same_method_sampler_and_classifier() {
+        let sampler = ImageSampler::Heun { steps: 18 };
+        let guide = [12.5, 400.0];
+        let kept = |classifier: Option<[f64; 2]>| {
+            let mut c = Checkpoint::new();
+            c.set_meta("method", &Method::Dlsm).unwrap();
+            c.set_meta("sampler", &sampler).unwrap();
+            if let Some(k) = classifier {
+                c.set_meta("classifier", &k).unwrap();
+            }
+            c
+        };
+        assert!(drawn_by(&kept(Some(guide)), Method::Dlsm, &sampler, guide));
+        assert!(drawn_by(
+            &kept(Some([12.5 + 1e-9, 400.0])),
+            Method::Dlsm,
+            &sampler,
+            guide
+        ));
+        assert!(!drawn_by(
+            &kept(Some([12.6, 400.0])),
+            Method::Dlsm,
+            &sampler,
+            guide
+        ));
+        assert!(drawn_by(&kept(None), Method::Dlsm, &sampler, guide));
+        assert!(!drawn_by(&kept(Some(guide)), Method::Base, &sampler, guide));
+        let other = ImageSampler::Heun { steps: 10 };
+        assert!(!drawn_by(&kept(Some(guide)), Method::Dlsm, &other, guide));
     }
 }
