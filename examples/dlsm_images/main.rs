@@ -216,19 +216,19 @@ fn run(args: Args) -> candle_core::Result<()> {
     let held_out = evaluator
         .test
         .take(EXCESS_IMAGES.min(evaluator.test.len()))?;
-    let mut excess = BTreeMap::new();
-    for (name, c) in &classifiers {
-        let e = likelihood_score_excess(
-            c,
+    let excess: BTreeMap<&str, Vec<f64>> = classifiers
+        .keys()
+        .copied()
+        .zip(likelihood_score_excess(
+            &classifiers.values().collect::<Vec<_>>(),
             &prior,
             &held_out,
             &EXCESS_SIGMAS,
             cfg.seeds[0],
             cfg.sample_batch,
             &device,
-        )?;
-        excess.insert(*name, e);
-    }
+        )?)
+        .collect();
     seconds.insert("scores", t.elapsed().as_secs_f64());
 
     print!("{}", table(&rows, &cfg));

@@ -148,9 +148,18 @@ fn dlsm_learns_the_likelihood_score_and_guides_samples_into_their_class() {
         let untrained = train(ClassifierLoss::CrossEntropy, 1);
         let ce = train(ClassifierLoss::CrossEntropy, 600);
         let total = train(ClassifierLoss::Total { ce_weight: 1.0 }, 600);
-        let excess = |c: &Classifier, sigma: f64| {
-            likelihood_score_excess(c, &mixture(), &data(), &[sigma], 5, 100, &Device::Cpu)
-                .unwrap()[0]
+        let excess = |sigma: f64| {
+            let e = likelihood_score_excess(
+                &[&ce, &total],
+                &mixture(),
+                &data(),
+                &[sigma],
+                5,
+                100,
+                &Device::Cpu,
+            )
+            .unwrap();
+            (e[0][0], e[1][0])
         };
         for sigma in [0.3, 1.0] {
             let (e0, e_ce, (e_total, exact, scale)) = (
@@ -160,7 +169,7 @@ fn dlsm_learns_the_likelihood_score_and_guides_samples_into_their_class() {
             );
             // The held-out DLSM excess estimates E‖g − ∇ log p‖² − E‖∇ log p‖² (the prior
             // here is exact) and ranks the classifiers as the exact error does.
-            let (x_ce, x_total) = (excess(&ce, sigma), excess(&total, sigma));
+            let (x_ce, x_total) = excess(sigma);
             eprintln!("σ = {sigma}: excess CE {x_ce:.4}, DLSM + CE {x_total:.4} (exact {exact:.4} of {scale:.4})");
             assert!(
                 (x_total - exact).abs() < 0.2 * scale,

@@ -6,7 +6,7 @@ use crate::moons::ClassifierLoss;
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use scoreguide_data::images::flip_rng;
 use scoreguide_data::ImageSet;
-use scoreguide_guidance::{log_softmax, one_hot, Cond, LogProb, Score};
+use scoreguide_guidance::{grad_log_prob, log_softmax, one_hot, Cond, LogProb, Score};
 use scoreguide_losses::{cross_entropy, dlsm};
 use scoreguide_nets::{Classifier, ClassifierConfig, ParamStore};
 use scoreguide_sde::randn;
@@ -121,56 +121,58 @@ pub fn load_guidance_classifier(c: &Checkpoint, device: &Device) -> Result<Class
 /// Noise levels of [`likelihood_score_excess`].
 pub const EXCESS_SIGMAS: [f64; 6] = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0];
 
-/// A guidance classifier's held-out DLSM loss at each σ of `sigmas`, as its excess over a
-/// classifier with no input gradient, per pixel: E‖g‖² + 2 E[g · (s_θ + z/σ)] over `set`'s
-/// images x0 and labels y, with x = x0 + σ z and g = ∇x log p_φ(y | x; σ). Where the
-/// frozen `prior` s_θ is the true score this is E‖g − ∇x log p(y | x)‖² − E‖∇x log p(y | x)‖²:
-/// lower is a closer likelihood score (the quantity L_DLSM trains), 0 is no guidance.
-/// The noise comes from `seed`, so classifiers compared with one seed see the same draws.
+/// Each guidance classifier's held-out DLSM loss at each σ of `sigmas` (`[classifier][σ]`),
+/// as its excess over a classifier with no input gradient, per pixel:
+/// E‖g‖² + 2 E[g · (s_θ + z/σ)] over `set`'s images x0 and labels y, with x = x0 + σ z and
+/// g = ∇x log p_φ(y | x; σ) as guidance computes it. Where the frozen `prior` s_θ is the
+/// true score this is E‖g − ∇x log p(y | x)‖² − E‖∇x log p(y | x)‖²: lower is a closer
+/// likelihood score (the quantity L_DLSM trains), 0 is no guidance. The classifiers see
+/// the same noise (from `seed`) and share the score model's pass over it.
 pub fn likelihood_score_excess(
-    classifier: &Classifier,
+    classifiers: &[&Classifier],
     prior: &dyn Score,
     set: &ImageSet,
     sigmas: &[f64],
     seed: u64,
     batch: usize,
     device: &Device,
-) -> Result<Vec<f64>> {
+) -> Result<Vec<Vec<f64>>> {
     if set.is_empty() || batch == 0 {
         bail!(
             "likelihood score excess: no images ({} held out, batch {batch})",
             set.len()
         );
     }
-    let mut out = Vec::with_capacity(sigmas.len());
+    let mut out = vec![Vec::with_capacity(sigmas.len()); classifiers.len()];
     for (i, &s) in sigmas.iter().enumerate() {
         if !(s > 0.0 && s.is_finite()) {
             bail!("likelihood score excess: σ = {s} must be positive and finite");
         }
         let mut rng =
             <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ ((i as u64) << 32));
-        let (mut total, mut count) = (0f64, 0usize);
+        let mut totals = vec![0f64; classifiers.len()];
+        let mut count = 0usize;
         for start in (0..set.len()).step_by(batch) {
             let idx: Vec<u32> = (start..(start + batch).min(set.len()))
                 .map(|j| j as u32)
                 .collect();
             let (x0, y) = set.batch(&idx, false, &mut flip_rng(seed, 0))?;
-            let (x0, y) = (x0.to_device(device)?, y.to_device(device)?);
+            let (x0, cond) = (x0.to_device(device)?, Cond::labels(y.to_device(device)?));
             let sigma = Tensor::full(s as f32, idx.len(), device)?;
             let z = randn(&mut rng, x0.dims(), device)?;
             let x = (&x0 + (&z * s)?)?;
-            let xv = Var::from_tensor(&x)?;
-            let log_p = classifier.log_prob_with(xv.as_tensor(), &sigma, &Cond::labels(y))?;
-            let Some(g) = log_p.sum_all()?.backward()?.remove(xv.as_tensor()) else {
-                bail!("likelihood score excess: the classifier does not see its input");
-            };
-            let g = g.detach();
             let residual = (prior.score(&x, &sigma)?.detach() + (&z / s)?)?;
-            let excess = (g.sqr()? + ((&g * &residual)? * 2.0)?)?;
-            total += excess.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            count += g.elem_count();
+            for (total, &c) in totals.iter_mut().zip(classifiers) {
+                let term: Box<dyn LogProb + '_> = Box::new(c);
+                let g = grad_log_prob(&[(1.0, term)], &x, &sigma, &cond)?.detach();
+                let excess = (g.sqr()? + ((&g * &residual)? * 2.0)?)?;
+                *total += excess.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            count += x.elem_count();
         }
-        out.push(total / count as f64);
+        for (o, total) in out.iter_mut().zip(totals) {
+            o.push(total / count as f64);
+        }
     }
     Ok(out)
 }
