@@ -97,6 +97,40 @@ pub fn matmul_serial(dst: &mut [f32], a: View, b: View, accumulate: bool) {
     }
 }
 
+/// [`matmul_serial`] into a block of a larger buffer: row i of the `m × n` product goes
+/// to `dst[offset + i·rs ..][..n]` (e.g. one head's columns of packed rows).
+pub fn matmul_serial_into(
+    dst: &mut [f32],
+    offset: usize,
+    rs: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        rs >= n && offset + (m - 1) * rs + n <= dst.len(),
+        "destination block outside its buffer"
+    );
+    a.check();
+    b.check();
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[offset + i * rs..][..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the block's m rows of n elements at stride rs lie inside dst (checked
+    // above), and the views were checked.
+    unsafe { serial(Dst(dst.as_mut_ptr().add(offset)), rs, a, b, accumulate) }
+}
+
 /// Checks the shapes and views; handles the empty products (nothing to write, or
 /// `k = 0`: zeros). Returns whether a GEMM remains to be run.
 fn has_work(dst: &mut [f32], a: View, b: View, accumulate: bool) -> bool {

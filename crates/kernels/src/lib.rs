@@ -31,6 +31,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod attention;
 mod bmm;
 mod channel;
 mod conv;
@@ -43,6 +44,7 @@ mod rpe;
 mod simd;
 pub mod threads;
 
+pub use attention::{attention, self_attention};
 pub use bmm::batched_matmul;
 pub use conv::{conv2d, Conv2dSpec};
 pub use norm::{group_norm, layer_norm, softmax_last_dim};

@@ -77,6 +77,22 @@ pub(crate) fn gradient_for(t: &Tensor, g: Vec<f32>) -> Result<Option<Tensor>> {
         .transpose()
 }
 
+/// `[..., k]` data as a `[rows, k]` matrix: a matrix with its own strides, or a
+/// contiguous tensor of any rank (its leading axes as rows, no reshape node needed).
+fn rows_view<'a>(data: &'a [f32], l: &Layout) -> Result<View<'a>> {
+    if l.dims().len() == 2 {
+        return view(data, l);
+    }
+    let k = *l.dims().last().unwrap_or(&0);
+    if !l.is_contiguous() || k == 0 {
+        bail!(
+            "fused dense: expected a contiguous input, got shape {:?}",
+            l.dims()
+        );
+    }
+    Ok(View::row_major(data, l.shape().elem_count() / k, k))
+}
+
 fn view<'a>(data: &'a [f32], l: &Layout) -> Result<View<'a>> {
     let (dims, stride) = (l.dims(), l.stride());
     if dims.len() != 2 {
@@ -109,7 +125,7 @@ fn with_view<R>(t: &Tensor, f: impl FnOnce(View) -> Result<R>) -> Result<R> {
     let Storage::Cpu(cpu) = &*storage else {
         bail!("fused kernels: expected a CPU tensor");
     };
-    let v = view(f32_slice(cpu, layout)?, layout)?;
+    let v = rows_view(f32_slice(cpu, layout)?, layout)?;
     f(v)
 }
 
@@ -231,13 +247,15 @@ impl CustomOp3 for DenseOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = view(f32_slice(s1, l1)?, l1)?;
+        let x = rows_view(f32_slice(s1, l1)?, l1)?;
         let w = view(f32_slice(s2, l2)?, l2)?;
         let bias = contiguous_data(s3, l3, "fused dense (bias)")?;
         let (rows, n) = (x.rows, w.rows);
         let mut out = output_buffer(rows * n);
         matmul(&mut out, x, w.t(), false);
-        let shape = Shape::from((rows, n));
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("a matrix or more") = n;
+        let shape = Shape::from(dims);
         let s = bias_act(&mut out, bias, n, self.act, self.keep);
         keep(&self.sigmoid, s, &shape)?;
         Ok((CpuStorage::F32(out), shape))
@@ -254,12 +272,13 @@ impl CustomOp3 for DenseOp {
         if second_order() {
             return dense_backward_composed(x, w, b, self.act, g);
         }
-        let (rows, n) = y.dims2()?;
+        let n = w.dim(0)?;
+        let rows = y.elem_count() / n.max(1);
         let g_z = match self.act {
             Act::Identity => g.contiguous()?,
             Act::Silu => silu_grad_kept(g, y, &self.sigmoid, "fused dense")?,
         };
-        let k = x.dim(1)?;
+        let k = w.dim(1)?;
         with_data(&g_z, |gz| {
             let gz_view = View::row_major(gz, rows, n);
             let gx = if x.track_op() {
@@ -268,7 +287,7 @@ impl CustomOp3 for DenseOp {
                     matmul(&mut gx, gz_view, w, false);
                     Ok(())
                 })?;
-                Some(Tensor::from_vec(gx, (rows, k), &Device::Cpu)?)
+                Some(Tensor::from_vec(gx, x.shape(), &Device::Cpu)?)
             } else {
                 None
             };
@@ -307,7 +326,10 @@ fn dense_backward_composed(
     act: Act,
     g: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let n = w.dim(0)?;
+    let (n, k) = w.dims2()?;
+    let x_shape = x.shape().clone();
+    let rows = x.elem_count() / k.max(1);
+    let (x, g) = (&x.reshape((rows, k))?, &g.reshape((rows, n))?);
     let g_z = match act {
         Act::Identity => g.clone(),
         Act::Silu => {
@@ -317,7 +339,10 @@ fn dense_backward_composed(
             (g * silu_derivative(&z)?)?
         }
     };
-    let gx = x.track_op().then(|| g_z.matmul(w)).transpose()?;
+    let gx = x
+        .track_op()
+        .then(|| g_z.matmul(w)?.reshape(&x_shape))
+        .transpose()?;
     let gw = w.track_op().then(|| g_z.t()?.matmul(x)).transpose()?;
     let gb = if !b.track_op() {
         None
@@ -372,14 +397,21 @@ fn dense_args(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Vec<usize>)
 /// row, `[..., n]`), differentiable with respect to all three.
 pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> Result<Tensor> {
     let (x2, out_dims) = dense_args(x, w, b)?;
-    let y = if fast_path(&[x, w, b]) {
+    if fast_path(&[x, w, b]) {
         let op = DenseOp {
             act,
             keep: [x, w, b].iter().any(|t| t.track_op()),
             sigmoid: Mutex::new(None),
         };
-        x2.apply_op3_arc(w, &b.contiguous()?, std::sync::Arc::new(Box::new(op)))?
-    } else {
+        // The op reads a contiguous input of any rank as rows: no reshape nodes, whose
+        // gradients candle would accumulate into fresh zeroed buffers.
+        let x = match x.rank() {
+            2 => x.clone(),
+            _ => x.contiguous()?,
+        };
+        return x.apply_op3_arc(w, &b.contiguous()?, std::sync::Arc::new(Box::new(op)));
+    }
+    let y = {
         let n = w.dim(0)?;
         let z = x2
             .matmul(&w.t()?)?

@@ -234,10 +234,7 @@ multiversion! {
     /// vectorises), the sum and the scaling after.
     pub fn softmax_rows(x: &[f32], out: &mut [f32], n: usize) {
         for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            let mut m = f32::NEG_INFINITY;
-            for v in xr {
-                m = if *v > m { *v } else { m };
-            }
+            let m = lane_max(xr);
             for (o, v) in or.iter_mut().zip(xr) {
                 *o = exp(v - m);
             }
@@ -264,6 +261,23 @@ fn lane_sum_by(len: usize, f: impl Fn(usize) -> f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + (whole..len).map(f).sum::<f32>()
+}
+
+/// The largest element (−∞ for none) in [`LANES`] running maxima, which vectorise as
+/// a single running maximum does not.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = if *v > *a { *v } else { *a };
+        }
+    }
+    let rest = chunks.remainder().iter();
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, v| if *v > m { *v } else { m })
 }
 
 /// Mean and 1/sqrt(variance + eps) of one row.
@@ -412,6 +426,39 @@ multiversion! {
             for (d, v) in dr.iter_mut().zip(xr) {
                 let xh = (v - mean) * rstd;
                 *d = rstd * (*d * gc - m1 - xh * m2);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Attention weights in place: each row of width `n` becomes
+    /// softmax(scale · row + bias) (bias `[n]`, added to every row).
+    pub fn softmax_rows_biased(x: &mut [f32], bias: &[f32], scale: f32, n: usize) {
+        for row in x.chunks_exact_mut(n) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v = *v * scale + b;
+            }
+            let m = lane_max(row);
+            for v in row.iter_mut() {
+                *v = exp(*v - m);
+            }
+            let inv = 1.0 / lane_sum_by(n, |j| row[j]);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The backward pass of [`softmax_rows_biased`] in place: `g` (the gradient of the
+    /// weights `w`, rows of width `n`) becomes scale · w ⊙ (g − Σ_j w_j g_j).
+    pub fn softmax_rows_backward(w: &[f32], g: &mut [f32], scale: f32, n: usize) {
+        for (wr, gr) in w.chunks_exact(n).zip(g.chunks_exact_mut(n)) {
+            let dot = lane_sum_by(n, |j| wr[j] * gr[j]);
+            for (gv, wv) in gr.iter_mut().zip(wr) {
+                *gv = scale * wv * (*gv - dot);
             }
         }
     }

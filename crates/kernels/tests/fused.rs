@@ -33,11 +33,18 @@ fn composed(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> candle_core::Result
 
 /// Values and the gradients of Σ y ⊙ r (r fixed) for x, W and b, fused vs composed.
 fn check_dense(rows: usize, k: usize, n: usize, per_row_bias: bool, act: Act) {
-    let x = Var::from_tensor(&randn(1, &[rows, k])).unwrap();
+    check_dense_nd(&[rows], k, n, per_row_bias, act)
+}
+
+/// [`check_dense`] for x `[lead…, k]`.
+fn check_dense_nd(lead: &[usize], k: usize, n: usize, per_row_bias: bool, act: Act) {
+    let with = |last: usize| [lead, &[last]].concat();
+    let rows: usize = lead.iter().product();
+    let x = Var::from_tensor(&randn(1, &with(k))).unwrap();
     let w = Var::from_tensor(&(randn(2, &[n, k]) * 0.5).unwrap()).unwrap();
-    let b_shape: Vec<usize> = if per_row_bias { vec![rows, n] } else { vec![n] };
+    let b_shape: Vec<usize> = if per_row_bias { with(n) } else { vec![n] };
     let b = Var::from_tensor(&randn(3, &b_shape)).unwrap();
-    let r = randn(4, &[rows, n]);
+    let r = randn(4, &with(n));
     let y = dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), act).unwrap();
     let y_ref = composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), act).unwrap();
     assert!(max_abs_diff(&y, &y_ref) < 1e-4, "values {rows}×{k}→{n}");
@@ -70,8 +77,31 @@ fn dense_matches_composed_ops() {
             check_dense(1000, 256, 256, per_row, act);
             check_dense(1, 1, 1, per_row, act);
             check_dense(3, 17, 5, per_row, act);
+            // Leading axes are rows, with no reshape in the graph.
+            check_dense_nd(&[4, 3, 5], 17, 6, per_row, act);
         }
     }
+}
+
+#[test]
+fn batched_input_is_one_node_whose_gradients_keep_their_shapes() {
+    let x = Var::from_tensor(&randn(12, &[2, 3, 4])).unwrap();
+    let (w, b) = (randn(13, &[5, 4]), randn(14, &[5]));
+    let y = dense(x.as_tensor(), &w, &b, Act::Silu).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 5]);
+    // The dense op and x: nothing between them.
+    assert_eq!(y.sorted_nodes().len(), 2);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(x.as_tensor()).unwrap().dims(), &[2, 3, 4]);
+    // One row.
+    let x1 = randn(16, &[4]);
+    let y1 = dense(&x1, &w, &b, Act::Identity).unwrap();
+    let y1_ref = composed(&x1.unsqueeze(0).unwrap(), &w, &b, Act::Identity).unwrap();
+    assert!(max_abs_diff(&y1, &y1_ref.squeeze(0).unwrap()) < 1e-5);
+    // A non-contiguous batched input is copied first, with the same values.
+    let xt = randn(15, &[3, 2, 4]).transpose(0, 1).unwrap();
+    let yt = dense(&xt, &w, &b, Act::Silu).unwrap();
+    assert!(max_abs_diff(&yt, &composed(&xt, &w, &b, Act::Silu).unwrap()) < 1e-5);
 }
 
 proptest! {

@@ -4,7 +4,7 @@
 //! other tests.
 
 use candle_core::{Device, Tensor, Var};
-use scoreguide_kernels::{add_silu, conv2d, dense, group_norm, Act, Conv2dSpec};
+use scoreguide_kernels::{add_silu, conv2d, dense, group_norm, self_attention, Act, Conv2dSpec};
 use scoreguide_testing::max_abs_diff;
 
 #[test]
@@ -165,6 +165,74 @@ fn group_norm_backward_of_the_backward_matches_candle() {
             let gx = gx.get(x.as_tensor()).unwrap().clone();
             let g2 = gx.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             [&g, &b, &x]
+                .iter()
+                .map(|v| {
+                    g2.get(v.as_tensor())
+                        .expect("second-order gradient")
+                        .clone()
+                })
+                .collect()
+        };
+        let (a, e) = (second(true), second(false));
+        for (a, e) in a.iter().zip(&e) {
+            let scale = 1.0 + scoreguide_testing::max_abs(e);
+            assert!(max_abs_diff(a, e) < 1e-4 * scale, "{a} vs {e}");
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// A dense layer on a batched (3-D) input and masked self-attention under a second-order
+/// loss: the gradient of ‖∂/∂x Σ r ⊙ attention(dense(x))‖² for W and x matches the same
+/// written with candle's ops.
+#[test]
+fn batched_dense_and_attention_backward_of_the_backward_match_candle() {
+    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+    std::thread::spawn(|| {
+        let dev = Device::Cpu;
+        let fill = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 * 0.618 + seed).fract() - 0.5) * 2.0)
+                .collect()
+        };
+        let (b, n, heads, d) = (2, 4, 2, 3);
+        let hid = heads * d;
+        let x = Var::from_vec(fill(b * n * hid, 0.1), (b, n, hid), &dev).unwrap();
+        let w = Var::from_vec(fill(3 * hid * hid, 0.3), (3 * hid, hid), &dev).unwrap();
+        let bias = Tensor::zeros(3 * hid, candle_core::DType::F32, &dev).unwrap();
+        let mask =
+            Tensor::from_vec(vec![0f32, 0.0, 0.0, -1e9, 0.0, 0.0, 0.0, 0.0], (b, n), &dev).unwrap();
+        let r = Tensor::from_vec(fill(b * n * hid, 0.7), (b, n, hid), &dev).unwrap();
+        let second = |fused: bool| -> Vec<Tensor> {
+            let y = if fused {
+                let qkv = dense(x.as_tensor(), w.as_tensor(), &bias, Act::Identity).unwrap();
+                self_attention(&qkv, heads, Some(&mask)).unwrap()
+            } else {
+                let qkv = x
+                    .as_tensor()
+                    .broadcast_matmul(&w.as_tensor().t().unwrap())
+                    .unwrap();
+                let heads_out: Vec<Tensor> = (0..heads)
+                    .map(|h| {
+                        let part = |i: usize| qkv.narrow(2, i * hid + h * d, d).unwrap();
+                        let s = (part(0).matmul(&part(1).t().unwrap()).unwrap()
+                            / (d as f64).sqrt())
+                        .unwrap()
+                        .broadcast_add(&mask.unsqueeze(1).unwrap())
+                        .unwrap();
+                        candle_nn::ops::softmax(&s, candle_core::D::Minus1)
+                            .unwrap()
+                            .matmul(&part(2))
+                            .unwrap()
+                    })
+                    .collect();
+                Tensor::cat(&heads_out, 2).unwrap()
+            };
+            let gx = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx = gx.get(x.as_tensor()).unwrap().clone();
+            let g2 = gx.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            [&w, &x]
                 .iter()
                 .map(|v| {
                     g2.get(v.as_tensor())

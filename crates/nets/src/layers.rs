@@ -3,9 +3,9 @@
 //! for a fast CPU backward: biases and broadcasts as matmuls, relative-position
 //! attention without `[B, heads, A, A, d]` intermediates, convolutions as im2col + GEMM.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::{linear, Init, VarBuilder};
-use scoreguide_kernels::{batched_matmul, conv2d, dense, group_norm, Act, Conv2dSpec};
+use scoreguide_kernels::{attention, conv2d, dense, group_norm, self_attention, Act, Conv2dSpec};
 
 /// A linear layer on `scoreguide_kernels::dense`: the GEMM, bias and activation in one
 /// op whose backward pass sums the bias gradient over rows directly (candle's backward
@@ -85,13 +85,6 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, n, nh * dh))
 }
 
-/// Multi-head attention of `queries` over `keys` (vanilla).
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (batched_matmul(q, &k.t()?)? * scale)?;
-    batched_matmul(&scoreguide_kernels::softmax_last_dim(&scores)?, v)
-}
-
 pub(crate) struct SelfAttention {
     pub(crate) norm: LayerNorm,
     pub(crate) qkv: Dense,
@@ -106,17 +99,17 @@ impl SelfAttention {
         let (b, a, hid) = h.dims3()?;
         let dh = hid / heads;
         let qkv = self.qkv.forward(&self.norm.forward(h)?)?;
+        let vanilla = self_attention(&qkv, heads, None)?; // [B, A, H]
         let [q, k, v] = [0, 1, 2].map(|i| qkv.narrow(2, i * hid, hid));
         let (q, k, v) = (
             split_heads(&q?, heads)?,
             split_heads(&k?, heads)?,
             split_heads(&v?, heads)?,
         );
-        let vanilla = attention(&q, &k, &v)?;
         let rel = self.rel.forward(e)?; // [B, A, A, 3 d]: q^R, k^R, v^R of each pair
         let relative = scoreguide_kernels::relative_attention(&q, &k, &v, &rel)?;
         debug_assert_eq!(relative.dims(), &[b, heads, a, dh]);
-        self.out.forward(&merge_heads(&(vanilla + relative)?)?)
+        self.out.forward(&(vanilla + merge_heads(&relative)?)?)
     }
 }
 
@@ -136,11 +129,8 @@ impl CrossAttention {
 
     /// `h: [B, A, H]` attends to the map tokens through their keys and values `kv`.
     pub(crate) fn forward(&self, h: &Tensor, kv: &Tensor, heads: usize) -> Result<Tensor> {
-        let hid = h.dim(2)?;
-        let q = split_heads(&self.q.forward(&self.norm.forward(h)?)?, heads)?;
-        let k = split_heads(&kv.narrow(2, 0, hid)?, heads)?;
-        let v = split_heads(&kv.narrow(2, hid, hid)?, heads)?;
-        self.out.forward(&merge_heads(&attention(&q, &k, &v)?)?)
+        let q = self.q.forward(&self.norm.forward(h)?)?;
+        self.out.forward(&attention(&q, kv, heads, None)?)
     }
 }
 

@@ -32,12 +32,11 @@
 //! ```
 
 use crate::embedding::SinusoidalEmbedding;
-use crate::layers::{merge_heads, split_heads, Dense, LayerNorm, Mlp};
+use crate::layers::{Dense, LayerNorm, Mlp};
 use crate::net::NoiseNet;
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use scoreguide_guidance::Cond;
-use scoreguide_kernels::batched_matmul;
 use serde::{Deserialize, Serialize};
 
 /// What a [`MotionTransformer`] outputs.
@@ -244,7 +243,6 @@ impl MotionTransformer {
         let MotionTransformerConfig {
             frames: t,
             features: f,
-            hidden: h,
             heads,
             ..
         } = self.cfg;
@@ -291,19 +289,11 @@ impl MotionTransformer {
             &[Tensor::ones((b, 1), x.dtype(), x.device())?, mask.clone()],
             1,
         )?;
-        let bias = ((keep - 1.0)? * 1e9)?.reshape((b, 1, 1, t + 1))?;
-        let scale = 1.0 / ((h / heads) as f64).sqrt();
+        let bias = ((keep - 1.0)? * 1e9)?.detach(); // [B, T+1]
         for block in &self.blocks {
             let qkv = block.qkv.forward(&block.norm.forward(&hs)?)?;
-            let [q, k, v] = [0, 1, 2].map(|i| qkv.narrow(2, i * h, h));
-            let (q, k, v) = (
-                split_heads(&q?, heads)?,
-                split_heads(&k?, heads)?,
-                split_heads(&v?, heads)?,
-            );
-            let scores = (batched_matmul(&q, &k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let attended = batched_matmul(&scoreguide_kernels::softmax_last_dim(&scores)?, &v)?;
-            hs = (&hs + block.out.forward(&merge_heads(&attended)?)?)?;
+            let attended = scoreguide_kernels::self_attention(&qkv, heads, Some(&bias))?;
+            hs = (&hs + block.out.forward(&attended)?)?;
             hs = (&hs + block.mlp.forward(&hs)?)?;
         }
         Ok((self.final_norm.forward(&hs)?, mask))
