@@ -5,6 +5,7 @@ use crate::layers::{Dense, LayerNorm};
 use crate::transformer::SceneTransformerConfig;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use scoreguide_kernels::space_to_depth;
 use serde::{Deserialize, Serialize};
 
 /// Reads the map raster (bilinearly, cell centres at integer positions) on a
@@ -131,15 +132,6 @@ pub struct MapEncoder {
     hidden: usize,
 }
 
-/// `[M, r, c, C]` → `[M, r/2, c/2, 4C]`: each output cell holds its 2×2 input patch.
-fn patches_2x2(x: &Tensor) -> Result<Tensor> {
-    let (m, r, c, ch) = x.dims4()?;
-    x.reshape((m, r / 2, 2, c / 2, 2, ch))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .contiguous()?
-        .reshape((m, r / 2, c / 2, 4 * ch))
-}
-
 impl MapEncoder {
     pub fn new(cfg: &SceneTransformerConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
@@ -174,8 +166,8 @@ impl MapEncoder {
             maps.clone()
         };
         let x = pooled.permute((0, 2, 3, 1))?.contiguous()?; // [M, c, c, C]
-        let f = self.conv1.forward_silu(&patches_2x2(&x)?)?;
-        let f = self.conv2.forward_silu(&patches_2x2(&f)?)?; // [M, c/4, c/4, H]
+        let f = self.conv1.forward_silu(&space_to_depth(&x, 2)?)?;
+        let f = self.conv2.forward_silu(&space_to_depth(&f, 2)?)?; // [M, c/4, c/4, H]
         let side = cells / 4;
         let tokens = f.reshape((m, side * side, self.hidden))?;
         let pos = position_encoding_2d(side, side, self.hidden, maps.dtype(), maps.device())?;
