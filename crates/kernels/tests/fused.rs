@@ -390,6 +390,18 @@ fn relative_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, rel: &Tensor
         .unwrap()
 }
 
+/// Heads `[B, h, A, d]` of the packed rows `[B, A, 3·h·d]` (part 0, 1, 2: q, k, v).
+fn heads_of(qkv: &Tensor, part: usize, h: usize) -> Tensor {
+    let (b, a, h3) = qkv.dims3().unwrap();
+    let d = h3 / (3 * h);
+    qkv.narrow(2, part * h * d, h * d)
+        .unwrap()
+        .reshape((b, a, h, d))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+}
+
 #[test]
 fn relative_attention_matches_its_definition_with_gradients() {
     // A small batch, and one large enough for the batch to be split between threads.
@@ -401,26 +413,18 @@ fn relative_attention_matches_its_definition_with_gradients() {
         let var = |seed, shape: &[usize]| {
             Var::from_tensor(&randn(seed, shape).to_dtype(dtype).unwrap()).unwrap()
         };
-        let (q, k, v) = (
-            var(40, &[b, h, a, d]),
-            var(41, &[b, h, a, d]),
-            var(42, &[b, h, a, d]),
-        );
+        let qkv = var(40, &[b, a, 3 * h * d]);
         let rel = var(43, &[b, a, a, 3 * d]);
-        let r = randn(44, &[b, h, a, d]).to_dtype(dtype).unwrap();
-        let y = scoreguide_kernels::relative_attention(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            rel.as_tensor(),
-        )
-        .unwrap();
-        let y_ref = relative_attention_reference(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            rel.as_tensor(),
-        );
+        let r = randn(44, &[b, a, h * d]).to_dtype(dtype).unwrap();
+        let y =
+            scoreguide_kernels::relative_attention(qkv.as_tensor(), rel.as_tensor(), h).unwrap();
+        let [q, k, v] = [0, 1, 2].map(|i| heads_of(qkv.as_tensor(), i, h));
+        let y_ref = relative_attention_reference(&q, &k, &v, rel.as_tensor())
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, a, h * d))
+            .unwrap();
+        assert_eq!(y.dims(), &[b, a, h * d]);
         assert!(max_abs_diff(&y, &y_ref) < 1e-5, "{dtype:?}");
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = (&y_ref * &r)
@@ -429,7 +433,7 @@ fn relative_attention_matches_its_definition_with_gradients() {
             .unwrap()
             .backward()
             .unwrap();
-        for (t, what) in [(&q, "q"), (&k, "k"), (&v, "v"), (&rel, "rel")] {
+        for (t, what) in [(&qkv, "qkv"), (&rel, "rel")] {
             let (x, e) = (
                 g.get(t.as_tensor()).unwrap(),
                 g_ref.get(t.as_tensor()).unwrap(),
@@ -441,18 +445,13 @@ fn relative_attention_matches_its_definition_with_gradients() {
             );
         }
     }
-    // A head-major view (as split_heads gives) is accepted.
-    let (b, h, a, d) = (2, 3, 5, 4);
-    let qv = randn(45, &[b, a, h, d]).transpose(1, 2).unwrap();
-    let rel = randn(46, &[b, a, a, 3 * d]);
-    let y = scoreguide_kernels::relative_attention(&qv, &qv, &qv, &rel).unwrap();
-    let y_ref = relative_attention_reference(
-        &qv.contiguous().unwrap(),
-        &qv.contiguous().unwrap(),
-        &qv.contiguous().unwrap(),
-        &rel,
-    );
-    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+    let err = scoreguide_kernels::relative_attention(
+        &randn(45, &[2, 5, 12]),
+        &randn(46, &[2, 5, 5, 6]),
+        3,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("3 heads"), "{err}");
 }
 
 #[test]

@@ -5,7 +5,9 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{linear, Init, VarBuilder};
-use scoreguide_kernels::{attention, conv2d, dense, group_norm, self_attention, Act, Conv2dSpec};
+use scoreguide_kernels::{
+    attention, conv2d, dense, group_norm, relative_attention, self_attention, Act, Conv2dSpec,
+};
 
 /// A linear layer on `scoreguide_kernels::dense`: the GEMM, bias and activation in one
 /// op whose backward pass sums the bias gradient over rows directly (candle's backward
@@ -73,18 +75,6 @@ impl LayerNorm {
     }
 }
 
-/// Splits `[B, N, H]` into heads `[B, heads, N, H/heads]`.
-pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, n, h) = x.dims3()?;
-    x.reshape((b, n, heads, h / heads))?.transpose(1, 2)
-}
-
-/// Inverse of [`split_heads`].
-pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, nh, n, dh) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, n, nh * dh))
-}
-
 pub(crate) struct SelfAttention {
     pub(crate) norm: LayerNorm,
     pub(crate) qkv: Dense,
@@ -96,20 +86,11 @@ pub(crate) struct SelfAttention {
 impl SelfAttention {
     /// `h: [B, A, H]`, `e: [B, A, A, relative_dim]`.
     pub(crate) fn forward(&self, h: &Tensor, e: &Tensor, heads: usize) -> Result<Tensor> {
-        let (b, a, hid) = h.dims3()?;
-        let dh = hid / heads;
         let qkv = self.qkv.forward(&self.norm.forward(h)?)?;
         let vanilla = self_attention(&qkv, heads, None)?; // [B, A, H]
-        let [q, k, v] = [0, 1, 2].map(|i| qkv.narrow(2, i * hid, hid));
-        let (q, k, v) = (
-            split_heads(&q?, heads)?,
-            split_heads(&k?, heads)?,
-            split_heads(&v?, heads)?,
-        );
         let rel = self.rel.forward(e)?; // [B, A, A, 3 d]: q^R, k^R, v^R of each pair
-        let relative = scoreguide_kernels::relative_attention(&q, &k, &v, &rel)?;
-        debug_assert_eq!(relative.dims(), &[b, heads, a, dh]);
-        self.out.forward(&(vanilla + merge_heads(&relative)?)?)
+        let relative = relative_attention(&qkv, &rel, heads)?;
+        self.out.forward(&(vanilla + relative)?)
     }
 }
 
