@@ -3,8 +3,12 @@
 //! forward, SiLU keeps its sigmoid for the backward pass, and the exponential is a
 //! vectorised polynomial chosen per instruction set at run time. On other dtypes and
 //! devices (CUDA) every function falls back to candle's own ops, so callers need no
-//! second code path. Larger fusions: the whole residual MLP ([`res_mlp`]), relative-
-//! position attention from its definition ([`relative_attention`]), batched products
+//! second code path. Larger fusions: the whole residual MLP ([`res_mlp`]), multi-head
+//! attention on packed rows ([`attention`], [`self_attention`]) and relative-position
+//! attention from its definition ([`relative_attention`]), each one node (candle's
+//! backward pass accumulates every node's gradient into a fresh zeroed buffer, so
+//! fewer nodes is less memory traffic), block rearrangement between space and channels
+//! ([`space_to_depth`], [`depth_to_space`]), batched products
 //! of small strided matrices ([`batched_matmul`]), 2-D convolution as im2col + GEMM
 //! whose backward passes are again convolution ops, so that it differentiates to any
 //! order ([`conv2d`]), group norm with its SiLU ([`group_norm`]) and, for its
