@@ -57,7 +57,6 @@ pub fn attention(
     }
     let op = Attention {
         rows,
-        packed: false,
         keep: q.track_op() || kv.track_op(),
         weights: Mutex::new(None),
     };
@@ -96,7 +95,6 @@ pub fn self_attention(qkv: &Tensor, heads: usize, key_bias: Option<&Tensor>) -> 
             v_offset: 2 * hid,
             scale: 1.0 / (d as f32).sqrt(),
         },
-        packed: true,
         keep: qkv.track_op(),
         weights: Mutex::new(None),
     };
@@ -244,8 +242,6 @@ impl AttentionRows {
 /// The op of [`attention`] (`q, kv, bias`) and [`self_attention`] (`qkv, bias`).
 struct Attention {
     rows: AttentionRows,
-    /// Whether the queries, keys and values are one tensor's rows.
-    packed: bool,
     /// Whether a backward pass can follow (some input is tracked).
     keep: bool,
     /// The softmax weights `[B, heads, N, T]` of the forward pass.
@@ -428,7 +424,6 @@ impl CustomOp2 for Attention {
         _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        debug_assert!(self.packed);
         let (gq, gkv) = self.backward(qkv, qkv, g)?;
         // Each row of the packed gradient: the query's part, then the key's and value's.
         let r = self.rows;

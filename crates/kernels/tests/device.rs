@@ -3,7 +3,10 @@
 //! on a GPU candle's kernels through the fallback path.
 
 use candle_core::{DType, Device, Tensor, Var};
-use scoreguide_kernels::{add_silu, dense, layer_norm, silu, sinusoidal, softmax_last_dim, Act};
+use scoreguide_kernels::{
+    add_silu, attention, dense, layer_norm, relative_attention, self_attention, silu, sinusoidal,
+    softmax_last_dim, space_to_depth, Act,
+};
 use scoreguide_testing::{device, max_abs_diff};
 
 fn filled(seed: u64, shape: &[usize], dev: &Device) -> Tensor {
@@ -60,6 +63,59 @@ fn ops_and_their_gradients_on_the_test_device() {
             max_abs_diff(&a, &e) < 1e-3 * scale,
             "{}",
             max_abs_diff(&a, &e)
+        );
+    }
+}
+
+#[test]
+fn attention_ops_and_their_gradients_on_the_test_device() {
+    let dev = device();
+    let (b, a, heads, d, t) = (3, 5, 2, 4, 6);
+    let hid = heads * d;
+    let var = |seed, shape: &[usize]| {
+        Var::from_tensor(&(filled(seed, shape, &dev) * 0.5).unwrap()).unwrap()
+    };
+    let vars = [
+        var(4, &[b, a, 3 * hid]),
+        var(5, &[b, t, 2 * hid]),
+        var(6, &[b, a, a, 3 * d]),
+        var(7, &[b, 4, 6, 2]),
+    ];
+    let mut mask = vec![0f32; b * a];
+    mask[a - 1] = -1e9; // the first scene's last agent is masked out as a key
+    let mask = Tensor::from_vec(mask, (b, a), &dev).unwrap();
+    let loss = |v: [&Tensor; 4], mask: &Tensor| -> Tensor {
+        let [qkv, kv, rel, image] = v;
+        let own = (self_attention(qkv, heads, Some(mask)).unwrap()
+            + relative_attention(qkv, rel, heads).unwrap())
+        .unwrap();
+        let crossed = attention(&own, kv, heads, None).unwrap();
+        let blocks = space_to_depth(image, 2).unwrap();
+        (crossed.sqr().unwrap().sum_all().unwrap()
+            + (blocks.sum(3).unwrap().sqr().unwrap().sum_all().unwrap() * 0.1).unwrap())
+        .unwrap()
+    };
+    let l = loss(vars.each_ref().map(|v| v.as_tensor()), &mask);
+    let g = l.backward().unwrap();
+
+    // The same on the CPU in f64 through candle's own ops (the fallback path).
+    let cpu = vars
+        .each_ref()
+        .map(|v| Var::from_tensor(&on_cpu_f64(v.as_tensor())).unwrap());
+    let lc = loss(cpu.each_ref().map(|v| v.as_tensor()), &on_cpu_f64(&mask));
+    let gc = lc.backward().unwrap();
+
+    assert!(max_abs_diff(&on_cpu_f64(&l), &lc) < 1e-3 * (1.0 + scoreguide_testing::max_abs(&lc)));
+    for (v, vc) in vars.iter().zip(&cpu) {
+        let (x, e) = (
+            on_cpu_f64(g.get(v.as_tensor()).unwrap()),
+            gc.get(vc.as_tensor()).unwrap().clone(),
+        );
+        let scale = 1.0 + scoreguide_testing::max_abs(&e);
+        assert!(
+            max_abs_diff(&x, &e) < 1e-3 * scale,
+            "{}",
+            max_abs_diff(&x, &e)
         );
     }
 }
