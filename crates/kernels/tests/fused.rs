@@ -7,20 +7,7 @@ use scoreguide_kernels::{add_silu, dense, silu, Act};
 use scoreguide_testing::max_abs_diff;
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    // A fixed pseudo-random fill (candle's CPU generator cannot be seeded).
-    let n: usize = shape.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    scoreguide_testing::seeded_uniform(seed, shape)
 }
 
 fn composed(x: &Tensor, w: &Tensor, b: &Tensor, act: Act) -> candle_core::Result<Tensor> {

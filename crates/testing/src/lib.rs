@@ -1,5 +1,6 @@
-//! Helpers the scoreguide crates' tests share: tensor comparisons, the check that
-//! every parameter of a model gets a gradient, and `.npy` files written byte by byte.
+//! Helpers the scoreguide crates' tests share: tensor comparisons, seeded fills, the
+//! check that every parameter of a model gets a gradient, and `.npy` files written byte
+//! by byte.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -10,6 +11,24 @@
 //! ```
 
 use candle_core::Tensor;
+
+/// A CPU tensor of values spread over [−2, 2) by a fixed linear congruential sequence of
+/// `seed`: the same on every machine (candle's CPU generator cannot be seeded).
+pub fn seeded_uniform(seed: u64, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).expect("the shape holds the values")
+}
 
 /// ‖a − b‖ / ‖b‖ over all elements.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
