@@ -171,3 +171,36 @@ fn presets_validate() {
         .to_string();
     assert!(e.contains("data.frames"), "{e}");
 }
+
+/// A distilled student learns the teacher where the sampler goes: the full preset's
+/// Heun sampler starts at σ = 80, so distillation draws no noise level above it (the
+/// DDPM grid itself reaches σ ≈ 2·10⁴); DDPM's ancestral sampler visits every level.
+#[test]
+fn distillation_draws_the_noise_levels_the_sampler_visits() {
+    use scoreguide_experiments::motion::MotionSampler;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let heun = MotionRunConfig::full();
+    let top = heun.sampler().unwrap().1[0];
+    assert!((top - 80.0).abs() < 1e-9, "{top}");
+    let drawn = heun
+        .distillation()
+        .unwrap()
+        .sigma
+        .sample_n(20_000, &mut rng);
+    let max = drawn.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        max <= 80.0 * (1.0 + 1e-9) && max > 60.0,
+        "largest σ drawn {max}"
+    );
+    let ddpm = MotionRunConfig {
+        sampler: MotionSampler::Ddpm { steps: 1000 },
+        ..MotionRunConfig::full()
+    };
+    let drawn = ddpm
+        .distillation()
+        .unwrap()
+        .sigma
+        .sample_n(20_000, &mut rng);
+    let max = drawn.iter().cloned().fold(0.0, f64::max);
+    assert!(max > 1000.0, "largest σ drawn {max}");
+}

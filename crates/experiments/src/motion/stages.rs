@@ -308,7 +308,7 @@ impl Run {
         base: &Checkpoint,
         genneg: &StackedClassifier,
     ) -> Result<Option<Checkpoint>> {
-        let dcfg = self.cfg.distillation();
+        let dcfg = self.cfg.distillation()?;
         if dcfg.iters == 0 {
             return Ok(None);
         }
