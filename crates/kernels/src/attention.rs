@@ -10,11 +10,12 @@
 
 use crate::bmm::batched_matmul;
 use crate::gemm::{matmul_serial, matmul_serial_into, View};
-use crate::ops::{contiguous_data, fast_path, output_buffer, second_order, with_data};
+use crate::ops::{
+    contiguous_data, fast_path, gradient_for, output_buffer, second_order, with_data,
+};
 use crate::simd::{softmax_rows_backward, softmax_rows_biased};
-use crate::threads::threads;
+use crate::threads::per_batch2;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// Multi-head attention of `q: [B, N, H]` over `kv: [B, T, 2H]` (each token's key, then
@@ -257,9 +258,10 @@ impl Attention {
         (r.queries * r.q_stride, r.keys * r.kv_stride)
     }
 
-    fn parallel(&self, b: usize) -> bool {
+    /// Whether a pass over `b` batch elements is worth splitting between threads.
+    fn large(&self, b: usize) -> bool {
         let r = &self.rows;
-        threads() > 1 && b > 1 && b * r.heads * r.queries * r.keys * r.d >= 1 << 19
+        b * r.heads * r.queries * r.keys * r.d >= 1 << 19
     }
 
     fn forward(
@@ -286,20 +288,12 @@ impl Attention {
                 o,
             )
         };
-        if self.parallel(b) {
-            out.par_chunks_mut(r.queries * hid)
-                .zip(w.par_chunks_mut(w_block))
-                .enumerate()
-                .for_each(|(bi, (o, wb))| body(bi, o, wb));
-        } else {
-            for (bi, (o, wb)) in out
-                .chunks_mut(r.queries * hid)
-                .zip(w.chunks_mut(w_block))
-                .enumerate()
-            {
-                body(bi, o, wb);
-            }
-        }
+        per_batch2(
+            [&mut out, &mut w],
+            [r.queries * hid, w_block],
+            self.large(b),
+            body,
+        );
         if self.keep {
             *self.weights.lock().expect("attention weights lock") = Some(w);
         }
@@ -340,20 +334,12 @@ impl Attention {
                             &mut dw,
                         )
                     };
-                    if self.parallel(b) {
-                        gq.par_chunks_mut(gq_block)
-                            .zip(gkv.par_chunks_mut(gkv_block))
-                            .enumerate()
-                            .for_each(|(bi, (a, c))| body(bi, a, c));
-                    } else {
-                        for (bi, (a, c)) in gq
-                            .chunks_mut(gq_block)
-                            .zip(gkv.chunks_mut(gkv_block))
-                            .enumerate()
-                        {
-                            body(bi, a, c);
-                        }
-                    }
+                    per_batch2(
+                        [&mut gq, &mut gkv],
+                        [gq_block, gkv_block],
+                        self.large(b),
+                        body,
+                    );
                     Ok(())
                 })
             })
@@ -391,12 +377,7 @@ impl CustomOp3 for Attention {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gq, gkv) = self.backward(q, kv, g)?;
-        let as_grad = |t: &Tensor, v: Vec<f32>| {
-            t.track_op()
-                .then(|| Tensor::from_vec(v, t.shape(), &Device::Cpu))
-                .transpose()
-        };
-        Ok((as_grad(q, gq)?, as_grad(kv, gkv)?, None))
+        Ok((gradient_for(q, gq)?, gradient_for(kv, gkv)?, None))
     }
 }
 
@@ -437,9 +418,6 @@ impl CustomOp2 for Attention {
             row[..hid].copy_from_slice(a);
             row[hid..].copy_from_slice(c);
         }
-        Ok((
-            Some(Tensor::from_vec(out, qkv.shape(), &Device::Cpu)?),
-            None,
-        ))
+        Ok((gradient_for(qkv, out)?, None))
     }
 }

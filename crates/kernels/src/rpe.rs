@@ -15,9 +15,8 @@ use crate::ops::{
 };
 
 const WHAT: &str = "relative attention";
-use crate::threads::threads;
+use crate::threads::{per_batch, per_batch2, per_batch3};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 /// Shapes: qkv `[B, A, 3H]` (each agent's query, key and value, `h` heads of d side by
 /// side in each), rel `[B, A, A, 3d]`.
@@ -55,71 +54,6 @@ fn dims_of(qkv: &[usize], rel: &[usize], heads: usize) -> Result<Dims> {
             Ok(Dims { b, h: heads, a, d: h3 / (3 * heads) })
         }
         _ => bail!("relative attention: qkv must be [B, A, 3·heads·d] and rel [B, A, A, 3d] with {heads} heads, got {qkv:?} and {rel:?}"),
-    }
-}
-
-/// Runs `f(batch index, its block of out)` over the batch, in parallel when large.
-fn per_batch(out: &mut [f32], b: usize, work: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let per = out.len() / b.max(1);
-    if threads() > 1 && work >= 1 << 20 && b > 1 {
-        out.par_chunks_mut(per)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    } else {
-        out.chunks_mut(per).enumerate().for_each(|(i, c)| f(i, c));
-    }
-}
-
-/// Runs `body(batch, block of each buffer)` over the batch, the buffers split into
-/// blocks of the given sizes (one per batch element), in parallel when `large`.
-fn per_batch2(
-    bufs: [&mut [f32]; 2],
-    sizes: [usize; 2],
-    large: bool,
-    body: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
-) {
-    let [x, y] = bufs;
-    let blocks = x.len() / sizes[0].max(1);
-    if threads() > 1 && large && blocks > 1 {
-        x.par_chunks_mut(sizes[0])
-            .zip(y.par_chunks_mut(sizes[1]))
-            .enumerate()
-            .for_each(|(i, (x, y))| body(i, x, y));
-    } else {
-        for (i, (x, y)) in x
-            .chunks_mut(sizes[0])
-            .zip(y.chunks_mut(sizes[1]))
-            .enumerate()
-        {
-            body(i, x, y);
-        }
-    }
-}
-
-/// [`per_batch2`] for three buffers.
-fn per_batch3(
-    bufs: [&mut [f32]; 3],
-    sizes: [usize; 3],
-    large: bool,
-    body: impl Fn(usize, &mut [f32], &mut [f32], &mut [f32]) + Sync,
-) {
-    let [x, y, z] = bufs;
-    let blocks = x.len() / sizes[0].max(1);
-    if threads() > 1 && large && blocks > 1 {
-        x.par_chunks_mut(sizes[0])
-            .zip(y.par_chunks_mut(sizes[1]))
-            .zip(z.par_chunks_mut(sizes[2]))
-            .enumerate()
-            .for_each(|(i, ((x, y), z))| body(i, x, y, z));
-    } else {
-        for (i, ((x, y), z)) in x
-            .chunks_mut(sizes[0])
-            .zip(y.chunks_mut(sizes[1]))
-            .zip(z.chunks_mut(sizes[2]))
-            .enumerate()
-        {
-            body(i, x, y, z);
-        }
     }
 }
 

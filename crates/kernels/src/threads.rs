@@ -6,6 +6,7 @@
 //! (waking a thread costs more than the pass). candle's own element-wise kernels use a
 //! second, spinning pool; [`configure`] gives it one thread so the two never compete.
 
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
@@ -71,4 +72,74 @@ pub fn chunk_len(len: usize, row: usize) -> usize {
     }
     let rows = len / row;
     rows.div_ceil(t).max(1) * row
+}
+
+/// Runs `f(batch index, its block of out)` over the batch, in parallel when large.
+pub(crate) fn per_batch(
+    out: &mut [f32],
+    b: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let per = out.len() / b.max(1);
+    if threads() > 1 && work >= 1 << 20 && b > 1 {
+        out.par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(per).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Runs `body(batch, block of each buffer)` over the batch, the buffers split into
+/// blocks of the given sizes (one per batch element), in parallel when `large`.
+pub(crate) fn per_batch2(
+    bufs: [&mut [f32]; 2],
+    sizes: [usize; 2],
+    large: bool,
+    body: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) {
+    let [x, y] = bufs;
+    let blocks = x.len() / sizes[0].max(1);
+    if threads() > 1 && large && blocks > 1 {
+        x.par_chunks_mut(sizes[0])
+            .zip(y.par_chunks_mut(sizes[1]))
+            .enumerate()
+            .for_each(|(i, (x, y))| body(i, x, y));
+    } else {
+        for (i, (x, y)) in x
+            .chunks_mut(sizes[0])
+            .zip(y.chunks_mut(sizes[1]))
+            .enumerate()
+        {
+            body(i, x, y);
+        }
+    }
+}
+
+/// [`per_batch2`] for three buffers.
+pub(crate) fn per_batch3(
+    bufs: [&mut [f32]; 3],
+    sizes: [usize; 3],
+    large: bool,
+    body: impl Fn(usize, &mut [f32], &mut [f32], &mut [f32]) + Sync,
+) {
+    let [x, y, z] = bufs;
+    let blocks = x.len() / sizes[0].max(1);
+    if threads() > 1 && large && blocks > 1 {
+        x.par_chunks_mut(sizes[0])
+            .zip(y.par_chunks_mut(sizes[1]))
+            .zip(z.par_chunks_mut(sizes[2]))
+            .enumerate()
+            .for_each(|(i, ((x, y), z))| body(i, x, y, z));
+    } else {
+        for (i, ((x, y), z)) in x
+            .chunks_mut(sizes[0])
+            .zip(y.chunks_mut(sizes[1]))
+            .zip(z.chunks_mut(sizes[2]))
+            .enumerate()
+        {
+            body(i, x, y, z);
+        }
+    }
 }
