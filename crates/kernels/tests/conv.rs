@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
 use scoreguide_kernels::{conv2d, Conv2dSpec};
-use scoreguide_testing::{max_abs, max_abs_diff};
+use scoreguide_testing::{max_abs, max_abs_diff, weighted_sum_gradients};
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     // A fixed pseudo-random fill (candle's CPU generator cannot be seeded).
@@ -60,18 +60,10 @@ fn check(n: usize, c: usize, h: usize, w: usize, o: usize, k: usize, spec: Conv2
         return;
     }
     let r = randn(4, y.dims());
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (v, name) in [(&x, "input"), (&kern, "kernel"), (&b, "bias")] {
-        let (a, e) = (
-            g.get(v.as_tensor()).unwrap(),
-            g_ref.get(v.as_tensor()).unwrap(),
-        );
+    let vars = [x.as_tensor(), kern.as_tensor(), b.as_tensor()];
+    let g = weighted_sum_gradients(&y, &r, &vars);
+    let g_ref = weighted_sum_gradients(&y_ref, &r, &vars);
+    for ((a, e), name) in g.iter().zip(&g_ref).zip(["input", "kernel", "bias"]) {
         assert_eq!(a.dims(), e.dims(), "{name} gradient, {what}");
         let scale = 1.0 + max_abs(e);
         assert!(

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
 use scoreguide_kernels::{add_silu, dense, silu, Act};
-use scoreguide_testing::max_abs_diff;
+use scoreguide_testing::{max_abs_diff, weighted_sum_gradients};
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     scoreguide_testing::seeded_uniform(seed, shape)
@@ -35,18 +35,10 @@ fn check_dense_nd(lead: &[usize], k: usize, n: usize, per_row_bias: bool, act: A
     let y = dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), act).unwrap();
     let y_ref = composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), act).unwrap();
     assert!(max_abs_diff(&y, &y_ref) < 1e-4, "values {rows}×{k}→{n}");
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (v, what) in [(&x, "x"), (&w, "W"), (&b, "b")] {
-        let (a, e) = (
-            g.get(v.as_tensor()).expect("fused gradient"),
-            g_ref.get(v.as_tensor()).expect("composed gradient"),
-        );
+    let vars = [x.as_tensor(), w.as_tensor(), b.as_tensor()];
+    let g = weighted_sum_gradients(&y, &r, &vars);
+    let g_ref = weighted_sum_gradients(&y_ref, &r, &vars);
+    for ((a, e), what) in g.iter().zip(&g_ref).zip(["x", "W", "b"]) {
         assert_eq!(a.dims(), e.dims());
         let scale = 1.0 + scoreguide_testing::max_abs(e);
         assert!(
@@ -255,16 +247,9 @@ fn sinusoidal_matches_composed_ops_and_its_gradient() {
     assert_eq!(y.dims(), &[37, 8]);
     assert!(max_abs_diff(&y, &y_ref) < 1e-5);
     let r = randn(23, &[37, 8]);
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
     let (a, e) = (
-        g.get(c.as_tensor()).unwrap(),
-        g_ref.get(c.as_tensor()).unwrap(),
+        &weighted_sum_gradients(&y, &r, &[c.as_tensor()])[0],
+        &weighted_sum_gradients(&y_ref, &r, &[c.as_tensor()])[0],
     );
     assert!(max_abs_diff(a, e) < 1e-3 * (1.0 + scoreguide_testing::max_abs(e)));
 }
@@ -292,18 +277,10 @@ fn layer_norm_and_softmax_match_composed_ops() {
         .broadcast_add(bias.as_tensor())
         .unwrap();
     assert!(max_abs_diff(&y, &y_ref) < 1e-4);
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for v in [&x, &gain, &bias] {
-        let (a, e) = (
-            g.get(v.as_tensor()).unwrap(),
-            g_ref.get(v.as_tensor()).unwrap(),
-        );
+    let vars = [x.as_tensor(), gain.as_tensor(), bias.as_tensor()];
+    let g = weighted_sum_gradients(&y, &r, &vars);
+    let g_ref = weighted_sum_gradients(&y_ref, &r, &vars);
+    for (a, e) in g.iter().zip(&g_ref) {
         assert!(max_abs_diff(a, e) < 1e-3 * (1.0 + scoreguide_testing::max_abs(e)));
     }
 
@@ -312,17 +289,10 @@ fn layer_norm_and_softmax_match_composed_ops() {
     let s = scoreguide_kernels::softmax_last_dim(z.as_tensor()).unwrap();
     let s_ref = candle_nn::ops::softmax(z.as_tensor(), candle_core::D::Minus1).unwrap();
     assert!(max_abs_diff(&s, &s_ref) < 1e-6);
-    let g = (&s * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&s_ref * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
     assert!(
         max_abs_diff(
-            g.get(z.as_tensor()).unwrap(),
-            g_ref.get(z.as_tensor()).unwrap()
+            &weighted_sum_gradients(&s, &r, &[z.as_tensor()])[0],
+            &weighted_sum_gradients(&s_ref, &r, &[z.as_tensor()])[0]
         ) < 1e-5
     );
 }
@@ -337,18 +307,10 @@ fn batched_matmul_on_strided_views_matches_candle() {
     let y = scoreguide_kernels::batched_matmul(a.as_tensor(), &b).unwrap();
     let y_ref = a.as_tensor().matmul(&b.contiguous().unwrap()).unwrap();
     assert!(max_abs_diff(&y, &y_ref) < 1e-5);
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for v in [&a, &bt] {
-        let (x, e) = (
-            g.get(v.as_tensor()).unwrap(),
-            g_ref.get(v.as_tensor()).unwrap(),
-        );
+    let vars = [a.as_tensor(), bt.as_tensor()];
+    let g = weighted_sum_gradients(&y, &r, &vars);
+    let g_ref = weighted_sum_gradients(&y_ref, &r, &vars);
+    for (x, e) in g.iter().zip(&g_ref) {
         assert!(max_abs_diff(x, e) < 1e-4, "{}", max_abs_diff(x, e));
     }
     // Permuted batch dimensions (non-contiguous batches).
@@ -413,18 +375,10 @@ fn relative_attention_matches_its_definition_with_gradients() {
             .unwrap();
         assert_eq!(y.dims(), &[b, a, h * d]);
         assert!(max_abs_diff(&y, &y_ref) < 1e-5, "{dtype:?}");
-        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (&y_ref * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (t, what) in [(&qkv, "qkv"), (&rel, "rel")] {
-            let (x, e) = (
-                g.get(t.as_tensor()).unwrap(),
-                g_ref.get(t.as_tensor()).unwrap(),
-            );
+        let vars = [qkv.as_tensor(), rel.as_tensor()];
+        let g = weighted_sum_gradients(&y, &r, &vars);
+        let g_ref = weighted_sum_gradients(&y_ref, &r, &vars);
+        for ((x, e), what) in g.iter().zip(&g_ref).zip(["qkv", "rel"]) {
             assert!(
                 max_abs_diff(x, e) < 1e-4,
                 "{dtype:?} {what}: {}",
@@ -449,18 +403,11 @@ fn add_silu_broadcasts_one_row_per_group() {
     let y = add_silu(h.as_tensor(), t.as_tensor()).unwrap();
     let y_ref = candle_nn::ops::silu(&h.as_tensor().broadcast_add(t.as_tensor()).unwrap()).unwrap();
     assert!(max_abs_diff(&y, &y_ref) < 1e-5);
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for v in [&h, &t] {
-        let d = max_abs_diff(
-            g.get(v.as_tensor()).unwrap(),
-            g_ref.get(v.as_tensor()).unwrap(),
-        );
+    let vars = [h.as_tensor(), t.as_tensor()];
+    let g = weighted_sum_gradients(&y, &r, &vars);
+    let g_ref = weighted_sum_gradients(&y_ref, &r, &vars);
+    for (a, e) in g.iter().zip(&g_ref) {
+        let d = max_abs_diff(a, e);
         assert!(d < 1e-4, "{d}");
     }
 }

@@ -30,6 +30,24 @@ pub fn seeded_uniform(seed: u64, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu).expect("the shape holds the values")
 }
 
+/// The gradients of Σ y ⊙ r (r fixed) with respect to each of `of`, in order: how the
+/// tests compare an op's backward pass with its reference's. Panics, naming the input,
+/// when one gets no gradient.
+pub fn weighted_sum_gradients(y: &Tensor, r: &Tensor, of: &[&Tensor]) -> Vec<Tensor> {
+    let g = (y * r)
+        .and_then(|p| p.sum_all())
+        .and_then(|s| s.backward())
+        .expect("Σ y ⊙ r differentiates");
+    of.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            g.get(t)
+                .unwrap_or_else(|| panic!("input {i} of {} got no gradient", of.len()))
+                .clone()
+        })
+        .collect()
+}
+
 /// ‖a − b‖ / ‖b‖ over all elements.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
     let num = (a - b)
